@@ -1,0 +1,42 @@
+//! Operations on organizations and keys: the one implementation behind the CLI (and, later, the admin HTTP API).
+//! Every change bumps `updated_at`, which is how validators learn that a cached key changed.
+
+mod keys;
+mod orgs;
+
+pub use keys::{create_key, import_key, list_keys, revoke_key, show_key, update_key, KeyChanges, KeyInfo, NewKey};
+pub use orgs::{create_org, find_org, list_orgs, update_org, NewOrg, OrgChanges, Organization};
+
+/// Who made a change, as written to `key_audit` (e.g. `cli:alice`).
+#[derive(Debug, Clone)]
+pub struct Actor(pub String);
+
+impl Actor {
+    /// The operator at the terminal.
+    pub fn cli() -> Actor {
+        let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| "unknown".into());
+        Actor(format!("cli:{user}"))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+}
+
+/// Maps a unique violation to a message the operator can act on.
+fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> AdminError {
+    let unique = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23505");
+    if unique {
+        AdminError::Conflict(message())
+    } else {
+        AdminError::Database(e)
+    }
+}

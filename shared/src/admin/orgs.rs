@@ -1,0 +1,159 @@
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use super::{conflict_or, AdminError};
+use crate::domain::{LimitSetting, Plan};
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Organization {
+    pub id: Uuid,
+    pub name: String,
+    pub slug: String,
+    #[sqlx(try_from = "String")]
+    pub plan: Plan,
+    pub active: bool,
+    pub rate_limit_per_minute: Option<i32>,
+    pub monthly_request_limit: Option<i64>,
+    pub max_api_keys: i32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "id, name, slug, plan, active, rate_limit_per_minute, monthly_request_limit, max_api_keys, \
+                       created_at, updated_at";
+
+#[derive(Debug, Clone)]
+pub struct NewOrg {
+    pub name: String,
+    /// Derived from the name when absent.
+    pub slug: Option<String>,
+    pub plan: Plan,
+    /// Absent: 60 per minute.
+    pub rate_limit_per_minute: Option<LimitSetting>,
+    /// Absent: unlimited.
+    pub monthly_request_limit: Option<LimitSetting>,
+    pub max_api_keys: Option<i32>,
+}
+
+/// Fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct OrgChanges {
+    pub name: Option<String>,
+    pub plan: Option<Plan>,
+    pub rate_limit_per_minute: Option<LimitSetting>,
+    pub monthly_request_limit: Option<LimitSetting>,
+    pub max_api_keys: Option<i32>,
+    pub active: Option<bool>,
+}
+
+const DEFAULT_RATE_LIMIT_PER_MINUTE: i64 = 60;
+const DEFAULT_MAX_API_KEYS: i32 = 100;
+
+pub async fn create_org(pool: &PgPool, new: NewOrg) -> Result<Organization, AdminError> {
+    let slug = match new.slug {
+        Some(slug) => slug,
+        None => slugify(&new.name),
+    };
+    let per_minute = new.rate_limit_per_minute.unwrap_or(LimitSetting::Max(DEFAULT_RATE_LIMIT_PER_MINUTE));
+    let sql = format!(
+        "INSERT INTO organizations (id, name, slug, plan, rate_limit_per_minute, monthly_request_limit, max_api_keys)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING {COLUMNS}"
+    );
+    sqlx::query_as(&sql)
+        .bind(Uuid::now_v7())
+        .bind(&new.name)
+        .bind(&slug)
+        .bind(new.plan.as_str())
+        .bind(to_i32(per_minute.as_option(), "rate limit per minute")?)
+        .bind(new.monthly_request_limit.and_then(LimitSetting::as_option))
+        .bind(new.max_api_keys.unwrap_or(DEFAULT_MAX_API_KEYS))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| {
+            check_violation(e)
+                .unwrap_or_else(|e| conflict_or(e, || format!("an organization with slug {slug:?} exists")))
+        })
+}
+
+pub async fn list_orgs(pool: &PgPool) -> Result<Vec<Organization>, AdminError> {
+    Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM organizations ORDER BY created_at")).fetch_all(pool).await?)
+}
+
+/// Finds an organization by id or slug.
+pub async fn find_org(pool: &PgPool, id_or_slug: &str) -> Result<Organization, AdminError> {
+    let id = Uuid::parse_str(id_or_slug).ok();
+    sqlx::query_as(&format!("SELECT {COLUMNS} FROM organizations WHERE id = $1 OR slug = $2"))
+        .bind(id)
+        .bind(id_or_slug)
+        .fetch_optional(pool)
+        .await?
+        .ok_or_else(|| AdminError::NotFound(format!("organization {id_or_slug:?}")))
+}
+
+pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) -> Result<Organization, AdminError> {
+    let org = find_org(pool, id_or_slug).await?;
+    let sql = format!(
+        "UPDATE organizations SET
+            name = COALESCE($2, name),
+            plan = COALESCE($3, plan),
+            rate_limit_per_minute = CASE WHEN $4 THEN $5 ELSE rate_limit_per_minute END,
+            monthly_request_limit = CASE WHEN $6 THEN $7 ELSE monthly_request_limit END,
+            max_api_keys = COALESCE($8, max_api_keys),
+            active = COALESCE($9, active),
+            updated_at = now()
+         WHERE id = $1 RETURNING {COLUMNS}"
+    );
+    sqlx::query_as(&sql)
+        .bind(org.id)
+        .bind(changes.name)
+        .bind(changes.plan.map(Plan::as_str))
+        .bind(changes.rate_limit_per_minute.is_some())
+        .bind(to_i32(changes.rate_limit_per_minute.and_then(LimitSetting::as_option), "rate limit per minute")?)
+        .bind(changes.monthly_request_limit.is_some())
+        .bind(changes.monthly_request_limit.and_then(LimitSetting::as_option))
+        .bind(changes.max_api_keys)
+        .bind(changes.active)
+        .fetch_one(pool)
+        .await
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))
+}
+
+/// Turns a CHECK violation into a message that says which value was refused.
+pub(super) fn check_violation(e: sqlx::Error) -> Result<AdminError, sqlx::Error> {
+    match e.as_database_error() {
+        Some(d) if d.code().is_some_and(|c| c == "23514") => Ok(AdminError::Invalid(format!(
+            "value refused by the database ({}): check names, slugs (a-z, 0-9, '-') and positive numbers",
+            d.constraint().unwrap_or("check")
+        ))),
+        _ => Err(e),
+    }
+}
+
+pub(super) fn to_i32(value: Option<i64>, what: &str) -> Result<Option<i32>, AdminError> {
+    value.map(|v| i32::try_from(v).map_err(|_| AdminError::Invalid(format!("{what} {v} is too large")))).transpose()
+}
+
+/// "Acme Corp." → "acme-corp".
+fn slugify(name: &str) -> String {
+    let mut slug = String::new();
+    for c in name.chars().flat_map(char::to_lowercase) {
+        if c.is_ascii_alphanumeric() {
+            slug.push(c);
+        } else if !slug.is_empty() && !slug.ends_with('-') {
+            slug.push('-');
+        }
+    }
+    slug.truncate(63);
+    slug.trim_end_matches('-').to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn slugs_are_derived_from_names() {
+        assert_eq!(super::slugify("Acme Corp."), "acme-corp");
+        assert_eq!(super::slugify("  Zoë & Co  "), "zo-co");
+    }
+}

@@ -1,0 +1,204 @@
+//! The wire format of usage events on NATS: the only place that knows it.
+//!
+//! A message is one version byte followed by a bincode 2 (standard config) encoding of a batch of events. Several
+//! events per message keep NATS overhead per event small. Decoding validates what it reads, so a garbage or
+//! impossible message is rejected here (and dead-lettered by the worker) instead of reaching the database.
+
+use bincode::{Decode, Encode};
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::Outcome;
+use crate::event::UsageEvent;
+
+/// The version written by this build. Readers accept every version listed in [`decode_batch`].
+pub const CURRENT_VERSION: u8 = 1;
+/// Upper bound on one message, so a corrupt length prefix cannot make the decoder allocate without bound.
+const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Field bounds; the validator truncates to these before it publishes.
+pub const MAX_METHOD_LEN: usize = 16;
+pub const MAX_TEXT_LEN: usize = 2048;
+
+/// Why a message could not be decoded. The worker puts this reason on the dead-lettered message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("empty message")]
+    Empty,
+    #[error("unknown codec version {0}")]
+    UnknownVersion(u8),
+    #[error("undecodable body: {0}")]
+    Malformed(String),
+    #[error("{0} trailing bytes after the batch")]
+    TrailingBytes(usize),
+    #[error("impossible value: {0}")]
+    Impossible(&'static str),
+}
+
+#[derive(Encode, Decode)]
+struct WireEventV1 {
+    event_id: u128,
+    ts_micros: i64,
+    org_id: u128,
+    key_id: u128,
+    outcome: u8,
+    method: String,
+    path: String,
+    client_ip: Option<std::net::IpAddr>,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+    units: u32,
+    latency_us: u32,
+}
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
+}
+
+/// Encodes a batch in the current version.
+pub fn encode_batch(events: Vec<UsageEvent>) -> Vec<u8> {
+    let wire: Vec<WireEventV1> = events.into_iter().map(to_wire).collect();
+    let mut out = vec![CURRENT_VERSION];
+    bincode::encode_into_std_write(&wire, &mut out, config())
+        .expect("encoding into a Vec cannot fail and the events are within the size limit");
+    out
+}
+
+/// Decodes a message of any supported version.
+pub fn decode_batch(message: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
+    let (&version, body) = message.split_first().ok_or(CodecError::Empty)?;
+    match version {
+        1 => decode_v1(body),
+        other => Err(CodecError::UnknownVersion(other)),
+    }
+}
+
+fn decode_v1(body: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
+    let (wire, read): (Vec<WireEventV1>, usize) =
+        bincode::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if read != body.len() {
+        return Err(CodecError::TrailingBytes(body.len() - read));
+    }
+    if wire.is_empty() {
+        return Err(CodecError::Impossible("a batch with no events"));
+    }
+    wire.into_iter().map(from_wire).collect()
+}
+
+fn to_wire(e: UsageEvent) -> WireEventV1 {
+    WireEventV1 {
+        event_id: e.event_id.as_u128(),
+        ts_micros: e.ts.timestamp_micros(),
+        org_id: e.org_id.as_u128(),
+        key_id: e.key_id.as_u128(),
+        outcome: outcome_tag(e.outcome),
+        method: e.method,
+        path: e.path,
+        client_ip: e.client_ip,
+        user_agent: e.user_agent,
+        request_id: e.request_id,
+        units: e.units,
+        latency_us: e.latency_us,
+    }
+}
+
+fn from_wire(w: WireEventV1) -> Result<UsageEvent, CodecError> {
+    let event_id = Uuid::from_u128(w.event_id);
+    if event_id.get_version_num() != 7 {
+        return Err(CodecError::Impossible("event_id is not a UUIDv7"));
+    }
+    let ts = DateTime::<Utc>::from_timestamp_micros(w.ts_micros)
+        .filter(|ts| (2020..2200).contains(&chrono::Datelike::year(ts)))
+        .ok_or(CodecError::Impossible("timestamp out of range"))?;
+    let outcome = *Outcome::ALL.get(usize::from(w.outcome)).ok_or(CodecError::Impossible("unknown outcome"))?;
+    if w.units == 0 {
+        return Err(CodecError::Impossible("zero units"));
+    }
+    let too_long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_TEXT_LEN);
+    if w.method.len() > MAX_METHOD_LEN
+        || w.path.len() > MAX_TEXT_LEN
+        || too_long(&w.user_agent)
+        || too_long(&w.request_id)
+    {
+        return Err(CodecError::Impossible("text field over its bound"));
+    }
+    Ok(UsageEvent {
+        event_id,
+        ts,
+        org_id: Uuid::from_u128(w.org_id),
+        key_id: Uuid::from_u128(w.key_id),
+        outcome,
+        method: w.method,
+        path: w.path,
+        client_ip: w.client_ip,
+        user_agent: w.user_agent,
+        request_id: w.request_id,
+        units: w.units,
+        latency_us: w.latency_us,
+    })
+}
+
+/// The outcome's wire tag is its position in [`Outcome::ALL`], which is append-only.
+fn outcome_tag(outcome: Outcome) -> u8 {
+    let index = Outcome::ALL.iter().position(|o| *o == outcome).expect("ALL lists every outcome");
+    u8::try_from(index).expect("fewer than 256 outcomes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(outcome: Outcome) -> UsageEvent {
+        UsageEvent {
+            event_id: Uuid::now_v7(),
+            ts: DateTime::from_timestamp_micros(1_795_000_000_123_456).expect("valid"),
+            org_id: Uuid::new_v4(),
+            key_id: Uuid::new_v4(),
+            outcome,
+            method: "GET".into(),
+            path: "/v1/things?x=1".into(),
+            client_ip: Some("2001:db8::1".parse().expect("ip")),
+            user_agent: Some("curl/8".into()),
+            request_id: None,
+            units: 3,
+            latency_us: 42,
+        }
+    }
+
+    #[test]
+    fn batches_round_trip_for_every_outcome() {
+        let events: Vec<_> = Outcome::ALL.iter().map(|o| sample(*o)).collect();
+        let bytes = encode_batch(events.clone());
+        assert_eq!(bytes[0], CURRENT_VERSION);
+        assert_eq!(decode_batch(&bytes), Ok(events));
+    }
+
+    #[test]
+    fn every_truncation_is_rejected() {
+        let bytes = encode_batch(vec![sample(Outcome::Allowed), sample(Outcome::Revoked)]);
+        for len in 0..bytes.len() {
+            assert!(decode_batch(&bytes[..len]).is_err(), "truncated to {len} bytes decoded");
+        }
+    }
+
+    #[test]
+    fn garbage_unknown_versions_and_trailing_bytes_are_rejected() {
+        assert_eq!(decode_batch(b""), Err(CodecError::Empty));
+        assert_eq!(decode_batch(b"\x09abc"), Err(CodecError::UnknownVersion(9)));
+        assert!(decode_batch(b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff").is_err());
+        assert!(decode_batch(b"{\"json\":true}").is_err());
+        let mut bytes = encode_batch(vec![sample(Outcome::Allowed)]);
+        bytes.push(0);
+        assert_eq!(decode_batch(&bytes), Err(CodecError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn impossible_values_are_rejected() {
+        let mut e = sample(Outcome::Allowed);
+        e.units = 0;
+        assert_eq!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible("zero units")));
+        let mut e = sample(Outcome::Allowed);
+        e.event_id = Uuid::new_v4();
+        assert!(matches!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible(_))));
+        assert!(matches!(decode_batch(&encode_batch(vec![])), Err(CodecError::Impossible(_))));
+    }
+}

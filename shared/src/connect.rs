@@ -1,0 +1,106 @@
+//! Connections to the three servers, with errors that name the server and the URL tried (never a password).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgPool};
+
+use crate::config::ServerUrl;
+
+/// Migrations in `migrations/`, embedded at build time.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(
+        "cannot reach {server} at {url}: {reason}. Is it running? Set {variable} (or --{flag}) to point elsewhere."
+    )]
+    Unreachable { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
+    #[error("cannot create database {database:?} on {url}: {reason}")]
+    CreateDatabase { database: String, url: String, reason: String },
+    #[error("cannot apply migrations to {url}: {reason}")]
+    Migrate { url: String, reason: String },
+}
+
+fn unreachable(server: &'static str, url: &ServerUrl, variable: &'static str, reason: impl ToString) -> ConnectError {
+    let flag = match variable {
+        "DATABASE_URL" => "database-url",
+        "NATS_URL" => "nats-url",
+        _ => "redis-url",
+    };
+    ConnectError::Unreachable { server, url: url.to_string(), variable, flag, reason: reason.to_string() }
+}
+
+/// A pool on an existing database.
+pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, ConnectError> {
+    let options = PgConnectOptions::from_str(url.expose())
+        .map_err(|e| unreachable("PostgreSQL", url, "DATABASE_URL", e))?
+        .application_name("tollgate")
+        .log_statements(tracing::log::LevelFilter::Trace);
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(CONNECT_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| unreachable("PostgreSQL", url, "DATABASE_URL", e))
+}
+
+/// Creates the database named in `url` if it does not exist, by way of the server's `postgres` database.
+pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectError> {
+    let database = url.url().path().trim_start_matches('/').to_owned();
+    let admin_url = url.with_path("/postgres");
+    let mut admin = sqlx::PgConnection::connect(admin_url.expose())
+        .await
+        .map_err(|e| unreachable("PostgreSQL", &admin_url, "DATABASE_URL", e))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&database)
+        .fetch_one(&mut admin)
+        .await
+        .map_err(|e| unreachable("PostgreSQL", &admin_url, "DATABASE_URL", e))?;
+    if !exists {
+        let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+        if let Err(e) = sqlx::query(&create).execute(&mut admin).await {
+            // Another process may have created it in the meantime; that is success.
+            let raced = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04" || c == "23505");
+            if !raced {
+                return Err(ConnectError::CreateDatabase { database, url: url.to_string(), reason: e.to_string() });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Creates the database if needed, connects and applies pending migrations.
+pub async fn postgres_migrated(url: &ServerUrl, max_connections: u32) -> Result<PgPool, ConnectError> {
+    create_database_if_missing(url).await?;
+    let pool = postgres(url, max_connections).await?;
+    MIGRATOR.run(&pool).await.map_err(|e| ConnectError::Migrate { url: url.to_string(), reason: e.to_string() })?;
+    Ok(pool)
+}
+
+/// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away.
+pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, ConnectError> {
+    let client = redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
+    let config = redis::aio::ConnectionManagerConfig::new()
+        .set_connection_timeout(CONNECT_TIMEOUT)
+        .set_response_timeout(Duration::from_secs(1))
+        .set_number_of_retries(1);
+    let connect = redis::aio::ConnectionManager::new_with_config(client, config);
+    tokio::time::timeout(CONNECT_TIMEOUT, connect)
+        .await
+        .map_err(|_| unreachable("Redis", url, "REDIS_URL", "timed out"))?
+        .map_err(|e| unreachable("Redis", url, "REDIS_URL", e))
+}
+
+/// A NATS client that reconnects by itself after the first connection.
+pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
+    async_nats::ConnectOptions::new()
+        .name("tollgate")
+        .connection_timeout(CONNECT_TIMEOUT)
+        .connect(url.expose())
+        .await
+        .map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+}

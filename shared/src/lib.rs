@@ -1,0 +1,13 @@
+//! What the validator, the workers and the CLI share: the domain vocabulary, the key format, the usage event and
+//! its codec, configuration, connections, the JetStream topology, metrics, and the operations on keys and
+//! organizations.
+
+pub mod admin;
+pub mod codec;
+pub mod config;
+pub mod connect;
+pub mod domain;
+pub mod event;
+pub mod key;
+pub mod metrics;
+pub mod topology;

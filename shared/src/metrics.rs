@@ -1,0 +1,94 @@
+//! Every metric Tollgate exports: names, help texts and histogram buckets in one place, and the `/metrics` endpoint.
+//! Labels are bounded (outcomes, never key or organization ids).
+
+use std::net::SocketAddr;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio::net::TcpListener;
+
+pub const VERIFY_REQUESTS: &str = "tollgate_verify_requests_total";
+pub const VERIFY_DURATION: &str = "tollgate_verify_duration_seconds";
+pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
+pub const EVENTS_PUBLISHED: &str = "tollgate_events_published_total";
+pub const EVENTS_PUBLISH_ERRORS: &str = "tollgate_events_publish_errors_total";
+pub const EVENT_QUEUE_DEPTH: &str = "tollgate_event_queue_depth";
+pub const EVENT_QUEUE_FULL: &str = "tollgate_event_queue_full_total";
+pub const USAGE_ROWS_WRITTEN: &str = "tollgate_usage_rows_written_total";
+pub const USAGE_DUPLICATES: &str = "tollgate_usage_duplicates_total";
+pub const WORKER_BATCH_SIZE: &str = "tollgate_worker_batch_size";
+pub const WORKER_BATCH_DURATION: &str = "tollgate_worker_batch_duration_seconds";
+pub const WORKER_BATCH_ERRORS: &str = "tollgate_worker_batch_errors_total";
+pub const DEAD_LETTERS: &str = "tollgate_dead_letters_total";
+
+/// Latency buckets from 10 µs: the validator answers in well under a millisecond.
+const FAST_BUCKETS: &[f64] =
+    &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
+const BATCH_DURATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder once (later calls return the same handle) and describes every metric.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Full(VERIFY_DURATION.into()), FAST_BUCKETS)
+                .and_then(|b| {
+                    b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_DURATION.into()), BATCH_DURATION_BUCKETS)
+                })
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+                .expect("bucket lists are non-empty constants")
+                .install_recorder()
+                .expect("no other metrics recorder is installed in this process");
+            describe();
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(VERIFY_REQUESTS, "Verify decisions, by outcome (including missing/malformed/unknown keys).");
+    describe_histogram!(VERIFY_DURATION, Unit::Seconds, "Time to decide a verify request.");
+    describe_counter!(KEY_LOOKUPS, "Key lookups, by source: cache, negative_cache, database.");
+    describe_counter!(EVENTS_PUBLISHED, "Usage events acknowledged by JetStream.");
+    describe_counter!(EVENTS_PUBLISH_ERRORS, "Failed publish attempts of usage batches (each is retried).");
+    describe_gauge!(EVENT_QUEUE_DEPTH, "Usage events waiting in the validator's queue for the publisher.");
+    describe_counter!(EVENT_QUEUE_FULL, "Verify requests that had to wait because the event queue was full.");
+    describe_counter!(USAGE_ROWS_WRITTEN, "Rows inserted into api_usage.");
+    describe_counter!(USAGE_DUPLICATES, "Re-delivered events that were already in api_usage (and changed nothing).");
+    describe_histogram!(WORKER_BATCH_SIZE, "Events per batch written by a worker.");
+    describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
+    describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");
+    describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter stream, by reason.");
+}
+
+/// Serves Prometheus text at `/metrics` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let handle = install();
+    let upkeep = handle.clone();
+    // Keeps histogram storage bounded between scrapes.
+    let upkeep_task = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            upkeep.run_upkeep();
+        }
+    });
+    let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
+    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    upkeep_task.abort();
+    result
+}
+
+/// Binds the metrics listener, with an error that names the variable.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics (TOLLGATE_METRICS_LISTEN): {e}"))
+}
