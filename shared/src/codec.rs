@@ -34,6 +34,19 @@ pub enum CodecError {
     Impossible(&'static str),
 }
 
+impl CodecError {
+    /// A short, bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CodecError::Empty => "empty",
+            CodecError::UnknownVersion(_) => "unknown_version",
+            CodecError::Malformed(_) => "malformed",
+            CodecError::TrailingBytes(_) => "trailing_bytes",
+            CodecError::Impossible(_) => "impossible_value",
+        }
+    }
+}
+
 #[derive(Encode, Decode)]
 struct WireEventV1 {
     event_id: u128,

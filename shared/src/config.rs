@@ -161,8 +161,8 @@ pub struct ValidatorArgs {
 /// The workers' batching.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
-    /// Most events per NATS fetch (each message may carry several events).
-    #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 500)]
+    /// Most NATS messages per batch (each message carries up to 1000 events).
+    #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 50)]
     pub batch_messages: usize,
     /// Longest a worker waits to fill a batch.
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",

@@ -1,1 +1,56 @@
-fn main() {}
+//! The `tollgate` binary: one executable for every role and every operator command.
+
+mod cli;
+mod manage;
+mod output;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cli::{Cli, Command};
+use serve::Roles;
+use tollgate_shared::connect;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let Cli { servers, namespace, json, command } = cli;
+    match command {
+        Command::Migrate => {
+            connect::postgres_migrated(&servers.database_url, 1).await?;
+            eprintln!("database {} is up to date", servers.database_url);
+            Ok(())
+        }
+        Command::Up(up) => {
+            let roles = Roles { validator: Some(up.validator), worker: Some(up.worker), demo: up.demo };
+            serve::serve(&servers, &namespace, &up.metrics, roles).await
+        }
+        Command::Validator { validator, metrics } => {
+            let roles = Roles { validator: Some(validator), worker: None, demo: false };
+            serve::serve(&servers, &namespace, &metrics, roles).await
+        }
+        Command::Worker { worker, metrics } => {
+            let roles = Roles { validator: None, worker: Some(worker), demo: false };
+            serve::serve(&servers, &namespace, &metrics, roles).await
+        }
+        Command::Org(command) => manage::org(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+        Command::Key(command) => manage::key(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+    }
+}

@@ -1,0 +1,204 @@
+//! The command line: every subcommand and flag, with `--help` everywhere.
+
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand};
+use uuid::Uuid;
+
+use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
+use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::key::KeyEnv;
+
+/// Tollgate: API-key checking, rate limiting and usage metering for high-traffic APIs.
+///
+/// Start everything with `tollgate up --demo`, then manage organizations and keys with `tollgate org` and
+/// `tollgate key`. Every flag can also be set with the environment variable shown in its help.
+#[derive(Parser, Debug)]
+#[command(name = "tollgate", version, propagate_version = true)]
+pub struct Cli {
+    #[command(flatten)]
+    pub servers: ServerArgs,
+    #[command(flatten)]
+    pub namespace: NamespaceArgs,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Create the database if it is missing and apply pending migrations.
+    Migrate,
+    /// Run the validator and all workers in one process (creating the database, schema and stream as needed).
+    Up(UpArgs),
+    /// Run only the validator (HTTP API); scale out by running several.
+    Validator {
+        #[command(flatten)]
+        validator: ValidatorArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Run only a worker (usage events → PostgreSQL); scale out by running several.
+    Worker {
+        #[command(flatten)]
+        worker: WorkerArgs,
+        #[command(flatten)]
+        metrics: MetricsArgs,
+    },
+    /// Manage organizations.
+    #[command(subcommand)]
+    Org(OrgCommand),
+    /// Manage API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Also create a demo organization and key, and print a ready-to-paste curl line.
+    #[arg(long)]
+    pub demo: bool,
+    #[command(flatten)]
+    pub validator: ValidatorArgs,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OrgCommand {
+    /// Create an organization.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// URL-safe identifier (a-z, 0-9, '-'); derived from the name when omitted.
+        #[arg(long)]
+        slug: Option<String>,
+        #[command(flatten)]
+        settings: OrgSettings,
+    },
+    /// List organizations.
+    List,
+    /// Change an organization's settings.
+    Update {
+        /// The organization's id or slug.
+        org: String,
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        settings: OrgSettings,
+        /// Enable or disable every key of the organization at once.
+        #[arg(long)]
+        active: Option<bool>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct OrgSettings {
+    /// Commercial plan [default on create: free].
+    #[arg(long, value_enum)]
+    pub plan: Option<Plan>,
+    /// Requests per minute shared by all the organization's keys, or `none` [default on create: 60].
+    #[arg(long, value_name = "N|none")]
+    pub rate_limit_per_minute: Option<LimitSetting>,
+    /// Requests per calendar month (UTC), or `none` [default on create: none].
+    #[arg(long, value_name = "N|none")]
+    pub monthly_limit: Option<LimitSetting>,
+    /// Most keys the organization may hold [default on create: 100].
+    #[arg(long, value_name = "N")]
+    pub max_keys: Option<i32>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create a key; the key itself is printed this once and never stored.
+    Create {
+        #[command(flatten)]
+        key: KeySpec,
+        /// Live or test key (shown in the key's prefix).
+        #[arg(long, value_enum, default_value = "live")]
+        env: KeyEnv,
+    },
+    /// Store an existing key read from standard input (for keys made by another system), hashed like any other.
+    Import {
+        #[command(flatten)]
+        key: KeySpec,
+    },
+    /// List an organization's keys (prefix and last 4 characters only).
+    List {
+        /// The organization's id or slug.
+        #[arg(long)]
+        org: String,
+    },
+    /// Show one key.
+    Show { id: Uuid },
+    /// Revoke a key for good.
+    Revoke {
+        id: Uuid,
+        /// Why, for the audit trail.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Change a key's settings.
+    Update {
+        id: Uuid,
+        #[arg(long, value_enum)]
+        tier: Option<RateLimitTier>,
+        /// Comma-separated scopes, replacing the current ones (`--scopes ""` removes all).
+        #[arg(long, value_delimiter = ',')]
+        scopes: Option<Vec<String>>,
+        /// The key's own per-minute limit, or `none`.
+        #[arg(long, value_name = "N|none")]
+        rate_limit_per_minute: Option<LimitSetting>,
+        /// RFC 3339 time, or `none` for no expiry.
+        #[arg(long, value_name = "RFC3339|none", value_parser = parse_expiry)]
+        expires_at: Option<Expiry>,
+        #[arg(long)]
+        active: Option<bool>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct KeySpec {
+    /// The organization's id or slug.
+    #[arg(long)]
+    pub org: String,
+    #[arg(long)]
+    pub name: String,
+    #[arg(long, value_enum, default_value = "user")]
+    pub role: Role,
+    #[arg(long, value_enum, default_value = "standard")]
+    pub tier: RateLimitTier,
+    /// Comma-separated scopes.
+    #[arg(long, value_delimiter = ',')]
+    pub scopes: Vec<String>,
+    /// The key's own per-minute limit.
+    #[arg(long, value_name = "N")]
+    pub rate_limit_per_minute: Option<u32>,
+    /// Expire after this long (e.g. 30d, 12h).
+    #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "expires_at")]
+    pub expires_in: Option<std::time::Duration>,
+    /// Expire at this RFC 3339 time.
+    #[arg(long, value_parser = parse_time)]
+    pub expires_at: Option<DateTime<Utc>>,
+}
+
+/// An expiry to set: a time, or none.
+#[derive(Debug, Clone, Copy)]
+pub struct Expiry(pub Option<DateTime<Utc>>);
+
+fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    DateTime::parse_from_rfc3339(s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| format!("expected an RFC 3339 time like 2027-01-31T00:00:00Z ({e})"))
+}
+
+fn parse_expiry(s: &str) -> Result<Expiry, String> {
+    if s == "none" {
+        Ok(Expiry(None))
+    } else {
+        parse_time(s).map(|t| Expiry(Some(t)))
+    }
+}

@@ -1,0 +1,113 @@
+//! `tollgate up`, `tollgate validator` and `tollgate worker`: compose the services in one process and shut them down
+//! gracefully on SIGINT/SIGTERM.
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
+use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
+use tollgate_shared::connect;
+use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::key::KeyEnv;
+use tollgate_shared::topology::Topology;
+
+/// Which services this process runs.
+pub struct Roles {
+    pub validator: Option<ValidatorArgs>,
+    pub worker: Option<WorkerArgs>,
+    pub demo: bool,
+}
+
+pub async fn serve(
+    servers: &ServerArgs,
+    namespace: &NamespaceArgs,
+    metrics: &MetricsArgs,
+    roles: Roles,
+) -> anyhow::Result<()> {
+    let pool = connect::postgres_migrated(&servers.database_url, 16).await?;
+    let nats = connect::nats(&servers.nats_url).await?;
+    let topology = Topology::new(namespace);
+    let shutdown = CancellationToken::new();
+    let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen).await?;
+    let mut tasks = tokio::task::JoinSet::new();
+
+    tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
+    if let Some(worker) = roles.worker {
+        tasks.spawn(tollgate_worker::run(worker, topology.clone(), pool.clone(), nats.clone(), shutdown.clone()));
+    }
+    if let Some(validator) = roles.validator {
+        let listener = TcpListener::bind(validator.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", validator.listen))?;
+        let address = listener.local_addr()?;
+        let redis = connect::redis(&servers.redis_url).await?;
+        let connections = tollgate_validator::Connections { pool: pool.clone(), redis, nats: nats.clone() };
+        if roles.demo {
+            print_demo(&pool, address).await?;
+        }
+        tasks.spawn(tollgate_validator::run(validator, topology, connections, listener, shutdown.clone()));
+    }
+    tasks.spawn(async move {
+        wait_for_signal().await;
+        tracing::info!("shutting down: finishing requests, flushing events and batches");
+        shutdown.cancel();
+        Ok(())
+    });
+
+    while let Some(finished) = tasks.join_next().await {
+        finished.context("a service panicked")??;
+    }
+    Ok(())
+}
+
+async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
+    tollgate_shared::metrics::serve(listener, shutdown.cancelled_owned()).await.context("metrics endpoint failed")
+}
+
+async fn wait_for_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops tollgate");
+            let _ = interrupt.await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+}
+
+const DEMO_SLUG: &str = "demo";
+
+/// Creates (once) a demo organization with a generous limit, makes a fresh key, and prints a curl line for it.
+async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyhow::Result<()> {
+    if admin::find_org(pool, DEMO_SLUG).await.is_err() {
+        let demo = NewOrg {
+            name: "Demo".into(),
+            slug: Some(DEMO_SLUG.into()),
+            plan: Plan::Free,
+            rate_limit_per_minute: Some(LimitSetting::Max(1_000_000)),
+            monthly_request_limit: None,
+            max_api_keys: Some(100_000),
+        };
+        admin::create_org(pool, demo).await?;
+    }
+    let new = NewKey {
+        org: DEMO_SLUG.into(),
+        name: "demo key".into(),
+        role: Role::User,
+        tier: RateLimitTier::Unlimited,
+        scopes: vec![],
+        custom_rate_limit_per_minute: None,
+        expires_at: None,
+    };
+    let (_, key) = admin::create_key(pool, &Actor::cli(), new, KeyEnv::Test).await?;
+    println!("Demo key (organization `{DEMO_SLUG}`), shown once:\n\n  {}\n", key.expose());
+    println!("Try it:\n\n  curl -i -H 'Authorization: Bearer {}' http://{address}/v1/auth\n", key.expose());
+    Ok(())
+}

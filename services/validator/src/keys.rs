@@ -1,0 +1,168 @@
+//! The in-process key cache: the hot path never asks PostgreSQL about a key it has seen recently.
+//!
+//! Known keys are held by hash; unknown hashes are held in a bounded negative cache for a TTL, so a flood of
+//! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
+//! keys and organizations changed and applies those changes, so a revocation reaches the cache within about that
+//! long. [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change feed will use.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use moka::future::Cache;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use tollgate_shared::domain::{RateLimitTier, Role};
+use tollgate_shared::key::KeyHash;
+use tollgate_shared::metrics::KEY_LOOKUPS;
+
+/// What the validator needs to decide on a key: the key's own settings and its organization's.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct KeyRecord {
+    pub id: Uuid,
+    pub org_id: Uuid,
+    pub name: String,
+    #[sqlx(try_from = "String")]
+    pub role: Role,
+    pub scopes: Vec<String>,
+    #[sqlx(try_from = "String")]
+    pub rate_limit_tier: RateLimitTier,
+    pub custom_rate_limit_per_minute: Option<i32>,
+    pub active: bool,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub org_active: bool,
+    pub org_rate_limit_per_minute: Option<i32>,
+    pub org_monthly_request_limit: Option<i64>,
+}
+
+const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.rate_limit_tier,
+        k.custom_rate_limit_per_minute, k.active, k.expires_at, k.revoked_at, o.active AS org_active,
+        o.rate_limit_per_minute AS org_rate_limit_per_minute,
+        o.monthly_request_limit AS org_monthly_request_limit, k.key_hash
+    FROM api_keys k JOIN organizations o ON o.id = k.org_id";
+
+/// Even without a change feed, no cached record is older than this (a safety net for missed changes).
+const RECORD_TTL: Duration = Duration::from_secs(300);
+const NEGATIVE_CAPACITY: u64 = 100_000;
+/// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
+const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+
+#[derive(Clone)]
+pub struct KeyCache {
+    known: Cache<KeyHash, Arc<KeyRecord>>,
+    unknown: Cache<KeyHash, ()>,
+    pool: PgPool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("key lookup failed: {0}")]
+pub struct LookupError(String);
+
+/// Why a cache miss produced no record.
+enum Miss {
+    Unknown,
+    Database(sqlx::Error),
+}
+
+impl KeyCache {
+    pub fn new(pool: PgPool, capacity: u64, negative_ttl: Duration) -> KeyCache {
+        KeyCache {
+            known: Cache::builder().max_capacity(capacity).time_to_live(RECORD_TTL).build(),
+            unknown: Cache::builder().max_capacity(NEGATIVE_CAPACITY).time_to_live(negative_ttl).build(),
+            pool,
+        }
+    }
+
+    /// The record for a key hash, or `None` if no such key exists. Concurrent misses on one hash share one query.
+    pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
+        if let Some(record) = self.known.get(&hash).await {
+            metrics::counter!(KEY_LOOKUPS, "source" => "cache").increment(1);
+            return Ok(Some(record));
+        }
+        if self.unknown.contains_key(&hash) {
+            metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
+            return Ok(None);
+        }
+        let pool = self.pool.clone();
+        let loaded = self
+            .known
+            .try_get_with(hash, async move {
+                metrics::counter!(KEY_LOOKUPS, "source" => "database").increment(1);
+                let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
+                let record: Option<KeyRecord> =
+                    sqlx::query_as(&sql).bind(hash.as_bytes()).fetch_optional(&pool).await.map_err(Miss::Database)?;
+                record.map(Arc::new).ok_or(Miss::Unknown)
+            })
+            .await;
+        match loaded {
+            Ok(record) => Ok(Some(record)),
+            Err(miss) => match &*miss {
+                Miss::Database(e) => Err(LookupError(e.to_string())),
+                Miss::Unknown => {
+                    self.unknown.insert(hash, ()).await;
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    /// Applies a changed record: replaces it if cached, and forgets that its hash was unknown.
+    pub async fn apply(&self, hash: KeyHash, record: KeyRecord) {
+        self.unknown.invalidate(&hash).await;
+        if self.known.contains_key(&hash) {
+            self.known.insert(hash, Arc::new(record)).await;
+        }
+    }
+
+    /// Forgets everything (after a change feed lost track, say).
+    pub fn flush(&self) {
+        self.known.invalidate_all();
+        self.unknown.invalidate_all();
+    }
+
+    /// Applies every key change since `since`; returns the watermark for the next call.
+    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<DateTime<Utc>, sqlx::Error> {
+        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool).await?;
+        let sql = format!("{RECORD_SELECT} WHERE k.updated_at > $1 OR o.updated_at > $1");
+        let rows: Vec<(KeyRecord, Vec<u8>)> = sqlx::query_as::<_, ChangedRow>(&sql)
+            .bind(since)
+            .fetch_all(&self.pool)
+            .await?
+            .into_iter()
+            .map(|row| (row.record, row.key_hash))
+            .collect();
+        for (record, hash) in rows {
+            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
+                self.apply(KeyHash(hash), record).await;
+            }
+        }
+        Ok(now - REFRESH_OVERLAP)
+    }
+
+    /// Polls for changes every `interval` until `shutdown`.
+    pub async fn keep_fresh(self, interval: Duration, shutdown: CancellationToken) {
+        let mut since = Utc::now() - REFRESH_OVERLAP;
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.refresh(since).await {
+                Ok(next) => since = next,
+                Err(e) => tracing::warn!(error = %e, "cannot refresh the key cache; will retry"),
+            }
+        }
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ChangedRow {
+    #[sqlx(flatten)]
+    record: KeyRecord,
+    key_hash: Vec<u8>,
+}

@@ -1,0 +1,188 @@
+//! Reading a verify request from a gateway's headers: the credential, the original request and the client.
+//! Nothing here fails: whatever a header holds becomes a missing or malformed credential, or is left out.
+
+use std::net::IpAddr;
+
+use axum::http::{HeaderMap, HeaderName};
+use ipnet::IpNet;
+use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
+use tollgate_shared::key::{ApiKey, KeyFormatError};
+
+/// What the caller presented as a key.
+#[derive(Debug, PartialEq)]
+pub enum Credential {
+    Missing,
+    Malformed(KeyFormatError),
+    Key(ApiKey),
+}
+
+impl Credential {
+    pub fn from_text(text: &str) -> Credential {
+        match ApiKey::parse(text) {
+            Ok(key) => Credential::Key(key),
+            Err(e) => Credential::Malformed(e),
+        }
+    }
+}
+
+/// The credential from `Authorization: Bearer …`, `X-API-Key` or `X-Service-Key`, in that order.
+pub fn credential(headers: &HeaderMap) -> Credential {
+    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
+        let Ok(text) = value.to_str() else { return Credential::Malformed(KeyFormatError::BadCharacters) };
+        if let Some((scheme, token)) = text.split_once(' ') {
+            if scheme.eq_ignore_ascii_case("bearer") {
+                return Credential::from_text(token.trim());
+            }
+        } else if text.eq_ignore_ascii_case("bearer") {
+            return Credential::Malformed(KeyFormatError::Empty);
+        }
+    }
+    for name in ["x-api-key", "x-service-key"] {
+        if let Some(value) = headers.get(name) {
+            return match value.to_str() {
+                Ok(text) => Credential::from_text(text.trim()),
+                Err(_) => Credential::Malformed(KeyFormatError::BadCharacters),
+            };
+        }
+    }
+    Credential::Missing
+}
+
+/// The first of `names` that is present and readable, cut to `max` bytes.
+pub fn header_text(headers: &HeaderMap, names: &[HeaderName], max: usize) -> Option<String> {
+    names.iter().find_map(|name| headers.get(name)?.to_str().ok()).map(|text| truncate(text, max))
+}
+
+pub fn original_method(headers: &HeaderMap) -> Option<String> {
+    header_text(
+        headers,
+        &[HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")],
+        MAX_METHOD_LEN,
+    )
+}
+
+pub fn original_uri(headers: &HeaderMap) -> Option<String> {
+    header_text(
+        headers,
+        &[HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")],
+        MAX_TEXT_LEN,
+    )
+}
+
+pub fn request_id(headers: &HeaderMap) -> Option<String> {
+    header_text(headers, &[HeaderName::from_static("x-request-id")], MAX_TEXT_LEN)
+}
+
+pub fn user_agent(headers: &HeaderMap) -> Option<String> {
+    header_text(headers, &[axum::http::header::USER_AGENT], MAX_TEXT_LEN)
+}
+
+/// Cuts `text` to at most `max` bytes on a character boundary.
+pub fn truncate(text: &str, max: usize) -> String {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].to_owned()
+}
+
+/// Decides which proxies' forwarding headers are believed.
+#[derive(Debug, Clone)]
+pub struct TrustedProxies(Vec<IpNet>);
+
+impl TrustedProxies {
+    pub fn new(nets: Vec<IpNet>) -> TrustedProxies {
+        TrustedProxies(nets)
+    }
+
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.0.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy, in which case the nearest untrusted
+    /// address in `X-Forwarded-For` (or `X-Real-IP`, or an address the caller states).
+    pub fn client_ip(&self, peer: IpAddr, headers: &HeaderMap, stated: Option<IpAddr>) -> IpAddr {
+        let peer = peer.to_canonical();
+        if !self.trusts(peer) {
+            return peer;
+        }
+        if let Some(stated) = stated {
+            return stated;
+        }
+        let forwarded: Vec<IpAddr> = headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|part| part.trim().parse::<IpAddr>().ok())
+            .collect();
+        // Walk from the nearest hop outwards; the first address we do not trust is the client.
+        if let Some(ip) = forwarded.iter().rev().find(|ip| !self.trusts(**ip)).or(forwarded.first()) {
+            return *ip;
+        }
+        headers.get("x-real-ip").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+    use tollgate_shared::key::KeyEnv;
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_str(value).expect("valid header"));
+        }
+        map
+    }
+
+    #[test]
+    fn credentials_come_from_any_of_the_three_headers() {
+        let key = ApiKey::generate(KeyEnv::Live);
+        let bearer = format!("Bearer {}", key.expose());
+        assert_eq!(credential(&headers(&[("authorization", &bearer)])), Credential::Key(key.clone()));
+        let lower = format!("bearer {}", key.expose());
+        assert_eq!(credential(&headers(&[("authorization", &lower)])), Credential::Key(key.clone()));
+        assert_eq!(credential(&headers(&[("x-api-key", key.expose())])), Credential::Key(key.clone()));
+        assert_eq!(credential(&headers(&[("x-service-key", key.expose())])), Credential::Key(key.clone()));
+        let basic_then_header = headers(&[("authorization", "Basic dXNlcjpwdw=="), ("x-api-key", key.expose())]);
+        assert_eq!(credential(&basic_then_header), Credential::Key(key));
+    }
+
+    #[test]
+    fn bad_credentials_are_missing_or_malformed() {
+        assert_eq!(credential(&HeaderMap::new()), Credential::Missing);
+        assert_eq!(credential(&headers(&[("authorization", "Bearer")])), Credential::Malformed(KeyFormatError::Empty));
+        assert_eq!(credential(&headers(&[("authorization", "Bearer ")])), Credential::Malformed(KeyFormatError::Empty));
+        let long = format!("Bearer {}", "a".repeat(10_000));
+        assert_eq!(credential(&headers(&[("authorization", &long)])), Credential::Malformed(KeyFormatError::TooLong));
+        let mut binary = HeaderMap::new();
+        binary.insert("x-api-key", HeaderValue::from_bytes(b"tg_\xff\xfe").expect("obs-text is allowed"));
+        assert_eq!(credential(&binary), Credential::Malformed(KeyFormatError::BadCharacters));
+    }
+
+    #[test]
+    fn client_ip_believes_only_trusted_proxies() {
+        let trusted =
+            TrustedProxies::new(vec!["127.0.0.0/8".parse().expect("net"), "10.0.0.0/8".parse().expect("net")]);
+        let forwarded = headers(&[("x-forwarded-for", "203.0.113.9, 198.51.100.7, 10.1.2.3")]);
+        let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
+        let stranger: IpAddr = "192.0.2.1".parse().expect("ip");
+        assert_eq!(trusted.client_ip(proxy, &forwarded, None), "198.51.100.7".parse::<IpAddr>().expect("ip"));
+        assert_eq!(trusted.client_ip(stranger, &forwarded, None), stranger);
+        let real = headers(&[("x-real-ip", "203.0.113.5")]);
+        assert_eq!(trusted.client_ip(proxy, &real, None), "203.0.113.5".parse::<IpAddr>().expect("ip"));
+        assert_eq!(trusted.client_ip(proxy, &HeaderMap::new(), None), proxy);
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().expect("ip");
+        assert!(trusted.trusts(mapped));
+    }
+
+    #[test]
+    fn truncation_respects_characters() {
+        assert_eq!(truncate("héllo", 2), "h");
+        assert_eq!(truncate("abc", 10), "abc");
+    }
+}
