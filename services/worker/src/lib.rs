@@ -104,10 +104,9 @@ pub async fn run(
     let mut worker = Worker::new(pool, jetstream, &topology);
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     while !shutdown.is_cancelled() {
-        let messages = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            messages = fetch(&consumer, &args) => messages,
-        };
+        // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
+        // the ack wait expires. A fetch ends within `batch_wait` anyway.
+        let messages = fetch(&consumer, &args).await;
         if messages.is_empty() {
             continue;
         }

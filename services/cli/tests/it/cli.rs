@@ -1,0 +1,126 @@
+//! The `tollgate` binary itself: help everywhere, and the org/key commands against a real database.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::Value;
+
+use crate::harness::TestEnv;
+
+fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("DATABASE_URL", env.database_url.expose())
+        .env("USER", "tester")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run tollgate");
+    if let Some(input) = stdin {
+        child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("write stdin");
+    }
+    child.wait_with_output().expect("tollgate output")
+}
+
+fn json_of(output: &Output) -> Value {
+    assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
+    serde_json::from_slice(&output.stdout).expect("JSON output")
+}
+
+#[test]
+fn every_command_has_help() {
+    let commands: &[&[&str]] = &[
+        &[],
+        &["up"],
+        &["migrate"],
+        &["validator"],
+        &["worker"],
+        &["org"],
+        &["org", "create"],
+        &["org", "list"],
+        &["org", "update"],
+        &["key"],
+        &["key", "create"],
+        &["key", "import"],
+        &["key", "list"],
+        &["key", "show"],
+        &["key", "revoke"],
+        &["key", "update"],
+    ];
+    for command in commands {
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate")).args(*command).arg("--help").output().expect("run");
+        assert!(output.status.success(), "{command:?} --help failed");
+        assert!(String::from_utf8_lossy(&output.stdout).contains("Usage:"), "{command:?}");
+    }
+}
+
+#[test]
+fn a_bad_setting_fails_at_start_naming_the_variable() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["validator"])
+        .env("TOLLGATE_LISTEN", "not-an-address")
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("TOLLGATE_LISTEN"));
+
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["org", "list"])
+        .env("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:1/tollgate")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("PostgreSQL") && stderr.contains("127.0.0.1:1"), "{stderr}");
+    assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn orgs_and_keys_are_managed_from_the_command_line() {
+    let env = TestEnv::new().await;
+    let org = json_of(&tollgate(&env, &["org", "create", "--name", "Acme Corp", "--plan", "pro", "--json"], None));
+    assert_eq!(org["slug"], "acme-corp");
+    assert_eq!(org["rate_limit_per_minute"], 60);
+    assert_eq!(org["monthly_request_limit"], Value::Null);
+
+    let created = json_of(&tollgate(
+        &env,
+        &["key", "create", "--org", "acme-corp", "--name", "ci", "--scopes", "read,write", "--expires-in", "30d", "--json"],
+        None,
+    ));
+    let key = created["key"].as_str().expect("plaintext key");
+    assert!(key.starts_with("tg_live_"));
+    let id = created["id"].as_str().expect("id");
+    assert_eq!(created["scopes"], serde_json::json!(["read", "write"]));
+
+    let imported = json_of(&tollgate(
+        &env,
+        &["key", "import", "--org", "acme-corp", "--name", "legacy", "--json"],
+        Some("sk_prod_0123456789abcdef\n"),
+    ));
+    assert_eq!(imported["prefix"], "sk_prod_");
+    let again = tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "legacy"], Some("sk_prod_0123456789abcdef"));
+    assert!(!again.status.success(), "the same key imported twice");
+
+    let listing = tollgate(&env, &["key", "list", "--org", "acme-corp"], None);
+    let text = String::from_utf8_lossy(&listing.stdout);
+    assert!(listing.status.success() && text.contains("ci") && text.contains("legacy"));
+    assert!(!text.contains(key) && !text.contains("sk_prod_0123456789abcdef"), "a plaintext key was listed");
+
+    let revoked = json_of(&tollgate(&env, &["key", "revoke", id, "--reason", "rotated", "--json"], None));
+    assert!(revoked["revoked_at"].is_string());
+    let reactivate = tollgate(&env, &["key", "update", id, "--active", "true"], None);
+    assert!(!reactivate.status.success(), "reactivating a revoked key must fail");
+    assert!(String::from_utf8_lossy(&reactivate.stderr).contains("revoked"));
+
+    let audit = env.count("SELECT count(*) FROM key_audit WHERE actor = 'cli:tester'").await;
+    assert_eq!(audit, 3, "created, imported, revoked");
+    let hashed: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE key_hash = sha256($1::text::bytea)")
+        .bind(key)
+        .fetch_one(&env.pool)
+        .await
+        .expect("query");
+    assert_eq!(hashed, 1, "the key is stored as its SHA-256");
+    env.cleanup().await;
+}

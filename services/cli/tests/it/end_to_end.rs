@@ -1,0 +1,235 @@
+//! A key verified over HTTP becomes exactly one usage row; bad keys get a uniform 401.
+
+use std::time::Duration;
+
+use chrono::{TimeDelta, Utc};
+use reqwest::header::HeaderValue;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+use tollgate_shared::admin::{self, Actor};
+use tollgate_shared::key::{ApiKey, KeyEnv};
+
+use crate::harness::{wait_until, TestEnv};
+
+#[tokio::test]
+async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+
+    let response = reqwest::Client::new()
+        .get(validator.url("/v1/auth"))
+        .bearer_auth(key.expose())
+        .header("X-Original-Method", "PUT")
+        .header("X-Original-URI", "/orders/42?x=1")
+        .header("X-Forwarded-For", "203.0.113.7")
+        .header("X-Request-Id", "req-1")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    let headers = response.headers();
+    assert_eq!(headers["x-tollgate-key-id"], key_id.to_string().as_str());
+    assert_eq!(headers["x-tollgate-key-name"], "test key");
+    assert_eq!(headers["x-tollgate-role"], "user");
+    assert!(headers.contains_key("x-tollgate-org-id"));
+
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    let (outcome, method, path, ip, request_id): (String, String, String, String, String) = sqlx::query_as(
+        "SELECT outcome, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_one(&env.pool)
+    .await
+    .expect("usage row");
+    assert_eq!(
+        (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
+        ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")
+    );
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
+    assert_eq!(env.count("SELECT sum(denied) FROM usage_hourly").await, 0);
+    env.wait_for_count("SELECT total_requests FROM api_keys", 1).await;
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_get_a_uniform_401_and_no_row() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, good) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let made_up = ApiKey::generate(KeyEnv::Live);
+    let mut typo = good.expose().to_owned();
+    typo.replace_range(20..21, if &typo[20..21] == "a" { "b" } else { "a" });
+
+    let attempts: Vec<(&str, Vec<(&str, HeaderValue)>)> = vec![
+        ("missing", vec![]),
+        ("unknown", vec![("authorization", HeaderValue::from_str(&format!("Bearer {}", made_up.expose())).expect("v"))]),
+        ("typo", vec![("x-api-key", HeaderValue::from_str(&typo).expect("v"))]),
+        ("empty bearer", vec![("authorization", HeaderValue::from_static("Bearer "))]),
+        ("10 kB key", vec![("x-api-key", HeaderValue::from_str(&"k".repeat(10_000)).expect("v"))]),
+        ("non-UTF-8", vec![("x-service-key", HeaderValue::from_bytes(b"tg_live_\xff\xfe\xfd").expect("v"))]),
+        ("garbage", vec![("authorization", HeaderValue::from_static("Bearer ../../etc/passwd"))]),
+    ];
+    let mut bodies = Vec::new();
+    for (what, headers) in attempts {
+        let mut request = client.get(validator.url("/v1/auth"));
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{what}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer realm=\"tollgate\"", "{what}");
+        bodies.push(response.text().await.expect("body"));
+    }
+    assert!(bodies.windows(2).all(|pair| pair[0] == pair[1]), "401 bodies differ: {bodies:?}");
+
+    // Headers far past any sane size get a 4xx from the HTTP layer, never a 5xx.
+    let huge = client.get(validator.url("/v1/auth")).header("x-padding", "p".repeat(1_000_000)).send().await;
+    if let Ok(response) = huge {
+        assert!(response.status().is_client_error(), "huge headers: {}", response.status());
+    }
+
+    // A good request afterwards is the only row: none of the above was identified.
+    let ok = client.get(validator.url("/v1/auth")).bearer_auth(good.expose()).send().await.expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.count("SELECT count(*) FROM api_usage WHERE outcome <> 'allowed'").await, 0);
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    let (_, expired) = env.key_with(&org, |k| k.expires_at = Some(Utc::now() - TimeDelta::seconds(1))).await;
+    let (disabled_id, disabled) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let status = |key: &ApiKey| {
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
+        async move { request.send().await.expect("request").status() }
+    };
+
+    // Cached while good, then revoked through the operations the CLI uses: the cache learns within 5 s.
+    assert_eq!(status(&revoked).await, StatusCode::OK);
+    assert_eq!(status(&disabled).await, StatusCode::OK);
+    admin::revoke_key(&env.pool, &Actor("test".into()), revoked_id, Some("leaked".into())).await.expect("revoke");
+    let changes = admin::KeyChanges { active: Some(false), ..Default::default() };
+    admin::update_key(&env.pool, &Actor("test".into()), disabled_id, changes).await.expect("disable");
+    let seen = wait_until(Duration::from_secs(5), || status(&revoked), |s| *s == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(seen, StatusCode::UNAUTHORIZED, "revocation did not reach the validator within 5 s");
+    assert_eq!(status(&disabled).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(status(&expired).await, StatusCode::UNAUTHORIZED);
+
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'expired'", 1).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'disabled'", 1).await;
+    assert!(env.count("SELECT count(*) FROM api_usage WHERE outcome = 'revoked'").await >= 1);
+    let denied = env.count("SELECT count(*) FROM api_usage WHERE outcome <> 'allowed'").await;
+    env.wait_for_count("SELECT sum(denied) FROM usage_hourly", denied).await;
+    // The revoked key stayed good until the cache learned of the revocation; every one of those is counted.
+    let allowed = env.count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'").await;
+    assert!(allowed >= 2);
+    env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", allowed).await;
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn verify_answers_json_and_names_the_bad_field() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    admin::revoke_key(&env.pool, &Actor("test".into()), revoked_id, None).await.expect("revoke");
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let verify = |body: Value| {
+        let request = client.post(validator.url("/v1/verify")).json(&body);
+        async move {
+            let response = request.send().await.expect("request");
+            (response.status(), response.json::<Value>().await.expect("json body"))
+        }
+    };
+
+    let (status, body) = verify(json!({ "key": key.expose(), "cost": 3, "method": "GET", "path": "/x" })).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["valid"], true);
+    assert_eq!(body["code"], "VALID");
+    assert_eq!(body["key_id"], key_id.to_string());
+    assert_eq!(body["scopes"], json!(["read"]));
+
+    let (_, body) = verify(json!({ "key": revoked.expose() })).await;
+    assert_eq!((body["valid"].clone(), body["code"].clone()), (json!(false), json!("REVOKED")));
+    let (_, body) = verify(json!({ "key": "not-a-key" })).await;
+    assert_eq!((body["valid"].clone(), body["code"].clone()), (json!(false), json!("INVALID")));
+
+    let (status, body) = verify(json!({ "key": key.expose(), "ip": "not an ip" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["field"], "ip");
+    let (status, body) = verify(json!({ "cost": 1 })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert!(body["message"].as_str().expect("message").contains("key"), "{body}");
+    let (status, body) = verify(json!({ "key": key.expose(), "cost": 0 })).await;
+    assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
+    let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
+    assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
+
+    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
+    env.wait_for_count("SELECT sum(units) FROM usage_hourly", 3).await;
+
+    let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), StatusCode::OK);
+    let health = client.get(validator.url("/healthz")).send().await.expect("healthz");
+    assert_eq!(health.status(), StatusCode::OK);
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_loses_no_decision() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+
+    let requests = (0..300).map(|_| {
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
+        async move { request.send().await.map(|r| r.status()) }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let allowed = statuses.iter().filter(|s| matches!(s, Ok(StatusCode::OK))).count() as i64;
+    assert_eq!(allowed, 300);
+    // Stop both at once: whatever the worker did not write is durable in JetStream for the next one.
+    validator.service.shutdown.cancel();
+    worker.shutdown.cancel();
+    validator.service.task.await.expect("validator panicked").expect("validator failed");
+    worker.task.await.expect("worker panicked").expect("worker failed");
+
+    let next_worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", allowed).await;
+    env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", allowed).await;
+    next_worker.stop().await;
+    env.cleanup().await;
+}

@@ -1,0 +1,191 @@
+//! An isolated Tollgate per test: its own database, stream, subject prefix and Redis prefix on the shared servers,
+//! with the validator and workers run in-process on port 0.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use sqlx::PgPool;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
+use tollgate_shared::config::{NamespaceArgs, ServerUrl, ValidatorArgs, WorkerArgs};
+use tollgate_shared::connect;
+use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::key::{ApiKey, KeyEnv};
+use tollgate_shared::topology::Topology;
+
+pub const DATABASE_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+pub const NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
+
+pub struct TestEnv {
+    pub database: String,
+    pub database_url: ServerUrl,
+    pub pool: PgPool,
+    pub nats: async_nats::Client,
+    pub topology: Topology,
+}
+
+/// A running service: cancel `shutdown` and await `task` to stop it gracefully.
+pub struct Running {
+    pub shutdown: CancellationToken,
+    pub task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("service task panicked").expect("service failed");
+    }
+}
+
+pub struct RunningValidator {
+    pub address: SocketAddr,
+    pub service: Running,
+}
+
+impl RunningValidator {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+}
+
+impl TestEnv {
+    pub async fn new() -> TestEnv {
+        let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
+        let database = format!("tollgate_it_{id}");
+        let database_url: ServerUrl = format!("{DATABASE_SERVER}/{database}").parse().expect("valid url");
+        let pool = connect::postgres_migrated(&database_url, 8).await.expect("test database");
+        let nats = connect::nats(&NATS_URL.parse().expect("url")).await.expect("nats");
+        let namespace = NamespaceArgs {
+            stream: format!("IT_{id}"),
+            subject_prefix: format!("it{id}"),
+            redis_prefix: format!("it:{id}:"),
+        };
+        let topology = Topology::new(&namespace);
+        TestEnv { database, database_url, pool, nats, topology }
+    }
+
+    pub fn validator_args() -> ValidatorArgs {
+        ValidatorArgs {
+            listen: "127.0.0.1:0".parse().expect("addr"),
+            trusted_proxies: vec!["127.0.0.0/8".parse().expect("net")],
+            event_queue: 10_000,
+            key_cache: 10_000,
+            negative_cache_ttl: Duration::from_secs(30),
+            key_refresh: Duration::from_millis(200),
+        }
+    }
+
+    pub fn worker_args() -> WorkerArgs {
+        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20) }
+    }
+
+    pub async fn start_validator(&self) -> RunningValidator {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("address");
+        let connections = tollgate_validator::Connections {
+            pool: self.pool.clone(),
+            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis"),
+            nats: self.nats.clone(),
+        };
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tollgate_validator::run(
+            Self::validator_args(),
+            self.topology.clone(),
+            connections,
+            listener,
+            shutdown.clone(),
+        ));
+        RunningValidator { address, service: Running { shutdown, task } }
+    }
+
+    pub async fn start_worker(&self) -> Running {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(tollgate_worker::run(
+            Self::worker_args(),
+            self.topology.clone(),
+            self.pool.clone(),
+            self.nats.clone(),
+            shutdown.clone(),
+        ));
+        Running { shutdown, task }
+    }
+
+    /// An organization with no rate limit to get in the way, and its slug.
+    pub async fn org(&self) -> String {
+        let slug = format!("org-{}", &Uuid::new_v4().simple().to_string()[..8]);
+        let new = NewOrg {
+            name: "Test org".into(),
+            slug: Some(slug.clone()),
+            plan: Plan::Pro,
+            rate_limit_per_minute: Some(LimitSetting::Unlimited),
+            monthly_request_limit: None,
+            max_api_keys: None,
+        };
+        admin::create_org(&self.pool, new).await.expect("create org");
+        slug
+    }
+
+    pub async fn key(&self, org: &str) -> (Uuid, ApiKey) {
+        self.key_with(org, |_| {}).await
+    }
+
+    pub async fn key_with(&self, org: &str, edit: impl FnOnce(&mut NewKey)) -> (Uuid, ApiKey) {
+        let mut new = NewKey {
+            org: org.into(),
+            name: "test key".into(),
+            role: Role::User,
+            tier: RateLimitTier::Unlimited,
+            scopes: vec!["read".into()],
+            custom_rate_limit_per_minute: None,
+            expires_at: None,
+        };
+        edit(&mut new);
+        let (info, key) = admin::create_key(&self.pool, &Actor("test".into()), new, KeyEnv::Test).await.expect("key");
+        (info.id, key)
+    }
+
+    pub async fn count(&self, sql: &str) -> i64 {
+        let as_bigint = format!("SELECT ({sql})::int8");
+        sqlx::query_scalar::<_, Option<i64>>(&as_bigint).fetch_one(&self.pool).await.expect(sql).unwrap_or(0)
+    }
+
+    /// Waits until `sql` returns `expected`, failing with the last value after 15 s.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64) {
+        let last = wait_until(Duration::from_secs(15), || async { self.count(sql).await }, |n| *n == expected).await;
+        assert_eq!(last, expected, "{sql}");
+    }
+
+    pub async fn cleanup(self) {
+        self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
+        self.pool.close().await;
+        let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)
+            .await
+            .expect("admin connection");
+        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
+            .execute(&admin)
+            .await
+            .expect("drop test database");
+    }
+}
+
+/// Polls `probe` until `done` holds or `timeout` passes; returns the last value seen.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = T>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let value = probe().await;
+        if done(&value) || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}

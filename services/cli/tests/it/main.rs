@@ -1,0 +1,7 @@
+//! Integration tests against the real PostgreSQL, Redis and NATS, each test isolated in its own database, stream,
+//! subject prefix and Redis prefix.
+
+mod cli;
+mod end_to_end;
+mod harness;
+mod pipeline;

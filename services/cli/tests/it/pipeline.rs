@@ -1,0 +1,99 @@
+//! The event pipeline's exactly-once and dead-letter behaviour, driven by publishing to the stream directly.
+
+use async_nats::jetstream;
+use chrono::Utc;
+use uuid::Uuid;
+
+use tollgate_shared::codec;
+use tollgate_shared::domain::Outcome;
+use tollgate_shared::event::UsageEvent;
+
+use crate::harness::TestEnv;
+
+fn event(org_id: Uuid, key_id: Uuid) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        ts: Utc::now(),
+        org_id,
+        key_id,
+        outcome: Outcome::Allowed,
+        method: "GET".into(),
+        path: "/".into(),
+        client_ip: None,
+        user_agent: None,
+        request_id: None,
+        units: 1,
+        latency_us: 10,
+    }
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, message_id: &str, payload: Vec<u8>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id);
+    js.publish_with_headers(subject.to_owned(), headers, payload.into()).await.expect("publish").await.expect("ack");
+}
+
+#[tokio::test]
+async fn a_redelivered_event_leaves_one_row_and_a_count_of_one() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let once = event(Uuid::now_v7(), Uuid::now_v7());
+    let payload = codec::encode_batch(vec![once.clone()]);
+
+    // The same event: re-published under a new message id (JetStream keeps both), re-published under the same id
+    // (JetStream drops it), and twice inside one message.
+    publish(&js, &subject, "m1", payload.clone()).await;
+    publish(&js, &subject, "m2", payload.clone()).await;
+    publish(&js, &subject, "m1", payload).await;
+    publish(&js, &subject, "m3", codec::encode_batch(vec![once.clone(), once.clone()])).await;
+    let stream = js.get_stream(&env.topology.stream).await.expect("stream");
+    assert_eq!(stream.cached_info().state.messages, 3, "JetStream dropped the duplicate message id");
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    // The stream drains (work-queue retention) once every message is acked.
+    let drained = crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages },
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(drained, 0);
+    assert_eq!(env.count("SELECT count(*) FROM api_usage").await, 1);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+
+    publish(&js, &subject, "garbage", b"\x01this is not bincode".to_vec()).await;
+    publish(&js, &subject, "future", b"\x63from a future version".to_vec()).await;
+    let good = event(Uuid::now_v7(), Uuid::now_v7());
+    publish(&js, &subject, "good", codec::encode_batch(vec![good.clone()])).await;
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    let event_id: Uuid = sqlx::query_scalar("SELECT event_id FROM api_usage").fetch_one(&env.pool).await.expect("row");
+    assert_eq!(event_id, good.event_id);
+
+    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dead-letter stream");
+    assert_eq!(dead_letters.cached_info().state.messages, 2);
+    let first = dead_letters.get_raw_message(1).await.expect("first dead letter");
+    let reason = first.headers.get(tollgate_worker::REASON_HEADER).expect("reason header").to_string();
+    assert!(reason.contains("undecodable"), "{reason}");
+    assert_eq!(first.payload.as_ref(), b"\x01this is not bincode");
+    let second = dead_letters.get_raw_message(2).await.expect("second dead letter");
+    let reason = second.headers.get(tollgate_worker::REASON_HEADER).expect("reason header").to_string();
+    assert!(reason.contains("unknown codec version 99"), "{reason}");
+
+    worker.stop().await;
+    env.cleanup().await;
+}
