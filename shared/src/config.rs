@@ -57,6 +57,7 @@ impl fmt::Debug for ServerUrl {
 
 /// Where the three servers are.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Servers")]
 pub struct ServerArgs {
     /// PostgreSQL; `up` and `migrate` create the database if it is missing.
     #[arg(
@@ -92,6 +93,7 @@ pub struct ServerArgs {
 
 /// Names that let several deployments (and tests) share the same servers.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Namespace")]
 pub struct NamespaceArgs {
     /// JetStream stream for usage events.
     #[arg(long, env = "TOLLGATE_STREAM", value_name = "TOLLGATE_STREAM", global = true,
