@@ -86,7 +86,19 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
 
     let created = json_of(&tollgate(
         &env,
-        &["key", "create", "--org", "acme-corp", "--name", "ci", "--scopes", "read,write", "--expires-in", "30d", "--json"],
+        &[
+            "key",
+            "create",
+            "--org",
+            "acme-corp",
+            "--name",
+            "ci",
+            "--scopes",
+            "read,write",
+            "--expires-in",
+            "30d",
+            "--json",
+        ],
         None,
     ));
     let key = created["key"].as_str().expect("plaintext key");
@@ -100,7 +112,8 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         Some("sk_prod_0123456789abcdef\n"),
     ));
     assert_eq!(imported["prefix"], "sk_prod_");
-    let again = tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "legacy"], Some("sk_prod_0123456789abcdef"));
+    let again =
+        tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "legacy"], Some("sk_prod_0123456789abcdef"));
     assert!(!again.status.success(), "the same key imported twice");
 
     let listing = tollgate(&env, &["key", "list", "--org", "acme-corp"], None);

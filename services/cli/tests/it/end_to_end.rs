@@ -38,13 +38,12 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
     assert!(headers.contains_key("x-tollgate-org-id"));
 
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
-    let (outcome, method, path, ip, request_id): (String, String, String, String, String) = sqlx::query_as(
-        "SELECT outcome, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1",
-    )
-    .bind(key_id)
-    .fetch_one(&env.pool)
-    .await
-    .expect("usage row");
+    let (outcome, method, path, ip, request_id): (String, String, String, String, String) =
+        sqlx::query_as("SELECT outcome, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1")
+            .bind(key_id)
+            .fetch_one(&env.pool)
+            .await
+            .expect("usage row");
     assert_eq!(
         (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
         ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")
@@ -72,7 +71,10 @@ async fn bad_credentials_get_a_uniform_401_and_no_row() {
 
     let attempts: Vec<(&str, Vec<(&str, HeaderValue)>)> = vec![
         ("missing", vec![]),
-        ("unknown", vec![("authorization", HeaderValue::from_str(&format!("Bearer {}", made_up.expose())).expect("v"))]),
+        (
+            "unknown",
+            vec![("authorization", HeaderValue::from_str(&format!("Bearer {}", made_up.expose())).expect("v"))],
+        ),
         ("typo", vec![("x-api-key", HeaderValue::from_str(&typo).expect("v"))]),
         ("empty bearer", vec![("authorization", HeaderValue::from_static("Bearer "))]),
         ("10 kB key", vec![("x-api-key", HeaderValue::from_str(&"k".repeat(10_000)).expect("v"))]),

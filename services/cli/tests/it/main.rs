@@ -5,3 +5,5 @@ mod cli;
 mod end_to_end;
 mod harness;
 mod pipeline;
+mod private_servers;
+mod servers;

@@ -1,0 +1,33 @@
+//! The private servers start, stop and start again, so fault tests can rely on them.
+
+use crate::servers::{PrivateNats, PrivatePostgres, PrivateRedis};
+
+#[tokio::test]
+async fn private_servers_stop_and_restart() {
+    let mut nats = PrivateNats::start();
+    async_nats::connect(nats.url()).await.expect("private nats answers");
+    nats.stop();
+    assert!(async_nats::connect(nats.url()).await.is_err());
+    nats.restart();
+    async_nats::connect(nats.url()).await.expect("private nats answers again");
+
+    let mut redis = PrivateRedis::start();
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut connection = client.get_multiplexed_async_connection().await.expect("private redis answers");
+    let pong: String = redis::cmd("PING").query_async(&mut connection).await.expect("ping");
+    assert_eq!(pong, "PONG");
+    redis.stop();
+    redis.restart();
+
+    let postgres = PrivatePostgres::start();
+    let url = postgres.url("postgres");
+    let one: i32 = sqlx::query_scalar("SELECT 1")
+        .fetch_one(&sqlx::PgPool::connect(&url).await.expect("private postgres answers"))
+        .await
+        .expect("query");
+    assert_eq!(one, 1);
+    postgres.stop();
+    assert!(sqlx::PgPool::connect(&url).await.is_err());
+    postgres.restart();
+    sqlx::PgPool::connect(&url).await.expect("private postgres answers again");
+}

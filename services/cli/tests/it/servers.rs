@@ -1,0 +1,210 @@
+//! Private servers for fault tests: a nats-server, redis-server or PostgreSQL of our own on a free port, which a
+//! test may stop and start at will without touching the shared ones. Each is killed and removed on drop.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port()
+}
+
+fn wait_for_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not start on port {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// A nats-server with JetStream, keeping its store across stop/start.
+pub struct PrivateNats {
+    pub port: u16,
+    store: TempDir,
+    child: Option<Child>,
+}
+
+impl PrivateNats {
+    pub fn start() -> PrivateNats {
+        let mut nats = PrivateNats { port: free_port(), store: TempDir::new().expect("temp dir"), child: None };
+        nats.restart();
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    /// Starts it again on the same port with the same store.
+    pub fn restart(&mut self) {
+        let child = Command::new("/usr/sbin/nats-server")
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .arg(self.store.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start nats-server");
+        self.child = Some(child);
+        wait_for_port(self.port, "nats-server");
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A redis-server that keeps nothing on disk.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let mut redis = PrivateRedis { port: free_port(), child: None };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        kill(&mut self.child);
+    }
+
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        wait_for_port(self.port, "redis-server");
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A PostgreSQL cluster of our own (run as the `postgres` user, since PostgreSQL refuses to run as root).
+pub struct PrivatePostgres {
+    pub port: u16,
+    data: PathBuf,
+    _dir: TempDir,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let dir = TempDir::new().expect("temp dir");
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).expect("data dir");
+        as_postgres(&["chown", "-R", "postgres", &dir.path().display().to_string()], true);
+        run_as_postgres(&[
+            &bin("initdb"),
+            "-D",
+            &data.display().to_string(),
+            "-A",
+            "trust",
+            "-U",
+            "postgres",
+            "--no-sync",
+        ]);
+        let postgres = PrivatePostgres { port: free_port(), data, _dir: dir };
+        postgres.restart();
+        postgres
+    }
+
+    /// The URL of database `name` on this server.
+    pub fn url(&self, name: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
+    }
+
+    /// Stops the server at once (like a crash, without a checkpoint).
+    pub fn stop(&self) {
+        run_as_postgres(&[&bin("pg_ctl"), "-D", &self.data.display().to_string(), "-m", "immediate", "-w", "stop"]);
+    }
+
+    pub fn restart(&self) {
+        let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.data.display());
+        let log = self.data.join("server.log");
+        run_as_postgres(&[
+            &bin("pg_ctl"),
+            "-D",
+            &self.data.display().to_string(),
+            "-o",
+            &options,
+            "-l",
+            &log.display().to_string(),
+            "-w",
+            "start",
+        ]);
+        wait_for_port(self.port, "postgres");
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let _ = Command::new("runuser")
+            .args([
+                "-u",
+                "postgres",
+                "--",
+                &bin("pg_ctl"),
+                "-D",
+                &self.data.display().to_string(),
+                "-m",
+                "immediate",
+                "stop",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn bin(name: &str) -> String {
+    let versions = std::fs::read_dir("/usr/lib/postgresql").expect("PostgreSQL binaries in /usr/lib/postgresql");
+    let mut dirs: Vec<PathBuf> = versions.filter_map(|e| e.ok().map(|e| e.path())).collect();
+    dirs.sort();
+    let dir = dirs.last().expect("a PostgreSQL version");
+    Path::new(dir).join("bin").join(name).display().to_string()
+}
+
+fn run_as_postgres(args: &[&str]) {
+    as_postgres(args, false);
+}
+
+fn as_postgres(args: &[&str], as_root: bool) {
+    let mut command = if as_root {
+        Command::new(args[0])
+    } else {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--", args[0]]);
+        c
+    };
+    let output = command.args(&args[1..]).output().expect("run a PostgreSQL command");
+    assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
