@@ -52,6 +52,21 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Benchmarks that report figures for BENCHMARKS.md.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCommand {
+    /// Full verification over HTTP against a trivial handler on the same machine.
+    Verify(crate::bench_verify::VerifyBenchArgs),
+    /// The trivial handler `bench verify` compares against (started by it).
+    #[command(hide = true)]
+    TrivialServer {
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+    },
 }
 
 #[derive(Args, Debug)]

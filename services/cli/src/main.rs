@@ -1,5 +1,6 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
+mod bench_verify;
 mod cli;
 mod manage;
 mod output;
@@ -10,7 +11,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
-use cli::{Cli, Command};
+use cli::{BenchCommand, Cli, Command};
 use serve::Roles;
 use tollgate_shared::connect;
 
@@ -52,5 +53,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Org(command) => manage::org(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
         Command::Key(command) => manage::key(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+        Command::Bench(BenchCommand::Verify(args)) => bench_verify::run(&servers, args, json).await,
+        Command::Bench(BenchCommand::TrivialServer { listen }) => bench_verify::trivial_server(listen).await,
     }
 }

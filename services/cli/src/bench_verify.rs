@@ -1,0 +1,371 @@
+//! `tollgate bench verify`: how much of a bare HTTP handler's throughput and latency full verification keeps.
+//!
+//! The bench makes its own database, stream and prefixes on the configured servers, stores `--keys` keys, and
+//! starts two child processes from this same binary: a validator, and a trivial axum handler that answers 200 to
+//! everything. It then drives both with the same client: first closed-loop (`--concurrency` connections, as fast as
+//! they go) for throughput, then open-loop at the same fixed rate for latency (measured from each request's
+//! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
+//! every key cached. Each verify is a full one: cached key, two applicable limits (the key's and the
+//! organization's per-minute limit, set high enough never to deny), event published to JetStream.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use uuid::Uuid;
+
+use tollgate_shared::config::{NamespaceArgs, ServerArgs};
+use tollgate_shared::connect;
+use tollgate_shared::key::{ApiKey, KeyEnv};
+use tollgate_shared::topology::Topology;
+
+#[derive(clap::Args, Debug)]
+pub struct VerifyBenchArgs {
+    /// Keys to create and spread the load over (all are cached before measuring).
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: usize,
+    /// Concurrent connections of the closed-loop phase.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Length of each measured phase.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
+    /// rate this machine's client can hold on schedule].
+    #[arg(long)]
+    pub rate: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Phase {
+    requests: u64,
+    errors: u64,
+    per_second: f64,
+    p50_us: u64,
+    p99_us: u64,
+    p999_us: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    keys: usize,
+    concurrency: usize,
+    trivial_throughput: Phase,
+    verify_throughput: Phase,
+    latency_rate: u64,
+    trivial_latency: Phase,
+    verify_latency: Phase,
+    throughput_ratio: f64,
+    p99_ratio: f64,
+    validator_rss_mb: f64,
+}
+
+pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> anyhow::Result<()> {
+    let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
+    let database_url = servers.database_url.with_path(&format!("/tollgate_bench_{id}"));
+    let namespace = NamespaceArgs {
+        stream: format!("BENCH_{id}"),
+        subject_prefix: format!("bench{id}"),
+        redis_prefix: format!("bench:{id}:"),
+    };
+    let pool = connect::postgres_migrated(&database_url, 4).await?;
+    eprintln!("creating {} keys…", args.keys);
+    let keys = create_keys(&pool, args.keys).await?;
+
+    let validator_port = free_port()?;
+    let trivial_port = free_port()?;
+    let mut children = Children(Vec::new());
+    children.0.push(spawn_validator(servers, &database_url, &namespace, validator_port)?);
+    children.0.push(spawn_trivial(trivial_port)?);
+    let validator_pid = children.0[0].id();
+    let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
+    let validator = format!("http://127.0.0.1:{validator_port}/v1/auth");
+    let trivial = format!("http://127.0.0.1:{trivial_port}/v1/auth");
+    wait_ready(&client, &format!("http://127.0.0.1:{validator_port}/healthz")).await?;
+    wait_ready(&client, &format!("http://127.0.0.1:{trivial_port}/healthz")).await?;
+
+    eprintln!("warming the cache with every key…");
+    warm(&client, &validator, &keys).await?;
+    let keys = Arc::new(keys);
+
+    eprintln!("closed loop, {} connections, {:?} each…", args.concurrency, args.duration);
+    let trivial_throughput = closed_loop(&client, &trivial, &keys, args.concurrency, args.duration).await;
+    let verify_throughput = closed_loop(&client, &validator, &keys, args.concurrency, args.duration).await;
+    let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
+    eprintln!("open loop at {rate}/s…");
+    let trivial_latency = open_loop(&client, &trivial, &keys, rate, args.duration).await;
+    let verify_latency = open_loop(&client, &validator, &keys, rate, args.duration).await;
+    let validator_rss_mb = rss_mb(validator_pid)?;
+
+    drop(children);
+    cleanup(servers, &database_url, &namespace).await;
+
+    let report = Report {
+        keys: keys.len(),
+        concurrency: args.concurrency,
+        throughput_ratio: verify_throughput.per_second / trivial_throughput.per_second,
+        p99_ratio: verify_latency.p99_us as f64 / trivial_latency.p99_us.max(1) as f64,
+        trivial_throughput,
+        verify_throughput,
+        latency_rate: rate,
+        trivial_latency,
+        verify_latency,
+        validator_rss_mb,
+    };
+    crate::output::print(json, &report, render)
+}
+
+fn render(r: &Report) -> String {
+    let row = |name: &str, p: &Phase| {
+        vec![
+            name.to_owned(),
+            format!("{:.0}", p.per_second),
+            p.p50_us.to_string(),
+            p.p99_us.to_string(),
+            p.p999_us.to_string(),
+            p.errors.to_string(),
+        ]
+    };
+    let table = crate::output::table(
+        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS"],
+        vec![
+            row("trivial, closed loop", &r.trivial_throughput),
+            row("verify, closed loop", &r.verify_throughput),
+            row(&format!("trivial at {}/s", r.latency_rate), &r.trivial_latency),
+            row(&format!("verify at {}/s", r.latency_rate), &r.verify_latency),
+        ],
+    );
+    format!(
+        "{table}\n\nkeys {} · concurrency {} · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
+         validator RSS {:.1} MB",
+        r.keys,
+        r.concurrency,
+        r.throughput_ratio * 100.0,
+        r.p99_ratio,
+        r.validator_rss_mb
+    )
+}
+
+/// Inserts keys in bulk (the admin path makes one transaction per key, far too slow for 100 000).
+async fn create_keys(pool: &sqlx::PgPool, count: usize) -> anyhow::Result<Vec<String>> {
+    let org_id = Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO organizations (id, name, slug, rate_limit_per_minute, max_api_keys) \
+         VALUES ($1, 'Bench', 'bench', 1000000000, 1000000000)",
+    )
+    .bind(org_id)
+    .execute(pool)
+    .await?;
+    let keys: Vec<ApiKey> = (0..count).map(|_| ApiKey::generate(KeyEnv::Test)).collect();
+    for chunk in keys.chunks(10_000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
+        let prefixes: Vec<&str> = chunk.iter().map(|k| k.prefix()).collect();
+        let hints: Vec<&str> = chunk.iter().map(|k| k.hint()).collect();
+        let hashes: Vec<Vec<u8>> = chunk.iter().map(|k| k.hash().as_bytes().to_vec()).collect();
+        sqlx::query(
+            "INSERT INTO api_keys (id, org_id, name, prefix, key_hint, key_hash, rate_limit_tier, \
+                                   custom_rate_limit_per_minute) \
+             SELECT id, $2, 'bench', prefix, hint, hash, 'unlimited', 1000000000 \
+             FROM UNNEST($1::uuid[], $3::text[], $4::text[], $5::bytea[]) AS k(id, prefix, hint, hash)",
+        )
+        .bind(&ids)
+        .bind(org_id)
+        .bind(&prefixes)
+        .bind(&hints)
+        .bind(&hashes)
+        .execute(pool)
+        .await?;
+    }
+    Ok(keys.iter().map(|k| format!("Bearer {}", k.expose())).collect())
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Kills the child processes when the bench ends, however it ends.
+struct Children(Vec<Child>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for child in &mut self.0 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn spawn_validator(
+    servers: &ServerArgs,
+    database_url: &tollgate_shared::config::ServerUrl,
+    namespace: &NamespaceArgs,
+    port: u16,
+) -> anyhow::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .arg("validator")
+        .env("DATABASE_URL", database_url.expose())
+        .env("NATS_URL", servers.nats_url.expose())
+        .env("REDIS_URL", servers.redis_url.expose())
+        .env("TOLLGATE_STREAM", &namespace.stream)
+        .env("TOLLGATE_SUBJECT_PREFIX", &namespace.subject_prefix)
+        .env("TOLLGATE_REDIS_PREFIX", &namespace.redis_prefix)
+        .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{}", free_port()?))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the validator")
+}
+
+fn spawn_trivial(port: u16) -> anyhow::Result<Child> {
+    Command::new(std::env::current_exe()?)
+        .args(["bench", "trivial-server", "--listen", &format!("127.0.0.1:{port}")])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start the trivial server")
+}
+
+/// The baseline: the same HTTP stack answering 200 without doing anything.
+pub async fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+    let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
+    axum::serve(tokio::net::TcpListener::bind(listen).await?, app).await?;
+    Ok(())
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+    for _ in 0..200 {
+        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    anyhow::bail!("{url} did not become ready")
+}
+
+async fn warm(client: &reqwest::Client, url: &str, keys: &[String]) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let statuses: Vec<_> = futures::stream::iter(keys)
+        .map(|key| client.get(url).header("authorization", key).send())
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    let ok = statuses.iter().filter(|r| r.as_ref().is_ok_and(|r| r.status().is_success())).count();
+    anyhow::ensure!(ok == keys.len(), "only {ok} of {} keys verified while warming up", keys.len());
+    Ok(())
+}
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
+}
+
+fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Phase {
+    Phase {
+        requests: histogram.len(),
+        errors,
+        per_second: histogram.len() as f64 / elapsed.as_secs_f64(),
+        p50_us: histogram.value_at_quantile(0.5),
+        p99_us: histogram.value_at_quantile(0.99),
+        p999_us: histogram.value_at_quantile(0.999),
+    }
+}
+
+/// `concurrency` loops each sending one request after another for `duration`.
+async fn closed_loop(
+    client: &reqwest::Client,
+    url: &str,
+    keys: &Arc<Vec<String>>,
+    concurrency: usize,
+    duration: Duration,
+) -> Phase {
+    let started = Instant::now();
+    let loops = (0..concurrency).map(|n| {
+        let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
+        tokio::spawn(async move {
+            let mut histogram = histogram();
+            let mut errors = 0;
+            let mut i = n;
+            while started.elapsed() < duration {
+                let sent = Instant::now();
+                let ok = client.get(&url).header("authorization", &keys[i % keys.len()]).send().await;
+                if ok.is_ok_and(|r| r.status().is_success()) {
+                    let _ = histogram.record(sent.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+                i += concurrency;
+            }
+            (histogram, errors)
+        })
+    });
+    let mut total = histogram();
+    let mut errors = 0;
+    for result in futures::future::join_all(loops).await.into_iter().flatten() {
+        let _ = total.add(&result.0);
+        errors += result.1;
+    }
+    phase(&total, errors, started.elapsed())
+}
+
+/// Sends `rate` requests per second on a fixed schedule, whatever the answers' speed; latency counts from each
+/// request's scheduled time.
+async fn open_loop(
+    client: &reqwest::Client,
+    url: &str,
+    keys: &Arc<Vec<String>>,
+    rate: u64,
+    duration: Duration,
+) -> Phase {
+    let results = Arc::new(Mutex::new((histogram(), 0u64)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let interval = Duration::from_secs(1).div_f64(rate as f64);
+    let total = (duration.as_secs_f64() * rate as f64) as u64;
+    let mut tasks = tokio::task::JoinSet::new();
+    for n in 0..total {
+        let scheduled = started + interval.mul_f64(n as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (client, url, key) = (client.clone(), url.to_owned(), keys[n as usize % keys.len()].clone());
+        let (results, stop) = (results.clone(), stop.clone());
+        tasks.spawn(async move {
+            let ok = client.get(&url).header("authorization", key).send().await;
+            if stop.load(Ordering::Relaxed) {
+                return;
+            }
+            let mut results = results.lock().expect("no panics while holding the lock");
+            if ok.is_ok_and(|r| r.status().is_success()) {
+                let _ = results.0.record(scheduled.elapsed().as_micros() as u64);
+            } else {
+                results.1 += 1;
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    stop.store(true, Ordering::Relaxed);
+    let results = results.lock().expect("no panics while holding the lock");
+    phase(&results.0, results.1, started.elapsed())
+}
+
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok(kb / 1024.0)
+}
+
+async fn cleanup(servers: &ServerArgs, database_url: &tollgate_shared::config::ServerUrl, namespace: &NamespaceArgs) {
+    if let Ok(nats) = connect::nats(&servers.nats_url).await {
+        Topology::new(namespace).delete(&async_nats::jetstream::new(nats)).await;
+    }
+    let database = database_url.url().path().trim_start_matches('/').to_owned();
+    if let Ok(admin) = connect::postgres(&servers.database_url.with_path("/postgres"), 1).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&admin).await;
+    }
+}
