@@ -52,5 +52,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Org(command) => manage::org(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
         Command::Key(command) => manage::key(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+        Command::Tier(command) => {
+            manage::tier(&connect::postgres(&servers.database_url, 2).await?, json, command).await
+        }
     }
 }
