@@ -27,6 +27,8 @@ for i = 1, n do
   local buckets = {}
   local stale = {}
   local used = 0
+  local oldest = nil
+  local newest = current
   for j = 1, #flat, 2 do
     local b = tonumber(flat[j])
     if b < first then
@@ -35,17 +37,20 @@ for i = 1, n do
       local c = tonumber(flat[j + 1])
       buckets[#buckets + 1] = { b, c }
       used = used + c
+      if oldest == nil or b < oldest then oldest = b end
+      if b > newest then newest = b end
     end
   end
   if #stale > 0 then
     redis.call('HDEL', KEYS[i], unpack(stale))
   end
-  table.sort(buckets, function(a, b) return a[1] < b[1] end)
   local fits = used + cost <= limit
   local at = -1
   if fits then
-    if #buckets > 0 then at = (buckets[1][1] + 1) * width + length end
+    if oldest ~= nil then at = (oldest + 1) * width + length end
   elseif cost <= limit then
+    -- Only a denial needs the buckets in order: when have enough of the oldest left?
+    table.sort(buckets, function(a, b) return a[1] < b[1] end)
     local left = used
     for j = 1, #buckets do
       left = left - buckets[j][2]
@@ -57,9 +62,7 @@ for i = 1, n do
   end
   if not fits and not shadow then denied = true end
   -- Redis time may step back a little: then count in the newest bucket, which only delays the units' exit.
-  local target = current
-  if #buckets > 0 and buckets[#buckets][1] > target then target = buckets[#buckets][1] end
-  plans[i] = { fits = fits, target = target, width = width, length = length }
+  plans[i] = { fits = fits, target = newest, width = width, length = length }
   out[#out + 1] = used
   out[#out + 1] = fits and 1 or 0
   out[#out + 1] = at

@@ -7,12 +7,13 @@
 //! `[t - W, t]` and a little more. A request is admitted only if that sum plus its cost is at most the limit, so
 //! every rolling window ending at an admission, and therefore every rolling window, holds at most `limit`
 //! admitted units: the bound is exact. The price is that the counted span is `W + w`, so under steady
-//! over-limit load about `BUCKETS / (BUCKETS + 1)` ≈ 98.5% of the limit is admitted per window.
+//! over-limit load about `BUCKETS / (BUCKETS + 1)` ≈ 99% of the limit is admitted per window.
 
 use std::collections::VecDeque;
 
-/// Buckets per window. 64 divides 1 000 000, so a window of whole seconds has buckets of whole microseconds.
-pub const BUCKETS: i64 = 64;
+/// Buckets per window. 100 divides 1 000 000, so a window of whole seconds has buckets of whole microseconds; and
+/// at most 102 (bucket, count) pairs keep a Redis hash in its compact listpack encoding (up to 128 entries).
+pub const BUCKETS: i64 = 100;
 
 /// The geometry of one window, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,9 +160,9 @@ mod tests {
 
     #[test]
     fn costs_count_and_retry_is_when_enough_leaves() {
-        let window = Window::seconds(64);
+        let window = Window::seconds(100);
         let mut counter = Counter::default();
-        let t0 = 64_000_000 * 10;
+        let t0 = 100_000_000 * 10;
         assert!(counter.check(window, t0, 10, 4).fits);
         counter.add(window, t0, 4);
         let later = t0 + 5_000_000;
@@ -170,9 +171,9 @@ mod tests {
         let denied = counter.check(window, later, 10, 5);
         assert_eq!((denied.used, denied.fits), (10, false));
         // Both buckets must leave for 5 more to fit: the second one's exit.
-        assert_eq!(denied.at_us, Some((later / 1_000_000 + 1) * 1_000_000 + 64_000_000));
+        assert_eq!(denied.at_us, Some((later / 1_000_000 + 1) * 1_000_000 + 100_000_000));
         let small = counter.check(window, later, 10, 4);
-        assert_eq!(small.at_us, Some((t0 / 1_000_000 + 1) * 1_000_000 + 64_000_000));
+        assert_eq!(small.at_us, Some((t0 / 1_000_000 + 1) * 1_000_000 + 100_000_000));
         assert_eq!(counter.check(window, later, 10, 11).at_us, None);
         let after = denied.at_us.expect("retry time");
         assert!(!counter.check(window, after - 1, 10, 5).fits);
