@@ -3,6 +3,9 @@
 //! A message is one version byte followed by a bincode 2 (standard config) encoding of a batch of events. Several
 //! events per message keep NATS overhead per event small. Decoding validates what it reads, so a garbage or
 //! impossible message is rejected here (and dead-lettered by the worker) instead of reaching the database.
+//!
+//! Versions: 1 is the original event; 2 adds `shadow_outcome`. Version 1 messages still decode (with no shadow
+//! outcome), so workers can be upgraded before or after validators.
 
 use bincode::{Decode, Encode};
 use chrono::{DateTime, Utc};
@@ -12,7 +15,7 @@ use crate::domain::Outcome;
 use crate::event::UsageEvent;
 
 /// The version written by this build. Readers accept every version listed in [`decode_batch`].
-pub const CURRENT_VERSION: u8 = 1;
+pub const CURRENT_VERSION: u8 = 2;
 /// Upper bound on one message, so a corrupt length prefix cannot make the decoder allocate without bound.
 const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Field bounds; the validator truncates to these before it publishes.
@@ -63,13 +66,20 @@ struct WireEventV1 {
     latency_us: u32,
 }
 
+/// Version 2: version 1 plus the shadow outcome's tag.
+#[derive(Encode, Decode)]
+struct WireEventV2 {
+    v1: WireEventV1,
+    shadow_outcome: Option<u8>,
+}
+
 fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
 /// Encodes a batch in the current version.
 pub fn encode_batch(events: Vec<UsageEvent>) -> Vec<u8> {
-    let wire: Vec<WireEventV1> = events.into_iter().map(to_wire).collect();
+    let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
     let mut out = vec![CURRENT_VERSION];
     bincode::encode_into_std_write(&wire, &mut out, config())
         .expect("encoding into a Vec cannot fail and the events are within the size limit");
@@ -80,13 +90,14 @@ pub fn encode_batch(events: Vec<UsageEvent>) -> Vec<u8> {
 pub fn decode_batch(message: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
     let (&version, body) = message.split_first().ok_or(CodecError::Empty)?;
     match version {
-        1 => decode_v1(body),
+        1 => decode_body::<WireEventV1>(body)?.into_iter().map(|w| from_wire(w, None)).collect(),
+        2 => decode_body::<WireEventV2>(body)?.into_iter().map(|w| from_wire(w.v1, w.shadow_outcome)).collect(),
         other => Err(CodecError::UnknownVersion(other)),
     }
 }
 
-fn decode_v1(body: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
-    let (wire, read): (Vec<WireEventV1>, usize) =
+fn decode_body<W: Decode<()>>(body: &[u8]) -> Result<Vec<W>, CodecError> {
+    let (wire, read): (Vec<W>, usize) =
         bincode::decode_from_slice(body, config()).map_err(|e| CodecError::Malformed(e.to_string()))?;
     if read != body.len() {
         return Err(CodecError::TrailingBytes(body.len() - read));
@@ -94,11 +105,12 @@ fn decode_v1(body: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
     if wire.is_empty() {
         return Err(CodecError::Impossible("a batch with no events"));
     }
-    wire.into_iter().map(from_wire).collect()
+    Ok(wire)
 }
 
-fn to_wire(e: UsageEvent) -> WireEventV1 {
-    WireEventV1 {
+fn to_wire(e: UsageEvent) -> WireEventV2 {
+    let shadow_outcome = e.shadow_outcome.map(outcome_tag);
+    let v1 = WireEventV1 {
         event_id: e.event_id.as_u128(),
         ts_micros: e.ts.timestamp_micros(),
         org_id: e.org_id.as_u128(),
@@ -111,10 +123,11 @@ fn to_wire(e: UsageEvent) -> WireEventV1 {
         request_id: e.request_id,
         units: e.units,
         latency_us: e.latency_us,
-    }
+    };
+    WireEventV2 { v1, shadow_outcome }
 }
 
-fn from_wire(w: WireEventV1) -> Result<UsageEvent, CodecError> {
+fn from_wire(w: WireEventV1, shadow_outcome: Option<u8>) -> Result<UsageEvent, CodecError> {
     let event_id = Uuid::from_u128(w.event_id);
     if event_id.get_version_num() != 7 {
         return Err(CodecError::Impossible("event_id is not a UUIDv7"));
@@ -122,7 +135,8 @@ fn from_wire(w: WireEventV1) -> Result<UsageEvent, CodecError> {
     let ts = DateTime::<Utc>::from_timestamp_micros(w.ts_micros)
         .filter(|ts| (2020..2200).contains(&chrono::Datelike::year(ts)))
         .ok_or(CodecError::Impossible("timestamp out of range"))?;
-    let outcome = *Outcome::ALL.get(usize::from(w.outcome)).ok_or(CodecError::Impossible("unknown outcome"))?;
+    let outcome = outcome_from_tag(w.outcome)?;
+    let shadow_outcome = shadow_outcome.map(outcome_from_tag).transpose()?;
     if w.units == 0 {
         return Err(CodecError::Impossible("zero units"));
     }
@@ -147,7 +161,12 @@ fn from_wire(w: WireEventV1) -> Result<UsageEvent, CodecError> {
         request_id: w.request_id,
         units: w.units,
         latency_us: w.latency_us,
+        shadow_outcome,
     })
+}
+
+fn outcome_from_tag(tag: u8) -> Result<Outcome, CodecError> {
+    Outcome::ALL.get(usize::from(tag)).copied().ok_or(CodecError::Impossible("unknown outcome"))
 }
 
 /// The outcome's wire tag is its position in [`Outcome::ALL`], which is append-only.
@@ -174,6 +193,7 @@ mod tests {
             request_id: None,
             units: 3,
             latency_us: 42,
+            shadow_outcome: None,
         }
     }
 
@@ -183,6 +203,17 @@ mod tests {
         let bytes = encode_batch(events.clone());
         assert_eq!(bytes[0], CURRENT_VERSION);
         assert_eq!(decode_batch(&bytes), Ok(events));
+    }
+
+    #[test]
+    fn shadow_outcomes_round_trip_and_version_1_still_decodes() {
+        let shadowed = UsageEvent { shadow_outcome: Some(Outcome::RateLimited), ..sample(Outcome::Allowed) };
+        assert_eq!(decode_batch(&encode_batch(vec![shadowed.clone()])), Ok(vec![shadowed.clone()]));
+        let v1 = vec![to_wire(shadowed.clone()).v1];
+        let mut bytes = vec![1];
+        bincode::encode_into_std_write(&v1, &mut bytes, config()).expect("encode v1");
+        let decoded = decode_batch(&bytes).expect("v1 decodes");
+        assert_eq!(decoded, vec![UsageEvent { shadow_outcome: None, ..shadowed }]);
     }
 
     #[test]
@@ -198,6 +229,7 @@ mod tests {
         assert_eq!(decode_batch(b""), Err(CodecError::Empty));
         assert_eq!(decode_batch(b"\x09abc"), Err(CodecError::UnknownVersion(9)));
         assert!(decode_batch(b"\x01\xff\xff\xff\xff\xff\xff\xff\xff\xff").is_err());
+        assert!(decode_batch(b"\x02\xff\xff\xff\xff\xff\xff\xff\xff\xff").is_err());
         assert!(decode_batch(b"{\"json\":true}").is_err());
         let mut bytes = encode_batch(vec![sample(Outcome::Allowed)]);
         bytes.push(0);

@@ -158,6 +158,136 @@ pub struct ValidatorArgs {
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
           default_value = "1s", value_parser = humantime::parse_duration)]
     pub key_refresh: Duration,
+    #[command(flatten)]
+    pub limits: LimiterArgs,
+}
+
+/// How the rate limiter behaves, above all when Redis is slow or away.
+#[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Rate limiting")]
+pub struct LimiterArgs {
+    /// Longest wait for the one Redis round trip of a decision before the failure policy decides instead.
+    #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", value_name = "TOLLGATE_REDIS_TIMEOUT",
+          default_value = "50ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+    /// Consecutive Redis failures that open the circuit breaker (no Redis calls until the cooldown has passed).
+    #[arg(long, env = "TOLLGATE_BREAKER_FAILURES", value_name = "TOLLGATE_BREAKER_FAILURES", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one request probes Redis again.
+    #[arg(long, env = "TOLLGATE_BREAKER_COOLDOWN", value_name = "TOLLGATE_BREAKER_COOLDOWN",
+          default_value = "1s", value_parser = humantime::parse_duration)]
+    pub breaker_cooldown: Duration,
+    /// What a limit does without Redis: `open` (allow), `closed` (deny with 503) or `local` (enforce limit ÷
+    /// TOLLGATE_REPLICAS in this process). One policy for all limits, or per limit kind, e.g.
+    /// `local,quota=open,org=closed` (kinds: key, tier, org, quota, ip).
+    #[arg(
+        long,
+        env = "TOLLGATE_LIMIT_FAILURE_POLICY",
+        value_name = "TOLLGATE_LIMIT_FAILURE_POLICY",
+        default_value = "local"
+    )]
+    pub failure_policy: FailurePolicies,
+    /// Validator replicas sharing the limits; the `local` policy enforces each limit ÷ this in each process.
+    #[arg(long, env = "TOLLGATE_REPLICAS", value_name = "TOLLGATE_REPLICAS", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub replicas: u32,
+    /// Bad-key answers (401) per client IP per minute before that IP gets 429 instead; 0 turns this off.
+    #[arg(
+        long,
+        env = "TOLLGATE_IP_FAILURES_PER_MINUTE",
+        value_name = "TOLLGATE_IP_FAILURES_PER_MINUTE",
+        default_value_t = 100
+    )]
+    pub ip_failures_per_minute: u32,
+}
+
+impl LimiterArgs {
+    /// The defaults, as the flags' defaults state them.
+    pub fn defaults() -> LimiterArgs {
+        LimiterArgs {
+            redis_timeout: Duration::from_millis(50),
+            breaker_failures: 5,
+            breaker_cooldown: Duration::from_secs(1),
+            failure_policy: FailurePolicies::all(FailurePolicy::Local),
+            replicas: 1,
+            ip_failures_per_minute: 100,
+        }
+    }
+}
+
+/// What one limit does when Redis cannot decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailurePolicy {
+    /// Allow the request.
+    Open,
+    /// Deny it with 503.
+    Closed,
+    /// Enforce the limit ÷ replicas from an in-process limiter.
+    Local,
+}
+
+impl FailurePolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailurePolicy::Open => "open",
+            FailurePolicy::Closed => "closed",
+            FailurePolicy::Local => "local",
+        }
+    }
+}
+
+impl FromStr for FailurePolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "open" => Ok(FailurePolicy::Open),
+            "closed" => Ok(FailurePolicy::Closed),
+            "local" => Ok(FailurePolicy::Local),
+            other => Err(format!("unknown policy {other:?}: use open, closed or local")),
+        }
+    }
+}
+
+/// The failure policy of each kind of limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailurePolicies {
+    pub key: FailurePolicy,
+    pub tier: FailurePolicy,
+    pub org: FailurePolicy,
+    pub quota: FailurePolicy,
+    pub ip: FailurePolicy,
+}
+
+impl FailurePolicies {
+    pub fn all(policy: FailurePolicy) -> FailurePolicies {
+        FailurePolicies { key: policy, tier: policy, org: policy, quota: policy, ip: policy }
+    }
+}
+
+impl FromStr for FailurePolicies {
+    type Err = String;
+    /// `local`, or `local,quota=open`, or `key=local,tier=local,org=closed,quota=open,ip=local`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut policies = FailurePolicies::all(FailurePolicy::Local);
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.split_once('=') {
+                None => policies = FailurePolicies::all(part.parse()?),
+                Some((kind, policy)) => {
+                    let policy: FailurePolicy = policy.trim().parse()?;
+                    match kind.trim() {
+                        "key" => policies.key = policy,
+                        "tier" => policies.tier = policy,
+                        "org" => policies.org = policy,
+                        "quota" => policies.quota = policy,
+                        "ip" => policies.ip = policy,
+                        other => return Err(format!("unknown limit kind {other:?}: use key, tier, org, quota or ip")),
+                    }
+                }
+            }
+        }
+        Ok(policies)
+    }
 }
 
 /// The workers' batching.
@@ -194,6 +324,18 @@ mod tests {
         assert_eq!(url.to_string(), "postgres://alice:***@db:5432/tollgate");
         assert!(!format!("{url:?}").contains("s3cret"));
         assert!(url.expose().contains("s3cret"));
+    }
+
+    #[test]
+    fn failure_policies_parse_per_kind() {
+        let all: FailurePolicies = "closed".parse().expect("policy");
+        assert_eq!(all, FailurePolicies::all(FailurePolicy::Closed));
+        let mixed: FailurePolicies = "open, quota=closed,ip=local".parse().expect("policy");
+        assert_eq!(mixed.key, FailurePolicy::Open);
+        assert_eq!(mixed.quota, FailurePolicy::Closed);
+        assert_eq!(mixed.ip, FailurePolicy::Local);
+        assert!("sometimes".parse::<FailurePolicies>().is_err());
+        assert!("month=open".parse::<FailurePolicies>().is_err());
     }
 
     #[test]

@@ -25,4 +25,7 @@ pub struct UsageEvent {
     pub units: u32,
     /// Time the validator spent deciding, in microseconds.
     pub latency_us: u32,
+    /// What a shadow-mode limit would have decided for an allowed request it would have denied (e.g.
+    /// `RateLimited`); `None` when no shadow limit objected.
+    pub shadow_outcome: Option<Outcome>,
 }

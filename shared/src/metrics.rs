@@ -21,6 +21,13 @@ pub const WORKER_BATCH_SIZE: &str = "tollgate_worker_batch_size";
 pub const WORKER_BATCH_DURATION: &str = "tollgate_worker_batch_duration_seconds";
 pub const WORKER_BATCH_ERRORS: &str = "tollgate_worker_batch_errors_total";
 pub const DEAD_LETTERS: &str = "tollgate_dead_letters_total";
+pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";
+pub const RATELIMIT_SHADOW_DENIALS: &str = "tollgate_ratelimit_shadow_denials_total";
+pub const RATELIMIT_DEGRADED: &str = "tollgate_ratelimit_degraded_total";
+pub const RATELIMIT_REDIS_DURATION: &str = "tollgate_ratelimit_redis_duration_seconds";
+pub const RATELIMIT_REDIS_ERRORS: &str = "tollgate_ratelimit_redis_errors_total";
+pub const RATELIMIT_BREAKER_OPEN: &str = "tollgate_ratelimit_breaker_open";
+pub const IP_FAILURES_LIMITED: &str = "tollgate_ip_failures_limited_total";
 
 /// Latency buckets from 10 µs: the validator answers in well under a millisecond.
 const FAST_BUCKETS: &[f64] =
@@ -40,6 +47,7 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_DURATION.into()), BATCH_DURATION_BUCKETS)
                 })
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RATELIMIT_REDIS_DURATION.into()), FAST_BUCKETS))
                 .expect("bucket lists are non-empty constants")
                 .install_recorder()
                 .expect("no other metrics recorder is installed in this process");
@@ -64,6 +72,20 @@ fn describe() {
     describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
     describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");
     describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter stream, by reason.");
+    describe_counter!(
+        RATELIMIT_DECISIONS,
+        "Rate-limit decisions by the limit that decided (key, tier, org, quota, ip; none when no limit applies) \
+         and result (allowed, denied)."
+    );
+    describe_counter!(RATELIMIT_SHADOW_DENIALS, "Requests a shadow-mode limit would have denied, by limit kind.");
+    describe_counter!(
+        RATELIMIT_DEGRADED,
+        "Rate-limit decisions taken without Redis (timeout, error or open breaker), by policy: open, closed, local."
+    );
+    describe_histogram!(RATELIMIT_REDIS_DURATION, Unit::Seconds, "Time of the one Redis round trip of a decision.");
+    describe_counter!(RATELIMIT_REDIS_ERRORS, "Rate-limit Redis calls that failed or timed out, by kind.");
+    describe_gauge!(RATELIMIT_BREAKER_OPEN, "1 while the rate limiter's Redis circuit breaker is open, else 0.");
+    describe_counter!(IP_FAILURES_LIMITED, "Requests answered 429 because their client IP sent too many bad keys.");
 }
 
 /// Serves Prometheus text at `/metrics` until `shutdown` completes.

@@ -10,11 +10,12 @@ const USAGE_STREAM: &str = include_str!("../../nats/usage-stream.json");
 const DEAD_LETTER_STREAM: &str = include_str!("../../nats/dead-letter-stream.json");
 const WORKERS_CONSUMER: &str = include_str!("../../nats/workers-consumer.json");
 
-/// Subject and stream names of one deployment.
+/// Subject and stream names of one deployment, and the prefix of its Redis keys.
 #[derive(Debug, Clone)]
 pub struct Topology {
     pub stream: String,
     pub subject_prefix: String,
+    pub redis_prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -27,7 +28,11 @@ pub enum TopologyError {
 
 impl Topology {
     pub fn new(namespace: &NamespaceArgs) -> Topology {
-        Topology { stream: namespace.stream.clone(), subject_prefix: namespace.subject_prefix.clone() }
+        Topology {
+            stream: namespace.stream.clone(),
+            subject_prefix: namespace.subject_prefix.clone(),
+            redis_prefix: namespace.redis_prefix.clone(),
+        }
     }
 
     /// Where the validator publishes usage batches (`<prefix>.usage.v<codec version>`).
@@ -121,7 +126,7 @@ mod tests {
 
     #[test]
     fn definitions_parse_and_are_renamed() {
-        let topology = Topology { stream: "S1".into(), subject_prefix: "it.x".into() };
+        let topology = Topology { stream: "S1".into(), subject_prefix: "it.x".into(), redis_prefix: "it:".into() };
         let usage = topology.usage_stream_config();
         assert_eq!(usage.name, "S1");
         assert_eq!(usage.subjects, vec!["it.x.usage.>"]);

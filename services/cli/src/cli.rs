@@ -52,6 +52,9 @@ pub enum Command {
     /// Manage API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage rate-limit tiers (the limits every key of a tier gets).
+    #[command(subcommand)]
+    Tier(TierCommand),
     /// Benchmarks that report figures for BENCHMARKS.md.
     #[command(subcommand)]
     Bench(BenchCommand),
@@ -67,6 +70,48 @@ pub enum BenchCommand {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum TierCommand {
+    /// List the tiers and their limits.
+    List,
+    /// Change a tier's limits. Examples: `--per-hour 1000 --per-minute 50`, `--limit 20 --window 10s`.
+    Set {
+        /// unlimited, premium, standard or limited.
+        #[arg(value_enum)]
+        name: RateLimitTier,
+        /// The main limit as requests per hour, or `none`.
+        #[arg(long, value_name = "N|none", conflicts_with_all = ["limit", "window"])]
+        per_hour: Option<LimitSetting>,
+        /// The main limit with a window of your choice (with --window), or `none`.
+        #[arg(long, value_name = "N|none")]
+        limit: Option<LimitSetting>,
+        /// The main limit's window (whole seconds, 1s to 24h), e.g. 10s, 1h.
+        #[arg(long, value_parser = parse_window, requires = "limit")]
+        window: Option<i32>,
+        /// The burst limit as requests per minute, or `none`.
+        #[arg(long, value_name = "N|none", conflicts_with_all = ["burst_limit", "burst_window"])]
+        per_minute: Option<LimitSetting>,
+        /// The burst limit with a window of your choice (with --burst-window), or `none`.
+        #[arg(long, value_name = "N|none")]
+        burst_limit: Option<LimitSetting>,
+        /// The burst limit's window (whole seconds, 1s to 24h).
+        #[arg(long, value_parser = parse_window, requires = "burst_limit")]
+        burst_window: Option<i32>,
+        /// Shadow mode: compute, count and record the tier's decisions but never deny.
+        #[arg(long)]
+        shadow: Option<bool>,
+    },
+}
+
+/// A window length in whole seconds between 1 s and 24 h.
+fn parse_window(s: &str) -> Result<i32, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("expected a duration like 10s or 1h ({e})"))?;
+    if d.subsec_nanos() != 0 || d.as_secs() == 0 || d.as_secs() > 86_400 {
+        return Err("use whole seconds between 1s and 24h".to_owned());
+    }
+    i32::try_from(d.as_secs()).map_err(|_| "too long".to_owned())
 }
 
 #[derive(Args, Debug)]
@@ -107,6 +152,10 @@ pub enum OrgCommand {
         /// Enable or disable every key of the organization at once.
         #[arg(long)]
         active: Option<bool>,
+        /// Shadow mode for the organization's own limits (per minute, monthly): computed, counted and recorded,
+        /// but never denying.
+        #[arg(long)]
+        shadow: Option<bool>,
     },
 }
 

@@ -58,6 +58,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Org(command) => manage::org(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
         Command::Key(command) => manage::key(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+        Command::Tier(command) => {
+            manage::tier(&connect::postgres(&servers.database_url, 2).await?, json, command).await
+        }
         Command::Bench(BenchCommand::Verify(args)) => bench_verify::run(&servers, args, json).await,
         Command::Bench(BenchCommand::TrivialServer { listen }) => bench_verify::trivial_server(listen).await,
     }

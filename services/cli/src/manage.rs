@@ -6,10 +6,13 @@ use anyhow::Context;
 use chrono::Utc;
 use sqlx::PgPool;
 
-use tollgate_shared::admin::{self, Actor, KeyChanges, KeyInfo, NewKey, NewOrg, OrgChanges, Organization};
+use tollgate_shared::admin::{
+    self, Actor, KeyChanges, KeyInfo, NewKey, NewOrg, OrgChanges, Organization, Tier, TierChanges, WindowSetting,
+};
+use tollgate_shared::domain::LimitSetting;
 use tollgate_shared::key::ApiKey;
 
-use crate::cli::{KeyCommand, KeySpec, OrgCommand};
+use crate::cli::{KeyCommand, KeySpec, OrgCommand, TierCommand};
 use crate::output::{fields, or_dash, print, table};
 
 pub async fn org(pool: &PgPool, json: bool, command: OrgCommand) -> anyhow::Result<()> {
@@ -46,7 +49,7 @@ pub async fn org(pool: &PgPool, json: bool, command: OrgCommand) -> anyhow::Resu
                 table(&["ID", "SLUG", "NAME", "PLAN", "ACTIVE", "PER MINUTE", "PER MONTH"], rows)
             })
         }
-        OrgCommand::Update { org, name, settings, active } => {
+        OrgCommand::Update { org, name, settings, active, shadow } => {
             let changes = OrgChanges {
                 name,
                 plan: settings.plan,
@@ -54,6 +57,7 @@ pub async fn org(pool: &PgPool, json: bool, command: OrgCommand) -> anyhow::Resu
                 monthly_request_limit: settings.monthly_limit,
                 max_api_keys: settings.max_keys,
                 active,
+                shadow,
             };
             let org = admin::update_org(pool, &org, changes).await?;
             print(json, &org, show_org)
@@ -71,6 +75,7 @@ fn show_org(o: &Organization) -> String {
         ("rate limit per minute", or_dash(&o.rate_limit_per_minute)),
         ("monthly request limit", or_dash(&o.monthly_request_limit)),
         ("max keys", o.max_api_keys.to_string()),
+        ("limits in shadow mode", o.rate_limit_shadow.to_string()),
         ("created", o.created_at.to_rfc3339()),
     ])
 }
@@ -132,6 +137,56 @@ pub async fn key(pool: &PgPool, json: bool, command: KeyCommand) -> anyhow::Resu
             print(json, &admin::update_key(pool, &actor, id, changes).await?, show_key)
         }
     }
+}
+
+pub async fn tier(pool: &PgPool, json: bool, command: TierCommand) -> anyhow::Result<()> {
+    match command {
+        TierCommand::List => {
+            let tiers = admin::list_tiers(pool).await?;
+            print(json, &tiers, |tiers| {
+                let rows = tiers
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            limit_text(t.window_limit, t.window_seconds),
+                            limit_text(t.burst_limit, t.burst_seconds),
+                            t.shadow.to_string(),
+                        ]
+                    })
+                    .collect();
+                table(&["TIER", "LIMIT", "BURST", "SHADOW"], rows)
+            })
+        }
+        TierCommand::Set { name, per_hour, limit, window, per_minute, burst_limit, burst_window, shadow } => {
+            let setting =
+                |limit: Option<LimitSetting>, seconds: i32| limit.map(|limit| WindowSetting { limit, seconds });
+            let changes = TierChanges {
+                window: setting(per_hour, 3600).or_else(|| setting(limit, window.unwrap_or(3600))),
+                burst: setting(per_minute, 60).or_else(|| setting(burst_limit, burst_window.unwrap_or(60))),
+                shadow,
+            };
+            let tier = admin::set_tier(pool, name.as_str(), changes).await?;
+            print(json, &tier, show_tier)
+        }
+    }
+}
+
+fn limit_text(limit: Option<i64>, seconds: i32) -> String {
+    match limit {
+        None => "-".to_owned(),
+        Some(n) => format!("{n} per {}", humantime::format_duration(std::time::Duration::from_secs(seconds as u64))),
+    }
+}
+
+fn show_tier(t: &Tier) -> String {
+    fields(&[
+        ("tier", t.name.clone()),
+        ("limit", limit_text(t.window_limit, t.window_seconds)),
+        ("burst", limit_text(t.burst_limit, t.burst_seconds)),
+        ("shadow", t.shadow.to_string()),
+        ("updated", t.updated_at.to_rfc3339()),
+    ])
 }
 
 fn new_key(spec: KeySpec) -> NewKey {

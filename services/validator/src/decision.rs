@@ -1,7 +1,7 @@
-//! The decision on an identified key, as a pure function of its record and the time.
+//! The decision on an identified key, as a pure function of its record, the time and what the route requires.
 
 use chrono::{DateTime, Utc};
-use tollgate_shared::domain::Outcome;
+use tollgate_shared::domain::{Outcome, Role};
 
 use crate::keys::KeyRecord;
 
@@ -15,6 +15,30 @@ pub fn decide(record: &KeyRecord, now: DateTime<Utc>) -> Outcome {
         Outcome::Disabled
     } else {
         Outcome::Allowed
+    }
+}
+
+/// What a route requires of a key (gateways set this per route): every listed scope, and at least a role.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Requirement {
+    pub scopes: Vec<String>,
+    pub role: Option<Role>,
+}
+
+impl Requirement {
+    /// Guest < user < admin.
+    pub fn rank(role: Role) -> u8 {
+        match role {
+            Role::Guest => 0,
+            Role::User => 1,
+            Role::Admin => 2,
+        }
+    }
+
+    /// Admin satisfies every role, user satisfies user and guest, guest only guest.
+    pub fn is_met_by(&self, record: &KeyRecord) -> bool {
+        self.role.is_none_or(|role| Requirement::rank(record.role) >= Requirement::rank(role))
+            && self.scopes.iter().all(|scope| record.scopes.iter().any(|s| s == scope))
     }
 }
 
@@ -40,7 +64,24 @@ mod tests {
             org_active: true,
             org_rate_limit_per_minute: Some(60),
             org_monthly_request_limit: None,
+            org_shadow: false,
+            tier_window_limit: Some(100),
+            tier_window_seconds: 3600,
+            tier_burst_limit: None,
+            tier_burst_seconds: 60,
+            tier_shadow: false,
         }
+    }
+
+    #[test]
+    fn requirements_need_every_scope_and_a_high_enough_role() {
+        let key = KeyRecord { scopes: vec!["read".into(), "write".into()], ..good() };
+        let need = |scopes: &[&str], role| Requirement { scopes: scopes.iter().map(|s| s.to_string()).collect(), role };
+        assert!(need(&[], None).is_met_by(&key));
+        assert!(need(&["read", "write"], Some(Role::Guest)).is_met_by(&key));
+        assert!(!need(&["read", "admin"], None).is_met_by(&key));
+        assert!(!need(&[], Some(Role::Admin)).is_met_by(&key));
+        assert!(need(&[], Some(Role::User)).is_met_by(&KeyRecord { role: Role::Admin, ..good() }));
     }
 
     #[test]

@@ -1,4 +1,8 @@
 //! The HTTP API: `/v1/auth` for gateways, `/v1/verify` for services, and the health probes.
+//!
+//! Both endpoints share one decision path ([`AppState::decide`]): the key's own state, then what the route requires
+//! (scopes, role), then every rate limit and the quota in one limiter call; bad-key answers are limited per client
+//! IP.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -18,15 +22,17 @@ use uuid::Uuid;
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::{Outcome, Role};
 use tollgate_shared::event::UsageEvent;
-use tollgate_shared::metrics::{VERIFY_DURATION, VERIFY_REQUESTS};
+use tollgate_shared::metrics::{IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
 
-use crate::decision::decide;
+use crate::decision::{decide, Requirement};
 use crate::keys::{KeyCache, KeyRecord};
+use crate::limiter::{Decision, Health, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{self, Credential, TrustedProxies};
 
 /// Largest `/v1/verify` body; a request is a key and a few short fields.
 const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest cost of one request: bounded so one request cannot drain a limit an operator sized for many.
 const MAX_COST: u32 = 1000;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -37,6 +43,10 @@ pub struct AppState {
     pub pool: sqlx::PgPool,
     pub redis: redis::aio::ConnectionManager,
     pub nats: async_nats::Client,
+    pub limiter: Limiter,
+    pub redis_prefix: String,
+    /// 401s per client IP per minute before 429; 0 = no limit.
+    pub ip_failures_per_minute: u32,
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -59,6 +69,7 @@ struct Attempt {
     user_agent: Option<String>,
     request_id: Option<String>,
     cost: u32,
+    requirement: Requirement,
 }
 
 enum Verdict {
@@ -68,28 +79,94 @@ enum Verdict {
         outcome: Outcome,
         record: Arc<KeyRecord>,
         event_id: Uuid,
+        /// The most restrictive limit (allowed) or the one that denied; `None` when no limit applies or the key
+        /// was refused before limits were looked at.
+        usage: Option<Usage>,
     },
+    /// The client IP sent too many bad keys: 429 instead of 401.
+    IpLimited(Usage),
     /// The key is not cached and PostgreSQL did not answer.
     Unavailable,
+    /// Redis cannot decide and the limit's failure policy is `closed`.
+    LimiterUnavailable,
+}
+
+impl Verdict {
+    /// Whether the caller is told their key is bad (401): what the per-IP limiter counts.
+    fn is_unauthorized(&self) -> bool {
+        match self {
+            Verdict::Unidentified(_) => true,
+            Verdict::Decided { outcome, .. } => {
+                matches!(outcome, Outcome::Revoked | Outcome::Expired | Outcome::Disabled)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl AppState {
     async fn decide(&self, attempt: Attempt) -> Verdict {
+        let client_ip = attempt.client_ip;
+        let started = attempt.started;
+        let verdict = self.decide_key(attempt).await;
+        let verdict = if verdict.is_unauthorized() { self.count_failure(client_ip, verdict).await } else { verdict };
+        self.finish(started, verdict)
+    }
+
+    /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429. A valid key is never
+    /// counted, so it is never blocked by this.
+    async fn count_failure(&self, ip: IpAddr, verdict: Verdict) -> Verdict {
+        if self.ip_failures_per_minute == 0 {
+            return verdict;
+        }
+        let plan = Plan::for_ip_failures(ip, &self.redis_prefix, self.ip_failures_per_minute);
+        match self.limiter.decide(&plan, 1).await {
+            Decision::Denied { usage, .. } => {
+                metrics::counter!(IP_FAILURES_LIMITED).increment(1);
+                Verdict::IpLimited(usage)
+            }
+            Decision::Allowed { .. } | Decision::Unavailable => verdict,
+        }
+    }
+
+    async fn decide_key(&self, attempt: Attempt) -> Verdict {
         let key = match attempt.credential {
-            Credential::Missing => return self.finish(attempt.started, Verdict::Unidentified("missing")),
-            Credential::Malformed(_) => return self.finish(attempt.started, Verdict::Unidentified("malformed")),
+            Credential::Missing => return Verdict::Unidentified("missing"),
+            Credential::Malformed(_) => return Verdict::Unidentified("malformed"),
             Credential::Key(key) => key,
         };
         let record = match self.keys.lookup(key.hash()).await {
             Ok(Some(record)) => record,
-            Ok(None) => return self.finish(attempt.started, Verdict::Unidentified("unknown")),
+            Ok(None) => return Verdict::Unidentified("unknown"),
             Err(e) => {
                 tracing::error!(error = %e, "cannot look up a key that is not cached");
-                return self.finish(attempt.started, Verdict::Unavailable);
+                return Verdict::Unavailable;
             }
         };
-        let now = Utc::now();
-        let outcome = decide(&record, now);
+        let mut now = Utc::now();
+        let mut outcome = decide(&record, now);
+        if outcome == Outcome::Allowed && !attempt.requirement.is_met_by(&record) {
+            outcome = Outcome::InsufficientScope;
+        }
+        let mut usage = None;
+        let mut shadow_outcome = None;
+        if outcome == Outcome::Allowed {
+            let plan = Plan::for_key(&record, &self.redis_prefix, now);
+            match self.limiter.decide(&plan, attempt.cost).await {
+                Decision::Allowed { usage: u, shadow, now_us } => {
+                    usage = u;
+                    shadow_outcome = shadow.map(denial_outcome);
+                    // The limiter's clock (Redis's, shared by every validator) stamps the event when it decided.
+                    now = DateTime::from_timestamp_micros(now_us).unwrap_or(now);
+                }
+                Decision::Denied { usage: u, now_us } => {
+                    outcome = denial_outcome(u.kind);
+                    usage = Some(u);
+                    now = DateTime::from_timestamp_micros(now_us).unwrap_or(now);
+                }
+                Decision::Unavailable => return Verdict::LimiterUnavailable,
+            }
+        }
         let event_id = Uuid::now_v7();
         let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
         self.events
@@ -106,21 +183,152 @@ impl AppState {
                 request_id: attempt.request_id,
                 units: attempt.cost,
                 latency_us,
+                shadow_outcome,
             })
             .await;
-        self.finish(attempt.started, Verdict::Decided { outcome, record, event_id })
+        Verdict::Decided { outcome, record, event_id, usage }
     }
 
     fn finish(&self, started: Instant, verdict: Verdict) -> Verdict {
         let label: &'static str = match &verdict {
             Verdict::Unidentified(reason) => reason,
             Verdict::Decided { outcome, .. } => outcome.as_str(),
+            Verdict::IpLimited(_) => "ip_limited",
             Verdict::Unavailable => "unavailable",
+            Verdict::LimiterUnavailable => "limiter_unavailable",
         };
         metrics::counter!(VERIFY_REQUESTS, "outcome" => label).increment(1);
         metrics::histogram!(VERIFY_DURATION).record(started.elapsed().as_secs_f64());
         verdict
     }
+}
+
+/// The outcome of a request a limit denies.
+fn denial_outcome(kind: LimitKind) -> Outcome {
+    if kind == LimitKind::Quota {
+        Outcome::QuotaExceeded
+    } else {
+        Outcome::RateLimited
+    }
+}
+
+/// Why a request's parameters were refused: the field and the message for the 400 body.
+type BadParameter = (&'static str, String);
+
+/// The cost in `X-Tollgate-Cost` (default 1).
+fn cost_header(headers: &HeaderMap) -> Result<u32, BadParameter> {
+    match headers.get("x-tollgate-cost") {
+        None => Ok(1),
+        Some(value) => value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u32>().ok())
+            .filter(|c| (1..=MAX_COST).contains(c))
+            .ok_or_else(|| ("X-Tollgate-Cost", format!("must be a number between 1 and {MAX_COST}"))),
+    }
+}
+
+/// Scopes and role a route requires, from the query (`scope=a,b&role=admin`) and from
+/// `X-Tollgate-Require-Scope` / `X-Tollgate-Require-Role`; all of them apply.
+fn requirement(query: Option<&str>, headers: &HeaderMap) -> Result<Requirement, BadParameter> {
+    let mut scopes: Vec<String> = Vec::new();
+    let mut roles: Vec<String> = Vec::new();
+    for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*name {
+            "scope" => scopes.push(value.into_owned()),
+            "role" => roles.push(value.into_owned()),
+            _ => {}
+        }
+    }
+    for value in headers.get_all("x-tollgate-require-scope") {
+        scopes.push(value.to_str().map_err(|_| ("X-Tollgate-Require-Scope", "not text".to_owned()))?.to_owned());
+    }
+    for value in headers.get_all("x-tollgate-require-role") {
+        roles.push(value.to_str().map_err(|_| ("X-Tollgate-Require-Role", "not text".to_owned()))?.to_owned());
+    }
+    requirement_from(&scopes, &roles)
+}
+
+fn requirement_from(scopes: &[String], roles: &[String]) -> Result<Requirement, BadParameter> {
+    let scopes = scopes
+        .iter()
+        .flat_map(|s| s.split([',', ' ']))
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let roles = roles
+        .iter()
+        .map(|r| r.trim())
+        .filter(|r| !r.is_empty())
+        .map(|r| r.parse::<Role>().map_err(|_| ("role", "must be admin, user or guest".to_owned())))
+        .collect::<Result<Vec<Role>, _>>()?;
+    // Several required roles: the highest applies.
+    let role = roles.into_iter().max_by_key(|r| Requirement::rank(*r));
+    Ok(Requirement { scopes, role })
+}
+
+/// Rounds microseconds since the epoch up to whole seconds.
+fn epoch_seconds(us: i64) -> i64 {
+    us.div_euclid(1_000_000) + i64::from(us.rem_euclid(1_000_000) > 0)
+}
+
+/// Seconds from `now_us` until `usage` resets, at least 1 when it is in the future.
+fn seconds_until(usage: &Usage, now_us: i64) -> i64 {
+    (epoch_seconds(usage.reset_at_us) - now_us.div_euclid(1_000_000)).max(0)
+}
+
+/// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
+fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
+    let now_us = Utc::now().timestamp_micros();
+    let kind = usage.kind.as_str();
+    let pairs = [
+        ("x-ratelimit-limit", usage.limit.to_string()),
+        ("x-ratelimit-remaining", usage.remaining().to_string()),
+        ("x-ratelimit-used", usage.used.to_string()),
+        ("x-ratelimit-reset", epoch_seconds(usage.reset_at_us).to_string()),
+        ("ratelimit-policy", format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
+        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage, now_us))),
+    ];
+    for (name, value) in pairs {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            out.insert(HeaderName::from_static(name), value);
+        }
+    }
+}
+
+/// 429 for a denied request: `Retry-After`, the limit headers and `{"error", "limit", "reset_at"}`.
+fn too_many(error: &'static str, usage: &Usage) -> Response {
+    let retry_after = seconds_until(usage, Utc::now().timestamp_micros()).max(1);
+    let body = Json(json!({
+        "error": error,
+        "limit": usage.limit,
+        "used": usage.used,
+        "window_seconds": usage.window_seconds,
+        "reset_at": reset_at(usage),
+        "retry_after": retry_after,
+    }));
+    let mut response = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
+    limit_headers(response.headers_mut(), usage);
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+    response
+}
+
+fn reset_at(usage: &Usage) -> String {
+    DateTime::<Utc>::from_timestamp(epoch_seconds(usage.reset_at_us), 0)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+fn forbidden() -> Response {
+    let body =
+        Json(json!({ "error": "insufficient_scope", "message": "the key lacks a scope or role this route requires" }));
+    (StatusCode::FORBIDDEN, body).into_response()
+}
+
+fn limiter_unavailable() -> Response {
+    let body = Json(json!({ "error": "unavailable", "message": "rate limiter unavailable; retry shortly" }));
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
 }
 
 /// Forward auth for gateways: 200 with the key's identity in headers, or 401 with one uniform body.
@@ -131,20 +339,29 @@ async fn auth(
     uri: Uri,
     headers: HeaderMap,
 ) -> Response {
+    let started = Instant::now();
+    let (cost, requirement) = match (cost_header(&headers), requirement(uri.query(), &headers)) {
+        (Ok(cost), Ok(requirement)) => (cost, requirement),
+        (Err((field, message)), _) | (_, Err((field, message))) => return bad_request(field, &message),
+    };
     let attempt = Attempt {
-        started: Instant::now(),
+        started,
         credential: request::credential(&headers),
         method: request::original_method(&headers).unwrap_or_else(|| method.as_str().to_owned()),
         path: request::original_uri(&headers).unwrap_or_else(|| request::truncate(uri.path(), MAX_TEXT_LEN)),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, None),
         user_agent: request::user_agent(&headers),
         request_id: request::request_id(&headers),
-        cost: 1,
+        cost,
+        requirement,
     };
     match state.decide(attempt).await {
-        Verdict::Decided { outcome: Outcome::Allowed, record, event_id } => {
+        Verdict::Decided { outcome: Outcome::Allowed, record, event_id, usage } => {
             let mut response = StatusCode::OK.into_response();
             let out = response.headers_mut();
+            if let Some(usage) = &usage {
+                limit_headers(out, usage);
+            }
             out.insert(HeaderName::from_static("x-tollgate-key-id"), uuid_header(record.id));
             out.insert(HeaderName::from_static("x-tollgate-org-id"), uuid_header(record.org_id));
             out.insert(HeaderName::from_static("x-tollgate-role"), HeaderValue::from_static(record.role.as_str()));
@@ -155,8 +372,15 @@ async fn auth(
             }
             response
         }
+        Verdict::Decided { outcome: Outcome::InsufficientScope, .. } => forbidden(),
+        Verdict::Decided { outcome: Outcome::RateLimited, usage: Some(usage), .. } => too_many("rate_limited", &usage),
+        Verdict::Decided { outcome: Outcome::QuotaExceeded, usage: Some(usage), .. } => {
+            too_many("quota_exceeded", &usage)
+        }
+        Verdict::IpLimited(usage) => too_many("rate_limited", &usage),
         Verdict::Decided { .. } | Verdict::Unidentified(_) => unauthorized(),
         Verdict::Unavailable => unavailable(),
+        Verdict::LimiterUnavailable => limiter_unavailable(),
     }
 }
 
@@ -188,6 +412,12 @@ struct VerifyBody {
     ip: Option<IpAddr>,
     #[serde(default)]
     request_id: Option<String>,
+    /// Scopes the key must have (comma- or space-separated).
+    #[serde(default)]
+    scope: Option<String>,
+    /// Least role the key must have.
+    #[serde(default)]
+    role: Option<Role>,
 }
 
 fn one() -> u32 {
@@ -212,6 +442,50 @@ struct VerifyAnswer {
     expires_at: Option<DateTime<Utc>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     event_id: Option<Uuid>,
+    /// The most restrictive limit, or the one that denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    used: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reset_at: Option<String>,
+    /// Seconds to wait before retrying (denied requests only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after: Option<i64>,
+}
+
+impl VerifyAnswer {
+    fn invalid(code: &'static str) -> VerifyAnswer {
+        VerifyAnswer {
+            valid: false,
+            code,
+            key_id: None,
+            org_id: None,
+            name: None,
+            role: None,
+            scopes: None,
+            expires_at: None,
+            event_id: None,
+            limit: None,
+            remaining: None,
+            used: None,
+            reset_at: None,
+            retry_after: None,
+        }
+    }
+
+    fn with_usage(mut self, usage: &Usage, denied: bool) -> VerifyAnswer {
+        self.limit = Some(usage.limit);
+        self.remaining = Some(usage.remaining());
+        self.used = Some(usage.used);
+        self.reset_at = Some(reset_at(usage));
+        if denied {
+            self.retry_after = Some(seconds_until(usage, Utc::now().timestamp_micros()).max(1));
+        }
+        self
+    }
 }
 
 /// JSON verification for services that call Tollgate directly.
@@ -229,6 +503,11 @@ async fn verify(
     if body.cost == 0 || body.cost > MAX_COST {
         return bad_request("cost", &format!("must be between 1 and {MAX_COST}"));
     }
+    let roles: Vec<String> = body.role.iter().map(|r| r.as_str().to_owned()).collect();
+    let requirement = match requirement_from(body.scope.as_slice(), &roles) {
+        Ok(requirement) => requirement,
+        Err((field, message)) => return bad_request(field, &message),
+    };
     let attempt = Attempt {
         started,
         credential: Credential::from_text(&body.key),
@@ -238,33 +517,37 @@ async fn verify(
         user_agent: request::user_agent(&headers),
         request_id: body.request_id.map(|id| request::truncate(&id, MAX_TEXT_LEN)),
         cost: body.cost,
+        requirement,
     };
-    let answer = match state.decide(attempt).await {
-        Verdict::Decided { outcome, record, event_id } => VerifyAnswer {
-            valid: outcome.is_allowed(),
-            code: outcome.code(),
-            key_id: Some(record.id),
-            org_id: Some(record.org_id),
-            name: Some(record.name.clone()),
-            role: Some(record.role),
-            scopes: Some(record.scopes.clone()),
-            expires_at: record.expires_at,
-            event_id: Some(event_id),
-        },
-        Verdict::Unidentified(_) => VerifyAnswer {
-            valid: false,
-            code: "INVALID",
-            key_id: None,
-            org_id: None,
-            name: None,
-            role: None,
-            scopes: None,
-            expires_at: None,
-            event_id: None,
-        },
+    let (answer, usage) = match state.decide(attempt).await {
+        Verdict::Decided { outcome, record, event_id, usage } => {
+            let answer = VerifyAnswer {
+                valid: outcome.is_allowed(),
+                code: outcome.code(),
+                key_id: Some(record.id),
+                org_id: Some(record.org_id),
+                name: Some(record.name.clone()),
+                role: Some(record.role),
+                scopes: Some(record.scopes.clone()),
+                expires_at: record.expires_at,
+                event_id: Some(event_id),
+                ..VerifyAnswer::invalid("")
+            };
+            match usage {
+                Some(usage) => (answer.with_usage(&usage, !outcome.is_allowed()), Some(usage)),
+                None => (answer, None),
+            }
+        }
+        Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, true), Some(usage)),
+        Verdict::Unidentified(_) => (VerifyAnswer::invalid("INVALID"), None),
         Verdict::Unavailable => return unavailable(),
+        Verdict::LimiterUnavailable => return limiter_unavailable(),
     };
-    Json(answer).into_response()
+    let mut response = Json(answer).into_response();
+    if let Some(usage) = &usage {
+        limit_headers(response.headers_mut(), usage);
+    }
+    response
 }
 
 fn bad_request(field: &str, message: &str) -> Response {
@@ -273,7 +556,12 @@ fn bad_request(field: &str, message: &str) -> Response {
     (StatusCode::BAD_REQUEST, Json(body)).into_response()
 }
 
-/// 200 only when PostgreSQL, Redis and NATS all answer; otherwise 503 with each one's status.
+/// 200 when PostgreSQL and NATS answer and the rate limiter can decide; otherwise 503 with each one's status.
+///
+/// Redis being away does not make the validator unready while every limit has an `open` or `local` failure
+/// policy: it keeps answering correctly by those policies, and taking it out of a load balancer would only move
+/// the same traffic elsewhere. Then `ratelimit` says `degraded`. With a `closed` policy, requests with limits get
+/// 503, so the probe says not ready.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
     let redis = async {
@@ -287,12 +575,19 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         tokio::time::timeout(PROBE_TIMEOUT, redis),
         tokio::time::timeout(PROBE_TIMEOUT, nats),
     );
+    let redis_ok = redis.as_ref().ok() == Some(&true);
+    let limiter = match (state.limiter.health(), redis_ok) {
+        (Health::Ok, true) => "ok",
+        _ => "degraded",
+    };
     let status = json!({
         "postgres": within(postgres.ok()),
         "redis": within(redis.ok()),
         "nats": within(nats.ok()),
+        "ratelimit": limiter,
     });
-    let ready = status.as_object().is_some_and(|s| s.values().all(|v| v == "ok"));
+    let limiter_ready = limiter == "ok" || !state.limiter.closes_when_degraded();
+    let ready = status["postgres"] == "ok" && status["nats"] == "ok" && limiter_ready;
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
 }

@@ -36,13 +36,23 @@ pub struct KeyRecord {
     pub org_active: bool,
     pub org_rate_limit_per_minute: Option<i32>,
     pub org_monthly_request_limit: Option<i64>,
+    /// The organization's limits run in shadow mode.
+    pub org_shadow: bool,
+    /// The tier's main window (e.g. 1000 per 3600 s) and burst window (e.g. 50 per 60 s); `None` = no such limit.
+    pub tier_window_limit: Option<i64>,
+    pub tier_window_seconds: i32,
+    pub tier_burst_limit: Option<i64>,
+    pub tier_burst_seconds: i32,
+    pub tier_shadow: bool,
 }
 
 const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.rate_limit_tier,
         k.custom_rate_limit_per_minute, k.active, k.expires_at, k.revoked_at, o.active AS org_active,
         o.rate_limit_per_minute AS org_rate_limit_per_minute,
-        o.monthly_request_limit AS org_monthly_request_limit, k.key_hash
-    FROM api_keys k JOIN organizations o ON o.id = k.org_id";
+        o.monthly_request_limit AS org_monthly_request_limit, o.rate_limit_shadow AS org_shadow,
+        t.window_limit AS tier_window_limit, t.window_seconds AS tier_window_seconds,
+        t.burst_limit AS tier_burst_limit, t.burst_seconds AS tier_burst_seconds, t.shadow AS tier_shadow, k.key_hash
+    FROM api_keys k JOIN organizations o ON o.id = k.org_id JOIN rate_limit_tiers t ON t.name = k.rate_limit_tier";
 
 /// Even without a change feed, no cached record is older than this (a safety net for missed changes).
 const RECORD_TTL: Duration = Duration::from_secs(300);
@@ -123,11 +133,14 @@ impl KeyCache {
         self.unknown.invalidate_all();
     }
 
-    /// Applies every key change since `since`; returns the watermark for the next call.
+    /// Applies every key, organization and tier change since `since`; returns the watermark for the next call.
     pub async fn refresh(&self, since: DateTime<Utc>) -> Result<DateTime<Utc>, sqlx::Error> {
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool).await?;
-        // Two index scans rather than one OR, which would scan every key each time.
-        let sql = format!("{RECORD_SELECT} WHERE k.updated_at > $1 UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1");
+        // Index scans per table rather than one OR, which would scan every key each time.
+        let sql = format!(
+            "{RECORD_SELECT} WHERE k.updated_at > $1 UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 \
+             UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1"
+        );
         let rows: Vec<(KeyRecord, Vec<u8>)> = sqlx::query_as::<_, ChangedRow>(&sql)
             .bind(since)
             .fetch_all(&self.pool)

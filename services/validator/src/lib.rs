@@ -4,8 +4,10 @@
 mod decision;
 mod http;
 mod keys;
+mod limiter;
 mod publisher;
 mod request;
+mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use tollgate_shared::config::ValidatorArgs;
 use tollgate_shared::topology::Topology;
 
 pub use keys::{KeyCache, KeyRecord};
+pub use limiter::quota_key;
 
 /// The servers the validator talks to.
 pub struct Connections {
@@ -48,8 +51,11 @@ pub async fn run(
         events,
         proxies: request::TrustedProxies::new(args.trusted_proxies),
         pool: connections.pool,
+        limiter: limiter::Limiter::new(connections.redis.clone(), &args.limits),
         redis: connections.redis,
         nats: connections.nats,
+        redis_prefix: topology.redis_prefix.clone(),
+        ip_failures_per_minute: args.limits.ip_failures_per_minute,
     });
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(address = %listener.local_addr()?, "validator listening");

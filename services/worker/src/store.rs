@@ -16,9 +16,9 @@ use tollgate_shared::event::UsageEvent;
 const WRITE_BATCH: &str = "
 WITH inserted AS (
     INSERT INTO api_usage (event_id, ts, org_id, key_id, units, latency_us, outcome, method, path, client_ip,
-                           user_agent, request_id)
+                           user_agent, request_id, shadow_outcome)
     SELECT * FROM UNNEST($1::uuid[], $2::timestamptz[], $3::uuid[], $4::uuid[], $5::int4[], $6::int4[], $7::text[],
-                         $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[])
+                         $8::text[], $9::text[], $10::inet[], $11::text[], $12::text[], $13::text[])
     ON CONFLICT DO NOTHING
     RETURNING org_id, key_id, ts, units, outcome
 ), hourly AS (
@@ -79,6 +79,7 @@ impl UsageStore {
             .bind(columns.client_ip)
             .bind(columns.user_agent)
             .bind(columns.request_id)
+            .bind(columns.shadow_outcome)
             .fetch_one(&self.pool)
             .await?;
         let inserted = u64::try_from(inserted).unwrap_or(0);
@@ -114,6 +115,7 @@ struct Columns {
     client_ip: Vec<Option<IpNetwork>>,
     user_agent: Vec<Option<String>>,
     request_id: Vec<Option<String>>,
+    shadow_outcome: Vec<Option<&'static str>>,
 }
 
 impl Columns {
@@ -132,6 +134,7 @@ impl Columns {
             client_ip: events.iter().map(|e| e.client_ip.map(IpNetwork::from)).collect(),
             user_agent: events.iter().map(|e| e.user_agent.clone()).collect(),
             request_id: events.iter().map(|e| e.request_id.clone()).collect(),
+            shadow_outcome: events.iter().map(|e| e.shadow_outcome.map(|o| o.as_str())).collect(),
         }
     }
 }

@@ -1,11 +1,13 @@
-//! Operations on organizations and keys: the one implementation behind the CLI (and, later, the admin HTTP API).
+//! Operations on organizations, keys and rate-limit tiers: the one implementation behind the CLI (and, later, the admin HTTP API).
 //! Every change bumps `updated_at`, which is how validators learn that a cached key changed.
 
 mod keys;
 mod orgs;
+mod tiers;
 
 pub use keys::{create_key, import_key, list_keys, revoke_key, show_key, update_key, KeyChanges, KeyInfo, NewKey};
 pub use orgs::{create_org, find_org, list_orgs, update_org, NewOrg, OrgChanges, Organization};
+pub use tiers::{list_tiers, set_tier, Tier, TierChanges, WindowSetting};
 
 /// Who made a change, as written to `key_audit` (e.g. `cli:alice`).
 #[derive(Debug, Clone)]

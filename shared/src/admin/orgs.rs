@@ -17,12 +17,14 @@ pub struct Organization {
     pub rate_limit_per_minute: Option<i32>,
     pub monthly_request_limit: Option<i64>,
     pub max_api_keys: i32,
+    /// The organization's own limits (per minute, monthly) only run in shadow mode.
+    pub rate_limit_shadow: bool,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
 
 const COLUMNS: &str = "id, name, slug, plan, active, rate_limit_per_minute, monthly_request_limit, max_api_keys, \
-                       created_at, updated_at";
+                       rate_limit_shadow, created_at, updated_at";
 
 #[derive(Debug, Clone)]
 pub struct NewOrg {
@@ -46,6 +48,7 @@ pub struct OrgChanges {
     pub monthly_request_limit: Option<LimitSetting>,
     pub max_api_keys: Option<i32>,
     pub active: Option<bool>,
+    pub shadow: Option<bool>,
 }
 
 const DEFAULT_RATE_LIMIT_PER_MINUTE: i64 = 60;
@@ -102,6 +105,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
             monthly_request_limit = CASE WHEN $6 THEN $7 ELSE monthly_request_limit END,
             max_api_keys = COALESCE($8, max_api_keys),
             active = COALESCE($9, active),
+            rate_limit_shadow = COALESCE($10, rate_limit_shadow),
             updated_at = now()
          WHERE id = $1 RETURNING {COLUMNS}"
     );
@@ -115,6 +119,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
         .bind(changes.monthly_request_limit.and_then(LimitSetting::as_option))
         .bind(changes.max_api_keys)
         .bind(changes.active)
+        .bind(changes.shadow)
         .fetch_one(pool)
         .await
         .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
-use tollgate_shared::config::{NamespaceArgs, ServerUrl, ValidatorArgs, WorkerArgs};
+use tollgate_shared::config::{LimiterArgs, NamespaceArgs, ServerUrl, ValidatorArgs, WorkerArgs};
 use tollgate_shared::connect;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::{ApiKey, KeyEnv};
@@ -78,6 +78,7 @@ impl TestEnv {
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),
             key_refresh: Duration::from_millis(200),
+            limits: LimiterArgs::defaults(),
         }
     }
 
@@ -86,21 +87,21 @@ impl TestEnv {
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
+        self.start_validator_with(Self::validator_args(), REDIS_URL).await
+    }
+
+    /// A validator with these settings, on this Redis (its own connection, as a separate process would have).
+    pub async fn start_validator_with(&self, args: ValidatorArgs, redis_url: &str) -> RunningValidator {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let connections = tollgate_validator::Connections {
             pool: self.pool.clone(),
-            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis"),
+            redis: connect::redis(&redis_url.parse().expect("url")).await.expect("redis"),
             nats: self.nats.clone(),
         };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(tollgate_validator::run(
-            Self::validator_args(),
-            self.topology.clone(),
-            connections,
-            listener,
-            shutdown.clone(),
-        ));
+        let task =
+            tokio::spawn(tollgate_validator::run(args, self.topology.clone(), connections, listener, shutdown.clone()));
         RunningValidator { address, service: Running { shutdown, task } }
     }
 

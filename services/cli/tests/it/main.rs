@@ -6,4 +6,5 @@ mod end_to_end;
 mod harness;
 mod pipeline;
 mod private_servers;
+mod ratelimit;
 mod servers;

@@ -24,6 +24,7 @@ fn event(org_id: Uuid, key_id: Uuid) -> UsageEvent {
         request_id: None,
         units: 1,
         latency_us: 10,
+        shadow_outcome: None,
     }
 }
 

@@ -1,0 +1,582 @@
+//! Rate limits and quotas against a real Redis: the rolling-window bound across validators, fill, one round trip
+//! per decision, the failure policies with Redis killed, shadow mode, scopes, the per-IP bad-key limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use tollgate_shared::admin::{self, OrgChanges, TierChanges, WindowSetting};
+use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
+use tollgate_shared::domain::{LimitSetting, RateLimitTier, Role};
+use tollgate_shared::key::{ApiKey, KeyEnv};
+
+use crate::harness::{wait_until, RunningValidator, TestEnv, REDIS_URL};
+use crate::servers::PrivateRedis;
+
+/// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
+async fn set_tier(env: &TestEnv, tier: RateLimitTier, limit: i64, seconds: i32, shadow: bool) {
+    let changes = TierChanges {
+        window: Some(WindowSetting { limit: LimitSetting::Max(limit), seconds }),
+        burst: Some(WindowSetting { limit: LimitSetting::Unlimited, seconds: 60 }),
+        shadow: Some(shadow),
+    };
+    admin::set_tier(&env.pool, tier.as_str(), changes).await.expect("set tier");
+}
+
+/// Deletes every Redis key of this test's namespace.
+async fn clean_redis(url: &str, prefix: &str) {
+    let client = redis::Client::open(url).expect("url");
+    let mut redis = client.get_multiplexed_async_connection().await.expect("redis");
+    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut redis).await.expect("keys");
+    if !keys.is_empty() {
+        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("del");
+    }
+}
+
+async fn auth(client: &reqwest::Client, validator: &RunningValidator, key: &ApiKey) -> reqwest::Response {
+    client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request")
+}
+
+fn header(response: &reqwest::Response, name: &str) -> String {
+    response.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+}
+
+/// Admission times (the limiter's clock, µs) of a key's allowed requests, oldest first.
+async fn admissions(env: &TestEnv, key_id: Uuid) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT (extract(epoch FROM ts) * 1000000)::int8 FROM api_usage WHERE key_id = $1 AND outcome = 'allowed'
+         ORDER BY ts",
+    )
+    .bind(key_id)
+    .fetch_all(&env.pool)
+    .await
+    .expect("admissions")
+}
+
+/// The most admissions in any closed rolling window of `window_us`.
+fn max_in_any_window(times: &[i64], window_us: i64) -> usize {
+    let mut best = 0;
+    let mut start = 0;
+    for end in 0..times.len() {
+        while times[end] - times[start] > window_us {
+            start += 1;
+        }
+        best = best.max(end - start + 1);
+    }
+    best
+}
+
+#[tokio::test]
+async fn four_validators_hammering_one_key_never_exceed_any_rolling_window() {
+    let env = TestEnv::new().await;
+    let (limit, seconds) = (40, 2);
+    set_tier(&env, RateLimitTier::Limited, limit, seconds, false).await;
+    let org = env.org().await;
+    let (key_id, key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let mut validators = Vec::new();
+    for _ in 0..4 {
+        validators.push(Arc::new(env.start_validator().await));
+    }
+    let worker = env.start_worker().await;
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut tasks = Vec::new();
+    for validator in &validators {
+        for _ in 0..3 {
+            let (validator, key) = (validator.clone(), key.clone());
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let (mut ok, mut limited) = (0_i64, 0_i64);
+                while Instant::now() < deadline {
+                    match auth(&client, &validator, &key).await.status() {
+                        StatusCode::OK => ok += 1,
+                        StatusCode::TOO_MANY_REQUESTS => limited += 1,
+                        other => panic!("unexpected {other}"),
+                    }
+                }
+                (ok, limited)
+            }));
+        }
+    }
+    let (mut ok, mut limited) = (0, 0);
+    for task in tasks {
+        let (o, l) = task.await.expect("client task");
+        ok += o;
+        limited += l;
+    }
+    env.wait_for_count("SELECT count(*) FROM api_usage", ok + limited).await;
+    let times = admissions(&env, key_id).await;
+    assert_eq!(times.len() as i64, ok, "every 200 is an allowed row");
+    let most = max_in_any_window(&times, i64::from(seconds) * 1_000_000);
+    println!("hammer: {ok} allowed, {limited} limited; most in any rolling {seconds}s window: {most} (limit {limit})");
+    assert!(most <= limit as usize, "{most} admitted within {seconds}s; limit {limit}");
+    assert!(ok >= 2 * limit, "the limit was reached again after the window ({ok} allowed)");
+    assert!(limited > ok, "the load was over the limit");
+
+    for validator in validators {
+        Arc::into_inner(validator).expect("one handle").service.stop().await;
+    }
+    worker.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn steady_over_limit_load_fills_at_least_97_percent_of_each_window() {
+    let env = TestEnv::new().await;
+    let (limit, seconds) = (100_i64, 2_i64);
+    set_tier(&env, RateLimitTier::Limited, limit, seconds as i32, false).await;
+    let org = env.org().await;
+    let (key_id, key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let mut validators = Vec::new();
+    for _ in 0..4 {
+        validators.push(Arc::new(env.start_validator().await));
+    }
+    let worker = env.start_worker().await;
+
+    // 1.5× the limit, spread over the four validators.
+    let every = Duration::from_secs_f64(seconds as f64 * 4.0 / (1.5 * limit as f64));
+    let run = Duration::from_secs(10);
+    let mut tasks = Vec::new();
+    for (i, validator) in validators.iter().enumerate() {
+        let (validator, key) = (validator.clone(), key.clone());
+        // Staggered, so the four clients together offer an even stream rather than bursts of four.
+        let offset = every.mul_f64(i as f64 / 4.0);
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + offset, every);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let end = Instant::now() + run;
+            let mut sent = 0_i64;
+            while Instant::now() < end {
+                ticker.tick().await;
+                let status = auth(&client, &validator, &key).await.status();
+                assert!(status == StatusCode::OK || status == StatusCode::TOO_MANY_REQUESTS, "{status}");
+                sent += 1;
+            }
+            sent
+        }));
+    }
+    let mut sent = 0;
+    for task in tasks {
+        sent += task.await.expect("client task");
+    }
+    env.wait_for_count("SELECT count(*) FROM api_usage", sent).await;
+    let times = admissions(&env, key_id).await;
+    let window = seconds * 1_000_000;
+    assert!(max_in_any_window(&times, window) <= limit as usize);
+    // Steady state: after the first window, the rolling windows starting every tenth of a window over three
+    // windows. The mean is the fill; the emptiest is reported too.
+    let start = times[0] + window;
+    let counts: Vec<usize> = (0..=20)
+        .map(|i| {
+            let from = start + i * window / 10;
+            times.iter().filter(|t| (from..from + window).contains(*t)).count()
+        })
+        .collect();
+    let fill = counts.iter().sum::<usize>() as f64 / counts.len() as f64 / limit as f64;
+    let lowest = counts.iter().min().copied().unwrap_or(0);
+    println!(
+        "fill: {sent} sent, {} allowed; steady state: mean {:.1}% of the limit per rolling window, lowest {lowest}",
+        times.len(),
+        fill * 100.0
+    );
+    assert!(fill >= 0.97, "fill {fill}");
+
+    for validator in validators {
+        Arc::into_inner(validator).expect("one handle").service.stop().await;
+    }
+    worker.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
+    let env = TestEnv::new().await;
+    let redis = PrivateRedis::start();
+    set_tier(&env, RateLimitTier::Standard, 1000, 3600, false).await;
+    let org = env.org().await;
+    let limits = OrgChanges {
+        rate_limit_per_minute: Some(LimitSetting::Max(1000)),
+        monthly_request_limit: Some(LimitSetting::Max(1_000_000)),
+        ..OrgChanges::default()
+    };
+    admin::update_org(&env.pool, &org, limits).await.expect("org limits");
+    let (_, limited) = env
+        .key_with(&org, |k| {
+            k.tier = RateLimitTier::Standard;
+            k.custom_rate_limit_per_minute = Some(1000);
+        })
+        .await;
+    let free_org = env.org().await;
+    let (_, free) = env.key(&free_org).await;
+    let validator = env.start_validator_with(TestEnv::validator_args(), &redis.url()).await;
+    let client = reqwest::Client::new();
+    // The first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA); every later one is a single EVALSHA.
+    assert_eq!(auth(&client, &validator, &limited).await.status(), StatusCode::OK);
+
+    let mut monitor = tokio::process::Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "monitor"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-cli monitor");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(monitor.stdout.take().expect("out")));
+    assert_eq!(lines.next_line().await.expect("read").as_deref(), Some("OK"));
+
+    let decisions = 20;
+    for _ in 0..decisions {
+        let response = auth(&client, &validator, &limited).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(header(&response, "x-ratelimit-limit"), "1000");
+    }
+    for _ in 0..10 {
+        let response = auth(&client, &validator, &free).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(response.headers().get("x-ratelimit-limit").is_none());
+    }
+    // A marker command from another connection ends the capture.
+    let marker = redis::Client::open(redis.url()).expect("url");
+    let mut marker = marker.get_multiplexed_async_connection().await.expect("redis");
+    let _: String = redis::cmd("ECHO").arg("end-of-test").query_async(&mut marker).await.expect("echo");
+    let mut round_trips = Vec::new();
+    while let Some(line) = lines.next_line().await.expect("read") {
+        if line.contains("end-of-test") {
+            break;
+        }
+        if !line.contains(" lua]") {
+            round_trips.push(line);
+        }
+    }
+    let commands: Vec<&str> =
+        round_trips.iter().filter_map(|l| l.split("] \"").nth(1)).filter_map(|c| c.split('"').next()).collect();
+    println!("round trips for {decisions} limited decisions and 10 unlimited: {}", commands.len());
+    assert_eq!(commands.len(), decisions, "{round_trips:#?}");
+    assert!(commands.iter().all(|c| c.eq_ignore_ascii_case("evalsha")), "{commands:?}");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+fn policy_args(policy: FailurePolicy) -> ValidatorArgs {
+    let mut args = TestEnv::validator_args();
+    args.limits.failure_policy = FailurePolicies::all(policy);
+    args.limits.breaker_cooldown = Duration::from_millis(200);
+    args
+}
+
+#[tokio::test]
+async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automatic() {
+    let env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start();
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(3)).await;
+    let open = env.start_validator_with(policy_args(FailurePolicy::Open), &redis.url()).await;
+    let closed = env.start_validator_with(policy_args(FailurePolicy::Closed), &redis.url()).await;
+    let local = env.start_validator_with(policy_args(FailurePolicy::Local), &redis.url()).await;
+    let client = reqwest::Client::new();
+    for validator in [&open, &closed, &local] {
+        assert_eq!(auth(&client, validator, &key).await.status(), StatusCode::OK);
+    }
+
+    redis.stop();
+    let statuses = |validator: &'static str, v: &RunningValidator| {
+        let (client, key) = (client.clone(), key.clone());
+        let url = v.url("/v1/auth");
+        async move {
+            let mut seen = Vec::new();
+            for _ in 0..6 {
+                let started = Instant::now();
+                let response = client.get(&url).bearer_auth(key.expose()).send().await.expect("request");
+                let took = started.elapsed();
+                assert!(took < Duration::from_millis(500), "{validator}: a decision took {took:?} with Redis away");
+                seen.push(response.status().as_u16());
+            }
+            seen
+        }
+    };
+    assert_eq!(statuses("open", &open).await, vec![200; 6]);
+    assert_eq!(statuses("closed", &closed).await, vec![503; 6]);
+    // Local: this process's own counter, limit 3 ÷ 1 replica, starting empty.
+    assert_eq!(statuses("local", &local).await, vec![200, 200, 200, 429, 429, 429]);
+    for (validator, code) in [(&open, 200), (&closed, 503), (&local, 200)] {
+        let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
+        assert_eq!(ready.status().as_u16(), code);
+        let body: Value = ready.json().await.expect("json");
+        assert_eq!(body["ratelimit"], "degraded", "{body}");
+    }
+
+    redis.restart();
+    for (name, validator) in [("open", &open), ("closed", &closed), ("local", &local)] {
+        let recovered = wait_until(
+            Duration::from_secs(15),
+            || async {
+                let response = auth(&client, validator, &key).await;
+                (response.status(), response.headers().contains_key("x-ratelimit-limit"))
+            },
+            |(status, counted)| *status == StatusCode::OK && *counted,
+        )
+        .await;
+        assert_eq!(recovered, (StatusCode::OK, true), "{name} did not recover");
+        let ready: Value =
+            client.get(validator.url("/readyz")).send().await.expect("readyz").json().await.expect("json");
+        assert_eq!(ready["ratelimit"], "ok", "{name}: {ready}");
+    }
+
+    for validator in [open, closed, local] {
+        validator.service.stop().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_quota() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let limits = OrgChanges { monthly_request_limit: Some(LimitSetting::Max(100)), ..OrgChanges::default() };
+    let org_row = admin::update_org(&env.pool, &org, limits).await.expect("org");
+    let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(5)).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let with_cost = |cost: u32| {
+        client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).header("X-Tollgate-Cost", cost.to_string())
+    };
+
+    let first = with_cost(3).send().await.expect("request");
+    assert_eq!(first.status(), StatusCode::OK);
+    assert_eq!(header(&first, "x-ratelimit-limit"), "5");
+    assert_eq!(header(&first, "x-ratelimit-remaining"), "2");
+    assert_eq!(header(&first, "x-ratelimit-used"), "3");
+    assert_eq!(header(&first, "ratelimit-policy"), "\"key\";q=5;w=60");
+    assert!(header(&first, "ratelimit").starts_with("\"key\";r=2;t="));
+    let reset: i64 = header(&first, "x-ratelimit-reset").parse().expect("epoch seconds");
+    let now = Utc::now().timestamp();
+    // The first request's bucket (0.6 s wide) leaves 60 s after it ends, rounded up to a whole second.
+    assert!((now..=now + 62).contains(&reset), "reset {reset}, now {now}");
+
+    let denied = with_cost(3).send().await.expect("request");
+    assert_eq!(denied.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: i64 = header(&denied, "retry-after").parse().expect("seconds");
+    assert!((1..=62).contains(&retry_after), "{retry_after}");
+    let body: Value = denied.json().await.expect("json");
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["limit"], 5);
+    assert!(chrono::DateTime::parse_from_rfc3339(body["reset_at"].as_str().expect("reset_at")).is_ok(), "{body}");
+    // The denial consumed nothing: 2 more still fit.
+    assert_eq!(with_cost(2).send().await.expect("request").status(), StatusCode::OK);
+    let verify: Value = client
+        .post(validator.url("/v1/verify"))
+        .json(&json!({ "key": key.expose() }))
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!((verify["valid"].clone(), verify["code"].clone()), (json!(false), json!("RATE_LIMITED")), "{verify}");
+    assert_eq!(verify["limit"], 5);
+    assert!(verify["reset_at"].is_string() && verify["retry_after"].as_i64().is_some_and(|s| s >= 1), "{verify}");
+    assert_eq!(with_cost(1001).send().await.expect("request").status(), StatusCode::BAD_REQUEST);
+
+    // The monthly quota: the workers' counter (set here by hand), read in the same round trip.
+    let (_, quota_key_holder) = env.key(&org).await;
+    let quota_key = tollgate_validator::quota_key(&env.topology.redis_prefix, org_row.id, Utc::now());
+    let mut redis =
+        redis::Client::open(REDIS_URL).expect("url").get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("SET").arg(&quota_key).arg(98).query_async(&mut redis).await.expect("set");
+    let quota_auth = |cost: u32| {
+        client
+            .get(validator.url("/v1/auth"))
+            .bearer_auth(quota_key_holder.expose())
+            .header("X-Tollgate-Cost", cost.to_string())
+    };
+    let ok = quota_auth(2).send().await.expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+    assert_eq!(header(&ok, "ratelimit-policy").split(';').next(), Some("\"quota\""));
+    assert_eq!(header(&ok, "x-ratelimit-remaining"), "0");
+    // The validator only reads the counter; the workers add committed usage. Simulate their catching up:
+    let _: () = redis::cmd("SET").arg(&quota_key).arg(100).query_async(&mut redis).await.expect("set");
+    let over = quota_auth(1).send().await.expect("request");
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    let body: Value = over.json().await.expect("json");
+    assert_eq!((body["error"].as_str(), body["limit"].as_i64()), (Some("quota_exceeded"), Some(100)), "{body}");
+    let verify: Value = client
+        .post(validator.url("/v1/verify"))
+        .json(&json!({ "key": quota_key_holder.expose() }))
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(verify["code"], "USAGE_EXCEEDED", "{verify}");
+
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'quota_exceeded'", 2).await;
+    env.wait_for_count(
+        &format!("SELECT count(*) FROM api_usage WHERE key_id = '{key_id}' AND outcome = 'rate_limited'"),
+        2,
+    )
+    .await;
+    env.wait_for_count(
+        &format!("SELECT sum(units) FROM api_usage WHERE key_id = '{key_id}' AND outcome = 'allowed'"),
+        5,
+    )
+    .await;
+
+    validator.service.stop().await;
+    worker.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn shadow_limits_allow_but_record_what_they_would_have_done() {
+    let env = TestEnv::new().await;
+    set_tier(&env, RateLimitTier::Limited, 2, 60, true).await;
+    let org = env.org().await;
+    let (tier_key_id, tier_key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let shadow_org = env.org().await;
+    let changes =
+        OrgChanges { rate_limit_per_minute: Some(LimitSetting::Max(1)), shadow: Some(true), ..OrgChanges::default() };
+    admin::update_org(&env.pool, &shadow_org, changes).await.expect("org");
+    let (org_key_id, org_key) = env.key(&shadow_org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+
+    for _ in 0..5 {
+        assert_eq!(auth(&client, &validator, &tier_key).await.status(), StatusCode::OK);
+        assert_eq!(auth(&client, &validator, &org_key).await.status(), StatusCode::OK);
+    }
+    let shadowed = |key: Uuid| {
+        format!("SELECT count(*) FROM api_usage WHERE key_id = '{key}' AND outcome = 'allowed' AND shadow_outcome = 'rate_limited'")
+    };
+    env.wait_for_count("SELECT count(*) FROM api_usage", 10).await;
+    assert_eq!(env.count(&shadowed(tier_key_id)).await, 3);
+    assert_eq!(env.count(&shadowed(org_key_id)).await, 4);
+
+    // Out of shadow mode, the same limit denies (the key cache picks up the tier change).
+    set_tier(&env, RateLimitTier::Limited, 2, 60, false).await;
+    let status = wait_until(
+        Duration::from_secs(5),
+        || async { auth(&client, &validator, &tier_key).await.status() },
+        |s| *s == StatusCode::TOO_MANY_REQUESTS,
+    )
+    .await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+
+    validator.service.stop().await;
+    worker.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn scopes_and_roles_are_enforced_before_limits() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env
+        .key_with(&org, |k| {
+            k.scopes = vec!["read".into(), "orders".into()];
+            k.custom_rate_limit_per_minute = Some(1);
+        })
+        .await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let get = |query: &str| client.get(validator.url(&format!("/v1/auth{query}"))).bearer_auth(key.expose());
+
+    let refusals = [
+        get("?scope=write").send().await.expect("request"),
+        get("?scope=read,write").send().await.expect("request"),
+        get("").header("X-Tollgate-Require-Scope", "write").send().await.expect("request"),
+        get("?role=admin").send().await.expect("request"),
+        get("").header("X-Tollgate-Require-Role", "admin").send().await.expect("request"),
+    ];
+    for response in refusals {
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(body["error"], "insufficient_scope");
+    }
+    let verify: Value = client
+        .post(validator.url("/v1/verify"))
+        .json(&json!({ "key": key.expose(), "scope": "write" }))
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!((verify["valid"].clone(), verify["code"].clone()), (json!(false), json!("INSUFFICIENT_SCOPE")));
+    assert_eq!(get("?role=superuser").send().await.expect("request").status(), StatusCode::BAD_REQUEST);
+    // None of the refusals used the key's 1-per-minute limit.
+    let allowed = get("?scope=read&scope=orders&role=user").send().await.expect("request");
+    assert_eq!(allowed.status(), StatusCode::OK);
+    assert_eq!(header(&allowed, "x-tollgate-role"), Role::User.as_str());
+    assert_eq!(get("?scope=read").send().await.expect("request").status(), StatusCode::TOO_MANY_REQUESTS);
+
+    env.wait_for_count(
+        &format!("SELECT count(*) FROM api_usage WHERE key_id = '{key_id}' AND outcome = 'insufficient_scope'"),
+        6,
+    )
+    .await;
+    validator.service.stop().await;
+    worker.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, good) = env.key_with(&org, |k| k.scopes = vec!["read".into()]).await;
+    let mut args = TestEnv::validator_args();
+    args.limits.ip_failures_per_minute = 5;
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+    let client = reqwest::Client::new();
+    let from = |ip: &str, key: &str| {
+        client.get(validator.url("/v1/auth")).header("X-Forwarded-For", ip).header("X-API-Key", key.to_owned())
+    };
+    let made_up = ApiKey::generate(KeyEnv::Live);
+    let attacker = "203.0.113.50";
+
+    for i in 0..5 {
+        let bad = if i % 2 == 0 { made_up.expose().to_owned() } else { "nonsense".to_owned() };
+        assert_eq!(from(attacker, &bad).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
+    }
+    let blocked = from(attacker, made_up.expose()).send().await.expect("request");
+    assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(header(&blocked, "retry-after").parse::<i64>().is_ok_and(|s| s >= 1));
+    let body: Value = blocked.json().await.expect("json");
+    assert_eq!(body["error"], "rate_limited");
+    // A valid key from the same address is not blocked, and other addresses are not affected.
+    assert_eq!(from(attacker, good.expose()).send().await.expect("request").status(), StatusCode::OK);
+    assert_eq!(
+        from("198.51.100.9", made_up.expose()).send().await.expect("request").status(),
+        StatusCode::UNAUTHORIZED
+    );
+    // 403s do not count.
+    let neighbour = "198.51.100.10";
+    for _ in 0..10 {
+        let response = client
+            .get(validator.url("/v1/auth?scope=write"))
+            .header("X-Forwarded-For", neighbour)
+            .header("X-API-Key", good.expose())
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+    }
+    assert_eq!(from(neighbour, made_up.expose()).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
+
+    validator.service.stop().await;
+    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
+    env.cleanup().await;
+}

@@ -1,0 +1,609 @@
+//! Rate limits and the monthly quota: every limit that applies to a request, decided in one Redis round trip.
+//!
+//! A [`Plan`] lists the limits that apply (the key's own per-minute limit, its tier's windows, its organization's
+//! per-minute limit, the organization's monthly quota). [`Limiter::decide`] runs them through one Lua script
+//! (`EVALSHA`) that uses Redis's clock, so validators with skewed clocks agree, and that is all-or-nothing: a denied
+//! request consumes nothing. A plan with no limits makes no Redis call.
+//!
+//! Redis trouble never makes a request hang: each call has a tight timeout, and a circuit breaker stops calling
+//! after consecutive failures, lets one request probe after a cooldown and closes again when the probe succeeds.
+//! Meanwhile each limit follows its failure policy: `open` allows, `closed` denies with 503, `local` enforces the
+//! limit ÷ replicas from an in-process limiter (the monthly quota has no local counterpart: `local` allows it).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chrono::{DateTime, Datelike, TimeZone, Utc};
+use redis::aio::ConnectionManager;
+use uuid::Uuid;
+
+use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
+use tollgate_shared::metrics::{
+    RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED, RATELIMIT_REDIS_DURATION, RATELIMIT_REDIS_ERRORS,
+    RATELIMIT_SHADOW_DENIALS,
+};
+
+use crate::keys::KeyRecord;
+use crate::window::{Counter, Window, BUCKETS};
+
+const SCRIPT: &str = include_str!("limit.lua");
+/// Counters of the local fallback limiter kept before idle ones are swept.
+const LOCAL_SWEEP_AT: usize = 100_000;
+
+/// Which limit decided; a bounded metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LimitKind {
+    Key,
+    Tier,
+    Org,
+    Quota,
+    Ip,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::Key => "key",
+            LimitKind::Tier => "tier",
+            LimitKind::Org => "org",
+            LimitKind::Quota => "quota",
+            LimitKind::Ip => "ip",
+        }
+    }
+}
+
+/// A rolling-window limit on one counter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowLimit {
+    pub kind: LimitKind,
+    pub redis_key: String,
+    pub limit: u64,
+    pub seconds: u32,
+    pub shadow: bool,
+}
+
+/// The organization's monthly quota: read here, counted by the workers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QuotaLimit {
+    pub redis_key: String,
+    pub limit: u64,
+    /// Start of next month (UTC), in microseconds since the epoch.
+    pub reset_at_us: i64,
+    pub shadow: bool,
+}
+
+/// The limits that apply to one request.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Plan {
+    pub windows: Vec<WindowLimit>,
+    pub quota: Option<QuotaLimit>,
+}
+
+fn positive(n: Option<i64>) -> Option<u64> {
+    n.and_then(|n| u64::try_from(n).ok()).filter(|n| *n > 0)
+}
+
+fn seconds(n: i32) -> u32 {
+    u32::try_from(n).unwrap_or(1).max(1)
+}
+
+/// The Redis key of an organization's monthly quota counter (the workers maintain it): UTC calendar month.
+pub fn quota_key(prefix: &str, org_id: Uuid, now: DateTime<Utc>) -> String {
+    format!("{prefix}quota:{}:{:04}-{:02}", org_id.hyphenated(), now.year(), now.month())
+}
+
+impl Plan {
+    /// Every limit that applies to a key, given its record (which carries its tier's and organization's limits).
+    pub fn for_key(record: &KeyRecord, prefix: &str, now: DateTime<Utc>) -> Plan {
+        let mut windows = Vec::new();
+        if let Some(limit) = positive(record.custom_rate_limit_per_minute.map(i64::from)) {
+            let redis_key = format!("{prefix}rl:key:{}:60", record.id);
+            windows.push(WindowLimit { kind: LimitKind::Key, redis_key, limit, seconds: 60, shadow: false });
+        }
+        let tier = [
+            ("w", record.tier_window_limit, record.tier_window_seconds),
+            ("b", record.tier_burst_limit, record.tier_burst_seconds),
+        ];
+        for (which, limit, secs) in tier {
+            if let Some(limit) = positive(limit) {
+                let seconds = seconds(secs);
+                // The window length is part of the name: buckets of another width would be misread.
+                let redis_key = format!("{prefix}rl:tier{which}:{}:{seconds}", record.id);
+                windows.push(WindowLimit {
+                    kind: LimitKind::Tier,
+                    redis_key,
+                    limit,
+                    seconds,
+                    shadow: record.tier_shadow,
+                });
+            }
+        }
+        if let Some(limit) = positive(record.org_rate_limit_per_minute.map(i64::from)) {
+            let redis_key = format!("{prefix}rl:org:{}:60", record.org_id);
+            windows.push(WindowLimit {
+                kind: LimitKind::Org,
+                redis_key,
+                limit,
+                seconds: 60,
+                shadow: record.org_shadow,
+            });
+        }
+        let quota = positive(record.org_monthly_request_limit).map(|limit| QuotaLimit {
+            redis_key: quota_key(prefix, record.org_id, now),
+            limit,
+            reset_at_us: next_month(now).timestamp_micros(),
+            shadow: record.org_shadow,
+        });
+        Plan { windows, quota }
+    }
+
+    /// The bad-key limit of one client IP.
+    pub fn for_ip_failures(ip: IpAddr, prefix: &str, per_minute: u32) -> Plan {
+        let redis_key = format!("{prefix}rl:ip:{}", ip.to_canonical());
+        let limit =
+            WindowLimit { kind: LimitKind::Ip, redis_key, limit: u64::from(per_minute), seconds: 60, shadow: false };
+        Plan { windows: vec![limit], quota: None }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.windows.is_empty() && self.quota.is_none()
+    }
+}
+
+fn next_month(now: DateTime<Utc>) -> DateTime<Utc> {
+    let (year, month) = if now.month() == 12 { (now.year() + 1, 1) } else { (now.year(), now.month() + 1) };
+    Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single().unwrap_or(now)
+}
+
+/// Where one limit stands after a decision: what the rate-limit headers report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Usage {
+    pub kind: LimitKind,
+    pub limit: u64,
+    /// Units counted, this request included when it was admitted.
+    pub used: u64,
+    /// The window's length (for the quota: seconds until the month ends).
+    pub window_seconds: u64,
+    /// Admitted: when the oldest counted unit leaves. Denied: when a request of this cost would fit.
+    pub reset_at_us: i64,
+}
+
+impl Usage {
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.used)
+    }
+}
+
+/// The limiter's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// Within every enforced limit. `usage` is the most restrictive limit (none when no limit applies);
+    /// `shadow` names a shadow-mode limit that would have denied.
+    Allowed { usage: Option<Usage>, shadow: Option<LimitKind>, now_us: i64 },
+    /// Over `usage.kind`'s limit; nothing was counted.
+    Denied { usage: Usage, now_us: i64 },
+    /// Redis cannot decide and a limit's policy is `closed`.
+    Unavailable,
+}
+
+/// How the limiter stands, for `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Health {
+    /// Redis answers.
+    Ok,
+    /// Redis does not answer (breaker open); decisions follow the failure policies.
+    Degraded,
+}
+
+pub struct Limiter {
+    redis: ConnectionManager,
+    script: redis::Script,
+    timeout: Duration,
+    policies: FailurePolicies,
+    replicas: u64,
+    breaker: Breaker,
+    /// The fallback's counters, each with its window.
+    local: Mutex<HashMap<String, (Window, Counter)>>,
+}
+
+/// Why the Redis call did not decide.
+#[derive(Debug, thiserror::Error)]
+enum CallError {
+    #[error("timed out")]
+    Timeout,
+    #[error("{0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("unexpected reply of {0} values")]
+    Reply(usize),
+}
+
+impl Limiter {
+    pub fn new(redis: ConnectionManager, args: &LimiterArgs) -> Limiter {
+        Limiter {
+            redis,
+            script: redis::Script::new(SCRIPT),
+            timeout: args.redis_timeout,
+            policies: args.failure_policy,
+            replicas: u64::from(args.replicas.max(1)),
+            breaker: Breaker::new(args.breaker_failures, args.breaker_cooldown),
+            local: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        if self.breaker.is_closed() {
+            Health::Ok
+        } else {
+            Health::Degraded
+        }
+    }
+
+    /// Whether some limit denies with 503 while Redis is away (then `/readyz` says not ready).
+    pub fn closes_when_degraded(&self) -> bool {
+        let p = self.policies;
+        [p.key, p.tier, p.org, p.quota].contains(&FailurePolicy::Closed)
+    }
+
+    /// Decides `cost` more units against every limit of `plan`, all or nothing.
+    pub async fn decide(&self, plan: &Plan, cost: u32) -> Decision {
+        if plan.is_empty() {
+            return Decision::Allowed { usage: None, shadow: None, now_us: now_us() };
+        }
+        let decision = if self.breaker.permit() {
+            let started = Instant::now();
+            match self.call(plan, cost).await {
+                Ok(reply) => {
+                    self.breaker.success();
+                    metrics::histogram!(RATELIMIT_REDIS_DURATION).record(started.elapsed().as_secs_f64());
+                    interpret(plan, cost, &reply)
+                }
+                Err(e) => {
+                    let kind = if matches!(e, CallError::Timeout) { "timeout" } else { "error" };
+                    metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => kind).increment(1);
+                    tracing::warn!(error = %e, "rate limiter: Redis did not decide; following the failure policy");
+                    self.breaker.failure();
+                    self.degraded(plan, cost)
+                }
+            }
+        } else {
+            self.degraded(plan, cost)
+        };
+        record(&decision);
+        decision
+    }
+
+    async fn call(&self, plan: &Plan, cost: u32) -> Result<Vec<i64>, CallError> {
+        let mut invocation = self.script.prepare_invoke();
+        for w in &plan.windows {
+            invocation.key(&w.redis_key);
+        }
+        if let Some(q) = &plan.quota {
+            invocation.key(&q.redis_key);
+        }
+        invocation.arg(plan.windows.len()).arg(cost).arg(BUCKETS).arg(u8::from(plan.quota.is_some()));
+        for w in &plan.windows {
+            invocation.arg(w.limit).arg(Window::seconds(w.seconds).bucket_us).arg(u8::from(w.shadow));
+        }
+        if let Some(q) = &plan.quota {
+            invocation.arg(q.limit).arg(u8::from(q.shadow));
+        }
+        let mut redis = self.redis.clone();
+        let reply: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis))
+            .await
+            .map_err(|_| CallError::Timeout)??;
+        let expected = 2 + 3 * plan.windows.len() + if plan.quota.is_some() { 2 } else { 0 };
+        if reply.len() != expected {
+            return Err(CallError::Reply(reply.len()));
+        }
+        Ok(reply)
+    }
+
+    /// Decides without Redis, limit by limit according to each one's failure policy.
+    fn degraded(&self, plan: &Plan, cost: u32) -> Decision {
+        let policy = |kind: LimitKind| match kind {
+            LimitKind::Key => self.policies.key,
+            LimitKind::Tier => self.policies.tier,
+            LimitKind::Org => self.policies.org,
+            LimitKind::Quota => self.policies.quota,
+            LimitKind::Ip => self.policies.ip,
+        };
+        let mut used: Vec<FailurePolicy> = plan.windows.iter().map(|w| policy(w.kind)).collect();
+        if plan.quota.is_some() {
+            used.push(policy(LimitKind::Quota));
+        }
+        for p in [FailurePolicy::Open, FailurePolicy::Closed, FailurePolicy::Local] {
+            if used.contains(&p) {
+                metrics::counter!(RATELIMIT_DEGRADED, "policy" => p.as_str()).increment(1);
+            }
+        }
+        if used.contains(&FailurePolicy::Closed) {
+            return Decision::Unavailable;
+        }
+        let local: Vec<WindowLimit> = plan
+            .windows
+            .iter()
+            .filter(|w| policy(w.kind) == FailurePolicy::Local)
+            .map(|w| WindowLimit { limit: (w.limit / self.replicas).max(1), ..w.clone() })
+            .collect();
+        self.decide_locally(&local, cost, now_us())
+    }
+
+    /// The same arithmetic as the script, on this process's own counters.
+    fn decide_locally(&self, windows: &[WindowLimit], cost: u32, now: i64) -> Decision {
+        let cost = u64::from(cost);
+        // A poisoned lock only means another request panicked mid-update; the counters are still usable.
+        let mut counters = self.local.lock().unwrap_or_else(|e| e.into_inner());
+        if counters.len() >= LOCAL_SWEEP_AT {
+            counters.retain(|_, (window, counter)| !counter.is_idle(*window, now));
+        }
+        let mut checks = Vec::with_capacity(windows.len());
+        for w in windows {
+            let geometry = Window::seconds(w.seconds);
+            let (_, counter) = counters.entry(w.redis_key.clone()).or_insert_with(|| (geometry, Counter::default()));
+            checks.push(counter.check(geometry, now, w.limit, cost));
+        }
+        let replies: Vec<WindowReply> =
+            checks.iter().map(|c| WindowReply { used: c.used, fits: c.fits, at_us: c.at_us }).collect();
+        let plan = Plan { windows: windows.to_vec(), quota: None };
+        let decision = decide_from(&plan, cost, now, &replies, None);
+        if matches!(decision, Decision::Allowed { .. }) {
+            for (w, check) in windows.iter().zip(&checks) {
+                if check.fits {
+                    if let Some((geometry, counter)) = counters.get_mut(&w.redis_key) {
+                        counter.add(*geometry, now, cost);
+                    }
+                }
+            }
+        }
+        decision
+    }
+}
+
+fn now_us() -> i64 {
+    let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
+}
+
+fn record(decision: &Decision) {
+    match decision {
+        Decision::Allowed { usage, shadow, .. } => {
+            let kind = usage.map_or("none", |u| u.kind.as_str());
+            metrics::counter!(RATELIMIT_DECISIONS, "limit" => kind, "result" => "allowed").increment(1);
+            if let Some(shadow) = shadow {
+                metrics::counter!(RATELIMIT_SHADOW_DENIALS, "limit" => shadow.as_str()).increment(1);
+            }
+        }
+        Decision::Denied { usage, .. } => {
+            metrics::counter!(RATELIMIT_DECISIONS, "limit" => usage.kind.as_str(), "result" => "denied").increment(1);
+        }
+        Decision::Unavailable => {
+            metrics::counter!(RATELIMIT_DECISIONS, "limit" => "none", "result" => "unavailable").increment(1);
+        }
+    }
+}
+
+/// One window's part of the script's reply.
+#[derive(Debug, Clone, Copy)]
+struct WindowReply {
+    used: u64,
+    fits: bool,
+    at_us: Option<i64>,
+}
+
+fn interpret(plan: &Plan, cost: u32, reply: &[i64]) -> Decision {
+    let now = reply[0];
+    let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
+    let windows: Vec<WindowReply> = reply[2..2 + 3 * plan.windows.len()]
+        .chunks(3)
+        .map(|c| WindowReply { used: unsigned(c[0]), fits: c[1] == 1, at_us: (c[2] >= 0).then_some(c[2]) })
+        .collect();
+    let quota = plan.quota.as_ref().map(|_| {
+        let at = 2 + 3 * plan.windows.len();
+        (unsigned(reply[at]), reply[at + 1] == 1)
+    });
+    decide_from(plan, u64::from(cost), now, &windows, quota)
+}
+
+/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (the quota first,
+/// then the window that frees up last); otherwise the most restrictive limit is reported.
+fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota: Option<(u64, bool)>) -> Decision {
+    let window_usage = |w: &WindowLimit, r: &WindowReply, admitted: bool| {
+        let geometry = Window::seconds(w.seconds);
+        let reset_at_us = match (admitted, r.at_us) {
+            (_, Some(at)) => at,
+            // Nothing counted before: this request's own bucket is the oldest.
+            (true, None) => (now.div_euclid(geometry.bucket_us) + 1) * geometry.bucket_us + geometry.length_us,
+            // Its cost exceeds the limit: it never fits; report the window's end.
+            (false, None) => now + geometry.length_us,
+        };
+        let used = if admitted { r.used + cost } else { r.used };
+        Usage { kind: w.kind, limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us }
+    };
+    let quota_usage = |q: &QuotaLimit, used: u64, admitted: bool| Usage {
+        kind: LimitKind::Quota,
+        limit: q.limit,
+        used: if admitted { used + cost } else { used },
+        window_seconds: u64::try_from((q.reset_at_us - now) / 1_000_000).unwrap_or(0),
+        reset_at_us: q.reset_at_us,
+    };
+
+    if let (Some(q), Some((used, false))) = (&plan.quota, quota) {
+        if !q.shadow {
+            return Decision::Denied { usage: quota_usage(q, used, false), now_us: now };
+        }
+    }
+    let denied = plan
+        .windows
+        .iter()
+        .zip(windows)
+        .filter(|(w, r)| !r.fits && !w.shadow)
+        .map(|(w, r)| window_usage(w, r, false))
+        .max_by_key(|u| u.reset_at_us);
+    if let Some(usage) = denied {
+        return Decision::Denied { usage, now_us: now };
+    }
+
+    let mut shadow = None;
+    let mut candidates = Vec::new();
+    for (w, r) in plan.windows.iter().zip(windows) {
+        if !r.fits {
+            shadow = shadow.or(Some(w.kind));
+        } else if !w.shadow {
+            candidates.push(window_usage(w, r, true));
+        }
+    }
+    if let (Some(q), Some((used, fits))) = (&plan.quota, quota) {
+        if !fits {
+            shadow = shadow.or(Some(LimitKind::Quota));
+        } else if !q.shadow {
+            candidates.push(quota_usage(q, used, true));
+        }
+    }
+    let usage = candidates.into_iter().min_by_key(|u| (u.remaining(), u.window_seconds));
+    Decision::Allowed { usage, shadow, now_us: now }
+}
+
+/// Consecutive failures open it; after the cooldown one call probes; a success closes it.
+struct Breaker {
+    state: Mutex<BreakerState>,
+    threshold: u32,
+    cooldown: Duration,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum BreakerState {
+    Closed {
+        failures: u32,
+    },
+    Open {
+        until: Instant,
+    },
+    /// One probe is in flight; everyone else stays degraded until it returns.
+    Probing,
+}
+
+impl Breaker {
+    fn new(threshold: u32, cooldown: Duration) -> Breaker {
+        Breaker { state: Mutex::new(BreakerState::Closed { failures: 0 }), threshold: threshold.max(1), cooldown }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        // The state is a plain value that is always valid, so a poisoned lock is safe to reuse.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn is_closed(&self) -> bool {
+        matches!(*self.lock(), BreakerState::Closed { .. })
+    }
+
+    /// Whether this call may go to Redis.
+    fn permit(&self) -> bool {
+        let mut state = self.lock();
+        match *state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until } if Instant::now() >= until => {
+                *state = BreakerState::Probing;
+                true
+            }
+            BreakerState::Open { .. } | BreakerState::Probing => false,
+        }
+    }
+
+    fn success(&self) {
+        let mut state = self.lock();
+        if !matches!(*state, BreakerState::Closed { failures: 0 }) {
+            if !matches!(*state, BreakerState::Closed { .. }) {
+                tracing::info!("rate limiter: Redis answers again; circuit breaker closed");
+                metrics::gauge!(RATELIMIT_BREAKER_OPEN).set(0.0);
+            }
+            *state = BreakerState::Closed { failures: 0 };
+        }
+    }
+
+    fn failure(&self) {
+        let mut state = self.lock();
+        let open = match *state {
+            BreakerState::Closed { failures } if failures + 1 < self.threshold => {
+                *state = BreakerState::Closed { failures: failures + 1 };
+                false
+            }
+            _ => true,
+        };
+        if open {
+            if matches!(*state, BreakerState::Closed { .. }) {
+                tracing::warn!(cooldown = ?self.cooldown, "rate limiter: circuit breaker open; Redis is not called");
+            }
+            metrics::gauge!(RATELIMIT_BREAKER_OPEN).set(1.0);
+            *state = BreakerState::Open { until: Instant::now() + self.cooldown };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn window(kind: LimitKind, limit: u64, shadow: bool) -> WindowLimit {
+        WindowLimit { kind, redis_key: format!("k:{}", kind.as_str()), limit, seconds: 60, shadow }
+    }
+
+    fn reply(used: u64, fits: bool, at_us: Option<i64>) -> WindowReply {
+        WindowReply { used, fits, at_us }
+    }
+
+    #[test]
+    fn the_most_restrictive_limit_is_reported_and_denials_pick_the_latest_retry() {
+        let plan =
+            Plan { windows: vec![window(LimitKind::Key, 10, false), window(LimitKind::Org, 100, false)], quota: None };
+        let allowed = decide_from(&plan, 1, 0, &[reply(8, true, Some(5)), reply(10, true, Some(7))], None);
+        let Decision::Allowed { usage: Some(usage), shadow: None, .. } = allowed else { panic!("{allowed:?}") };
+        assert_eq!((usage.kind, usage.used, usage.remaining(), usage.reset_at_us), (LimitKind::Key, 9, 1, 5));
+        let denied = decide_from(&plan, 1, 0, &[reply(10, false, Some(5)), reply(100, false, Some(9))], None);
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.used, usage.reset_at_us), (LimitKind::Org, 100, 9));
+    }
+
+    #[test]
+    fn shadow_limits_are_reported_but_never_deny_and_the_quota_denies_first() {
+        let quota = QuotaLimit { redis_key: "q".into(), limit: 5, reset_at_us: 1_000_000_000, shadow: false };
+        let plan = Plan { windows: vec![window(LimitKind::Tier, 10, true)], quota: Some(quota.clone()) };
+        let allowed = decide_from(&plan, 1, 0, &[reply(10, false, Some(5))], Some((1, true)));
+        let Decision::Allowed { usage: Some(usage), shadow, .. } = allowed else { panic!("{allowed:?}") };
+        assert_eq!((usage.kind, usage.used, shadow), (LimitKind::Quota, 2, Some(LimitKind::Tier)));
+        let over = decide_from(&plan, 1, 0, &[reply(1, true, None)], Some((5, false)));
+        let Decision::Denied { usage, .. } = over else { panic!("{over:?}") };
+        assert_eq!((usage.kind, usage.reset_at_us), (LimitKind::Quota, 1_000_000_000));
+        let shadow_quota = Plan { quota: Some(QuotaLimit { shadow: true, ..quota }), ..plan };
+        let allowed = decide_from(&shadow_quota, 1, 0, &[reply(1, true, None)], Some((5, false)));
+        assert!(matches!(allowed, Decision::Allowed { shadow: Some(LimitKind::Quota), .. }), "{allowed:?}");
+    }
+
+    #[test]
+    fn the_breaker_opens_probes_once_and_closes() {
+        let breaker = Breaker::new(2, Duration::from_millis(30));
+        assert!(breaker.permit());
+        breaker.failure();
+        assert!(breaker.is_closed());
+        breaker.failure();
+        assert!(!breaker.permit());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breaker.permit(), "one probe after the cooldown");
+        assert!(!breaker.permit(), "only one");
+        breaker.failure();
+        assert!(!breaker.permit());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breaker.permit());
+        breaker.success();
+        assert!(breaker.is_closed() && breaker.permit());
+    }
+
+    #[test]
+    fn quota_keys_name_the_utc_month() {
+        let org = Uuid::parse_str("0190a0b0-0000-7000-8000-000000000001").expect("uuid");
+        let at = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).single().expect("time");
+        assert_eq!(quota_key("tg:", org, at), "tg:quota:0190a0b0-0000-7000-8000-000000000001:2026-12");
+        assert_eq!(next_month(at), Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).single().expect("time"));
+    }
+}

@@ -1,0 +1,74 @@
+//! Rate-limit tiers: the limits every key of a tier shares, as data operators edit.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::PgPool;
+
+use super::orgs::check_violation;
+use super::AdminError;
+use crate::domain::LimitSetting;
+
+/// A tier: up to two rolling-window limits (the main one, typically per hour, and a burst one, typically per
+/// minute), and whether they only run in shadow mode.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct Tier {
+    pub name: String,
+    pub window_limit: Option<i64>,
+    pub window_seconds: i32,
+    pub burst_limit: Option<i64>,
+    pub burst_seconds: i32,
+    pub shadow: bool,
+    pub updated_at: DateTime<Utc>,
+}
+
+const COLUMNS: &str = "name, window_limit, window_seconds, burst_limit, burst_seconds, shadow, updated_at";
+
+/// One limit to set: how many requests per how many seconds (or no limit).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WindowSetting {
+    pub limit: LimitSetting,
+    pub seconds: i32,
+}
+
+/// Fields to change; `None` leaves a field as it is.
+#[derive(Debug, Clone, Default)]
+pub struct TierChanges {
+    /// The main limit (e.g. `--per-hour`, or `--limit N --window 10s`).
+    pub window: Option<WindowSetting>,
+    /// The burst limit (e.g. `--per-minute`).
+    pub burst: Option<WindowSetting>,
+    pub shadow: Option<bool>,
+}
+
+pub async fn list_tiers(pool: &PgPool) -> Result<Vec<Tier>, AdminError> {
+    let sql = format!("SELECT {COLUMNS} FROM rate_limit_tiers ORDER BY window_limit NULLS FIRST, name");
+    Ok(sqlx::query_as(&sql).fetch_all(pool).await?)
+}
+
+/// Changes an existing tier. Bumps `updated_at`, so validators pick up the change for every key of the tier.
+pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result<Tier, AdminError> {
+    let sql = format!(
+        "UPDATE rate_limit_tiers SET
+            window_limit = CASE WHEN $2 THEN $3 ELSE window_limit END,
+            window_seconds = COALESCE($4, window_seconds),
+            burst_limit = CASE WHEN $5 THEN $6 ELSE burst_limit END,
+            burst_seconds = COALESCE($7, burst_seconds),
+            shadow = COALESCE($8, shadow),
+            updated_at = now()
+         WHERE name = $1 RETURNING {COLUMNS}"
+    );
+    let limit = |w: Option<WindowSetting>| w.and_then(|w| w.limit.as_option());
+    sqlx::query_as(&sql)
+        .bind(name)
+        .bind(changes.window.is_some())
+        .bind(limit(changes.window))
+        .bind(changes.window.map(|w| w.seconds))
+        .bind(changes.burst.is_some())
+        .bind(limit(changes.burst))
+        .bind(changes.burst.map(|w| w.seconds))
+        .bind(changes.shadow)
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?
+        .ok_or_else(|| AdminError::NotFound(format!("tier {name:?}")))
+}
