@@ -52,6 +52,8 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/auth", any(auth))
+        // Envoy's HTTP ext_authz appends the original path to its path prefix.
+        .route("/v1/auth/{*original_path}", any(auth))
         .route("/v1/verify", post(verify))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -348,7 +350,11 @@ async fn auth(
         started,
         credential: request::credential(&headers),
         method: request::original_method(&headers).unwrap_or_else(|| method.as_str().to_owned()),
-        path: request::original_uri(&headers).unwrap_or_else(|| request::truncate(uri.path(), MAX_TEXT_LEN)),
+        path: request::original_uri(&headers).unwrap_or_else(|| {
+            // Under Envoy the original path follows the prefix: /v1/auth/orders/1 → /orders/1.
+            let path = uri.path().strip_prefix("/v1/auth").filter(|rest| !rest.is_empty()).unwrap_or(uri.path());
+            request::truncate(path, MAX_TEXT_LEN)
+        }),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, None),
         user_agent: request::user_agent(&headers),
         request_id: request::request_id(&headers),

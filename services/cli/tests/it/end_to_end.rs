@@ -37,7 +37,17 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
     assert_eq!(headers["x-tollgate-role"], "user");
     assert!(headers.contains_key("x-tollgate-org-id"));
 
-    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    // Envoy's ext_authz style: the original path appended to /v1/auth, no X-Original-URI.
+    let envoy = reqwest::Client::new()
+        .get(validator.url("/v1/auth/orders/7"))
+        .header("X-API-Key", key.expose())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(envoy.status(), StatusCode::OK);
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/orders/7'", 1).await;
+
+    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
     let (outcome, method, path, ip, request_id): (String, String, String, String, String) =
         sqlx::query_as("SELECT outcome, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1")
             .bind(key_id)
@@ -48,9 +58,9 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
         (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
         ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")
     );
-    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 2);
     assert_eq!(env.count("SELECT sum(denied) FROM usage_hourly").await, 0);
-    env.wait_for_count("SELECT total_requests FROM api_keys", 1).await;
+    env.wait_for_count("SELECT total_requests FROM api_keys", 2).await;
 
     validator.service.stop().await;
     worker.stop().await;

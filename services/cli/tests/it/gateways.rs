@@ -1,0 +1,122 @@
+//! A real nginx in front of a tiny upstream, with Tollgate as its auth_request service, end to end:
+//! 200 (identity forwarded upstream), 401, 403 (missing scope), 429 with Retry-After (rate limit).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use axum::http::HeaderMap;
+use reqwest::StatusCode;
+use tempfile::TempDir;
+
+use crate::harness::TestEnv;
+
+const NGINX_CONF: &str = include_str!("../../../../gateways/nginx/nginx.conf");
+const PROTECT_CONF: &str = include_str!("../../../../gateways/nginx/tollgate_protect.conf");
+
+struct Nginx {
+    port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_nginx(tollgate: &str, upstream: &str) -> Nginx {
+    let dir = TempDir::new().expect("temp dir");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let fill = |template: &str| {
+        template
+            .replace("{prefix}", &dir.path().display().to_string())
+            .replace("{tollgate}", tollgate)
+            .replace("{upstream}", upstream)
+            .replace("{port}", &port.to_string())
+    };
+    std::fs::write(dir.path().join("nginx.conf"), fill(NGINX_CONF)).expect("write nginx.conf");
+    std::fs::write(dir.path().join("tollgate_protect.conf"), fill(PROTECT_CONF)).expect("write include");
+    let child = Command::new(nginx_binary())
+        .args([
+            "-p",
+            &dir.path().display().to_string(),
+            "-c",
+            "nginx.conf",
+            "-g",
+            "daemon off; master_process off; user root;",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start nginx (installed by .ci/run: apt-get install nginx-light)");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nginx did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    Nginx { port, child, _dir: dir }
+}
+
+fn nginx_binary() -> &'static str {
+    if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    }
+}
+
+/// An upstream that answers with the Tollgate headers it received, as JSON.
+async fn start_upstream() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr").to_string();
+    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+        let seen: serde_json::Map<String, serde_json::Value> = headers
+            .iter()
+            .filter(|(name, _)| name.as_str().starts_with("x-tollgate-") || name.as_str() == "authorization")
+            .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").into()))
+            .collect();
+        axum::Json(seen)
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    address
+}
+
+#[tokio::test]
+async fn nginx_auth_request_gives_200_401_403_and_429() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let (_, limited) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1)).await;
+    let validator = env.start_validator().await;
+    let upstream = start_upstream().await;
+    let nginx = start_nginx(&validator.address.to_string(), &upstream);
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", nginx.port);
+
+    let ok = client.get(url("/orders/1")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+    let seen: serde_json::Value = ok.json().await.expect("upstream echo");
+    assert_eq!(seen["x-tollgate-key-id"], key_id.to_string());
+    assert_eq!(seen["x-tollgate-role"], "user");
+    assert!(seen.get("authorization").is_none_or(|v| v == ""), "the key reached the upstream: {seen}");
+
+    let missing = client.get(url("/orders/1")).send().await.expect("request");
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert!(missing.headers()["www-authenticate"].to_str().expect("ascii").starts_with("Bearer"));
+
+    let forbidden = client.get(url("/admin/users")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+
+    let first = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = second.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    // A 1-per-minute limit: the request leaves the counted span about a minute (plus a bucket) later.
+    assert!((55..=62).contains(&retry_after), "Retry-After {retry_after}");
+
+    drop(nginx);
+    validator.service.stop().await;
+    env.cleanup().await;
+}
