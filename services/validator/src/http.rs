@@ -273,14 +273,13 @@ fn epoch_seconds(us: i64) -> i64 {
     us.div_euclid(1_000_000) + i64::from(us.rem_euclid(1_000_000) > 0)
 }
 
-/// Seconds from `now_us` until `usage` resets, at least 1 when it is in the future.
-fn seconds_until(usage: &Usage, now_us: i64) -> i64 {
-    (epoch_seconds(usage.reset_at_us) - now_us.div_euclid(1_000_000)).max(0)
+/// Whole seconds from the decision until `usage` resets, rounded up.
+fn seconds_until(usage: &Usage) -> i64 {
+    epoch_seconds(usage.reset_at_us - usage.now_us).max(0)
 }
 
 /// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
 fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
-    let now_us = Utc::now().timestamp_micros();
     let kind = usage.kind.as_str();
     let pairs = [
         ("x-ratelimit-limit", usage.limit.to_string()),
@@ -288,7 +287,7 @@ fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
         ("x-ratelimit-used", usage.used.to_string()),
         ("x-ratelimit-reset", epoch_seconds(usage.reset_at_us).to_string()),
         ("ratelimit-policy", format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
-        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage, now_us))),
+        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
     ];
     for (name, value) in pairs {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -299,7 +298,7 @@ fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
 
 /// 429 for a denied request: `Retry-After`, the limit headers and `{"error", "limit", "reset_at"}`.
 fn too_many(error: &'static str, usage: &Usage) -> Response {
-    let retry_after = seconds_until(usage, Utc::now().timestamp_micros()).max(1);
+    let retry_after = seconds_until(usage).max(1);
     let body = Json(json!({
         "error": error,
         "limit": usage.limit,
@@ -482,7 +481,7 @@ impl VerifyAnswer {
         self.used = Some(usage.used);
         self.reset_at = Some(reset_at(usage));
         if denied {
-            self.retry_after = Some(seconds_until(usage, Utc::now().timestamp_micros()).max(1));
+            self.retry_after = Some(seconds_until(usage).max(1));
         }
         self
     }
