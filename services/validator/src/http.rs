@@ -590,3 +590,48 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_come_from_query_and_headers_and_the_highest_role_applies() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-tollgate-require-scope", HeaderValue::from_static("orders"));
+        headers.append("x-tollgate-require-role", HeaderValue::from_static("guest"));
+        let need = requirement(Some("scope=read,write&scope=a%20b&role=admin&other=1"), &headers).expect("valid");
+        assert_eq!(need.scopes, ["read", "write", "a", "b", "orders"]);
+        assert_eq!(need.role, Some(Role::Admin));
+        assert_eq!(requirement(None, &HeaderMap::new()).expect("valid"), Requirement::default());
+        assert!(requirement(Some("role=root"), &HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn costs_are_bounded() {
+        let cost = |v: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-tollgate-cost", HeaderValue::from_static(v));
+            cost_header(&headers)
+        };
+        assert_eq!(cost_header(&HeaderMap::new()), Ok(1));
+        assert_eq!(cost(" 7 "), Ok(7));
+        assert!(cost("0").is_err() && cost("1001").is_err() && cost("-1").is_err() && cost("x").is_err());
+    }
+
+    #[test]
+    fn reset_times_round_up_to_whole_seconds() {
+        let usage = |reset_at_us, now_us| Usage {
+            kind: LimitKind::Key,
+            limit: 5,
+            used: 5,
+            window_seconds: 60,
+            reset_at_us,
+            now_us,
+        };
+        assert_eq!(seconds_until(&usage(10_000_001, 9_000_000)), 2);
+        assert_eq!(seconds_until(&usage(10_000_000, 9_000_000)), 1);
+        assert_eq!(seconds_until(&usage(9_000_000, 10_000_000)), 0);
+        assert_eq!(reset_at(&usage(1_795_000_000_000_001, 0)), "2026-11-18T11:06:41Z");
+    }
+}
