@@ -163,7 +163,7 @@ pub struct ValidatorArgs {
 }
 
 /// How the rate limiter behaves, above all when Redis is slow or away.
-#[derive(clap::Args, Debug, Clone)]
+#[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(next_help_heading = "Rate limiting")]
 pub struct LimiterArgs {
     /// Longest wait for the one Redis round trip of a decision before the failure policy decides instead.
@@ -324,6 +324,17 @@ mod tests {
         assert_eq!(url.to_string(), "postgres://alice:***@db:5432/tollgate");
         assert!(!format!("{url:?}").contains("s3cret"));
         assert!(url.expose().contains("s3cret"));
+    }
+
+    #[test]
+    fn limiter_defaults_match_the_flags() {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            limits: LimiterArgs,
+        }
+        let parsed = <Only as clap::Parser>::try_parse_from(["tollgate"]).expect("defaults parse");
+        assert_eq!(parsed.limits, LimiterArgs::defaults());
     }
 
     #[test]

@@ -275,14 +275,13 @@ fn epoch_seconds(us: i64) -> i64 {
     us.div_euclid(1_000_000) + i64::from(us.rem_euclid(1_000_000) > 0)
 }
 
-/// Seconds from `now_us` until `usage` resets, at least 1 when it is in the future.
-fn seconds_until(usage: &Usage, now_us: i64) -> i64 {
-    (epoch_seconds(usage.reset_at_us) - now_us.div_euclid(1_000_000)).max(0)
+/// Whole seconds from the decision until `usage` resets, rounded up.
+fn seconds_until(usage: &Usage) -> i64 {
+    epoch_seconds(usage.reset_at_us - usage.now_us).max(0)
 }
 
 /// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
 fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
-    let now_us = Utc::now().timestamp_micros();
     let kind = usage.kind.as_str();
     let pairs = [
         ("x-ratelimit-limit", usage.limit.to_string()),
@@ -290,7 +289,7 @@ fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
         ("x-ratelimit-used", usage.used.to_string()),
         ("x-ratelimit-reset", epoch_seconds(usage.reset_at_us).to_string()),
         ("ratelimit-policy", format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
-        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage, now_us))),
+        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
     ];
     for (name, value) in pairs {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -301,7 +300,7 @@ fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
 
 /// 429 for a denied request: `Retry-After`, the limit headers and `{"error", "limit", "reset_at"}`.
 fn too_many(error: &'static str, usage: &Usage) -> Response {
-    let retry_after = seconds_until(usage, Utc::now().timestamp_micros()).max(1);
+    let retry_after = seconds_until(usage).max(1);
     let body = Json(json!({
         "error": error,
         "limit": usage.limit,
@@ -488,7 +487,7 @@ impl VerifyAnswer {
         self.used = Some(usage.used);
         self.reset_at = Some(reset_at(usage));
         if denied {
-            self.retry_after = Some(seconds_until(usage, Utc::now().timestamp_micros()).max(1));
+            self.retry_after = Some(seconds_until(usage).max(1));
         }
         self
     }
@@ -596,4 +595,49 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let ready = status["postgres"] == "ok" && status["nats"] == "ok" && limiter_ready;
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requirements_come_from_query_and_headers_and_the_highest_role_applies() {
+        let mut headers = HeaderMap::new();
+        headers.append("x-tollgate-require-scope", HeaderValue::from_static("orders"));
+        headers.append("x-tollgate-require-role", HeaderValue::from_static("guest"));
+        let need = requirement(Some("scope=read,write&scope=a%20b&role=admin&other=1"), &headers).expect("valid");
+        assert_eq!(need.scopes, ["read", "write", "a", "b", "orders"]);
+        assert_eq!(need.role, Some(Role::Admin));
+        assert_eq!(requirement(None, &HeaderMap::new()).expect("valid"), Requirement::default());
+        assert!(requirement(Some("role=root"), &HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn costs_are_bounded() {
+        let cost = |v: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-tollgate-cost", HeaderValue::from_static(v));
+            cost_header(&headers)
+        };
+        assert_eq!(cost_header(&HeaderMap::new()), Ok(1));
+        assert_eq!(cost(" 7 "), Ok(7));
+        assert!(cost("0").is_err() && cost("1001").is_err() && cost("-1").is_err() && cost("x").is_err());
+    }
+
+    #[test]
+    fn reset_times_round_up_to_whole_seconds() {
+        let usage = |reset_at_us, now_us| Usage {
+            kind: LimitKind::Key,
+            limit: 5,
+            used: 5,
+            window_seconds: 60,
+            reset_at_us,
+            now_us,
+        };
+        assert_eq!(seconds_until(&usage(10_000_001, 9_000_000)), 2);
+        assert_eq!(seconds_until(&usage(10_000_000, 9_000_000)), 1);
+        assert_eq!(seconds_until(&usage(9_000_000, 10_000_000)), 0);
+        assert_eq!(reset_at(&usage(1_795_000_000_000_001, 0)), "2026-11-18T11:06:41Z");
+    }
 }

@@ -168,6 +168,8 @@ pub struct Usage {
     pub window_seconds: u64,
     /// Admitted: when the oldest counted unit leaves. Denied: when a request of this cost would fit.
     pub reset_at_us: i64,
+    /// When the limiter decided, by its clock (Redis's), so `Retry-After` does not depend on this host's clock.
+    pub now_us: i64,
 }
 
 impl Usage {
@@ -419,7 +421,7 @@ fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota:
             (false, None) => now + geometry.length_us,
         };
         let used = if admitted { r.used + cost } else { r.used };
-        Usage { kind: w.kind, limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us }
+        Usage { kind: w.kind, limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us, now_us: now }
     };
     let quota_usage = |q: &QuotaLimit, used: u64, admitted: bool| Usage {
         kind: LimitKind::Quota,
@@ -427,6 +429,7 @@ fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota:
         used: if admitted { used + cost } else { used },
         window_seconds: u64::try_from((q.reset_at_us - now) / 1_000_000).unwrap_or(0),
         reset_at_us: q.reset_at_us,
+        now_us: now,
     };
 
     if let (Some(q), Some((used, false))) = (&plan.quota, quota) {

@@ -272,6 +272,7 @@ fn policy_args(policy: FailurePolicy) -> ValidatorArgs {
 
 #[tokio::test]
 async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automatic() {
+    let metrics = tollgate_shared::metrics::install();
     let env = TestEnv::new().await;
     let mut redis = PrivateRedis::start();
     let org = env.org().await;
@@ -304,6 +305,11 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
     assert_eq!(statuses("closed", &closed).await, vec![503; 6]);
     // Local: this process's own counter, limit 3 ÷ 1 replica, starting empty.
     assert_eq!(statuses("local", &local).await, vec![200, 200, 200, 429, 429, 429]);
+    let text = metrics.render();
+    for policy in ["open", "closed", "local"] {
+        let counter = format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
+        assert!(text.contains(&counter), "{counter} missing");
+    }
     for (validator, code) in [(&open, 200), (&closed, 503), (&local, 200)] {
         let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
         assert_eq!(ready.status().as_u16(), code);
@@ -437,6 +443,7 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
 
 #[tokio::test]
 async fn shadow_limits_allow_but_record_what_they_would_have_done() {
+    let metrics = tollgate_shared::metrics::install();
     let env = TestEnv::new().await;
     set_tier(&env, RateLimitTier::Limited, 2, 60, true).await;
     let org = env.org().await;
@@ -460,6 +467,11 @@ async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     env.wait_for_count("SELECT count(*) FROM api_usage", 10).await;
     assert_eq!(env.count(&shadowed(tier_key_id)).await, 3);
     assert_eq!(env.count(&shadowed(org_key_id)).await, 4);
+    let text = metrics.render();
+    for limit in ["tier", "org"] {
+        let counter = format!("tollgate_ratelimit_shadow_denials_total{{limit=\"{limit}\"}}");
+        assert!(text.contains(&counter), "{counter} missing");
+    }
 
     // Out of shadow mode, the same limit denies (the key cache picks up the tier change).
     set_tier(&env, RateLimitTier::Limited, 2, 60, false).await;
