@@ -92,7 +92,7 @@ impl AppState {
         let outcome = decide(&record, now);
         let event_id = Uuid::now_v7();
         let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        self.events
+        let queued = self.events
             .push(UsageEvent {
                 event_id,
                 ts: now,
@@ -108,6 +108,10 @@ impl AppState {
                 latency_us,
             })
             .await;
+        // The spool is full (policy `block`): an event that cannot be recorded must not be a decision either.
+        if queued.is_err() {
+            return self.finish(attempt.started, Verdict::Unavailable);
+        }
         self.finish(attempt.started, Verdict::Decided { outcome, record, event_id })
     }
 
