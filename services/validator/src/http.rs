@@ -92,7 +92,8 @@ impl AppState {
         let outcome = decide(&record, now);
         let event_id = Uuid::now_v7();
         let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        let queued = self.events
+        let queued = self
+            .events
             .push(UsageEvent {
                 event_id,
                 ts: now,

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -12,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
-use tollgate_shared::config::{NamespaceArgs, ServerUrl, ValidatorArgs, WorkerArgs};
+use tollgate_shared::config::{FsyncPolicy, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs};
 use tollgate_shared::connect;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::{ApiKey, KeyEnv};
@@ -56,11 +57,16 @@ impl RunningValidator {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        Self::with_nats(NATS_URL).await
+    }
+
+    /// Like [`TestEnv::new`], with NATS at `nats_url` (a private server for fault tests).
+    pub async fn with_nats(nats_url: &str) -> TestEnv {
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("tollgate_it_{id}");
         let database_url: ServerUrl = format!("{DATABASE_SERVER}/{database}").parse().expect("valid url");
         let pool = connect::postgres_migrated(&database_url, 8).await.expect("test database");
-        let nats = connect::nats(&NATS_URL.parse().expect("url")).await.expect("nats");
+        let nats = connect::nats(&nats_url.parse().expect("url")).await.expect("nats");
         let namespace = NamespaceArgs {
             stream: format!("IT_{id}"),
             subject_prefix: format!("it{id}"),
@@ -78,7 +84,18 @@ impl TestEnv {
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),
             key_refresh: Duration::from_millis(200),
+            // Unique, so that validators of parallel tests never share a spool (the lock would refuse them).
+            spool_dir: std::env::temp_dir().join("tollgate-it-spool").join(Uuid::new_v4().simple().to_string()),
+            spool_fsync: FsyncPolicy::Always,
+            spool_max_bytes: 64 << 20,
+            spool_full: SpoolFullPolicy::Block,
+            publish_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// This test's spool directory (removed by `cleanup`); a validator restarted with it finds what the last left.
+    pub fn spool_dir(&self) -> PathBuf {
+        std::env::temp_dir().join("tollgate-it-spool").join(&self.topology.stream)
     }
 
     pub fn worker_args() -> WorkerArgs {
@@ -86,6 +103,10 @@ impl TestEnv {
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
+        self.start_validator_with(ValidatorArgs { spool_dir: self.spool_dir(), ..Self::validator_args() }).await
+    }
+
+    pub async fn start_validator_with(&self, args: ValidatorArgs) -> RunningValidator {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("address");
         let connections = tollgate_validator::Connections {
@@ -94,13 +115,8 @@ impl TestEnv {
             nats: self.nats.clone(),
         };
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(tollgate_validator::run(
-            Self::validator_args(),
-            self.topology.clone(),
-            connections,
-            listener,
-            shutdown.clone(),
-        ));
+        let task =
+            tokio::spawn(tollgate_validator::run(args, self.topology.clone(), connections, listener, shutdown.clone()));
         RunningValidator { address, service: Running { shutdown, task } }
     }
 
@@ -161,7 +177,14 @@ impl TestEnv {
         assert_eq!(last, expected, "{sql}");
     }
 
+    /// Waits until `sql` returns `expected`, failing with the last value after `timeout`.
+    pub async fn wait_for_count_within(&self, sql: &str, expected: i64, timeout: Duration) {
+        let last = wait_until(timeout, || async { self.count(sql).await }, |n| *n == expected).await;
+        assert_eq!(last, expected, "{sql}");
+    }
+
     pub async fn cleanup(self) {
+        let _ = std::fs::remove_dir_all(self.spool_dir());
         self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
         self.pool.close().await;
         let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod end_to_end;
+mod faults_publisher;
 mod harness;
 mod pipeline;
 mod private_servers;

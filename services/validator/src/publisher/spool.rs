@@ -510,7 +510,8 @@ mod tests {
     fn a_torn_tail_is_skipped_and_counted() {
         let dir = tempfile::tempdir().expect("dir");
         {
-            let mut spool = Spool::open(dir.path(), SpoolOptions { segment_bytes: 1 << 20, ..options() }).expect("open");
+            let mut spool =
+                Spool::open(dir.path(), SpoolOptions { segment_bytes: 1 << 20, ..options() }).expect("open");
             for n in 0..3 {
                 spool.append(&message(n)).expect("append");
             }
@@ -530,7 +531,8 @@ mod tests {
     fn a_record_failing_its_checksum_is_skipped_and_the_rest_are_read() {
         let dir = tempfile::tempdir().expect("dir");
         {
-            let mut spool = Spool::open(dir.path(), SpoolOptions { segment_bytes: 1 << 20, ..options() }).expect("open");
+            let mut spool =
+                Spool::open(dir.path(), SpoolOptions { segment_bytes: 1 << 20, ..options() }).expect("open");
             for n in 0..3 {
                 spool.append(&message(n)).expect("append");
             }

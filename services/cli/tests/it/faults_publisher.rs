@@ -1,0 +1,144 @@
+//! Fault tests of the validator's publisher against a private nats-server: NATS stopped under load (the validator
+//! spools and replays), and the validator restarted while NATS is down (the spool survives).
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use tokio::task::JoinHandle;
+
+use tollgate_shared::config::ValidatorArgs;
+use tollgate_shared::key::ApiKey;
+
+use crate::harness::{wait_until, RunningValidator, TestEnv};
+use crate::servers::PrivateNats;
+
+/// A publish timeout short enough that an outage is noticed quickly, long enough for a busy machine.
+const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn args(env: &TestEnv) -> ValidatorArgs {
+    ValidatorArgs { spool_dir: env.spool_dir(), publish_timeout: PUBLISH_TIMEOUT, ..TestEnv::validator_args() }
+}
+
+fn spooled_segments(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries.filter(|e| e.as_ref().is_ok_and(|e| e.path().extension().is_some_and(|x| x == "seg"))).count()
+        })
+        .unwrap_or(0)
+}
+
+/// What the clients saw.
+#[derive(Debug, Default)]
+struct Seen {
+    allowed: i64,
+    other: Vec<StatusCode>,
+}
+
+/// Verifies `key` through `/v1/auth` about every 3 ms (a few hundred a second) until `stop` is set.
+fn steady_load(validator: &RunningValidator, key: &ApiKey, stop: Arc<AtomicBool>) -> JoinHandle<Seen> {
+    let url = validator.url("/v1/auth");
+    let bearer = format!("Bearer {}", key.expose());
+    tokio::spawn(async move {
+        let client = reqwest::Client::new();
+        let mut seen = Seen::default();
+        let mut tick = tokio::time::interval(Duration::from_millis(3));
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let response = client.get(&url).header("authorization", &bearer).send().await.expect("validator answers");
+            match response.status() {
+                StatusCode::OK => seen.allowed += 1,
+                status => seen.other.push(status),
+            }
+        }
+        seen
+    })
+}
+
+async fn verify(validator: &RunningValidator, key: &ApiKey, times: usize) {
+    let client = reqwest::Client::new();
+    for _ in 0..times {
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+}
+
+/// Every 200 is exactly one allowed row and one hourly count, and no event is there twice.
+async fn assert_counted_once(env: &TestEnv, allowed: i64) {
+    env.wait_for_count_within(
+        "SELECT count(*) FROM api_usage WHERE outcome = 'allowed'",
+        allowed,
+        Duration::from_secs(30),
+    )
+    .await;
+    assert_eq!(env.count("SELECT count(*) FROM api_usage").await, allowed);
+    assert_eq!(env.count("SELECT count(DISTINCT event_id) FROM api_usage").await, allowed);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, allowed);
+}
+
+/// Fault 3: NATS stopped for 10 s under a steady stream of verifies, then restarted.
+#[tokio::test]
+async fn nats_stopped_for_ten_seconds_loses_and_doubles_nothing() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator_with(args(&env)).await;
+    let worker = env.start_worker().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = steady_load(&validator, &key, stop.clone());
+
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nats.stop();
+    let spooling =
+        wait_until(Duration::from_secs(8), || async { spooled_segments(&env.spool_dir()) }, |n| *n > 0).await;
+    assert!(spooling > 0, "the validator spools while NATS is away");
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(Duration::from_secs(2))).await;
+    nats.restart();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, Ordering::Relaxed);
+    let seen = load.await.expect("load task");
+
+    assert!(seen.other.is_empty(), "only 200s expected: {:?}", seen.other);
+    assert!(seen.allowed > 1000, "a steady stream: {seen:?}");
+    assert_counted_once(&env, seen.allowed).await;
+    let drained =
+        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "the spool is replayed and emptied");
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// Fault 5: the validator stopped gracefully while NATS is down keeps its events in the spool, and the next one
+/// (same spool directory) delivers them once NATS is back.
+#[tokio::test]
+async fn a_validator_restarted_while_nats_is_down_delivers_its_spool() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let worker = env.start_worker().await;
+    let first = env.start_validator_with(args(&env)).await;
+
+    verify(&first, &key, 50).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 50).await;
+    nats.stop();
+    verify(&first, &key, 100).await;
+    tokio::time::timeout(Duration::from_secs(15), first.service.stop())
+        .await
+        .expect("graceful shutdown finishes while NATS is down");
+    assert!(spooled_segments(&env.spool_dir()) > 0, "the events made while NATS was down are in the spool");
+
+    nats.restart();
+    let second = env.start_validator_with(args(&env)).await;
+    verify(&second, &key, 20).await;
+    assert_counted_once(&env, 170).await;
+
+    second.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
