@@ -210,6 +210,11 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     Replayed { events, failed }
 }
 
+/// Backoff after a failure: doubling from [`RETRY_FIRST`] up to [`RETRY_MAX`].
+fn next_delay(last: Option<Duration>) -> Duration {
+    last.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
+
 /// Messages published directly and not yet acknowledged, in the order they were sent.
 #[derive(Default)]
 struct InFlight {
@@ -283,6 +288,7 @@ impl Publisher {
                 run.replay = Some(replay_step(self.spool.clone(), self.target.clone(), run.retry_delay).boxed());
             }
             if run.closed && run.in_flight.len() == 0 && (!run.spooling || run.gave_up) {
+                self.lose_held(&mut run);
                 break;
             }
             let receive = !run.closed && run.held.is_empty() && (run.spooling || run.in_flight.len() < MAX_IN_FLIGHT);
@@ -346,6 +352,7 @@ impl Publisher {
                     "publishing usage events failed; spooling them and everything after until NATS is back");
                 run.spooling = true;
                 run.gave_up = false;
+                run.retry_delay = Some(next_delay(run.retry_delay));
                 run.held.extend(diverted);
                 self.spool_held(run).await;
             }
@@ -354,9 +361,11 @@ impl Publisher {
 
     async fn replayed(&mut self, run: &mut Run, replayed: Replayed) {
         match replayed.failed {
+            // An empty spool proves nothing about NATS: keep the backoff of the last failure.
+            None if replayed.events == 0 => {}
             None => run.retry_delay = None,
             Some(e) => {
-                let delay = run.retry_delay.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX));
+                let delay = next_delay(run.retry_delay);
                 run.retry_delay = Some(delay);
                 tracing::warn!(error = %e, retry_in = ?delay, replayed = replayed.events,
                     "replaying spooled usage events failed; retrying");
@@ -367,9 +376,17 @@ impl Publisher {
         }
         self.spool_held(run).await;
         let empty = self.spool.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
-        if empty && run.held.is_empty() && run.spooling {
+        if empty && run.spooling {
             tracing::info!("spool replayed; publishing directly again");
             run.spooling = false;
+            if !run.held.is_empty() {
+                // Too large for even an empty spool: publish them directly rather than hold them forever. If that
+                // fails they are held again, and tried again after the next replay attempt.
+                for message in run.held.drain(..) {
+                    run.in_flight.send(&self.target, message);
+                }
+                self.spool_full.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -386,6 +403,11 @@ impl Publisher {
                 self.replayed(run, replayed).await;
             }
         }
+        self.lose_held(run);
+    }
+
+    /// Shutting down with messages that neither NATS nor the spool took: count them and say so.
+    fn lose_held(&self, run: &mut Run) {
         if !run.held.is_empty() {
             let lost: u64 = run.held.drain(..).map(|m| u64::from(m.events)).sum();
             metrics::counter!(EVENTS_DROPPED).increment(lost);
