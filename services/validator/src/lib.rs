@@ -36,9 +36,10 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // First, so that a second validator on the same spool directory stops before it touches anything else.
+    let spool = open_spool(&args).await?;
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
     topology.ensure_usage_stream(&jetstream).await?;
-    let spool = open_spool(&args).await?;
     let settings = publisher::Settings {
         publish_timeout: args.publish_timeout,
         full_policy: args.spool_full,
