@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tollgate_shared::config::ValidatorArgs;
 use tollgate_shared::topology::Topology;
 
+use publisher::spool::{Spool, SpoolOptions};
+
 pub use keys::{KeyCache, KeyRecord};
-pub use publisher::spool::{Spool, SpoolError, SpoolOptions};
 
 /// The servers the validator talks to.
 pub struct Connections {

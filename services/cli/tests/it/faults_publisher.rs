@@ -243,3 +243,38 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// Requests already waiting for room in a full queue when the spool fills are answered 503 too, instead of waiting
+/// for a publisher that takes nothing from the queue until NATS is back.
+#[tokio::test]
+async fn requests_waiting_on_a_full_queue_are_refused_once_the_spool_is_full() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let worker = env.start_worker().await;
+    let validator =
+        env.start_validator_with(ValidatorArgs { event_queue: 1, spool_max_bytes: 8 << 10, ..args(&env) }).await;
+    verify(&validator, &key, 1).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+
+    nats.stop();
+    let client = reqwest::Client::new();
+    let burst = (0..200).map(|_| {
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+        async move { request.await.expect("request").status() }
+    });
+    let statuses = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(burst))
+        .await
+        .expect("every request is answered while NATS is away");
+    let allowed = statuses.iter().filter(|s| **s == StatusCode::OK).count() as i64;
+    let refused = statuses.iter().filter(|s| **s == StatusCode::SERVICE_UNAVAILABLE).count();
+    assert_eq!(allowed as usize + refused, statuses.len(), "{statuses:?}");
+    assert!(refused > 0, "the spool filled ({allowed} allowed)");
+
+    nats.restart();
+    assert_counted_once(&env, allowed + 1).await;
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}

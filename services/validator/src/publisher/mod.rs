@@ -18,7 +18,6 @@
 pub mod spool;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -27,7 +26,7 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
 use tollgate_shared::codec;
@@ -55,7 +54,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 #[derive(Clone)]
 pub struct EventQueue {
     sender: mpsc::Sender<UsageEvent>,
-    spool_full: Arc<AtomicBool>,
+    spool_full: watch::Receiver<bool>,
     full_policy: SpoolFullPolicy,
 }
 
@@ -65,11 +64,12 @@ pub struct Rejected;
 
 impl EventQueue {
     /// Queues an event. If the queue is full the caller waits (counted in `tollgate_event_queue_full_total`), so
-    /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead.
+    /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead,
+    /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless).
     pub async fn push(&self, event: UsageEvent) -> Result<(), Rejected> {
-        if self.full_policy == SpoolFullPolicy::Block && self.spool_full.load(Ordering::Relaxed) {
-            metrics::counter!(EVENTS_REJECTED).increment(1);
-            return Err(Rejected);
+        let blocking = self.full_policy == SpoolFullPolicy::Block;
+        if blocking && *self.spool_full.borrow() {
+            return reject();
         }
         let event = match self.sender.try_send(event) {
             Ok(()) => return Ok(()),
@@ -80,11 +80,23 @@ impl EventQueue {
             }
         };
         metrics::counter!(EVENT_QUEUE_FULL).increment(1);
-        if self.sender.send(event).await.is_err() {
-            tracing::error!("usage event queue is closed; the publisher stopped early");
+        let mut spool_full = self.spool_full.clone();
+        tokio::select! {
+            sent = self.sender.send(event) => {
+                if sent.is_err() {
+                    tracing::error!("usage event queue is closed; the publisher stopped early");
+                }
+                Ok(())
+            }
+            // A cancelled `send` has not queued the event.
+            Ok(_) = spool_full.wait_for(|full| *full), if blocking => reject(),
         }
-        Ok(())
     }
+}
+
+fn reject() -> Result<(), Rejected> {
+    metrics::counter!(EVENTS_REJECTED).increment(1);
+    Err(Rejected)
 }
 
 /// How the publisher publishes and spools.
@@ -100,7 +112,7 @@ pub struct Publisher {
     queue: mpsc::Receiver<UsageEvent>,
     target: Target,
     spool: Arc<Mutex<Spool>>,
-    spool_full: Arc<AtomicBool>,
+    spool_full: watch::Sender<bool>,
     settings: Settings,
 }
 
@@ -113,8 +125,8 @@ pub fn channel(
     settings: Settings,
 ) -> (EventQueue, Publisher) {
     let (sender, queue) = mpsc::channel(capacity);
-    let spool_full = Arc::new(AtomicBool::new(false));
-    let events = EventQueue { sender, spool_full: spool_full.clone(), full_policy: settings.full_policy };
+    let (spool_full, full) = watch::channel(false);
+    let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
     let target = Target { jetstream, subject: subject.into(), timeout: settings.publish_timeout };
     (events, Publisher { queue, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
 }
@@ -385,7 +397,7 @@ impl Publisher {
                 for message in run.held.drain(..) {
                     run.in_flight.send(&self.target, message);
                 }
-                self.spool_full.store(false, Ordering::Relaxed);
+                self.spool_full.send_replace(false);
             }
         }
     }
@@ -453,7 +465,7 @@ impl Publisher {
         metrics::counter!(EVENTS_DROPPED).increment(dropped);
         run.held = kept;
         let full = !run.held.is_empty() || dropped > 0;
-        let was_full = self.spool_full.swap(full, Ordering::Relaxed);
+        let was_full = self.spool_full.send_replace(full);
         match (&error, was_full, full) {
             (Some(e), false, true) => match self.settings.full_policy {
                 SpoolFullPolicy::Block => {

@@ -165,16 +165,20 @@ impl Spool {
         self.bytes
     }
 
+    /// Segment files on disk.
+    #[cfg(test)]
     pub fn segments(&self) -> usize {
         self.segments.len()
     }
 
     /// Records skipped because they were torn or failed their checksum.
+    #[cfg(test)]
     pub fn corrupt_records(&self) -> u64 {
         self.corrupt
     }
 
     /// Whether `message` would fit under the bound now.
+    #[cfg(test)]
     pub fn has_room_for(&self, message: &SpooledMessage) -> bool {
         self.bytes + HEADER_LEN + record_len(message) <= self.options.max_bytes
     }
