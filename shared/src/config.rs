@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -158,6 +159,25 @@ pub struct ValidatorArgs {
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
           default_value = "1s", value_parser = humantime::parse_duration)]
     pub key_refresh: Duration,
+    /// Where usage messages wait on disk while NATS is unreachable or slow (relative paths are from the working
+    /// directory). One validator per directory: a lock file refuses a second one.
+    #[arg(long, env = "TOLLGATE_SPOOL_DIR", value_name = "TOLLGATE_SPOOL_DIR", default_value = ".tollgate/spool")]
+    pub spool_dir: PathBuf,
+    /// When spooled messages are fsynced: `always` (after every message), `never` (left to the OS), or a period
+    /// such as `1s` (at most that much is unsynced).
+    #[arg(long, env = "TOLLGATE_SPOOL_FSYNC", value_name = "TOLLGATE_SPOOL_FSYNC", default_value = "always")]
+    pub spool_fsync: FsyncPolicy,
+    /// Largest size of the spool on disk, in bytes (suffixes KiB, MiB, GiB allowed).
+    #[arg(long, env = "TOLLGATE_SPOOL_MAX_BYTES", value_name = "TOLLGATE_SPOOL_MAX_BYTES",
+          default_value = "1GiB", value_parser = parse_bytes)]
+    pub spool_max_bytes: u64,
+    /// What a full spool does to new events: `block` answers verifies with 503, `drop` loses them (counted).
+    #[arg(long, env = "TOLLGATE_SPOOL_FULL", value_name = "TOLLGATE_SPOOL_FULL", default_value = "block")]
+    pub spool_full: SpoolFullPolicy,
+    /// Longest the publisher waits for JetStream to acknowledge a message before it spools it instead.
+    #[arg(long, env = "TOLLGATE_PUBLISH_TIMEOUT", value_name = "TOLLGATE_PUBLISH_TIMEOUT",
+          default_value = "2s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
     #[command(flatten)]
     pub limits: LimiterArgs,
 }
@@ -249,6 +269,31 @@ impl FromStr for FailurePolicy {
     }
 }
 
+/// When the spool's appends reach the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every appended message (the default): a crash loses nothing that was spooled.
+    Always,
+    /// At most this long after an append.
+    Every(Duration),
+    /// Never explicitly; the OS writes back when it likes (a process crash loses nothing, a power cut may).
+    Never,
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            period => match humantime::parse_duration(period) {
+                Ok(d) if !d.is_zero() => Ok(FsyncPolicy::Every(d)),
+                _ => Err("use `always`, `never` or a period such as `1s`".to_owned()),
+            },
+        }
+    }
+}
+
 /// The failure policy of each kind of limit.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FailurePolicies {
@@ -290,6 +335,15 @@ impl FromStr for FailurePolicies {
     }
 }
 
+/// What happens to new events when the spool is full.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpoolFullPolicy {
+    /// Verifies answer 503 until there is room again; nothing is lost.
+    Block,
+    /// Events that do not fit are dropped and counted in `tollgate_events_dropped_total`.
+    Drop,
+}
+
 /// The workers' batching.
 #[derive(clap::Args, Debug, Clone)]
 pub struct WorkerArgs {
@@ -300,6 +354,27 @@ pub struct WorkerArgs {
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
+}
+
+/// A byte count: digits with an optional `KiB`, `MiB` or `GiB` suffix.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let (digits, unit) = match s.find(|c: char| !c.is_ascii_digit()) {
+        Some(at) => s.split_at(at),
+        None => (s, ""),
+    };
+    let multiplier: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => return Err("use a number of bytes, optionally with KiB, MiB or GiB".to_owned()),
+    };
+    digits
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(multiplier))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| "use a positive number of bytes, optionally with KiB, MiB or GiB".to_owned())
 }
 
 fn parse_stream_name(s: &str) -> Result<String, String> {
@@ -356,5 +431,18 @@ mod tests {
         assert!(parse_subject_prefix("tollgate.eu").is_ok());
         assert!(parse_subject_prefix("a..b").is_err());
         assert!(parse_subject_prefix("a.>").is_err());
+    }
+
+    #[test]
+    fn spool_settings_parse() {
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("64 MiB"), Ok(64 << 20));
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("1GB").is_err());
+        assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
+        assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
+        assert_eq!("200ms".parse(), Ok(FsyncPolicy::Every(Duration::from_millis(200))));
+        assert!("sometimes".parse::<FsyncPolicy>().is_err());
     }
 }

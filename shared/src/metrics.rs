@@ -21,6 +21,15 @@ pub const WORKER_BATCH_SIZE: &str = "tollgate_worker_batch_size";
 pub const WORKER_BATCH_DURATION: &str = "tollgate_worker_batch_duration_seconds";
 pub const WORKER_BATCH_ERRORS: &str = "tollgate_worker_batch_errors_total";
 pub const DEAD_LETTERS: &str = "tollgate_dead_letters_total";
+pub const SPOOL_BYTES: &str = "tollgate_spool_bytes";
+pub const SPOOL_SEGMENTS: &str = "tollgate_spool_segments";
+pub const SPOOL_CORRUPT_RECORDS: &str = "tollgate_spool_corrupt_records_total";
+pub const PUBLISH_DURATION: &str = "tollgate_publish_duration_seconds";
+pub const PUBLISH_RETRIES: &str = "tollgate_publish_retries_total";
+pub const EVENTS_SPOOLED: &str = "tollgate_events_spooled_total";
+pub const EVENTS_REPLAYED: &str = "tollgate_events_replayed_total";
+pub const EVENTS_DROPPED: &str = "tollgate_events_dropped_total";
+pub const EVENTS_REJECTED: &str = "tollgate_events_rejected_total";
 pub const RATELIMIT_DECISIONS: &str = "tollgate_ratelimit_decisions_total";
 pub const RATELIMIT_SHADOW_DENIALS: &str = "tollgate_ratelimit_shadow_denials_total";
 pub const RATELIMIT_DEGRADED: &str = "tollgate_ratelimit_degraded_total";
@@ -47,6 +56,7 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_DURATION.into()), BATCH_DURATION_BUCKETS)
                 })
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PUBLISH_DURATION.into()), BATCH_DURATION_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RATELIMIT_REDIS_DURATION.into()), FAST_BUCKETS))
                 .expect("bucket lists are non-empty constants")
                 .install_recorder()
@@ -72,6 +82,15 @@ fn describe() {
     describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
     describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");
     describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter stream, by reason.");
+    describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");
+    describe_gauge!(SPOOL_SEGMENTS, "Segment files in the validator's disk spool.");
+    describe_counter!(SPOOL_CORRUPT_RECORDS, "Spool records skipped on replay: torn tails and checksum failures.");
+    describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Time from publishing a usage message to its JetStream ack.");
+    describe_counter!(PUBLISH_RETRIES, "Publish attempts of spooled messages made after a failed attempt.");
+    describe_counter!(EVENTS_SPOOLED, "Usage events written to the disk spool because NATS was unreachable or slow.");
+    describe_counter!(EVENTS_REPLAYED, "Spooled usage events acknowledged by JetStream.");
+    describe_counter!(EVENTS_DROPPED, "Usage events lost because the spool was full and its policy is `drop`.");
+    describe_counter!(EVENTS_REJECTED, "Verifies answered 503 because the spool was full and its policy is `block`.");
     describe_counter!(
         RATELIMIT_DECISIONS,
         "Rate-limit decisions by the limit that decided (key, tier, org, quota, ip; none when no limit applies) \

@@ -171,7 +171,8 @@ impl AppState {
         }
         let event_id = Uuid::now_v7();
         let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        self.events
+        let queued = self
+            .events
             .push(UsageEvent {
                 event_id,
                 ts: now,
@@ -188,6 +189,10 @@ impl AppState {
                 shadow_outcome,
             })
             .await;
+        // The spool is full (policy `block`): an event that cannot be recorded must not be a decision either.
+        if queued.is_err() {
+            return Verdict::Unavailable;
+        }
         Verdict::Decided { outcome, record, event_id, usage }
     }
 

@@ -19,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tollgate_shared::config::ValidatorArgs;
 use tollgate_shared::topology::Topology;
 
+use publisher::spool::{Spool, SpoolOptions};
+
 pub use keys::{KeyCache, KeyRecord};
 pub use limiter::quota_key;
 
@@ -30,7 +32,7 @@ pub struct Connections {
 }
 
 /// Serves the HTTP API on `listener` until `shutdown` is cancelled; then stops accepting, finishes in-flight
-/// requests, and returns once every queued event is acknowledged by JetStream.
+/// requests, and returns once every queued event is acknowledged by JetStream or, if NATS is away, in the spool.
 pub async fn run(
     args: ValidatorArgs,
     topology: Topology,
@@ -38,9 +40,17 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // First, so that a second validator on the same spool directory stops before it touches anything else.
+    let spool = open_spool(&args).await?;
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
     topology.ensure_usage_stream(&jetstream).await?;
-    let (events, publisher) = publisher::channel(args.event_queue, jetstream, topology.usage_subject());
+    let settings = publisher::Settings {
+        publish_timeout: args.publish_timeout,
+        full_policy: args.spool_full,
+        fsync: args.spool_fsync,
+    };
+    let (events, publisher) =
+        publisher::channel(args.event_queue, jetstream, topology.usage_subject(), spool, settings);
     let publishing = tokio::spawn(publisher.run());
 
     let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl);
@@ -64,6 +74,17 @@ pub async fn run(
     // The router, and with it every handle on the event queue, is gone: the publisher drains and stops.
     publishing.await.context("the event publisher panicked")?;
     refreshing.await.context("the key refresher panicked")?;
-    tracing::info!("validator stopped; every event is in JetStream");
+    tracing::info!("validator stopped; every event is in JetStream or in the spool");
     Ok(())
+}
+
+/// Opens and locks the spool directory before serving, so a second validator on the same directory fails at start.
+async fn open_spool(args: &ValidatorArgs) -> anyhow::Result<Spool> {
+    let dir = args.spool_dir.clone();
+    let options = SpoolOptions::new(args.spool_max_bytes, args.spool_fsync);
+    let spool = tokio::task::spawn_blocking(move || Spool::open(&dir, options))
+        .await
+        .context("opening the spool panicked")??;
+    tracing::info!(dir = %args.spool_dir.display(), bytes = spool.bytes(), "usage event spool open");
+    Ok(spool)
 }

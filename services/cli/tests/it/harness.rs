@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
@@ -12,7 +13,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
-use tollgate_shared::config::{LimiterArgs, NamespaceArgs, ServerUrl, ValidatorArgs, WorkerArgs};
+use tollgate_shared::config::{
+    FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
+};
 use tollgate_shared::connect;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::{ApiKey, KeyEnv};
@@ -56,11 +59,16 @@ impl RunningValidator {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
+        Self::with_nats(NATS_URL).await
+    }
+
+    /// Like [`TestEnv::new`], with NATS at `nats_url` (a private server for fault tests).
+    pub async fn with_nats(nats_url: &str) -> TestEnv {
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("tollgate_it_{id}");
         let database_url: ServerUrl = format!("{DATABASE_SERVER}/{database}").parse().expect("valid url");
         let pool = connect::postgres_migrated(&database_url, 8).await.expect("test database");
-        let nats = connect::nats(&NATS_URL.parse().expect("url")).await.expect("nats");
+        let nats = connect::nats(&nats_url.parse().expect("url")).await.expect("nats");
         let namespace = NamespaceArgs {
             stream: format!("IT_{id}"),
             subject_prefix: format!("it{id}"),
@@ -79,7 +87,18 @@ impl TestEnv {
             negative_cache_ttl: Duration::from_secs(30),
             key_refresh: Duration::from_millis(200),
             limits: LimiterArgs::defaults(),
+            // Unique, so that validators of parallel tests never share a spool (the lock would refuse them).
+            spool_dir: std::env::temp_dir().join("tollgate-it-spool").join(Uuid::new_v4().simple().to_string()),
+            spool_fsync: FsyncPolicy::Always,
+            spool_max_bytes: 64 << 20,
+            spool_full: SpoolFullPolicy::Block,
+            publish_timeout: Duration::from_secs(2),
         }
+    }
+
+    /// This test's spool directory (removed by `cleanup`); a validator restarted with it finds what the last left.
+    pub fn spool_dir(&self) -> PathBuf {
+        std::env::temp_dir().join("tollgate-it-spool").join(&self.topology.stream)
     }
 
     pub fn worker_args() -> WorkerArgs {
@@ -87,7 +106,8 @@ impl TestEnv {
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
-        self.start_validator_with(Self::validator_args(), REDIS_URL).await
+        self.start_validator_with(ValidatorArgs { spool_dir: self.spool_dir(), ..Self::validator_args() }, REDIS_URL)
+            .await
     }
 
     /// A validator with these settings, on this Redis (its own connection, as a separate process would have).
@@ -162,7 +182,14 @@ impl TestEnv {
         assert_eq!(last, expected, "{sql}");
     }
 
+    /// Waits until `sql` returns `expected`, failing with the last value after `timeout`.
+    pub async fn wait_for_count_within(&self, sql: &str, expected: i64, timeout: Duration) {
+        let last = wait_until(timeout, || async { self.count(sql).await }, |n| *n == expected).await;
+        assert_eq!(last, expected, "{sql}");
+    }
+
     pub async fn cleanup(self) {
+        let _ = std::fs::remove_dir_all(self.spool_dir());
         self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
         self.pool.close().await;
         let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)

@@ -3,6 +3,7 @@
 
 mod cli;
 mod end_to_end;
+mod faults_publisher;
 mod gateways;
 mod harness;
 mod pipeline;

@@ -1,0 +1,485 @@
+//! Gets usage events from the HTTP handlers to JetStream without the response ever waiting for NATS, and without
+//! losing them when NATS is away.
+//!
+//! Handlers push events into a bounded queue ([`EventQueue`]); one [`Publisher`] task drains it in batches (all that
+//! is waiting, up to [`MAX_EVENTS_PER_MESSAGE`]), encodes each batch as one message with its own `Nats-Msg-Id`, and
+//! publishes it directly, keeping a bounded number of acks in flight.
+//!
+//! When a publish fails or is not acknowledged within the publish timeout, the publisher *diverts*: every message
+//! still in flight, in the order they were sent, and then every new one go to the disk [`spool`], while a replayer
+//! publishes the spool's oldest messages (with their original message ids) and deletes them once acknowledged.
+//! When the spool is empty again, publishing is direct again. A message that did reach JetStream before its ack was
+//! lost is spooled and replayed under the same id, so the duplicate window (then the worker's `ON CONFLICT`) drops
+//! it. What a previous run left in the spool is replayed first.
+//!
+//! When every queue handle is dropped (graceful shutdown), the publisher drains the queue to NATS, or to the spool
+//! if NATS is away, and returns once nothing is in memory.
+
+pub mod spool;
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::FutureExt;
+use tokio::sync::{mpsc, watch};
+use uuid::Uuid;
+
+use tollgate_shared::codec;
+use tollgate_shared::config::{FsyncPolicy, SpoolFullPolicy};
+use tollgate_shared::event::UsageEvent;
+use tollgate_shared::metrics::{
+    EVENTS_DROPPED, EVENTS_PUBLISHED, EVENTS_PUBLISH_ERRORS, EVENTS_REJECTED, EVENTS_REPLAYED, EVENTS_SPOOLED,
+    EVENT_QUEUE_DEPTH, EVENT_QUEUE_FULL, PUBLISH_DURATION, PUBLISH_RETRIES,
+};
+
+use spool::{Spool, SpoolError, SpooledMessage};
+
+/// Events per NATS message: large enough to amortise per-message costs, small enough to stay far below the
+/// server's default 1 MB payload limit (an event is ~100–300 bytes).
+pub const MAX_EVENTS_PER_MESSAGE: usize = 1000;
+/// Messages published but not yet acknowledged, when publishing directly.
+const MAX_IN_FLIGHT: usize = 16;
+/// Spooled messages published together by one replay step.
+const REPLAY_WINDOW: usize = 16;
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// Kept short so replay resumes within about this long once NATS is back.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// The handlers' end of the queue. Cloneable; the publisher stops once every clone is dropped.
+#[derive(Clone)]
+pub struct EventQueue {
+    sender: mpsc::Sender<UsageEvent>,
+    spool_full: watch::Receiver<bool>,
+    full_policy: SpoolFullPolicy,
+}
+
+/// The event was not queued: the spool is full and its policy is `block`. The caller answers 503.
+#[derive(Debug)]
+pub struct Rejected;
+
+impl EventQueue {
+    /// Queues an event. If the queue is full the caller waits (counted in `tollgate_event_queue_full_total`), so
+    /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead,
+    /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless).
+    pub async fn push(&self, event: UsageEvent) -> Result<(), Rejected> {
+        let blocking = self.full_policy == SpoolFullPolicy::Block;
+        if blocking && *self.spool_full.borrow() {
+            return reject();
+        }
+        let event = match self.sender.try_send(event) {
+            Ok(()) => return Ok(()),
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                tracing::error!("usage event queue is closed; the publisher stopped early");
+                return Ok(());
+            }
+        };
+        metrics::counter!(EVENT_QUEUE_FULL).increment(1);
+        let mut spool_full = self.spool_full.clone();
+        tokio::select! {
+            sent = self.sender.send(event) => {
+                if sent.is_err() {
+                    tracing::error!("usage event queue is closed; the publisher stopped early");
+                }
+                Ok(())
+            }
+            // A cancelled `send` has not queued the event.
+            Ok(_) = spool_full.wait_for(|full| *full), if blocking => reject(),
+        }
+    }
+}
+
+fn reject() -> Result<(), Rejected> {
+    metrics::counter!(EVENTS_REJECTED).increment(1);
+    Err(Rejected)
+}
+
+/// How the publisher publishes and spools.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    /// Longest wait for an ack before the message is spooled instead.
+    pub publish_timeout: Duration,
+    pub full_policy: SpoolFullPolicy,
+    pub fsync: FsyncPolicy,
+}
+
+pub struct Publisher {
+    queue: mpsc::Receiver<UsageEvent>,
+    target: Target,
+    spool: Arc<Mutex<Spool>>,
+    spool_full: watch::Sender<bool>,
+    settings: Settings,
+}
+
+/// A queue of `capacity` events and the publisher that drains it to `subject`, spooling to `spool`.
+pub fn channel(
+    capacity: usize,
+    jetstream: jetstream::Context,
+    subject: String,
+    spool: Spool,
+    settings: Settings,
+) -> (EventQueue, Publisher) {
+    let (sender, queue) = mpsc::channel(capacity);
+    let (spool_full, full) = watch::channel(false);
+    let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
+    let target = Target { jetstream, subject: subject.into(), timeout: settings.publish_timeout };
+    (events, Publisher { queue, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
+}
+
+/// Where and how messages are published.
+#[derive(Clone)]
+struct Target {
+    jetstream: jetstream::Context,
+    subject: Arc<str>,
+    timeout: Duration,
+}
+
+impl Target {
+    /// One attempt: published and acknowledged within the timeout, or an error.
+    async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
+        let started = Instant::now();
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, message.id.as_str());
+        let attempt = async {
+            self.jetstream
+                .publish_with_headers(self.subject.to_string(), headers, message.payload.clone())
+                .await?
+                .await?;
+            Ok::<_, async_nats::Error>(())
+        };
+        let result = match tokio::time::timeout(self.timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(format!("no acknowledgement within {:?}", self.timeout).into()),
+        };
+        match &result {
+            Ok(()) => metrics::histogram!(PUBLISH_DURATION).record(started.elapsed().as_secs_f64()),
+            Err(_) => metrics::counter!(EVENTS_PUBLISH_ERRORS).increment(1),
+        }
+        result
+    }
+}
+
+/// What one replay step did.
+struct Replayed {
+    events: u64,
+    failed: Option<async_nats::Error>,
+}
+
+/// Runs a spool operation off the async threads (it may fsync).
+async fn on_spool<T: Send + 'static>(
+    spool: &Arc<Mutex<Spool>>,
+    operation: impl FnOnce(&mut Spool) -> T + Send + 'static,
+) -> T {
+    let spool = spool.clone();
+    tokio::task::spawn_blocking(move || operation(&mut spool.lock().unwrap_or_else(PoisonError::into_inner)))
+        .await
+        // Spool operations return errors rather than panic, and the runtime outlives the publisher.
+        .expect("a spool operation panicked or the runtime is shutting down")
+}
+
+/// Publishes the oldest spooled messages (after `delay`, when retrying) and consumes the acknowledged prefix.
+async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Duration>) -> Replayed {
+    if let Some(delay) = delay {
+        tokio::time::sleep(delay).await;
+    }
+    let batch = match on_spool(&spool, |s| s.read(REPLAY_WINDOW)).await {
+        Ok(batch) => batch,
+        Err(e) => return Replayed { events: 0, failed: Some(e.into()) },
+    };
+    if delay.is_some() {
+        metrics::counter!(PUBLISH_RETRIES).increment(batch.len() as u64);
+    }
+    let results = futures::future::join_all(batch.iter().map(|(message, _)| target.publish(message))).await;
+    let mut events = 0;
+    let mut consumed = None;
+    let mut failed = None;
+    for ((message, cursor), result) in batch.iter().zip(results) {
+        match result {
+            Ok(()) => {
+                events += u64::from(message.events);
+                consumed = Some(*cursor);
+            }
+            Err(e) => {
+                // Later messages that did get through are replayed again with the same id, and dropped by
+                // JetStream's duplicate window: order is kept.
+                failed = Some(e);
+                break;
+            }
+        }
+    }
+    if let Some(cursor) = consumed {
+        if let Err(e) = on_spool(&spool, move |s| s.consume_to(cursor)).await {
+            tracing::error!(error = %e, "cannot mark replayed messages as consumed; they will be replayed again");
+        }
+    }
+    metrics::counter!(EVENTS_REPLAYED).increment(events);
+    metrics::counter!(EVENTS_PUBLISHED).increment(events);
+    Replayed { events, failed }
+}
+
+/// Backoff after a failure: doubling from [`RETRY_FIRST`] up to [`RETRY_MAX`].
+fn next_delay(last: Option<Duration>) -> Duration {
+    last.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))
+}
+
+/// Messages published directly and not yet acknowledged, in the order they were sent.
+#[derive(Default)]
+struct InFlight {
+    acks: FuturesUnordered<BoxFuture<'static, (u64, Result<(), async_nats::Error>)>>,
+    messages: BTreeMap<u64, SpooledMessage>,
+    next: u64,
+}
+
+impl InFlight {
+    fn send(&mut self, target: &Target, message: SpooledMessage) {
+        let seq = self.next;
+        self.next += 1;
+        let target = target.clone();
+        let copy = message.clone();
+        self.acks.push(async move { (seq, target.publish(&copy).await) }.boxed());
+        self.messages.insert(seq, message);
+    }
+
+    fn len(&self) -> usize {
+        self.messages.len()
+    }
+
+    /// Gives up on every unacknowledged message, returning them in the order they were sent.
+    fn abandon(&mut self) -> Vec<SpooledMessage> {
+        self.acks.clear();
+        std::mem::take(&mut self.messages).into_values().collect()
+    }
+}
+
+/// The publisher's state between events.
+struct Run {
+    /// Messages go to the spool (and a replayer empties it) rather than straight to NATS.
+    spooling: bool,
+    /// Messages waiting for room in the spool (policy `block`), oldest first.
+    held: VecDeque<SpooledMessage>,
+    in_flight: InFlight,
+    replay: Option<BoxFuture<'static, Replayed>>,
+    retry_delay: Option<Duration>,
+    /// The queue is closed and drained.
+    closed: bool,
+    /// After close, a replay failed: NATS is away, so what is in the spool stays there for the next start.
+    gave_up: bool,
+}
+
+impl Publisher {
+    /// Publishes until the queue is closed and drained, and every event is acknowledged or spooled.
+    pub async fn run(mut self) {
+        let spooled_before = {
+            let spool = self.spool.lock().unwrap_or_else(PoisonError::into_inner);
+            (!spool.is_empty()).then(|| spool.bytes())
+        };
+        if let Some(bytes) = spooled_before {
+            tracing::warn!(bytes, "replaying usage events spooled by an earlier run");
+        }
+        let mut run = Run {
+            spooling: spooled_before.is_some(),
+            held: VecDeque::new(),
+            in_flight: InFlight::default(),
+            replay: None,
+            retry_delay: None,
+            closed: false,
+            gave_up: false,
+        };
+        let mut fsync_timer = match self.settings.fsync {
+            FsyncPolicy::Every(period) => Some(tokio::time::interval(period)),
+            FsyncPolicy::Always | FsyncPolicy::Never => None,
+        };
+        let mut batch = Vec::with_capacity(MAX_EVENTS_PER_MESSAGE);
+        loop {
+            if run.spooling && run.replay.is_none() && !run.gave_up {
+                run.replay = Some(replay_step(self.spool.clone(), self.target.clone(), run.retry_delay).boxed());
+            }
+            if run.closed && run.in_flight.len() == 0 && (!run.spooling || run.gave_up) {
+                self.lose_held(&mut run);
+                break;
+            }
+            let receive = !run.closed && run.held.is_empty() && (run.spooling || run.in_flight.len() < MAX_IN_FLIGHT);
+            tokio::select! {
+                Some((seq, result)) = run.in_flight.acks.next(), if run.in_flight.len() > 0 => {
+                    self.acknowledged(&mut run, seq, result).await;
+                }
+                received = self.queue.recv_many(&mut batch, MAX_EVENTS_PER_MESSAGE), if receive => {
+                    metrics::gauge!(EVENT_QUEUE_DEPTH).set(self.queue.len() as f64);
+                    if received == 0 {
+                        run.closed = true;
+                        self.closing(&mut run).await;
+                        continue;
+                    }
+                    let message = SpooledMessage {
+                        id: Uuid::now_v7().to_string(),
+                        events: batch.len() as u32,
+                        payload: Bytes::from(codec::encode_batch(std::mem::take(&mut batch))),
+                    };
+                    if run.spooling {
+                        run.held.push_back(message);
+                        self.spool_held(&mut run).await;
+                    } else {
+                        run.in_flight.send(&self.target, message);
+                    }
+                }
+                replayed = async { run.replay.as_mut().expect("polled only when set").await }, if run.replay.is_some() => {
+                    run.replay = None;
+                    self.replayed(&mut run, replayed).await;
+                }
+                _ = tokio::time::sleep(RETRY_MAX), if !run.held.is_empty() => {
+                    self.spool_held(&mut run).await;
+                }
+                _ = async { fsync_timer.as_mut().expect("polled only when set").tick().await }, if fsync_timer.is_some() => {
+                    if let Err(e) = on_spool(&self.spool, Spool::sync).await {
+                        tracing::error!(error = %e, "cannot fsync the spool");
+                    }
+                }
+            }
+        }
+        metrics::gauge!(EVENT_QUEUE_DEPTH).set(0.0);
+        if let Err(e) = on_spool(&self.spool, Spool::sync).await {
+            tracing::error!(error = %e, "cannot fsync the spool");
+        }
+        let left = self.spool.lock().unwrap_or_else(PoisonError::into_inner).bytes();
+        if left > 0 {
+            tracing::warn!(bytes = left, "NATS is away: usage events stay in the spool until the next start");
+        }
+    }
+
+    async fn acknowledged(&mut self, run: &mut Run, seq: u64, result: Result<(), async_nats::Error>) {
+        match result {
+            Ok(()) => {
+                if let Some(message) = run.in_flight.messages.remove(&seq) {
+                    metrics::counter!(EVENTS_PUBLISHED).increment(u64::from(message.events));
+                }
+            }
+            Err(e) => {
+                let diverted = run.in_flight.abandon();
+                tracing::warn!(error = %e, messages = diverted.len(),
+                    "publishing usage events failed; spooling them and everything after until NATS is back");
+                run.spooling = true;
+                run.gave_up = false;
+                run.retry_delay = Some(next_delay(run.retry_delay));
+                run.held.extend(diverted);
+                self.spool_held(run).await;
+            }
+        }
+    }
+
+    async fn replayed(&mut self, run: &mut Run, replayed: Replayed) {
+        match replayed.failed {
+            // An empty spool proves nothing about NATS: keep the backoff of the last failure.
+            None if replayed.events == 0 => {}
+            None => run.retry_delay = None,
+            Some(e) => {
+                let delay = next_delay(run.retry_delay);
+                run.retry_delay = Some(delay);
+                tracing::warn!(error = %e, retry_in = ?delay, replayed = replayed.events,
+                    "replaying spooled usage events failed; retrying");
+                if run.closed {
+                    run.gave_up = true;
+                }
+            }
+        }
+        self.spool_held(run).await;
+        let empty = self.spool.lock().unwrap_or_else(PoisonError::into_inner).is_empty();
+        if empty && run.spooling {
+            tracing::info!("spool replayed; publishing directly again");
+            run.spooling = false;
+            if !run.held.is_empty() {
+                // Too large for even an empty spool: publish them directly rather than hold them forever. If that
+                // fails they are held again, and tried again after the next replay attempt.
+                for message in run.held.drain(..) {
+                    run.in_flight.send(&self.target, message);
+                }
+                self.spool_full.send_replace(false);
+            }
+        }
+    }
+
+    /// The queue is closed: if NATS is away, what cannot be spooled now will never be, so it is counted as lost.
+    async fn closing(&mut self, run: &mut Run) {
+        if run.held.is_empty() {
+            return;
+        }
+        self.spool_held(run).await;
+        if !run.held.is_empty() {
+            // One last replay may make room; wait for it rather than drop at once.
+            if let Some(replay) = run.replay.take() {
+                let replayed = replay.await;
+                self.replayed(run, replayed).await;
+            }
+        }
+        self.lose_held(run);
+    }
+
+    /// Shutting down with messages that neither NATS nor the spool took: count them and say so.
+    fn lose_held(&self, run: &mut Run) {
+        if !run.held.is_empty() {
+            let lost: u64 = run.held.drain(..).map(|m| u64::from(m.events)).sum();
+            metrics::counter!(EVENTS_DROPPED).increment(lost);
+            tracing::error!(events = lost, "shutting down with the spool full and NATS away: these events are lost");
+        }
+    }
+
+    /// Appends held messages to the spool in order, applying the full policy to those that do not fit.
+    async fn spool_held(&mut self, run: &mut Run) {
+        if run.held.is_empty() {
+            return;
+        }
+        let messages: Vec<SpooledMessage> = run.held.drain(..).collect();
+        let policy = self.settings.full_policy;
+        let (spooled, dropped, kept, error) = on_spool(&self.spool, move |spool| {
+            let mut spooled = 0u64;
+            let mut dropped = 0u64;
+            let mut kept = VecDeque::new();
+            let mut error = None;
+            for message in messages {
+                if !kept.is_empty() {
+                    kept.push_back(message);
+                    continue;
+                }
+                match spool.append(&message) {
+                    Ok(()) => spooled += u64::from(message.events),
+                    Err(e) => {
+                        if policy == SpoolFullPolicy::Drop {
+                            dropped += u64::from(message.events);
+                        } else {
+                            kept.push_back(message);
+                        }
+                        if !matches!(e, SpoolError::Full { .. }) || error.is_none() {
+                            error = Some(e);
+                        }
+                    }
+                }
+            }
+            (spooled, dropped, kept, error)
+        })
+        .await;
+        metrics::counter!(EVENTS_SPOOLED).increment(spooled);
+        metrics::counter!(EVENTS_DROPPED).increment(dropped);
+        run.held = kept;
+        let full = !run.held.is_empty() || dropped > 0;
+        let was_full = self.spool_full.send_replace(full);
+        match (&error, was_full, full) {
+            (Some(e), false, true) => match self.settings.full_policy {
+                SpoolFullPolicy::Block => {
+                    tracing::error!(error = %e, "cannot spool usage events: answering verifies with 503 until there is room")
+                }
+                SpoolFullPolicy::Drop => {
+                    tracing::error!(error = %e, "cannot spool usage events: dropping them until there is room")
+                }
+            },
+            (_, true, false) => tracing::warn!("the spool has room again; usage events are spooled again"),
+            _ => {}
+        }
+        if dropped > 0 {
+            tracing::error!(events = dropped, "usage events dropped: the spool is full (TOLLGATE_SPOOL_FULL=drop)");
+        }
+    }
+}
