@@ -106,8 +106,9 @@ impl TestEnv {
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
-        self.start_validator_with(ValidatorArgs { spool_dir: self.spool_dir(), ..Self::validator_args() }, REDIS_URL)
-            .await
+        // Each validator has a spool of its own (the lock refuses sharing), inside the test's spool directory.
+        let spool_dir = self.spool_dir().join(Uuid::new_v4().simple().to_string());
+        self.start_validator_with(ValidatorArgs { spool_dir, ..Self::validator_args() }, REDIS_URL).await
     }
 
     /// A validator with these settings, on this Redis (its own connection, as a separate process would have).
