@@ -170,6 +170,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
+    /// A batch closes once it holds this many events (or on `TOLLGATE_BATCH_MESSAGES`, or `TOLLGATE_BATCH_WAIT`).
+    #[arg(long, env = "TOLLGATE_BATCH_EVENTS", value_name = "TOLLGATE_BATCH_EVENTS", default_value_t = 5000)]
+    pub batch_events: usize,
 }
 
 fn parse_stream_name(s: &str) -> Result<String, String> {

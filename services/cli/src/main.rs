@@ -1,9 +1,12 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
+mod bench;
 mod cli;
+mod dlq;
 mod manage;
 mod output;
 mod serve;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -52,5 +55,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Org(command) => manage::org(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
         Command::Key(command) => manage::key(&connect::postgres(&servers.database_url, 2).await?, json, command).await,
+        Command::Usage(command) => {
+            let pool = connect::postgres(&servers.database_url, 2).await?;
+            let redis = connect::redis(&servers.redis_url).await?;
+            let quota = tollgate_worker::QuotaCounters::new(redis, namespace.redis_prefix.clone());
+            usage::usage(&pool, quota, json, command).await
+        }
+        Command::Dlq(command) => {
+            let nats = connect::nats(&servers.nats_url).await?;
+            dlq::dlq(nats, &tollgate_shared::topology::Topology::new(&namespace), json, command).await
+        }
+        Command::Bench(cli::BenchCommand::Pipeline(args)) => bench::pipeline(&servers, json, args).await,
     }
 }

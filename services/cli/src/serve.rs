@@ -34,7 +34,13 @@ pub async fn serve(
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
-        tasks.spawn(tollgate_worker::run(worker, topology.clone(), pool.clone(), nats.clone(), shutdown.clone()));
+        let connections = tollgate_worker::Connections {
+            pool: pool.clone(),
+            nats: nats.clone(),
+            redis: connect::redis(&servers.redis_url).await?,
+        };
+        let redis_prefix = namespace.redis_prefix.clone();
+        tasks.spawn(tollgate_worker::run(worker, topology.clone(), redis_prefix, connections, shutdown.clone()));
     }
     if let Some(validator) = roles.validator {
         let listener = TcpListener::bind(validator.listen)

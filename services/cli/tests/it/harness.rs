@@ -28,6 +28,7 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub topology: Topology,
+    pub redis_prefix: String,
 }
 
 /// A running service: cancel `shutdown` and await `task` to stop it gracefully.
@@ -67,7 +68,7 @@ impl TestEnv {
             redis_prefix: format!("it:{id}:"),
         };
         let topology = Topology::new(&namespace);
-        TestEnv { database, database_url, pool, nats, topology }
+        TestEnv { database, database_url, pool, nats, topology, redis_prefix: namespace.redis_prefix }
     }
 
     pub fn validator_args() -> ValidatorArgs {
@@ -82,7 +83,7 @@ impl TestEnv {
     }
 
     pub fn worker_args() -> WorkerArgs {
-        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20) }
+        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20), batch_events: 5000 }
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
@@ -105,12 +106,17 @@ impl TestEnv {
     }
 
     pub async fn start_worker(&self) -> Running {
+        let connections = tollgate_worker::Connections {
+            pool: self.pool.clone(),
+            nats: self.nats.clone(),
+            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis"),
+        };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tollgate_worker::run(
             Self::worker_args(),
             self.topology.clone(),
-            self.pool.clone(),
-            self.nats.clone(),
+            self.redis_prefix.clone(),
+            connections,
             shutdown.clone(),
         ));
         Running { shutdown, task }
