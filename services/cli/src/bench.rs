@@ -182,8 +182,8 @@ async fn run(
     let ceiling = copy_ceiling(&pool, &keys, published.min(2_000_000) as usize, args).await?;
     let sustained = (committed_at_end - committed_at_warm_up.load(Ordering::Relaxed)) as f64
         / (publish_seconds - WARM_UP.as_secs_f64()).max(0.001);
-    let lag = lag.lock().unwrap_or_else(|e| e.into_inner());
     pool.close().await;
+    let lag = lag.lock().unwrap_or_else(|e| e.into_inner());
     Ok(PipelineReport {
         target_rate: args.rate,
         published_events: published,

@@ -69,7 +69,7 @@ async fn two_workers_share_the_consumer_and_one_is_killed() {
 #[tokio::test]
 async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
     let postgres = PrivatePostgres::start();
-    let env = TestEnv::on_postgres(&postgres.url("").trim_end_matches('/')).await;
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
     let validator = env.start_validator().await;
