@@ -57,6 +57,10 @@ pub struct PipelineReport {
     /// sustained / ceiling.
     pub ceiling_fraction: f64,
     pub bytes_per_row: f64,
+    /// Of which indexes.
+    pub index_bytes_per_row: f64,
+    pub worker_tasks: u16,
+    pub batch_events: usize,
     pub rows_checked: u64,
 }
 
@@ -86,7 +90,7 @@ async fn run(
     nats: async_nats::Client,
     args: &BenchPipelineArgs,
 ) -> anyhow::Result<PipelineReport> {
-    let pool = connect::postgres_migrated(database_url, (args.workers * 2 + 2) as u32).await?;
+    let pool = connect::postgres_migrated(database_url, (usize::from(args.worker.worker_tasks) * 2 + 2) as u32).await?;
     let js = jetstream::new(nats.clone());
     topology.ensure_worker_side(&js).await?;
     let keys = create_keys(&pool, args.orgs).await?;
@@ -109,12 +113,9 @@ async fn run(
     };
     let shutdown = CancellationToken::new();
     let mut workers = Vec::new();
-    for _ in 0..args.workers {
-        let connections = tollgate_worker::Connections {
-            pool: pool.clone(),
-            nats: nats.clone(),
-            redis: connect::redis(&servers.redis_url).await?,
-        };
+    let redis = connect::redis(&servers.redis_url).await?;
+    for _ in 0..args.worker.worker_tasks {
+        let connections = tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
         workers.push(tokio::spawn(tollgate_worker::run_observed(
             args.worker.clone(),
             topology.clone(),
@@ -177,7 +178,7 @@ async fn run(
         sqlx::query_scalar("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'").fetch_one(&pool).await?;
     anyhow::ensure!(rows as u64 == published, "api_usage holds {rows} rows for {published} events");
     anyhow::ensure!(billed == allowed, "billing counts {billed} requests for {allowed} allowed rows");
-    let bytes_per_row = bytes_per_row(&pool).await?;
+    let (bytes_per_row, index_bytes_per_row) = bytes_per_row(&pool).await?;
 
     let ceiling = copy_ceiling(&pool, &keys, published.min(2_000_000) as usize, args).await?;
     let sustained = (committed_at_end - committed_at_warm_up.load(Ordering::Relaxed)) as f64
@@ -186,6 +187,8 @@ async fn run(
     let lag = lag.lock().unwrap_or_else(|e| e.into_inner());
     Ok(PipelineReport {
         target_rate: args.rate,
+        worker_tasks: args.worker.worker_tasks,
+        batch_events: args.worker.batch_events,
         published_events: published,
         published_rate: published as f64 / publish_seconds,
         committed_rows,
@@ -197,6 +200,7 @@ async fn run(
         copy_ceiling_rows_per_second: ceiling,
         ceiling_fraction: sustained / ceiling,
         bytes_per_row,
+        index_bytes_per_row,
         rows_checked: rows as u64,
     })
 }
@@ -239,20 +243,23 @@ fn synthetic(keys: &[(Uuid, Uuid)]) -> UsageEvent {
     }
 }
 
-/// Table and index bytes of every api_usage partition, per row.
-async fn bytes_per_row(pool: &sqlx::PgPool) -> anyhow::Result<f64> {
-    let (bytes, rows): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::int8
-                 FROM pg_inherits WHERE inhparent = 'api_usage'::regclass),
-                (SELECT count(*) FROM api_usage)",
+/// Bytes on disk per api_usage row over every partition: everything (table, TOAST and indexes), and the
+/// indexes alone.
+async fn bytes_per_row(pool: &sqlx::PgPool) -> anyhow::Result<(f64, f64)> {
+    let (total, indexes, rows): (i64, i64, i64) = sqlx::query_as(
+        "SELECT coalesce(sum(pg_total_relation_size(inhrelid)), 0)::int8,
+                coalesce(sum(pg_indexes_size(inhrelid)), 0)::int8,
+                (SELECT count(*) FROM api_usage)
+         FROM pg_inherits WHERE inhparent = 'api_usage'::regclass",
     )
     .fetch_one(pool)
     .await?;
-    Ok(bytes as f64 / rows.max(1) as f64)
+    let rows = rows.max(1) as f64;
+    Ok((total as f64 / rows, indexes as f64 / rows))
 }
 
 /// Rows per second of plain binary COPY of `rows` fresh rows of the same shape into the same table, in the
-/// workers' batch size, from as many connections as there are workers.
+/// workers' batch size, from as many connections as there are worker tasks.
 async fn copy_ceiling(
     pool: &sqlx::PgPool,
     keys: &[(Uuid, Uuid)],
@@ -265,7 +272,7 @@ async fn copy_ceiling(
         events.chunks(batch).map(|chunk| tollgate_worker::encode(&chunk.iter().collect::<Vec<_>>())).collect();
     let statement = tollgate_worker::copy_statement("api_usage");
     let started = Instant::now();
-    let workers = args.workers.max(1);
+    let workers = usize::from(args.worker.worker_tasks);
     let mut tasks = Vec::new();
     for share in 0..workers {
         let mine: Vec<Vec<u8>> = encoded.iter().skip(share).step_by(workers).cloned().collect();
@@ -330,7 +337,11 @@ fn show(report: &PipelineReport) -> String {
         ),
         ("raw binary COPY ceiling", format!("{:.0} rows/s", report.copy_ceiling_rows_per_second)),
         ("fraction of ceiling", format!("{:.0}%", report.ceiling_fraction * 100.0)),
-        ("bytes per usage row", format!("{:.0} B (table + indexes)", report.bytes_per_row)),
+        (
+            "bytes per usage row",
+            format!("{:.0} B (table + indexes; indexes {:.0} B)", report.bytes_per_row, report.index_bytes_per_row),
+        ),
+        ("workers", format!("{} tasks, batches of up to {} events", report.worker_tasks, report.batch_events)),
         ("rows checked", format!("{} (billing = allowed rows)", report.rows_checked)),
     ])
 }

@@ -113,9 +113,6 @@ pub struct BenchPipelineArgs {
     /// Events per NATS message (as the validator's publisher batches them).
     #[arg(long, default_value_t = 100)]
     pub events_per_message: usize,
-    /// Worker tasks in this process.
-    #[arg(long, default_value_t = 2)]
-    pub workers: usize,
     /// Organizations (and one key each) the events are spread over.
     #[arg(long, default_value_t = 100)]
     pub orgs: usize,

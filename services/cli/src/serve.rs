@@ -34,13 +34,19 @@ pub async fn serve(
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
-        let connections = tollgate_worker::Connections {
-            pool: pool.clone(),
-            nats: nats.clone(),
-            redis: connect::redis(&servers.redis_url).await?,
-        };
-        let redis_prefix = namespace.redis_prefix.clone();
-        tasks.spawn(tollgate_worker::run(worker, topology.clone(), redis_prefix, connections, shutdown.clone()));
+        let redis = connect::redis(&servers.redis_url).await?;
+        for _ in 0..worker.worker_tasks {
+            let connections =
+                tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
+            let run = tollgate_worker::run(
+                worker.clone(),
+                topology.clone(),
+                namespace.redis_prefix.clone(),
+                connections,
+                shutdown.clone(),
+            );
+            tasks.spawn(run);
+        }
     }
     if let Some(validator) = roles.validator {
         let listener = TcpListener::bind(validator.listen)

@@ -88,7 +88,7 @@ impl TestEnv {
     }
 
     pub fn worker_args() -> WorkerArgs {
-        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20), batch_events: 5000 }
+        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20), batch_events: 5000, worker_tasks: 1 }
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
