@@ -40,8 +40,8 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
 /// How often the consumer's pending counts are read into gauges.
 const PENDING_REFRESH: Duration = Duration::from_secs(5);
-/// A pull shorter than this is not worth a round trip: the batch closes instead.
-const MIN_PULL_WAIT: Duration = Duration::from_millis(2);
+/// How long past its expiry a pull is still read (see [`pull`]).
+const PULL_GRACE: Duration = Duration::from_millis(250);
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -255,9 +255,9 @@ async fn report_pending(mut consumer: jetstream::consumer::Consumer<pull::Config
     }
 }
 
-/// Fills batches: pulls until the batch holds `batch_events` events or `batch_messages` messages, or `batch_wait`
-/// has passed since the first pull. Messages carry a variable number of events, so each pull asks for as many
-/// messages as the recent average says will fill the batch.
+/// Fills batches: the first pull waits up to `batch_wait`; more pulls follow, without waiting, until the batch holds
+/// `batch_events` events or `batch_messages` messages or the stream has nothing more. Messages carry a variable
+/// number of events, so each pull asks for as many messages as the recent average says will fill the batch.
 struct Fetcher {
     batch_messages: usize,
     batch_events: usize,
@@ -276,17 +276,14 @@ impl Fetcher {
     }
 
     async fn fetch(&mut self, consumer: &jetstream::consumer::Consumer<pull::Config>) -> Vec<Delivery> {
-        let deadline = Instant::now() + self.batch_wait;
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut events = 0;
+        // The first pull waits up to `batch_wait` for enough messages; the next ones take only what is there.
+        let mut wait = Some(self.batch_wait);
         while deliveries.len() < self.batch_messages && events < self.batch_events {
-            let wait = deadline.saturating_duration_since(Instant::now());
-            if wait < MIN_PULL_WAIT && !deliveries.is_empty() {
-                break;
-            }
             let wanted = ((self.batch_events - events) as f64 / self.events_per_message).ceil() as usize;
             let wanted = wanted.clamp(1, self.batch_messages - deliveries.len());
-            let pulled = pull(consumer, wanted, wait.max(MIN_PULL_WAIT)).await;
+            let pulled = pull(consumer, wanted, wait.take()).await;
             if pulled.is_empty() {
                 break;
             }
@@ -304,9 +301,20 @@ impl Fetcher {
     }
 }
 
-/// Up to `max` messages, waiting at most `wait` for them.
-async fn pull(consumer: &jetstream::consumer::Consumer<pull::Config>, max: usize, wait: Duration) -> Vec<Message> {
-    let batch = consumer.batch().max_messages(max).expires(wait).messages().await;
+/// Up to `max` messages, waiting at most `wait` for them (None: only those already there).
+///
+/// The client library ends a pull when the server says it expired, or 5 s after that if the server's word gets
+/// lost, which under load happens and would hold a batch for 5 s. So the pull is read until `wait` plus a grace
+/// period at most; a message the server sends after that is re-delivered after the ack wait, never lost.
+async fn pull(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    max: usize,
+    wait: Option<Duration>,
+) -> Vec<Message> {
+    let batch = match wait {
+        Some(wait) => consumer.batch().max_messages(max).expires(wait).messages().await,
+        None => consumer.fetch().max_messages(max).messages().await,
+    };
     let mut stream = match batch {
         Ok(stream) => stream,
         Err(e) => {
@@ -315,14 +323,20 @@ async fn pull(consumer: &jetstream::consumer::Consumer<pull::Config>, max: usize
             return Vec::new();
         }
     };
+    let give_up = tokio::time::sleep(wait.unwrap_or_default() + PULL_GRACE);
+    tokio::pin!(give_up);
     let mut messages = Vec::new();
-    while let Some(message) = stream.next().await {
-        match message {
-            Ok(message) => messages.push(message),
-            Err(e) => {
-                tracing::warn!(error = %e, "error while fetching from JetStream");
-                break;
-            }
+    while messages.len() < max {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "error while fetching from JetStream");
+                    break;
+                }
+                None => break,
+            },
+            _ = &mut give_up => break,
         }
     }
     messages
