@@ -40,6 +40,7 @@ const WARM_UP: Duration = Duration::from_secs(2);
 /// How long to wait for the workers to drain the stream after the last publish.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What `bench pipeline` measured.
 #[derive(Debug, Serialize)]
 pub struct PipelineReport {
     pub target_rate: u64,
@@ -64,6 +65,7 @@ pub struct PipelineReport {
     pub rows_checked: u64,
 }
 
+/// Runs the benchmark on a database, stream and Redis prefix of its own, and removes them afterwards.
 pub async fn pipeline(servers: &ServerArgs, json: bool, args: BenchPipelineArgs) -> anyhow::Result<()> {
     let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
     let database = format!("tollgate_bench_{id}");

@@ -70,6 +70,7 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// Decodes `message`, keeping a decoding failure for the dead-letter stream.
     pub fn decode(message: Message) -> Delivery {
         let events = codec::decode_batch(&message.payload);
         Delivery { message, events }
@@ -83,6 +84,7 @@ pub struct Connections {
     pub redis: redis::aio::ConnectionManager,
 }
 
+/// One worker's state: the store, where dead letters go, the quota counters and an optional commit observer.
 pub struct Worker {
     store: UsageStore,
     jetstream: jetstream::Context,
@@ -108,6 +110,7 @@ impl Worker {
         }
     }
 
+    /// Calls `observer` after every commit from now on.
     pub fn observe_commits(&mut self, observer: CommitObserver) {
         self.observer = Some(observer);
     }

@@ -50,6 +50,7 @@ pub struct QuotaCounters {
 }
 
 impl QuotaCounters {
+    /// Counters under `prefix` (the deployment's `TOLLGATE_REDIS_PREFIX`).
     pub fn new(redis: ConnectionManager, prefix: impl Into<String>) -> QuotaCounters {
         QuotaCounters {
             redis,
@@ -59,6 +60,7 @@ impl QuotaCounters {
         }
     }
 
+    /// The Redis key of `total`'s organization and month.
     pub fn key(&self, total: &PeriodTotal) -> String {
         quota_counter::key(&self.prefix, total.org_id, total.month)
     }

@@ -44,6 +44,7 @@ pub struct PeriodCheck {
 }
 
 impl PeriodCheck {
+    /// Billing, the hourly rollup and the rows agree on requests and on units.
     pub fn invariant_holds(&self) -> bool {
         self.billing_requests == self.hourly_allowed
             && self.hourly_allowed == self.rows_allowed

@@ -125,6 +125,7 @@ pub struct Written {
 }
 
 impl UsageStore {
+    /// A store writing through `pool`.
     pub fn new(pool: PgPool) -> UsageStore {
         UsageStore {
             pool,
