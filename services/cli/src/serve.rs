@@ -12,6 +12,9 @@ use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::KeyEnv;
 use tollgate_shared::topology::Topology;
 
+/// How often a worker process compares this month's quota counters with PostgreSQL (`tollgate_quota_drift_units`).
+const DRIFT_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Which services this process runs.
 pub struct Roles {
     pub validator: Option<ValidatorArgs>,
@@ -35,6 +38,12 @@ pub async fn serve(
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
         let redis = connect::redis(&servers.redis_url).await?;
+        let quota = tollgate_worker::QuotaCounters::new(redis.clone(), namespace.redis_prefix.clone());
+        let watch = tollgate_worker::reconcile::watch_counter_drift(pool.clone(), quota, DRIFT_CHECK, shutdown.clone());
+        tasks.spawn(async move {
+            watch.await;
+            Ok(())
+        });
         for _ in 0..worker.worker_tasks {
             let connections =
                 tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };

@@ -7,7 +7,7 @@
 //! below it is either lost (Redis flush) or about to be raised by a worker. A repair is a compare-and-set against
 //! the value observed, so it never undoes a newer total a worker wrote meanwhile.
 
-use chrono::NaiveDate;
+use chrono::{Datelike, NaiveDate};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -130,14 +130,7 @@ pub async fn reconcile(
             repaired: false,
         };
         if counter != Some(billing_units) {
-            // Fresh: a worker may have committed (and be about to raise the counter) since the read above.
-            let committed: i64 = sqlx::query_scalar(
-                "SELECT coalesce((SELECT units FROM billing_periods WHERE org_id = $1 AND month = $2), 0)",
-            )
-            .bind(org_id)
-            .bind(month)
-            .fetch_one(pool)
-            .await?;
+            let committed = committed_units(pool, org_id, month).await?;
             check.drift = counter.unwrap_or(0) - committed;
             if repair && counter != Some(committed) {
                 let total = PeriodTotal { org_id, month, units: committed };
@@ -152,4 +145,60 @@ pub async fn reconcile(
     metrics::gauge!(QUOTA_DRIFT).set(drift_units as f64);
     metrics::gauge!(BILLING_INVARIANT_VIOLATIONS).set(violations as f64);
     Ok(Report { periods, violations, drift_units, repaired })
+}
+
+/// An organization's committed units for a month, read afresh: a worker may have committed (and be about to
+/// raise the counter) since an earlier read.
+async fn committed_units(pool: &PgPool, org_id: Uuid, month: NaiveDate) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT coalesce((SELECT units FROM billing_periods WHERE org_id = $1 AND month = $2), 0)")
+        .bind(org_id)
+        .bind(month)
+        .fetch_one(pool)
+        .await
+}
+
+/// The quota counters of `month` against `billing_periods` only (cheap: no scan of the usage rows); sets the
+/// drift gauge and returns the drift in units.
+pub async fn counter_drift(pool: &PgPool, quota: &mut QuotaCounters, month: NaiveDate) -> Result<i64, ReconcileError> {
+    let totals: Vec<PeriodTotal> = sqlx::query_as::<_, (Uuid, NaiveDate, i64)>(
+        "SELECT org_id, month, units FROM billing_periods WHERE month = $1",
+    )
+    .bind(month)
+    .fetch_all(pool)
+    .await?
+    .into_iter()
+    .map(|(org_id, month, units)| PeriodTotal { org_id, month, units })
+    .collect();
+    let counters = quota.read(&totals).await?;
+    let mut drift = 0;
+    for (total, counter) in totals.iter().zip(counters) {
+        if counter != Some(total.units) {
+            drift += (counter.unwrap_or(0) - committed_units(pool, total.org_id, total.month).await?).abs();
+        }
+    }
+    metrics::gauge!(QUOTA_DRIFT).set(drift as f64);
+    Ok(drift)
+}
+
+/// Keeps the drift gauge of the current month's counters fresh in a long-running process, every `every`, until
+/// `shutdown`. It only reports: repairs are the next batch's or `tollgate usage reconcile --fix`'s job.
+pub async fn watch_counter_drift(
+    pool: PgPool,
+    mut quota: QuotaCounters,
+    every: std::time::Duration,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let today = chrono::Utc::now().date_naive();
+        let month = today.with_day(1).unwrap_or(today);
+        match counter_drift(&pool, &mut quota, month).await {
+            Ok(0) => {}
+            Ok(drift) => tracing::info!(drift, "quota counters differ from PostgreSQL (a lagging or lost counter)"),
+            Err(e) => tracing::warn!(error = %e, "cannot compare the quota counters with PostgreSQL"),
+        }
+    }
 }

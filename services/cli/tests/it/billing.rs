@@ -138,6 +138,7 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let mut quota = env.quota_counters().await;
     let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
     assert_eq!((report.violations, report.drift_units, report.repaired), (0, 7, 0));
+    assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
     let output = tollgate(&env, &["--json", "usage", "reconcile", "--fix"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let json: Value = serde_json::from_slice(&output.stdout).expect("json");
