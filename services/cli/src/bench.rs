@@ -338,7 +338,14 @@ fn show(report: &PipelineReport) -> String {
             format!("{:.1} / {:.1} / {:.1} ms", report.lag_p50_ms, report.lag_p99_ms, report.lag_max_ms),
         ),
         ("raw binary COPY ceiling", format!("{:.0} rows/s", report.copy_ceiling_rows_per_second)),
-        ("fraction of ceiling", format!("{:.0}%", report.ceiling_fraction * 100.0)),
+        (
+            "fraction of ceiling",
+            format!(
+                "{:.0}%{}",
+                report.ceiling_fraction * 100.0,
+                if report.drain_seconds < 1.0 { " (workers kept up: raise --rate to find their maximum)" } else { "" }
+            ),
+        ),
         (
             "bytes per usage row",
             format!("{:.0} B (table + indexes; indexes {:.0} B)", report.bytes_per_row, report.index_bytes_per_row),
