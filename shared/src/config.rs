@@ -354,6 +354,14 @@ pub struct WorkerArgs {
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
+    /// A batch closes once it holds this many events (or on `TOLLGATE_BATCH_MESSAGES`, or `TOLLGATE_BATCH_WAIT`).
+    #[arg(long, env = "TOLLGATE_BATCH_EVENTS", value_name = "TOLLGATE_BATCH_EVENTS", default_value_t = 5000)]
+    pub batch_events: usize,
+    /// Worker loops in this process sharing the consumer; several keep PostgreSQL busy while others fetch and
+    /// decode.
+    #[arg(long, env = "TOLLGATE_WORKER_TASKS", value_name = "TOLLGATE_WORKER_TASKS", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub worker_tasks: u16,
 }
 
 /// A byte count: digits with an optional `KiB`, `MiB` or `GiB` suffix.

@@ -10,4 +10,5 @@ pub mod domain;
 pub mod event;
 pub mod key;
 pub mod metrics;
+pub mod quota_counter;
 pub mod topology;

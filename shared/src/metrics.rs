@@ -21,6 +21,12 @@ pub const WORKER_BATCH_SIZE: &str = "tollgate_worker_batch_size";
 pub const WORKER_BATCH_DURATION: &str = "tollgate_worker_batch_duration_seconds";
 pub const WORKER_BATCH_ERRORS: &str = "tollgate_worker_batch_errors_total";
 pub const DEAD_LETTERS: &str = "tollgate_dead_letters_total";
+pub const WORKER_LAG: &str = "tollgate_worker_lag_seconds";
+pub const CONSUMER_PENDING: &str = "tollgate_consumer_pending_messages";
+pub const CONSUMER_ACK_PENDING: &str = "tollgate_consumer_ack_pending_messages";
+pub const QUOTA_COUNTER_ERRORS: &str = "tollgate_quota_counter_errors_total";
+pub const QUOTA_DRIFT: &str = "tollgate_quota_drift_units";
+pub const BILLING_INVARIANT_VIOLATIONS: &str = "tollgate_billing_invariant_violations";
 pub const SPOOL_BYTES: &str = "tollgate_spool_bytes";
 pub const SPOOL_SEGMENTS: &str = "tollgate_spool_segments";
 pub const SPOOL_CORRUPT_RECORDS: &str = "tollgate_spool_corrupt_records_total";
@@ -42,6 +48,7 @@ pub const IP_FAILURES_LIMITED: &str = "tollgate_ip_failures_limited_total";
 const FAST_BUCKETS: &[f64] =
     &[0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0];
 const BATCH_DURATION_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const LAG_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
 const BATCH_SIZE_BUCKETS: &[f64] = &[1.0, 10.0, 50.0, 100.0, 500.0, 1000.0, 5000.0, 10000.0, 50000.0];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
@@ -56,6 +63,7 @@ pub fn install() -> PrometheusHandle {
                     b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_DURATION.into()), BATCH_DURATION_BUCKETS)
                 })
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WORKER_BATCH_SIZE.into()), BATCH_SIZE_BUCKETS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full(WORKER_LAG.into()), LAG_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(PUBLISH_DURATION.into()), BATCH_DURATION_BUCKETS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full(RATELIMIT_REDIS_DURATION.into()), FAST_BUCKETS))
                 .expect("bucket lists are non-empty constants")
@@ -82,6 +90,12 @@ fn describe() {
     describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
     describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");
     describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter stream, by reason.");
+    describe_histogram!(WORKER_LAG, Unit::Seconds, "Time from an event's decision to the commit of its batch.");
+    describe_gauge!(CONSUMER_PENDING, "Messages in the usage stream not yet delivered to any worker.");
+    describe_gauge!(CONSUMER_ACK_PENDING, "Messages delivered to workers and not yet acknowledged.");
+    describe_counter!(QUOTA_COUNTER_ERRORS, "Failed updates of the Redis quota counters (repaired by the next batch).");
+    describe_gauge!(QUOTA_DRIFT, "Units by which the Redis quota counters differ from PostgreSQL (last reconcile).");
+    describe_gauge!(BILLING_INVARIANT_VIOLATIONS, "Organization-months whose billing, hourly and row counts differ.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");
     describe_gauge!(SPOOL_SEGMENTS, "Segment files in the validator's disk spool.");
     describe_counter!(SPOOL_CORRUPT_RECORDS, "Spool records skipped on replay: torn tails and checksum failures.");

@@ -55,13 +55,55 @@ pub enum Command {
     /// Manage rate-limit tiers (the limits every key of a tier gets).
     #[command(subcommand)]
     Tier(TierCommand),
-    /// Benchmarks that report figures for BENCHMARKS.md.
+    /// Check usage, billing and the quota counters.
+    #[command(subcommand)]
+    Usage(UsageCommand),
+    /// Look at and replay usage messages the workers could not decode.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+    /// Benchmarks that report figures for BENCHMARKS.md (each against a database and stream of its own, removed
+    /// afterwards).
     #[command(subcommand)]
     Bench(BenchCommand),
 }
 
 #[derive(Subcommand, Debug)]
+pub enum UsageCommand {
+    /// Check that billing = hourly rollup = usage rows for every organization and month, and compare the Redis
+    /// quota counters with PostgreSQL. Exits non-zero when the counts disagree.
+    Reconcile {
+        /// Only this organization (id or slug).
+        #[arg(long)]
+        org: Option<String>,
+        /// Only this month (UTC), e.g. 2026-11.
+        #[arg(long, value_name = "YYYY-MM", value_parser = parse_month)]
+        month: Option<chrono::NaiveDate>,
+        /// Set missing or drifting quota counters to PostgreSQL's totals (safe while workers run).
+        #[arg(long)]
+        fix: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DlqCommand {
+    /// List dead letters: sequence, time, reason, size.
+    List,
+    /// Republish dead letters to the usage stream, then delete them from the dead-letter stream.
+    Replay {
+        /// The dead letter's sequence (from `dlq list`).
+        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        seq: Option<u64>,
+        /// Every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
 pub enum BenchCommand {
+    /// Publish synthetic usage events straight to a stream at a target rate, run workers in this process, and
+    /// report committed rows/s, lag p50/p99, the raw binary-COPY ceiling and bytes per row.
+    Pipeline(BenchPipelineArgs),
     /// Full verification over HTTP against a trivial handler on the same machine.
     Verify(crate::bench_verify::VerifyBenchArgs),
     /// The trivial handler `bench verify` compares against (started by it).
@@ -70,6 +112,29 @@ pub enum BenchCommand {
         #[arg(long)]
         listen: std::net::SocketAddr,
     },
+}
+
+#[derive(Args, Debug)]
+pub struct BenchPipelineArgs {
+    /// Target events per second.
+    #[arg(long, default_value_t = 100_000)]
+    pub rate: u64,
+    /// How long to publish.
+    #[arg(long, default_value_t = 20)]
+    pub seconds: u64,
+    /// Events per NATS message (as the validator's publisher batches them).
+    #[arg(long, default_value_t = 100)]
+    pub events_per_message: usize,
+    /// Organizations (and one key each) the events are spread over.
+    #[arg(long, default_value_t = 100)]
+    pub orgs: usize,
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+}
+
+fn parse_month(s: &str) -> Result<chrono::NaiveDate, String> {
+    chrono::NaiveDate::parse_from_str(&format!("{s}-01"), "%Y-%m-%d")
+        .map_err(|_| "expected YYYY-MM, e.g. 2026-11".into())
 }
 
 #[derive(Subcommand, Debug)]

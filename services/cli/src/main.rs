@@ -1,10 +1,13 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
+mod bench;
 mod bench_verify;
 mod cli;
+mod dlq;
 mod manage;
 mod output;
 mod serve;
+mod usage;
 
 use std::process::ExitCode;
 
@@ -63,5 +66,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Bench(BenchCommand::Verify(args)) => bench_verify::run(&servers, args, json).await,
         Command::Bench(BenchCommand::TrivialServer { listen }) => bench_verify::trivial_server(listen).await,
+        Command::Usage(command) => {
+            let pool = connect::postgres(&servers.database_url, 2).await?;
+            let redis = connect::redis(&servers.redis_url).await?;
+            let quota = tollgate_worker::QuotaCounters::new(redis, namespace.redis_prefix.clone());
+            usage::usage(&pool, quota, json, command).await
+        }
+        Command::Dlq(command) => {
+            let nats = connect::nats(&servers.nats_url).await?;
+            dlq::dlq(nats, &tollgate_shared::topology::Topology::new(&namespace), json, command).await
+        }
+        Command::Bench(BenchCommand::Pipeline(args)) => bench::pipeline(&servers, json, args).await,
     }
 }

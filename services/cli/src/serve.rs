@@ -12,6 +12,9 @@ use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::KeyEnv;
 use tollgate_shared::topology::Topology;
 
+/// How often a worker process compares this month's quota counters with PostgreSQL (`tollgate_quota_drift_units`).
+const DRIFT_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Which services this process runs.
 pub struct Roles {
     pub validator: Option<ValidatorArgs>,
@@ -34,7 +37,25 @@ pub async fn serve(
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
-        tasks.spawn(tollgate_worker::run(worker, topology.clone(), pool.clone(), nats.clone(), shutdown.clone()));
+        let redis = connect::redis(&servers.redis_url).await?;
+        let quota = tollgate_worker::QuotaCounters::new(redis.clone(), namespace.redis_prefix.clone());
+        let watch = tollgate_worker::reconcile::watch_counter_drift(pool.clone(), quota, DRIFT_CHECK, shutdown.clone());
+        tasks.spawn(async move {
+            watch.await;
+            Ok(())
+        });
+        for _ in 0..worker.worker_tasks {
+            let connections =
+                tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
+            let run = tollgate_worker::run(
+                worker.clone(),
+                topology.clone(),
+                namespace.redis_prefix.clone(),
+                connections,
+                shutdown.clone(),
+            );
+            tasks.spawn(run);
+        }
     }
     if let Some(validator) = roles.validator {
         let listener = TcpListener::bind(validator.listen)

@@ -1,28 +1,47 @@
 //! The workers: read usage messages from the JetStream consumer in batches, write them to PostgreSQL exactly once,
 //! and acknowledge them only after the commit. Any number of workers can share the consumer.
 
+mod copy;
 mod dead_letter;
+pub mod dlq;
+pub mod quota;
+pub mod reconcile;
 mod store;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, Message};
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rand::Rng;
 use tokio_util::sync::CancellationToken;
 
-use tollgate_shared::codec;
+use tollgate_shared::codec::{self, CodecError};
 use tollgate_shared::config::WorkerArgs;
+use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
-    USAGE_DUPLICATES, USAGE_ROWS_WRITTEN, WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS, WORKER_BATCH_SIZE,
+    CONSUMER_ACK_PENDING, CONSUMER_PENDING, QUOTA_COUNTER_ERRORS, USAGE_DUPLICATES, USAGE_ROWS_WRITTEN,
+    WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS, WORKER_BATCH_SIZE, WORKER_LAG,
 };
 use tollgate_shared::topology::Topology;
 
+pub use copy::CopyEncoder;
 pub use dead_letter::{REASON_HEADER, SUBJECT_HEADER};
-pub use store::{UsageStore, Written};
+pub use quota::QuotaCounters;
+pub use store::{copy_statement, encode, PeriodTotal, UsageStore, Written};
 
+/// Retry policy while PostgreSQL is failing: exponential from 100 ms to 10 s, full jitter. Coherent with the
+/// consumer (`nats/workers-consumer.json`): every retry first sends an in-progress ack, which restarts the 30 s
+/// ack wait, and a retry comes at most 10 s (plus a 5 s connection timeout) after the previous one, so JetStream
+/// never re-delivers a batch a worker still holds; `max_deliver` is unlimited, so nothing is ever dropped however
+/// long PostgreSQL is away (the messages wait in the stream, which has no age limit).
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// How often the consumer's pending counts are read into gauges.
+const PENDING_REFRESH: Duration = Duration::from_secs(5);
+/// How long past its expiry a pull is still read (see [`pull`]).
+const PULL_GRACE: Duration = Duration::from_millis(250);
 
 /// What one batch did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,48 +60,111 @@ pub enum BatchError {
     DeadLetter(async_nats::Error),
 }
 
+/// Called after each commit with the batch's events and the commit time (the benchmark measures lag with it).
+pub type CommitObserver = Arc<dyn Fn(&[UsageEvent], DateTime<Utc>) + Send + Sync>;
+
+/// A fetched message and what decoding it gave.
+pub struct Delivery {
+    pub message: Message,
+    pub events: Result<Vec<UsageEvent>, CodecError>,
+}
+
+impl Delivery {
+    /// Decodes `message`, keeping a decoding failure for the dead-letter stream.
+    pub fn decode(message: Message) -> Delivery {
+        let events = codec::decode_batch(&message.payload);
+        Delivery { message, events }
+    }
+}
+
+/// The servers a worker uses.
+pub struct Connections {
+    pub pool: sqlx::PgPool,
+    pub nats: async_nats::Client,
+    pub redis: redis::aio::ConnectionManager,
+}
+
+/// One worker's state: the store, where dead letters go, the quota counters and an optional commit observer.
 pub struct Worker {
     store: UsageStore,
     jetstream: jetstream::Context,
     dead_letter_subject: String,
+    quota: Option<QuotaCounters>,
+    observer: Option<CommitObserver>,
 }
 
 impl Worker {
-    pub fn new(pool: sqlx::PgPool, jetstream: jetstream::Context, topology: &Topology) -> Worker {
-        Worker { store: UsageStore::new(pool), jetstream, dead_letter_subject: topology.dead_letter_subject() }
+    /// A worker; `quota` None leaves the Redis quota counters alone (tests of the write path alone).
+    pub fn new(
+        pool: sqlx::PgPool,
+        jetstream: jetstream::Context,
+        topology: &Topology,
+        quota: Option<QuotaCounters>,
+    ) -> Worker {
+        Worker {
+            store: UsageStore::new(pool),
+            jetstream,
+            dead_letter_subject: topology.dead_letter_subject(),
+            quota,
+            observer: None,
+        }
+    }
+
+    /// Calls `observer` after every commit from now on.
+    pub fn observe_commits(&mut self, observer: CommitObserver) {
+        self.observer = Some(observer);
     }
 
     /// One step: dead-letter what cannot be decoded, write the rest in one transaction, then ack everything.
     /// On error nothing is acked, so every message will be delivered again.
     pub async fn process_batch(&mut self, messages: &[Message]) -> Result<BatchOutcome, BatchError> {
+        let deliveries: Vec<Delivery> = messages.iter().cloned().map(Delivery::decode).collect();
+        self.process_deliveries(&deliveries).await
+    }
+
+    /// [`Worker::process_batch`] on messages already decoded.
+    pub async fn process_deliveries(&mut self, deliveries: &[Delivery]) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(deliveries.iter().map(|d| d.events.as_ref().map_or(0, Vec::len)).sum());
         let mut dead_lettered = 0;
-        for message in messages {
-            match codec::decode_batch(&message.payload) {
-                Ok(batch) => events.extend(batch),
+        for delivery in deliveries {
+            match &delivery.events {
+                Ok(batch) => events.extend_from_slice(batch),
                 Err(e) => {
-                    dead_letter::dead_letter(&self.jetstream, &self.dead_letter_subject, message, &e)
+                    dead_letter::dead_letter(&self.jetstream, &self.dead_letter_subject, &delivery.message, e)
                         .await
                         .map_err(BatchError::DeadLetter)?;
                     dead_lettered += 1;
                 }
             }
         }
-        let written =
-            if events.is_empty() { Written { inserted: 0, duplicates: 0 } } else { self.store.write(&events).await? };
-        for message in messages {
+        let written = self.store.write(&events).await?;
+        let committed_at = Utc::now();
+        for delivery in deliveries {
             // A lost ack only means a re-delivery, which the write above makes harmless.
-            if let Err(e) = message.ack().await {
+            if let Err(e) = delivery.message.ack().await {
                 tracing::warn!(error = %e, "ack failed; the message will be re-delivered and skipped");
             }
+        }
+        if let Some(quota) = &mut self.quota {
+            if let Err(e) = quota.raise(&written.totals).await {
+                metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
+                tracing::warn!(error = %e, "cannot update the Redis quota counters; the next batch will");
+            }
+        }
+        let lag = metrics::histogram!(WORKER_LAG);
+        for event in &events {
+            lag.record((committed_at - event.ts).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+        }
+        if let Some(observer) = &self.observer {
+            observer(&events, committed_at);
         }
         metrics::counter!(USAGE_ROWS_WRITTEN).increment(written.inserted);
         metrics::counter!(USAGE_DUPLICATES).increment(written.duplicates);
         metrics::histogram!(WORKER_BATCH_SIZE).record(events.len() as f64);
         metrics::histogram!(WORKER_BATCH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(BatchOutcome {
-            messages: messages.len(),
+            messages: deliveries.len(),
             inserted: written.inserted,
             duplicates: written.duplicates,
             dead_lettered,
@@ -95,38 +177,61 @@ impl Worker {
 pub async fn run(
     args: WorkerArgs,
     topology: Topology,
-    pool: sqlx::PgPool,
-    nats: async_nats::Client,
+    redis_prefix: String,
+    connections: Connections,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    run_observed(args, topology, redis_prefix, connections, None, shutdown).await
+}
+
+/// [`run`], calling `observer` after each commit.
+pub async fn run_observed(
+    args: WorkerArgs,
+    topology: Topology,
+    redis_prefix: String,
+    connections: Connections,
+    observer: Option<CommitObserver>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let Connections { pool, nats, redis } = connections;
     let jetstream = jetstream::new(nats);
     let consumer = topology.ensure_worker_side(&jetstream).await?;
-    let mut worker = Worker::new(pool, jetstream, &topology);
+    let quota = QuotaCounters::new(redis, redis_prefix);
+    let mut worker = Worker::new(pool, jetstream, &topology, Some(quota));
+    if let Some(observer) = observer {
+        worker.observe_commits(observer);
+    }
+    let pending = tokio::spawn(report_pending(consumer.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
+    let mut fetcher = Fetcher::new(&args);
     while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
-        let messages = fetch(&consumer, &args).await;
-        if messages.is_empty() {
+        let deliveries = fetcher.fetch(&consumer).await;
+        if deliveries.is_empty() {
             continue;
         }
         let mut delay = BACKOFF_FIRST;
         loop {
-            match worker.process_batch(&messages).await {
+            match worker.process_deliveries(&deliveries).await {
                 Ok(_) => break,
                 Err(e) => {
                     metrics::counter!(WORKER_BATCH_ERRORS).increment(1);
                     tracing::warn!(error = %e, retry_in = ?delay, "batch failed; retrying");
                     if shutdown.is_cancelled() {
                         // Not acked: JetStream re-delivers these to the next worker.
+                        pending.abort();
                         return Ok(());
                     }
-                    for message in &messages {
+                    for delivery in &deliveries {
                         // Resets the ack timer so JetStream does not hand the batch to another worker meanwhile.
-                        let _ = message.ack_with(jetstream::AckKind::Progress).await;
+                        let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
                     }
                     tokio::select! {
-                        _ = shutdown.cancelled() => return Ok(()),
+                        _ = shutdown.cancelled() => {
+                            pending.abort();
+                            return Ok(());
+                        }
                         _ = tokio::time::sleep(full_jitter(delay)) => {}
                     }
                     delay = (delay * 2).min(BACKOFF_MAX);
@@ -134,13 +239,85 @@ pub async fn run(
             }
         }
     }
+    pending.abort();
     tracing::info!("worker stopped");
     Ok(())
 }
 
-/// Up to `batch_messages` messages, waiting at most `batch_wait` for them.
-async fn fetch(consumer: &jetstream::consumer::Consumer<pull::Config>, args: &WorkerArgs) -> Vec<Message> {
-    let batch = consumer.batch().max_messages(args.batch_messages).expires(args.batch_wait).messages().await;
+/// Reads the consumer's pending counts into gauges every few seconds.
+async fn report_pending(mut consumer: jetstream::consumer::Consumer<pull::Config>) {
+    loop {
+        match consumer.info().await {
+            Ok(info) => {
+                metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
+                metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot read the consumer's pending counts"),
+        }
+        tokio::time::sleep(PENDING_REFRESH).await;
+    }
+}
+
+/// Fills batches: the first pull waits up to `batch_wait`; more pulls follow, without waiting, until the batch holds
+/// `batch_events` events or `batch_messages` messages or the stream has nothing more. Messages carry a variable
+/// number of events, so each pull asks for as many messages as the recent average says will fill the batch.
+struct Fetcher {
+    batch_messages: usize,
+    batch_events: usize,
+    batch_wait: Duration,
+    events_per_message: f64,
+}
+
+impl Fetcher {
+    fn new(args: &WorkerArgs) -> Fetcher {
+        Fetcher {
+            batch_messages: args.batch_messages.max(1),
+            batch_events: args.batch_events.max(1),
+            batch_wait: args.batch_wait,
+            events_per_message: 1.0,
+        }
+    }
+
+    async fn fetch(&mut self, consumer: &jetstream::consumer::Consumer<pull::Config>) -> Vec<Delivery> {
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut events = 0;
+        // The first pull waits up to `batch_wait` for enough messages; the next ones take only what is there.
+        let mut wait = Some(self.batch_wait);
+        while deliveries.len() < self.batch_messages && events < self.batch_events {
+            let wanted = ((self.batch_events - events) as f64 / self.events_per_message).ceil() as usize;
+            let wanted = wanted.clamp(1, self.batch_messages - deliveries.len());
+            let pulled = pull(consumer, wanted, wait.take()).await;
+            if pulled.is_empty() {
+                break;
+            }
+            for message in pulled {
+                let delivery = Delivery::decode(message);
+                events += delivery.events.as_ref().map_or(0, Vec::len);
+                deliveries.push(delivery);
+            }
+        }
+        if !deliveries.is_empty() {
+            let average = events as f64 / deliveries.len() as f64;
+            self.events_per_message = (0.5 * self.events_per_message + 0.5 * average).max(1.0);
+        }
+        deliveries
+    }
+}
+
+/// Up to `max` messages, waiting at most `wait` for them (None: only those already there).
+///
+/// The client library ends a pull when the server says it expired, or 5 s after that if the server's word gets
+/// lost, which under load happens and would hold a batch for 5 s. So the pull is read until `wait` plus a grace
+/// period at most; a message the server sends after that is re-delivered after the ack wait, never lost.
+async fn pull(
+    consumer: &jetstream::consumer::Consumer<pull::Config>,
+    max: usize,
+    wait: Option<Duration>,
+) -> Vec<Message> {
+    let batch = match wait {
+        Some(wait) => consumer.batch().max_messages(max).expires(wait).messages().await,
+        None => consumer.fetch().max_messages(max).messages().await,
+    };
     let mut stream = match batch {
         Ok(stream) => stream,
         Err(e) => {
@@ -149,14 +326,20 @@ async fn fetch(consumer: &jetstream::consumer::Consumer<pull::Config>, args: &Wo
             return Vec::new();
         }
     };
+    let give_up = tokio::time::sleep(wait.unwrap_or_default() + PULL_GRACE);
+    tokio::pin!(give_up);
     let mut messages = Vec::new();
-    while let Some(message) = stream.next().await {
-        match message {
-            Ok(message) => messages.push(message),
-            Err(e) => {
-                tracing::warn!(error = %e, "error while fetching from JetStream");
-                break;
-            }
+    while messages.len() < max {
+        tokio::select! {
+            message = stream.next() => match message {
+                Some(Ok(message)) => messages.push(message),
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "error while fetching from JetStream");
+                    break;
+                }
+                None => break,
+            },
+            _ = &mut give_up => break,
         }
     }
     messages

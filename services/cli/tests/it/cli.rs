@@ -47,6 +47,10 @@ fn every_command_has_help() {
         &["key", "show"],
         &["key", "revoke"],
         &["key", "update"],
+        &["usage", "reconcile"],
+        &["dlq", "list"],
+        &["dlq", "replay"],
+        &["bench", "pipeline"],
     ];
     for command in commands {
         let output = Command::new(env!("CARGO_BIN_EXE_tollgate")).args(*command).arg("--help").output().expect("run");

@@ -31,6 +31,7 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub topology: Topology,
+    pub redis_prefix: String,
 }
 
 /// A running service: cancel `shutdown` and await `task` to stop it gracefully.
@@ -59,14 +60,23 @@ impl RunningValidator {
 
 impl TestEnv {
     pub async fn new() -> TestEnv {
-        Self::with_nats(NATS_URL).await
+        TestEnv::on_servers(DATABASE_SERVER, NATS_URL).await
     }
 
     /// Like [`TestEnv::new`], with NATS at `nats_url` (a private server for fault tests).
     pub async fn with_nats(nats_url: &str) -> TestEnv {
+        TestEnv::on_servers(DATABASE_SERVER, nats_url).await
+    }
+
+    /// Like [`TestEnv::new`], with the database on another PostgreSQL server (e.g. a `PrivatePostgres`).
+    pub async fn on_postgres(database_server: &str) -> TestEnv {
+        TestEnv::on_servers(database_server, NATS_URL).await
+    }
+
+    async fn on_servers(database_server: &str, nats_url: &str) -> TestEnv {
         let id = Uuid::new_v4().simple().to_string()[..12].to_owned();
         let database = format!("tollgate_it_{id}");
-        let database_url: ServerUrl = format!("{DATABASE_SERVER}/{database}").parse().expect("valid url");
+        let database_url: ServerUrl = format!("{database_server}/{database}").parse().expect("valid url");
         let pool = connect::postgres_migrated(&database_url, 8).await.expect("test database");
         let nats = connect::nats(&nats_url.parse().expect("url")).await.expect("nats");
         let namespace = NamespaceArgs {
@@ -75,7 +85,7 @@ impl TestEnv {
             redis_prefix: format!("it:{id}:"),
         };
         let topology = Topology::new(&namespace);
-        TestEnv { database, database_url, pool, nats, topology }
+        TestEnv { database, database_url, pool, nats, topology, redis_prefix: namespace.redis_prefix }
     }
 
     pub fn validator_args() -> ValidatorArgs {
@@ -102,7 +112,7 @@ impl TestEnv {
     }
 
     pub fn worker_args() -> WorkerArgs {
-        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20) }
+        WorkerArgs { batch_messages: 50, batch_wait: Duration::from_millis(20), batch_events: 5000, worker_tasks: 1 }
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
@@ -127,12 +137,17 @@ impl TestEnv {
     }
 
     pub async fn start_worker(&self) -> Running {
+        let connections = tollgate_worker::Connections {
+            pool: self.pool.clone(),
+            nats: self.nats.clone(),
+            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis"),
+        };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tollgate_worker::run(
             Self::worker_args(),
             self.topology.clone(),
-            self.pool.clone(),
-            self.nats.clone(),
+            self.redis_prefix.clone(),
+            connections,
             shutdown.clone(),
         ));
         Running { shutdown, task }
@@ -191,6 +206,7 @@ impl TestEnv {
 
     pub async fn cleanup(self) {
         let _ = std::fs::remove_dir_all(self.spool_dir());
+        self.delete_redis_keys().await;
         self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
         self.pool.close().await;
         let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)
@@ -216,5 +232,166 @@ where
             return value;
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A worker run as a separate `tollgate worker` process, so a test can kill it with SIGKILL. Killed on drop.
+pub struct WorkerProcess {
+    child: Option<std::process::Child>,
+}
+
+impl WorkerProcess {
+    /// SIGKILL: no shutdown, no flush, no ack.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Verifies sent in a loop by a few clients until stopped; counts the 200s they saw.
+pub struct Load {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<i64>>,
+}
+
+impl Load {
+    /// `clients` concurrent loops of `/v1/auth` with `key`.
+    pub fn start(validator: &RunningValidator, key: &ApiKey, clients: usize) -> Load {
+        let stop = CancellationToken::new();
+        let http = reqwest::Client::new();
+        let tasks = (0..clients)
+            .map(|_| {
+                let request = http.get(validator.url("/v1/auth")).bearer_auth(key.expose());
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    let mut ok = 0;
+                    while !stop.is_cancelled() {
+                        let request = request.try_clone().expect("a body-less request clones");
+                        if let Ok(response) = request.send().await {
+                            assert!(
+                                response.status() == reqwest::StatusCode::OK,
+                                "verify answered {}",
+                                response.status()
+                            );
+                            ok += 1;
+                        }
+                    }
+                    ok
+                })
+            })
+            .collect();
+        Load { stop, tasks }
+    }
+
+    /// Stops the clients; the number of 200s they saw.
+    pub async fn stop(self) -> i64 {
+        self.stop.cancel();
+        let mut ok = 0;
+        for task in self.tasks {
+            ok += task.await.expect("load client panicked");
+        }
+        ok
+    }
+}
+
+impl TestEnv {
+    /// Starts `tollgate worker` as a child process on this environment's database, stream and prefixes.
+    pub fn spawn_worker_process(&self, nats_url: &str) -> WorkerProcess {
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .arg("worker")
+            .env("DATABASE_URL", self.database_url.expose())
+            .env("NATS_URL", nats_url)
+            .env("REDIS_URL", REDIS_URL)
+            .env("TOLLGATE_STREAM", &self.topology.stream)
+            .env("TOLLGATE_SUBJECT_PREFIX", &self.topology.subject_prefix)
+            .env("TOLLGATE_REDIS_PREFIX", &self.redis_prefix)
+            .env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0")
+            .env("TOLLGATE_BATCH_WAIT", "20ms")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start tollgate worker");
+        WorkerProcess { child: Some(child) }
+    }
+
+    /// Creates the usage stream and the workers' consumer with a short ack wait, so that what a killed worker held
+    /// is re-delivered quickly (workers find the consumer and use it as it is).
+    pub async fn short_ack_wait(&self, ack_wait: Duration) {
+        use async_nats::jetstream::consumer::{pull, AckPolicy};
+        let js = async_nats::jetstream::new(self.nats.clone());
+        let stream = self.topology.ensure_usage_stream(&js).await.expect("usage stream");
+        let config = pull::Config {
+            durable_name: Some(self.topology.workers_consumer()),
+            filter_subject: self.topology.usage_filter(),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait,
+            max_deliver: -1,
+            max_ack_pending: 100_000,
+            ..Default::default()
+        };
+        stream.create_consumer(config).await.expect("workers consumer");
+    }
+
+    /// The quota counters of this environment's Redis prefix.
+    pub async fn quota_counters(&self) -> tollgate_worker::QuotaCounters {
+        let redis = connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+        tollgate_worker::QuotaCounters::new(redis, self.redis_prefix.clone())
+    }
+
+    /// After the pipeline is quiet: `allowed` allowed rows in api_usage, in usage_hourly and in billing_periods, no
+    /// event twice, the billing invariant for every org and month, and quota counters equal to PostgreSQL.
+    pub async fn assert_exactly_once(&self, allowed: i64) {
+        self.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", allowed).await;
+        self.wait_for_count("SELECT sum(allowed) FROM usage_hourly", allowed).await;
+        self.wait_for_count("SELECT sum(requests) FROM billing_periods", allowed).await;
+        assert_eq!(self.count("SELECT count(*) - count(DISTINCT event_id) FROM api_usage").await, 0, "an event twice");
+        let mut quota = self.quota_counters().await;
+        let report = tollgate_worker::reconcile::reconcile(&self.pool, &mut quota, Default::default(), false)
+            .await
+            .expect("reconcile");
+        assert_eq!(report.violations, 0, "billing invariant: {:?}", report.periods);
+        let drift = wait_until(
+            Duration::from_secs(5),
+            || async {
+                let mut quota = self.quota_counters().await;
+                tollgate_worker::reconcile::reconcile(&self.pool, &mut quota, Default::default(), false)
+                    .await
+                    .expect("reconcile")
+                    .drift_units
+            },
+            |drift| *drift == 0,
+        )
+        .await;
+        assert_eq!(drift, 0, "quota counters differ from PostgreSQL");
+    }
+
+    /// Waits until `sql` returns at least `minimum`, failing after 15 s.
+    pub async fn wait_for_count_at_least(&self, sql: &str, minimum: i64) {
+        let last = wait_until(Duration::from_secs(15), || async { self.count(sql).await }, |n| *n >= minimum).await;
+        assert!(last >= minimum, "{sql}: {last} < {minimum}");
+    }
+
+    /// [`TestEnv::wait_for_count`] with 45 s, for a pipeline recovering from a fault.
+    pub async fn wait_for_count_long(&self, sql: &str, expected: i64) {
+        let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n == expected).await;
+        assert_eq!(last, expected, "{sql}");
+    }
+
+    async fn delete_redis_keys(&self) {
+        let Ok(mut redis) = connect::redis(&REDIS_URL.parse().expect("url")).await else { return };
+        let pattern = format!("{}*", self.redis_prefix);
+        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
+        }
     }
 }

@@ -1,9 +1,11 @@
 //! Integration tests against the real PostgreSQL, Redis and NATS, each test isolated in its own database, stream,
 //! subject prefix and Redis prefix.
 
+mod billing;
 mod cli;
 mod end_to_end;
 mod faults_publisher;
+mod faults_worker;
 mod gateways;
 mod harness;
 mod pipeline;

@@ -1,0 +1,221 @@
+//! Billing periods, the Redis quota counters, `tollgate usage reconcile` and `tollgate dlq list|replay`.
+
+use std::process::{Command, Output};
+
+use async_nats::jetstream;
+use chrono::{Datelike, NaiveDate, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+use tollgate_shared::codec;
+use tollgate_shared::domain::Outcome;
+use tollgate_shared::event::UsageEvent;
+use tollgate_shared::quota_counter;
+use tollgate_worker::reconcile::{self, Filter};
+
+use crate::harness::{TestEnv, REDIS_URL};
+
+fn event(org_id: Uuid, key_id: Uuid, outcome: Outcome, units: u32) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        ts: Utc::now(),
+        org_id,
+        key_id,
+        outcome,
+        method: "POST".into(),
+        path: "/v1/things".into(),
+        client_ip: Some("2001:db8::7".parse().expect("ip")),
+        user_agent: None,
+        request_id: Some("r-1".into()),
+        units,
+        latency_us: 42,
+        shadow_outcome: None,
+    }
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, events: Vec<UsageEvent>) {
+    js.publish(subject.to_owned(), codec::encode_batch(events).into()).await.expect("publish").await.expect("stored");
+}
+
+fn this_month() -> NaiveDate {
+    let today = Utc::now().date_naive();
+    NaiveDate::from_ymd_opt(today.year(), today.month(), 1).expect("first of the month")
+}
+
+async fn org_id(env: &TestEnv, slug: &str) -> Uuid {
+    sqlx::query_scalar("SELECT id FROM organizations WHERE slug = $1")
+        .bind(slug)
+        .fetch_one(&env.pool)
+        .await
+        .expect("org")
+}
+
+fn tollgate(env: &TestEnv, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .env("DATABASE_URL", env.database_url.expose())
+        .env("NATS_URL", crate::harness::NATS_URL)
+        .env("REDIS_URL", REDIS_URL)
+        .env("TOLLGATE_STREAM", &env.topology.stream)
+        .env("TOLLGATE_SUBJECT_PREFIX", &env.topology.subject_prefix)
+        .env("TOLLGATE_REDIS_PREFIX", &env.redis_prefix)
+        .output()
+        .expect("run tollgate")
+}
+
+async fn counter(key: &str) -> Option<i64> {
+    let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+    redis::cmd("GET").arg(key).query_async(&mut redis).await.expect("GET")
+}
+
+async fn delete(key: &str) {
+    let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+    let _: i64 = redis::cmd("DEL").arg(key).query_async(&mut redis).await.expect("DEL");
+}
+
+#[tokio::test]
+async fn billing_counts_allowed_units_and_prices_the_overage() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let slug = env.org().await; // on the pro plan
+    let (key_id, _) = env.key(&slug).await;
+    let org = org_id(&env, &slug).await;
+    sqlx::query("UPDATE plans SET included_units = 10, price_per_thousand_minor = 50 WHERE name = 'pro'")
+        .execute(&env.pool)
+        .await
+        .expect("plan");
+
+    let mut events: Vec<UsageEvent> = (0..25).map(|_| event(org, key_id, Outcome::Allowed, 2)).collect();
+    events.extend((0..5).map(|_| event(org, key_id, Outcome::RateLimited, 2)));
+    publish(&js, &env.topology.usage_subject(), events).await;
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 30).await;
+
+    let (requests, units, included, overage, amount, currency, status): (i64, i64, i64, i64, i64, String, String) =
+        sqlx::query_as(
+            "SELECT requests, units, included_units, overage_units, amount_minor, currency, status
+             FROM billing_periods WHERE org_id = $1 AND month = $2",
+        )
+        .bind(org)
+        .bind(this_month())
+        .fetch_one(&env.pool)
+        .await
+        .expect("billing period");
+    // 25 allowed requests of 2 units; 10 included; 40 over at 50 cents per 1000 → 2 cents (rounded up).
+    assert_eq!((requests, units, included, overage, amount), (25, 50, 10, 40, 2));
+    assert_eq!((currency.as_str(), status.as_str()), ("USD", "open"));
+    assert_eq!(env.count("SELECT total_requests FROM api_keys").await, 30);
+    env.assert_exactly_once(25).await;
+
+    let key = quota_counter::key(&env.redis_prefix, org, this_month());
+    assert_eq!(counter(&key).await, Some(50), "the quota counter holds the committed units");
+
+    // A lost counter is rebuilt from PostgreSQL by the next batch of that organization.
+    delete(&key).await;
+    publish(&js, &env.topology.usage_subject(), vec![event(org, key_id, Outcome::Allowed, 3)]).await;
+    crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(53)).await;
+    assert_eq!(counter(&key).await, Some(53));
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let (org, key_id) = (Uuid::now_v7(), Uuid::now_v7());
+    publish(&js, &env.topology.usage_subject(), (0..7).map(|_| event(org, key_id, Outcome::Allowed, 1)).collect())
+        .await;
+    let worker = env.start_worker().await;
+    env.assert_exactly_once(7).await;
+    worker.stop().await;
+
+    // Redis flushed: the counter is gone, reconcile sees the drift and --fix rebuilds it.
+    let key = quota_counter::key(&env.redis_prefix, org, this_month());
+    delete(&key).await;
+    let mut quota = env.quota_counters().await;
+    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
+    assert_eq!((report.violations, report.drift_units, report.repaired), (0, 7, 0));
+    assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
+    let output = tollgate(&env, &["--json", "usage", "reconcile", "--fix"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let json: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(json["repaired"], 1);
+    assert_eq!(counter(&key).await, Some(7));
+    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
+    assert_eq!((report.violations, report.drift_units), (0, 0), "zero drift after the rebuild");
+
+    // A counter ahead of PostgreSQL is drift too, and is brought down.
+    let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+    let _: () = redis::cmd("SET").arg(&key).arg(100).query_async(&mut redis).await.expect("SET");
+    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
+    assert_eq!((report.drift_units, report.repaired), (93, 1));
+    assert_eq!(counter(&key).await, Some(7));
+
+    // Billing that disagrees with the rows: reported, and the command fails.
+    sqlx::query("UPDATE billing_periods SET requests = requests + 1").execute(&env.pool).await.expect("break");
+    let month = this_month().format("%Y-%m").to_string();
+    let output = tollgate(&env, &["usage", "reconcile", "--month", &month]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("MISMATCH"));
+
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    publish_raw(&js, &env.topology.usage_subject(), b"\x01this is not bincode".to_vec()).await;
+    let worker = env.start_worker().await;
+    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dead-letter stream");
+    crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async { dead_letters.get_raw_message(1).await.is_ok() },
+        |found| *found,
+    )
+    .await;
+    // A good message that an older worker dead-lettered (as if it had not known the codec version yet).
+    let good = event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(tollgate_worker::REASON_HEADER, "unknown codec version 1");
+    js.publish_with_headers(
+        env.topology.dead_letter_subject(),
+        headers,
+        codec::encode_batch(vec![good.clone()]).into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("stored");
+
+    let output = tollgate(&env, &["--json", "dlq", "list"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let letters: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let letters = letters.as_array().expect("array");
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0]["sequence"], 1);
+    assert!(letters[0]["reason"].as_str().expect("reason").contains("undecodable"));
+    assert_eq!(letters[0]["size"], 20);
+    assert_eq!(letters[1]["sequence"], 2);
+
+    let output = tollgate(&env, &["dlq", "replay", "--seq", "2"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    let event_id: Uuid = sqlx::query_scalar("SELECT event_id FROM api_usage").fetch_one(&env.pool).await.expect("row");
+    assert_eq!(event_id, good.event_id);
+    let output = tollgate(&env, &["--json", "dlq", "list"]);
+    let letters: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(letters.as_array().expect("array").len(), 1, "the replayed one left the dead-letter stream");
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
+    js.publish(subject.to_owned(), payload.into()).await.expect("publish").await.expect("stored");
+}

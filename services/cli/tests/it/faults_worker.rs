@@ -1,0 +1,175 @@
+//! Fault tests of the worker side (issue 4, tests 1, 2, 4 and 6): under a steady stream of verifies (or of
+//! published events), inject the fault, heal it, wait for quiet, then check that every 200 the clients saw is
+//! exactly one allowed row in `api_usage`, one count in `usage_hourly` and one billed request, with no event twice.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull};
+use chrono::Utc;
+use futures::StreamExt;
+use uuid::Uuid;
+
+use tollgate_shared::codec;
+use tollgate_shared::domain::Outcome;
+use tollgate_shared::event::UsageEvent;
+
+use crate::harness::{Load, TestEnv, NATS_URL};
+use crate::servers::PrivatePostgres;
+
+/// Re-delivery of what a killed worker held comes after this long.
+const TEST_ACK_WAIT: Duration = Duration::from_secs(2);
+
+#[tokio::test]
+async fn a_worker_killed_mid_batch_and_restarted_loses_and_doubles_nothing() {
+    let env = TestEnv::new().await;
+    env.short_ack_wait(TEST_ACK_WAIT).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let mut worker = env.spawn_worker_process(NATS_URL);
+    let load = Load::start(&validator, &key, 4);
+
+    // Let it write for a while, so the kill lands among fetched, half-written and committed-but-unacked batches.
+    env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 300).await;
+    worker.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let restarted = env.spawn_worker_process(NATS_URL);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let allowed = load.stop().await;
+
+    env.assert_exactly_once(allowed).await;
+    drop(restarted);
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_workers_share_the_consumer_and_one_is_killed() {
+    let env = TestEnv::new().await;
+    env.short_ack_wait(TEST_ACK_WAIT).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let mut first = env.spawn_worker_process(NATS_URL);
+    let second = env.spawn_worker_process(NATS_URL);
+    let load = Load::start(&validator, &key, 4);
+
+    env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 300).await;
+    first.kill();
+    // The survivor takes over, including what the killed one held once its ack wait expires.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let allowed = load.stop().await;
+
+    env.assert_exactly_once(allowed).await;
+    drop(second);
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let load = Load::start(&validator, &key, 2);
+
+    env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 100).await;
+    postgres.stop();
+    // Verifies go on (cached key); the worker holds its batch, retrying with backoff and in-progress acks.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    postgres.restart();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let allowed = load.stop().await;
+
+    // The backoff is at most 10 s, so the last retry may come that long after the restart.
+    env.wait_for_count_long("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", allowed).await;
+    env.assert_exactly_once(allowed).await;
+    worker.stop().await;
+    validator.service.stop().await;
+    env.cleanup().await;
+    drop(postgres);
+}
+
+fn event(org_id: Uuid, key_id: Uuid) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        ts: Utc::now(),
+        org_id,
+        key_id,
+        outcome: Outcome::Allowed,
+        method: "GET".into(),
+        path: "/things".into(),
+        client_ip: Some("192.0.2.1".parse().expect("ip")),
+        user_agent: Some("test".into()),
+        request_id: None,
+        units: 1,
+        latency_us: 10,
+        shadow_outcome: None,
+    }
+}
+
+async fn publish(js: &jetstream::Context, subject: &str, message_id: String, events: Vec<UsageEvent>) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
+    js.publish_with_headers(subject.to_owned(), headers, codec::encode_batch(events).into())
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+}
+
+async fn fetch(consumer: &jetstream::consumer::Consumer<pull::Config>, n: usize) -> Vec<jetstream::Message> {
+    let mut messages =
+        consumer.batch().max_messages(n).expires(Duration::from_secs(1)).messages().await.expect("fetch");
+    let mut out = Vec::new();
+    while let Some(message) = messages.next().await {
+        out.push(message.expect("message"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once() {
+    let env = TestEnv::new().await;
+    env.short_ack_wait(Duration::from_secs(1)).await;
+    let js = jetstream::new(env.nats.clone());
+    let consumer = env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let (org_id, key_id) = (Uuid::now_v7(), Uuid::now_v7());
+
+    // Every event twice, under different message ids (so JetStream keeps both copies).
+    let events: Vec<UsageEvent> = (0..200).map(|_| event(org_id, key_id)).collect();
+    for (i, chunk) in events.chunks(20).enumerate() {
+        publish(&js, &subject, format!("a{i}"), chunk.to_vec()).await;
+        publish(&js, &subject, format!("b{i}"), chunk.to_vec()).await;
+    }
+
+    // One batch delivered twice: fetched, left unacked past the ack wait, fetched again by a second worker; both
+    // deliveries are then processed (the first worker was only slow, not dead).
+    let mut first_worker = tollgate_worker::Worker::new(env.pool.clone(), js.clone(), &env.topology, None);
+    let mut second_worker =
+        tollgate_worker::Worker::new(env.pool.clone(), js.clone(), &env.topology, Some(env.quota_counters().await));
+    let first_delivery = fetch(&consumer, 5).await;
+    assert_eq!(first_delivery.len(), 5);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let second_delivery = fetch(&consumer, 5).await;
+    assert_eq!(
+        second_delivery.iter().map(|m| m.info().expect("info").stream_sequence).collect::<Vec<_>>(),
+        first_delivery.iter().map(|m| m.info().expect("info").stream_sequence).collect::<Vec<_>>(),
+        "the same batch was delivered again"
+    );
+    let first = first_worker.process_batch(&first_delivery).await.expect("first delivery");
+    let second = second_worker.process_batch(&second_delivery).await.expect("second delivery");
+    // Five messages: three chunks of 20 events, two of them twice; a batch writes each event once.
+    assert_eq!((first.inserted, first.duplicates), (60, 0));
+    assert_eq!((second.inserted, second.duplicates), (0, 60));
+
+    // The rest through a running worker.
+    let worker = env.start_worker().await;
+    env.assert_exactly_once(200).await;
+    worker.stop().await;
+    env.cleanup().await;
+}

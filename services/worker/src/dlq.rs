@@ -1,0 +1,117 @@
+//! Looking at and replaying the dead-letter stream (`tollgate dlq list|replay`).
+//!
+//! A replay republishes the message's payload to the usage subject it came from, waits for JetStream to store it,
+//! and only then deletes it from the dead-letter stream: a crash in between leaves it in both places, and the
+//! replay's message id (derived from the dead letter's position) makes a second replay within JetStream's
+//! duplicate window a no-op; past that window a duplicate message is still harmless, because the workers write
+//! each event once.
+
+use async_nats::jetstream::{self, stream::Stream};
+use chrono::{DateTime, Utc};
+
+use tollgate_shared::topology::Topology;
+
+use crate::dead_letter::{REASON_HEADER, SUBJECT_HEADER};
+
+/// One message in the dead-letter stream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub sequence: u64,
+    pub time: DateTime<Utc>,
+    pub reason: String,
+    /// The usage subject it was first published to.
+    pub subject: String,
+    pub size: usize,
+}
+
+/// Which dead letters to replay.
+#[derive(Debug, Clone, Copy)]
+pub enum Selection {
+    One(u64),
+    All,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("cannot read dead-letter stream {stream}: {reason}")]
+    Stream { stream: String, reason: String },
+    #[error("no dead letter with sequence {0}")]
+    NotFound(u64),
+    #[error("cannot republish dead letter {sequence}: {reason}")]
+    Publish { sequence: u64, reason: String },
+    #[error("republished dead letter {sequence} but cannot delete it from the dead-letter stream: {reason}")]
+    Delete { sequence: u64, reason: String },
+}
+
+async fn open(js: &jetstream::Context, topology: &Topology) -> Result<Stream, DlqError> {
+    let name = topology.dead_letter_stream();
+    js.get_stream(&name).await.map_err(|e| DlqError::Stream { stream: name, reason: e.to_string() })
+}
+
+/// Every dead letter, oldest first.
+pub async fn list(js: &jetstream::Context, topology: &Topology) -> Result<Vec<DeadLetter>, DlqError> {
+    let mut stream = open(js, topology).await?;
+    let name = topology.dead_letter_stream();
+    let state =
+        stream.info().await.map_err(|e| DlqError::Stream { stream: name, reason: e.to_string() })?.state.clone();
+    let mut letters = Vec::new();
+    if state.messages == 0 {
+        return Ok(letters);
+    }
+    for sequence in state.first_sequence..=state.last_sequence {
+        // Gaps are messages already replayed (deleted).
+        if let Some(letter) = get(&stream, topology, sequence).await {
+            letters.push(letter);
+        }
+    }
+    Ok(letters)
+}
+
+async fn get(stream: &Stream, topology: &Topology, sequence: u64) -> Option<DeadLetter> {
+    let message = stream.get_raw_message(sequence).await.ok()?;
+    let header = |name: &str| message.headers.get(name).map(|v| v.to_string());
+    let time = DateTime::from_timestamp(message.time.unix_timestamp(), message.time.nanosecond())
+        .unwrap_or(DateTime::UNIX_EPOCH);
+    Some(DeadLetter {
+        sequence,
+        time,
+        reason: header(REASON_HEADER).unwrap_or_default(),
+        subject: header(SUBJECT_HEADER).unwrap_or_else(|| topology.usage_subject()),
+        size: message.payload.len(),
+    })
+}
+
+/// Republishes the selected dead letters to their usage subject and deletes them from the dead-letter stream;
+/// returns the sequences replayed.
+pub async fn replay(js: &jetstream::Context, topology: &Topology, selection: Selection) -> Result<Vec<u64>, DlqError> {
+    let stream = open(js, topology).await?;
+    let sequences: Vec<u64> = match selection {
+        Selection::One(sequence) => vec![sequence],
+        Selection::All => list(js, topology).await?.into_iter().map(|l| l.sequence).collect(),
+    };
+    let usage_prefix = format!("{}.usage.", topology.subject_prefix);
+    let mut replayed = Vec::new();
+    for sequence in sequences {
+        let message = stream.get_raw_message(sequence).await.map_err(|_| DlqError::NotFound(sequence))?;
+        // Only ever back into this deployment's usage stream, whatever the header says.
+        let subject = message
+            .headers
+            .get(SUBJECT_HEADER)
+            .map(|v| v.to_string())
+            .filter(|s| s.starts_with(&usage_prefix))
+            .unwrap_or_else(|| topology.usage_subject());
+        let mut headers = async_nats::HeaderMap::new();
+        let id = format!("replay-{}-{sequence}", topology.dead_letter_stream());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
+        let publish = |reason: String| DlqError::Publish { sequence, reason };
+        js.publish_with_headers(subject, headers, message.payload.clone())
+            .await
+            .map_err(|e| publish(e.to_string()))?
+            .await
+            .map_err(|e| publish(e.to_string()))?;
+        stream.delete_message(sequence).await.map_err(|e| DlqError::Delete { sequence, reason: e.to_string() })?;
+        tracing::info!(sequence, "replayed a dead letter");
+        replayed.push(sequence);
+    }
+    Ok(replayed)
+}

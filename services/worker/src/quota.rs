@@ -1,0 +1,104 @@
+//! Keeping the Redis monthly quota counters (see `tollgate_shared::quota_counter` for the contract) equal to the
+//! units committed in PostgreSQL.
+//!
+//! After each commit a worker *raises* each touched counter to the total PostgreSQL returned in that commit, with
+//! a "set if greater" script: concurrent workers, replays and late retries can never move a counter backwards, a
+//! counter lost in a Redis flush or restart is rebuilt by the next batch of that organization, and a counter is
+//! never ahead of PostgreSQL (it only ever holds values PostgreSQL has committed). Redis being away does not hold
+//! up the batch: PostgreSQL is the truth, and the next batch (or `tollgate usage reconcile`) repairs the counter.
+
+use redis::aio::ConnectionManager;
+
+use tollgate_shared::quota_counter;
+
+use crate::store::PeriodTotal;
+
+/// Counters outlive their month by a little, then go (a month is never longer than 31 days, so an active counter
+/// cannot expire mid-month: every raise refreshes the expiry).
+const COUNTER_TTL_SECONDS: u64 = 40 * 24 * 3600;
+
+/// KEYS: counters; ARGV: the new totals in the same order, then the TTL. Raises each counter that is below its
+/// new total (or missing).
+const RAISE: &str = r"
+local ttl = ARGV[#KEYS + 1]
+for i, key in ipairs(KEYS) do
+    local new = tonumber(ARGV[i])
+    local current = tonumber(redis.call('GET', key) or '-1')
+    if new > current then
+        redis.call('SET', key, ARGV[i], 'EX', ttl)
+    end
+end
+return 0";
+
+/// KEYS[1]: a counter; ARGV: the value observed ('' when missing), the value to set, the TTL. Sets it only if it
+/// still holds the observed value, so a repair never overwrites a newer total a worker wrote meanwhile.
+const REPLACE_IF: &str = r"
+local current = redis.call('GET', KEYS[1]) or ''
+if current == ARGV[1] then
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+    return 1
+end
+return 0";
+
+/// The quota counters of one deployment (one Redis prefix).
+#[derive(Clone)]
+pub struct QuotaCounters {
+    redis: ConnectionManager,
+    prefix: String,
+    raise: redis::Script,
+    replace_if: redis::Script,
+}
+
+impl QuotaCounters {
+    /// Counters under `prefix` (the deployment's `TOLLGATE_REDIS_PREFIX`).
+    pub fn new(redis: ConnectionManager, prefix: impl Into<String>) -> QuotaCounters {
+        QuotaCounters {
+            redis,
+            prefix: prefix.into(),
+            raise: redis::Script::new(RAISE),
+            replace_if: redis::Script::new(REPLACE_IF),
+        }
+    }
+
+    /// The Redis key of `total`'s organization and month.
+    pub fn key(&self, total: &PeriodTotal) -> String {
+        quota_counter::key(&self.prefix, total.org_id, total.month)
+    }
+
+    /// Raises each counter to its committed total, in one round trip.
+    pub async fn raise(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<()> {
+        if totals.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = self.raise.prepare_invoke();
+        for total in totals {
+            invocation.key(self.key(total)).arg(total.units);
+        }
+        invocation.arg(COUNTER_TTL_SECONDS);
+        let _: i64 = invocation.invoke_async(&mut self.redis).await?;
+        Ok(())
+    }
+
+    /// The counters' current values (None when missing), in the order given.
+    pub async fn read(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<Vec<Option<i64>>> {
+        if totals.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = totals.iter().map(|t| self.key(t)).collect();
+        redis::cmd("MGET").arg(keys).query_async(&mut self.redis).await
+    }
+
+    /// Sets the counter to `total.units` if it still holds `observed`; true if it did.
+    pub async fn replace_if(&mut self, total: &PeriodTotal, observed: Option<i64>) -> redis::RedisResult<bool> {
+        let observed = observed.map(|v| v.to_string()).unwrap_or_default();
+        let replaced: i64 = self
+            .replace_if
+            .key(self.key(total))
+            .arg(observed)
+            .arg(total.units)
+            .arg(COUNTER_TTL_SECONDS)
+            .invoke_async(&mut self.redis)
+            .await?;
+        Ok(replaced == 1)
+    }
+}
