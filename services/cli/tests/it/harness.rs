@@ -192,9 +192,10 @@ impl TestEnv {
         sqlx::query_scalar::<_, Option<i64>>(&as_bigint).fetch_one(&self.pool).await.expect(sql).unwrap_or(0)
     }
 
-    /// Waits until `sql` returns `expected`, failing with the last value after 15 s.
+    /// Waits until `sql` returns `expected`, failing with the last value after 45 s: longer than the consumer's
+    /// 30 s ack wait, after which a message delivered to a pull the worker had already given up on comes back.
     pub async fn wait_for_count(&self, sql: &str, expected: i64) {
-        let last = wait_until(Duration::from_secs(15), || async { self.count(sql).await }, |n| *n == expected).await;
+        let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n == expected).await;
         assert_eq!(last, expected, "{sql}");
     }
 
@@ -376,7 +377,7 @@ impl TestEnv {
 
     /// Waits until `sql` returns at least `minimum`, failing after 15 s.
     pub async fn wait_for_count_at_least(&self, sql: &str, minimum: i64) {
-        let last = wait_until(Duration::from_secs(15), || async { self.count(sql).await }, |n| *n >= minimum).await;
+        let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n >= minimum).await;
         assert!(last >= minimum, "{sql}: {last} < {minimum}");
     }
 
