@@ -375,16 +375,10 @@ impl TestEnv {
         assert_eq!(drift, 0, "quota counters differ from PostgreSQL");
     }
 
-    /// Waits until `sql` returns at least `minimum`, failing after 15 s.
+    /// Waits until `sql` returns at least `minimum`, failing after 45 s.
     pub async fn wait_for_count_at_least(&self, sql: &str, minimum: i64) {
         let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n >= minimum).await;
         assert!(last >= minimum, "{sql}: {last} < {minimum}");
-    }
-
-    /// [`TestEnv::wait_for_count`] with 45 s, for a pipeline recovering from a fault.
-    pub async fn wait_for_count_long(&self, sql: &str, expected: i64) {
-        let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n == expected).await;
-        assert_eq!(last, expected, "{sql}");
     }
 
     async fn delete_redis_keys(&self) {
