@@ -219,3 +219,56 @@ async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
 async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
     js.publish(subject.to_owned(), payload.into()).await.expect("publish").await.expect("stored");
 }
+
+#[tokio::test]
+async fn the_monthly_quota_survives_a_redis_flush_overshooting_only_by_events_in_flight() {
+    let env = TestEnv::new().await;
+    let slug = env.org().await;
+    let limits = tollgate_shared::admin::OrgChanges {
+        monthly_request_limit: Some(tollgate_shared::domain::LimitSetting::Max(5)),
+        ..Default::default()
+    };
+    tollgate_shared::admin::update_org(&env.pool, &slug, limits).await.expect("org");
+    let org = org_id(&env, &slug).await;
+    let (_, key) = env.key(&slug).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let client = reqwest::Client::new();
+    let status = || {
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
+        async move { request.send().await.expect("request").status() }
+    };
+    let quota_key = quota_counter::key(&env.redis_prefix, org, this_month());
+    let counter_reaches = |units: i64| {
+        let quota_key = quota_key.clone();
+        crate::harness::wait_until(
+            std::time::Duration::from_secs(45),
+            move || counter_of(quota_key.clone()),
+            move |c| *c == Some(units),
+        )
+    };
+
+    for _ in 0..5 {
+        assert_eq!(status().await, reqwest::StatusCode::OK);
+    }
+    assert_eq!(counter_reaches(5).await, Some(5));
+    assert_eq!(status().await, reqwest::StatusCode::TOO_MANY_REQUESTS, "the quota of 5 is used up");
+
+    // Redis loses the counter. Until the workers' next commit for this organization rebuilds it from PostgreSQL,
+    // the validator reads 0: the overshoot is the events in flight, here the one request that triggers the rebuild.
+    delete(&quota_key).await;
+    assert_eq!(status().await, reqwest::StatusCode::OK);
+    assert_eq!(counter_reaches(6).await, Some(6), "rebuilt from PostgreSQL, not restarted from zero");
+    for _ in 0..3 {
+        assert_eq!(status().await, reqwest::StatusCode::TOO_MANY_REQUESTS, "the month was not reset");
+    }
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", 6).await;
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+async fn counter_of(key: String) -> Option<i64> {
+    counter(&key).await
+}
