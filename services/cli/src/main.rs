@@ -1,6 +1,6 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
-mod bench;
+mod bench_pipeline;
 mod bench_verify;
 mod cli;
 mod dlq;
@@ -76,6 +76,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let nats = connect::nats(&servers.nats_url).await?;
             dlq::dlq(nats, &tollgate_shared::topology::Topology::new(&namespace), json, command).await
         }
-        Command::Bench(BenchCommand::Pipeline(args)) => bench::pipeline(&servers, json, args).await,
+        Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline::pipeline(&servers, json, args).await,
     }
 }
