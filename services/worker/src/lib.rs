@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, Message};
+use async_nats::StatusCode;
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use rand::Rng;
@@ -194,8 +195,9 @@ pub async fn run_observed(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let Connections { pool, nats, redis } = connections;
-    let jetstream = jetstream::new(nats);
+    let jetstream = jetstream::new(nats.clone());
     let consumer = topology.ensure_worker_side(&jetstream).await?;
+    let mut fetcher = Fetcher::new(&args, &nats, jetstream.clone()).await?;
     let quota = QuotaCounters::new(redis, redis_prefix);
     let mut worker = Worker::new(pool, jetstream, &topology, Some(quota));
     if let Some(observer) = observer {
@@ -203,7 +205,6 @@ pub async fn run_observed(
     }
     let pending = tokio::spawn(report_pending(consumer.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
-    let mut fetcher = Fetcher::new(&args);
     while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
@@ -261,21 +262,42 @@ async fn report_pending(mut consumer: jetstream::consumer::Consumer<pull::Config
 /// Fills batches: the first pull waits up to `batch_wait`; more pulls follow, without waiting, until the batch holds
 /// `batch_events` events or `batch_messages` messages or the stream has nothing more. Messages carry a variable
 /// number of events, so each pull asks for as many messages as the recent average says will fill the batch.
+///
+/// Every pull of a worker is answered on one subscription that lives as long as the worker, each pull on a subject
+/// of its own under it. A pull can outlive the worker's reading of it: read only until its expiry plus a grace period
+/// (see [`Fetcher::pull`]), or made while NATS was away, when the client keeps the request and sends it on reconnect,
+/// long after the worker moved on. The messages JetStream hands to such a pull still arrive here and go into the next
+/// batch; with an inbox per pull they went to an inbox nobody read and waited out the 30 s ack wait.
 struct Fetcher {
     batch_messages: usize,
     batch_events: usize,
     batch_wait: Duration,
     events_per_message: f64,
+    jetstream: jetstream::Context,
+    /// `<inbox>.<n>` is the reply subject of pull `n`.
+    inbox: String,
+    replies: async_nats::Subscriber,
+    pulls: u64,
 }
 
 impl Fetcher {
-    fn new(args: &WorkerArgs) -> Fetcher {
-        Fetcher {
+    async fn new(
+        args: &WorkerArgs,
+        nats: &async_nats::Client,
+        jetstream: jetstream::Context,
+    ) -> Result<Fetcher, async_nats::SubscribeError> {
+        let inbox = nats.new_inbox();
+        let replies = nats.subscribe(format!("{inbox}.*")).await?;
+        Ok(Fetcher {
             batch_messages: args.batch_messages.max(1),
             batch_events: args.batch_events.max(1),
             batch_wait: args.batch_wait,
             events_per_message: 1.0,
-        }
+            jetstream,
+            inbox,
+            replies,
+            pulls: 0,
+        })
     }
 
     async fn fetch(&mut self, consumer: &jetstream::consumer::Consumer<pull::Config>) -> Vec<Delivery> {
@@ -286,7 +308,7 @@ impl Fetcher {
         while deliveries.len() < self.batch_messages && events < self.batch_events {
             let wanted = ((self.batch_events - events) as f64 / self.events_per_message).ceil() as usize;
             let wanted = wanted.clamp(1, self.batch_messages - deliveries.len());
-            let pulled = pull(consumer, wanted, wait.take()).await;
+            let pulled = self.pull(consumer, wanted, wait.take()).await;
             if pulled.is_empty() {
                 break;
             }
@@ -302,47 +324,57 @@ impl Fetcher {
         }
         deliveries
     }
-}
 
-/// Up to `max` messages, waiting at most `wait` for them (None: only those already there).
-///
-/// The client library ends a pull when the server says it expired, or 5 s after that if the server's word gets
-/// lost, which under load happens and would hold a batch for 5 s. So the pull is read until `wait` plus a grace
-/// period at most; a message the server sends after that is re-delivered after the ack wait, never lost.
-async fn pull(
-    consumer: &jetstream::consumer::Consumer<pull::Config>,
-    max: usize,
-    wait: Option<Duration>,
-) -> Vec<Message> {
-    let batch = match wait {
-        Some(wait) => consumer.batch().max_messages(max).expires(wait).messages().await,
-        None => consumer.fetch().max_messages(max).messages().await,
-    };
-    let mut stream = match batch {
-        Ok(stream) => stream,
-        Err(e) => {
+    /// Up to `max` messages, waiting at most `wait` for them (None: only those already there).
+    ///
+    /// The server ends a pull with a status message when it expires, or when nothing is there for a pull that does
+    /// not wait. Under load that word can come late, which would hold a batch, so the pull is read until `wait` plus a
+    /// grace period at most; what the server sends for it after that arrives with a later pull.
+    async fn pull(
+        &mut self,
+        consumer: &jetstream::consumer::Consumer<pull::Config>,
+        max: usize,
+        wait: Option<Duration>,
+    ) -> Vec<Message> {
+        self.pulls += 1;
+        let reply = format!("{}.{}", self.inbox, self.pulls);
+        let request = pull::BatchConfig { batch: max, expires: wait, no_wait: wait.is_none(), ..Default::default() };
+        if let Err(e) = consumer.request_batch(request, reply.clone().into()).await {
             tracing::warn!(error = %e, "cannot fetch from JetStream; retrying");
             tokio::time::sleep(BACKOFF_FIRST).await;
             return Vec::new();
         }
-    };
-    let give_up = tokio::time::sleep(wait.unwrap_or_default() + PULL_GRACE);
-    tokio::pin!(give_up);
-    let mut messages = Vec::new();
-    while messages.len() < max {
-        tokio::select! {
-            message = stream.next() => match message {
-                Some(Ok(message)) => messages.push(message),
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "error while fetching from JetStream");
-                    break;
+        let give_up = tokio::time::sleep(wait.unwrap_or_default() + PULL_GRACE);
+        tokio::pin!(give_up);
+        let mut messages = Vec::new();
+        while messages.len() < max {
+            tokio::select! {
+                message = self.replies.next() => {
+                    let Some(message) = message else {
+                        tracing::warn!("the NATS client is closed; cannot fetch from JetStream");
+                        tokio::time::sleep(BACKOFF_FIRST).await;
+                        break;
+                    };
+                    match message.status {
+                        None | Some(StatusCode::OK) => {
+                            messages.push(Message { message, context: self.jetstream.clone() });
+                        }
+                        // The end of an earlier pull, come late: this one goes on.
+                        Some(_) if message.subject.as_str() != reply => {}
+                        Some(StatusCode::TIMEOUT | StatusCode::NOT_FOUND) => break,
+                        Some(StatusCode::IDLE_HEARTBEAT) => {}
+                        Some(status) => {
+                            tracing::warn!(%status, description = ?message.description,
+                                "error while fetching from JetStream");
+                            break;
+                        }
+                    }
                 }
-                None => break,
-            },
-            _ = &mut give_up => break,
+                _ = &mut give_up => break,
+            }
         }
+        messages
     }
-    messages
 }
 
 /// A random wait in `[0, ceiling]`, so workers retrying together do not retry in lockstep.
