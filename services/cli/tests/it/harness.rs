@@ -193,7 +193,7 @@ impl TestEnv {
     }
 
     /// Waits until `sql` returns `expected`, failing with the last value after 45 s: longer than the consumer's
-    /// 30 s ack wait, after which a message delivered to a pull the worker had already given up on comes back.
+    /// 30 s ack wait, so a message that had to be re-delivered still counts as arriving.
     pub async fn wait_for_count(&self, sql: &str, expected: i64) {
         let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n == expected).await;
         assert_eq!(last, expected, "{sql}");
