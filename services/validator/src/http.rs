@@ -596,8 +596,9 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "nats": within(nats.ok()),
         "ratelimit": limiter,
     });
-    let limiter_ready = limiter == "ok" || !state.limiter.closes_when_degraded();
-    let ready = status["postgres"] == "ok" && status["nats"] == "ok" && limiter_ready;
+    // Not ready unless all three servers answer (a degraded limiter keeps deciding by its failure policy, but a
+    // load balancer should prefer a replica that sees Redis); `ratelimit` says how the limiter is deciding.
+    let ready = ["postgres", "redis", "nats"].iter().all(|server| status[*server] == "ok");
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
 }

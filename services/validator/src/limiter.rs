@@ -242,12 +242,6 @@ impl Limiter {
         }
     }
 
-    /// Whether some limit denies with 503 while Redis is away (then `/readyz` says not ready).
-    pub fn closes_when_degraded(&self) -> bool {
-        let p = self.policies;
-        [p.key, p.tier, p.org, p.quota].contains(&FailurePolicy::Closed)
-    }
-
     /// Decides `cost` more units against every limit of `plan`, all or nothing.
     pub async fn decide(&self, plan: &Plan, cost: u32) -> Decision {
         if plan.is_empty() {
