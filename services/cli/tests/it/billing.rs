@@ -13,25 +13,8 @@ use tollgate_shared::event::UsageEvent;
 use tollgate_shared::quota_counter;
 use tollgate_worker::reconcile::{self, Filter};
 
+use crate::harness::usage_event;
 use crate::harness::{TestEnv, REDIS_URL};
-
-fn event(org_id: Uuid, key_id: Uuid, outcome: Outcome, units: u32) -> UsageEvent {
-    UsageEvent {
-        event_id: Uuid::now_v7(),
-        ts: Utc::now(),
-        org_id,
-        key_id,
-        outcome,
-        method: "POST".into(),
-        path: "/v1/things".into(),
-        client_ip: Some("2001:db8::7".parse().expect("ip")),
-        user_agent: None,
-        request_id: Some("r-1".into()),
-        units,
-        latency_us: 42,
-        shadow_outcome: None,
-    }
-}
 
 async fn publish(js: &jetstream::Context, subject: &str, events: Vec<UsageEvent>) {
     js.publish(subject.to_owned(), codec::encode_batch(events).into()).await.expect("publish").await.expect("stored");
@@ -86,8 +69,8 @@ async fn billing_counts_allowed_units_and_prices_the_overage() {
         .await
         .expect("plan");
 
-    let mut events: Vec<UsageEvent> = (0..25).map(|_| event(org, key_id, Outcome::Allowed, 2)).collect();
-    events.extend((0..5).map(|_| event(org, key_id, Outcome::RateLimited, 2)));
+    let mut events: Vec<UsageEvent> = (0..25).map(|_| usage_event(org, key_id, Outcome::Allowed, 2)).collect();
+    events.extend((0..5).map(|_| usage_event(org, key_id, Outcome::RateLimited, 2)));
     publish(&js, &env.topology.usage_subject(), events).await;
     let worker = env.start_worker().await;
     env.wait_for_count("SELECT count(*) FROM api_usage", 30).await;
@@ -113,7 +96,7 @@ async fn billing_counts_allowed_units_and_prices_the_overage() {
 
     // A lost counter is rebuilt from PostgreSQL by the next batch of that organization.
     delete(&key).await;
-    publish(&js, &env.topology.usage_subject(), vec![event(org, key_id, Outcome::Allowed, 3)]).await;
+    publish(&js, &env.topology.usage_subject(), vec![usage_event(org, key_id, Outcome::Allowed, 3)]).await;
     crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(53)).await;
     assert_eq!(counter(&key).await, Some(53));
 
@@ -127,8 +110,12 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
     let (org, key_id) = (Uuid::now_v7(), Uuid::now_v7());
-    publish(&js, &env.topology.usage_subject(), (0..7).map(|_| event(org, key_id, Outcome::Allowed, 1)).collect())
-        .await;
+    publish(
+        &js,
+        &env.topology.usage_subject(),
+        (0..7).map(|_| usage_event(org, key_id, Outcome::Allowed, 1)).collect(),
+    )
+    .await;
     let worker = env.start_worker().await;
     env.assert_exactly_once(7).await;
     worker.stop().await;
@@ -180,7 +167,7 @@ async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
     )
     .await;
     // A good message that an older worker dead-lettered (as if it had not known the codec version yet).
-    let good = event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+    let good = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(tollgate_worker::REASON_HEADER, "unknown codec version 1");
     js.publish_with_headers(

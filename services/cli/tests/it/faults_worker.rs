@@ -5,7 +5,6 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull};
-use chrono::Utc;
 use futures::StreamExt;
 use uuid::Uuid;
 
@@ -13,6 +12,7 @@ use tollgate_shared::codec;
 use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
 
+use crate::harness::usage_event;
 use crate::harness::{Load, TestEnv, NATS_URL};
 use crate::servers::PrivatePostgres;
 
@@ -93,24 +93,6 @@ async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
     drop(postgres);
 }
 
-fn event(org_id: Uuid, key_id: Uuid) -> UsageEvent {
-    UsageEvent {
-        event_id: Uuid::now_v7(),
-        ts: Utc::now(),
-        org_id,
-        key_id,
-        outcome: Outcome::Allowed,
-        method: "GET".into(),
-        path: "/things".into(),
-        client_ip: Some("192.0.2.1".parse().expect("ip")),
-        user_agent: Some("test".into()),
-        request_id: None,
-        units: 1,
-        latency_us: 10,
-        shadow_outcome: None,
-    }
-}
-
 async fn publish(js: &jetstream::Context, subject: &str, message_id: String, events: Vec<UsageEvent>) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
@@ -141,7 +123,7 @@ async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once()
     let (org_id, key_id) = (Uuid::now_v7(), Uuid::now_v7());
 
     // Every event twice, under different message ids (so JetStream keeps both copies).
-    let events: Vec<UsageEvent> = (0..200).map(|_| event(org_id, key_id)).collect();
+    let events: Vec<UsageEvent> = (0..200).map(|_| usage_event(org_id, key_id, Outcome::Allowed, 1)).collect();
     for (i, chunk) in events.chunks(20).enumerate() {
         publish(&js, &subject, format!("a{i}"), chunk.to_vec()).await;
         publish(&js, &subject, format!("b{i}"), chunk.to_vec()).await;

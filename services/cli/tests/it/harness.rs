@@ -17,7 +17,9 @@ use tollgate_shared::config::{
     FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
 };
 use tollgate_shared::connect;
+use tollgate_shared::domain::Outcome;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::event::UsageEvent;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::topology::Topology;
 
@@ -388,5 +390,24 @@ impl TestEnv {
         if !keys.is_empty() {
             let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
         }
+    }
+}
+
+/// A usage event as the validator would publish it, for tests that feed the stream directly.
+pub fn usage_event(org_id: Uuid, key_id: Uuid, outcome: Outcome, units: u32) -> UsageEvent {
+    UsageEvent {
+        event_id: Uuid::now_v7(),
+        ts: chrono::Utc::now(),
+        org_id,
+        key_id,
+        outcome,
+        method: "POST".into(),
+        path: "/v1/things".into(),
+        client_ip: Some("2001:db8::7".parse().expect("ip")),
+        user_agent: Some("test".into()),
+        request_id: Some("r-1".into()),
+        units,
+        latency_us: 42,
+        shadow_outcome: None,
     }
 }

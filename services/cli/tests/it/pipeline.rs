@@ -1,32 +1,13 @@
 //! The event pipeline's exactly-once and dead-letter behaviour, driven by publishing to the stream directly.
 
 use async_nats::jetstream;
-use chrono::Utc;
 use uuid::Uuid;
 
 use tollgate_shared::codec;
 use tollgate_shared::domain::Outcome;
-use tollgate_shared::event::UsageEvent;
 
+use crate::harness::usage_event;
 use crate::harness::TestEnv;
-
-fn event(org_id: Uuid, key_id: Uuid) -> UsageEvent {
-    UsageEvent {
-        event_id: Uuid::now_v7(),
-        ts: Utc::now(),
-        org_id,
-        key_id,
-        outcome: Outcome::Allowed,
-        method: "GET".into(),
-        path: "/".into(),
-        client_ip: None,
-        user_agent: None,
-        request_id: None,
-        units: 1,
-        latency_us: 10,
-        shadow_outcome: None,
-    }
-}
 
 async fn publish(js: &jetstream::Context, subject: &str, message_id: &str, payload: Vec<u8>) {
     let mut headers = async_nats::HeaderMap::new();
@@ -40,7 +21,7 @@ async fn a_redelivered_event_leaves_one_row_and_a_count_of_one() {
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
     let subject = env.topology.usage_subject();
-    let once = event(Uuid::now_v7(), Uuid::now_v7());
+    let once = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
     let payload = codec::encode_batch(vec![once.clone()]);
 
     // The same event: re-published under a new message id (JetStream keeps both), re-published under the same id
@@ -77,7 +58,7 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
 
     publish(&js, &subject, "garbage", b"\x01this is not bincode".to_vec()).await;
     publish(&js, &subject, "future", b"\x63from a future version".to_vec()).await;
-    let good = event(Uuid::now_v7(), Uuid::now_v7());
+    let good = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
     publish(&js, &subject, "good", codec::encode_batch(vec![good.clone()])).await;
 
     let worker = env.start_worker().await;
