@@ -41,7 +41,7 @@ fn tollgate(env: &TestEnv, args: &[&str]) -> Output {
         .env("REDIS_URL", REDIS_URL)
         .env("TOLLGATE_STREAM", &env.topology.stream)
         .env("TOLLGATE_SUBJECT_PREFIX", &env.topology.subject_prefix)
-        .env("TOLLGATE_REDIS_PREFIX", &env.redis_prefix)
+        .env("TOLLGATE_REDIS_PREFIX", &env.topology.redis_prefix)
         .output()
         .expect("run tollgate")
 }
@@ -91,7 +91,7 @@ async fn billing_counts_allowed_units_and_prices_the_overage() {
     assert_eq!(env.count("SELECT total_requests FROM api_keys").await, 30);
     env.assert_exactly_once(25).await;
 
-    let key = quota_counter::key(&env.redis_prefix, org, this_month());
+    let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
     assert_eq!(counter(&key).await, Some(50), "the quota counter holds the committed units");
 
     // A lost counter is rebuilt from PostgreSQL by the next batch of that organization.
@@ -121,7 +121,7 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     worker.stop().await;
 
     // Redis flushed: the counter is gone, reconcile sees the drift and --fix rebuilds it.
-    let key = quota_counter::key(&env.redis_prefix, org, this_month());
+    let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
     delete(&key).await;
     let mut quota = env.quota_counters().await;
     let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
@@ -225,7 +225,7 @@ async fn the_monthly_quota_survives_a_redis_flush_overshooting_only_by_events_in
         let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
         async move { request.send().await.expect("request").status() }
     };
-    let quota_key = quota_counter::key(&env.redis_prefix, org, this_month());
+    let quota_key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
     let counter_reaches = |units: i64| {
         let quota_key = quota_key.clone();
         crate::harness::wait_until(

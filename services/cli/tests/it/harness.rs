@@ -33,7 +33,6 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub topology: Topology,
-    pub redis_prefix: String,
 }
 
 /// A running service: cancel `shutdown` and await `task` to stop it gracefully.
@@ -87,7 +86,7 @@ impl TestEnv {
             redis_prefix: format!("it:{id}:"),
         };
         let topology = Topology::new(&namespace);
-        TestEnv { database, database_url, pool, nats, topology, redis_prefix: namespace.redis_prefix }
+        TestEnv { database, database_url, pool, nats, topology }
     }
 
     pub fn validator_args() -> ValidatorArgs {
@@ -148,7 +147,7 @@ impl TestEnv {
         let task = tokio::spawn(tollgate_worker::run(
             Self::worker_args(),
             self.topology.clone(),
-            self.redis_prefix.clone(),
+            self.topology.redis_prefix.clone(),
             connections,
             shutdown.clone(),
         ));
@@ -315,7 +314,7 @@ impl TestEnv {
             .env("REDIS_URL", REDIS_URL)
             .env("TOLLGATE_STREAM", &self.topology.stream)
             .env("TOLLGATE_SUBJECT_PREFIX", &self.topology.subject_prefix)
-            .env("TOLLGATE_REDIS_PREFIX", &self.redis_prefix)
+            .env("TOLLGATE_REDIS_PREFIX", &self.topology.redis_prefix)
             .env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0")
             .env("TOLLGATE_BATCH_WAIT", "20ms")
             .env("RUST_LOG", "warn")
@@ -347,7 +346,7 @@ impl TestEnv {
     /// The quota counters of this environment's Redis prefix.
     pub async fn quota_counters(&self) -> tollgate_worker::QuotaCounters {
         let redis = connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
-        tollgate_worker::QuotaCounters::new(redis, self.redis_prefix.clone())
+        tollgate_worker::QuotaCounters::new(redis, self.topology.redis_prefix.clone())
     }
 
     /// After the pipeline is quiet: `allowed` allowed rows in api_usage, in usage_hourly and in billing_periods, no
@@ -385,7 +384,7 @@ impl TestEnv {
 
     async fn delete_redis_keys(&self) {
         let Ok(mut redis) = connect::redis(&REDIS_URL.parse().expect("url")).await else { return };
-        let pattern = format!("{}*", self.redis_prefix);
+        let pattern = format!("{}*", self.topology.redis_prefix);
         let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.unwrap_or_default();
         if !keys.is_empty() {
             let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;

@@ -27,16 +27,6 @@ async fn set_tier(env: &TestEnv, tier: RateLimitTier, limit: i64, seconds: i32, 
     admin::set_tier(&env.pool, tier.as_str(), changes).await.expect("set tier");
 }
 
-/// Deletes every Redis key of this test's namespace.
-async fn clean_redis(url: &str, prefix: &str) {
-    let client = redis::Client::open(url).expect("url");
-    let mut redis = client.get_multiplexed_async_connection().await.expect("redis");
-    let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query_async(&mut redis).await.expect("keys");
-    if !keys.is_empty() {
-        let _: i64 = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await.expect("del");
-    }
-}
-
 async fn auth(client: &reqwest::Client, validator: &RunningValidator, key: &ApiKey) -> reqwest::Response {
     client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request")
 }
@@ -121,7 +111,6 @@ async fn four_validators_hammering_one_key_never_exceed_any_rolling_window() {
         Arc::into_inner(validator).expect("one handle").service.stop().await;
     }
     worker.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
 
@@ -191,7 +180,6 @@ async fn steady_over_limit_load_fills_at_least_97_percent_of_each_window() {
         Arc::into_inner(validator).expect("one handle").service.stop().await;
     }
     worker.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
 
@@ -438,7 +426,6 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
 
     validator.service.stop().await;
     worker.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
 
@@ -486,7 +473,6 @@ async fn shadow_limits_allow_but_record_what_they_would_have_done() {
 
     validator.service.stop().await;
     worker.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
 
@@ -541,7 +527,6 @@ async fn scopes_and_roles_are_enforced_before_limits() {
     .await;
     validator.service.stop().await;
     worker.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
 
@@ -590,6 +575,5 @@ async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     assert_eq!(from(neighbour, made_up.expose()).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
 
     validator.service.stop().await;
-    clean_redis(REDIS_URL, &env.topology.redis_prefix).await;
     env.cleanup().await;
 }
