@@ -5,6 +5,9 @@
 //! (`EVALSHA`) that uses Redis's clock, so validators with skewed clocks agree, and that is all-or-nothing: a denied
 //! request consumes nothing. A plan with no limits makes no Redis call.
 //!
+//! Concurrent decisions share a script call: while one call is in flight the next requests queue up, and the next
+//! call decides all of them, in order (still one round trip per request, at a fraction of Redis's per-call cost).
+//!
 //! Redis trouble never makes a request hang: each call has a tight timeout, and a circuit breaker stops calling
 //! after consecutive failures, lets one request probe after a cooldown and closes again when the probe succeeds.
 //! Meanwhile each limit follows its failure policy: `open` allows, `closed` denies with 503, `local` enforces the
@@ -12,11 +15,12 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use redis::aio::ConnectionManager;
+use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
@@ -29,6 +33,8 @@ use crate::keys::KeyRecord;
 use crate::window::{Counter, Window, BUCKETS};
 
 const SCRIPT: &str = include_str!("limit.lua");
+/// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile).
+const MAX_BATCH: usize = 64;
 /// Counters of the local fallback limiter kept before idle ones are swept.
 const LOCAL_SWEEP_AT: usize = 100_000;
 
@@ -200,8 +206,7 @@ pub enum Health {
 }
 
 pub struct Limiter {
-    redis: ConnectionManager,
-    script: redis::Script,
+    calls: mpsc::Sender<Pending>,
     timeout: Duration,
     policies: FailurePolicies,
     replicas: u64,
@@ -211,21 +216,35 @@ pub struct Limiter {
 }
 
 /// Why the Redis call did not decide.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 enum CallError {
     #[error("timed out")]
     Timeout,
     #[error("{0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(Arc<redis::RedisError>),
     #[error("unexpected reply of {0} values")]
     Reply(usize),
+    #[error("the task making the script calls has stopped")]
+    Stopped,
+}
+
+/// One decision's part of a script call, waiting for the next call.
+struct Pending {
+    keys: Vec<String>,
+    /// Windows, cost, has_quota, then the limits' arguments (see limit.lua).
+    args: Vec<u64>,
+    /// Values of this decision's part of the reply (after the call's clock).
+    reply_len: usize,
+    reply: oneshot::Sender<Result<Vec<i64>, CallError>>,
 }
 
 impl Limiter {
+    /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
     pub fn new(redis: ConnectionManager, args: &LimiterArgs) -> Limiter {
+        let (calls, pending) = mpsc::channel(MAX_BATCH * 16);
+        tokio::spawn(make_calls(pending, redis, args.redis_timeout));
         Limiter {
-            redis,
-            script: redis::Script::new(SCRIPT),
+            calls,
             timeout: args.redis_timeout,
             policies: args.failure_policy,
             replicas: u64::from(args.replicas.max(1)),
@@ -271,29 +290,25 @@ impl Limiter {
     }
 
     async fn call(&self, plan: &Plan, cost: u32) -> Result<Vec<i64>, CallError> {
-        let mut invocation = self.script.prepare_invoke();
+        let mut keys: Vec<String> = plan.windows.iter().map(|w| w.redis_key.clone()).collect();
+        let mut args = vec![plan.windows.len() as u64, u64::from(cost), u64::from(plan.quota.is_some())];
         for w in &plan.windows {
-            invocation.key(&w.redis_key);
+            let bucket_us = Window::seconds(w.seconds).bucket_us.unsigned_abs();
+            args.extend([w.limit, bucket_us, u64::from(w.shadow)]);
         }
         if let Some(q) = &plan.quota {
-            invocation.key(&q.redis_key);
+            keys.push(q.redis_key.clone());
+            args.extend([q.limit, u64::from(q.shadow)]);
         }
-        invocation.arg(plan.windows.len()).arg(cost).arg(BUCKETS).arg(u8::from(plan.quota.is_some()));
-        for w in &plan.windows {
-            invocation.arg(w.limit).arg(Window::seconds(w.seconds).bucket_us).arg(u8::from(w.shadow));
-        }
-        if let Some(q) = &plan.quota {
-            invocation.arg(q.limit).arg(u8::from(q.shadow));
-        }
-        let mut redis = self.redis.clone();
-        let reply: Vec<i64> = tokio::time::timeout(self.timeout, invocation.invoke_async(&mut redis))
-            .await
-            .map_err(|_| CallError::Timeout)??;
-        let expected = 2 + 3 * plan.windows.len() + if plan.quota.is_some() { 2 } else { 0 };
-        if reply.len() != expected {
-            return Err(CallError::Reply(reply.len()));
-        }
-        Ok(reply)
+        let reply_len = 1 + 3 * plan.windows.len() + if plan.quota.is_some() { 2 } else { 0 };
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending { keys, args, reply_len, reply };
+        // The whole wait, queueing included, is bounded by the timeout.
+        let answer = async {
+            self.calls.send(pending).await.map_err(|_| CallError::Stopped)?;
+            answer.await.map_err(|_| CallError::Stopped)?
+        };
+        tokio::time::timeout(self.timeout, answer).await.map_err(|_| CallError::Timeout)?
     }
 
     /// Decides without Redis, limit by limit according to each one's failure policy.
@@ -354,6 +369,52 @@ impl Limiter {
             }
         }
         decision
+    }
+}
+
+/// Makes the script calls: each one decides every decision queued while the previous call was in flight.
+async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionManager, timeout: Duration) {
+    let script = redis::Script::new(SCRIPT);
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
+        batch.retain(|p| !p.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let mut invocation = script.prepare_invoke();
+        invocation.arg(BUCKETS).arg(batch.len());
+        for p in &batch {
+            for key in &p.keys {
+                invocation.key(key);
+            }
+            invocation.arg(&p.args[..]);
+        }
+        let expected = 1 + batch.iter().map(|p| p.reply_len).sum::<usize>();
+        let reply = match tokio::time::timeout(timeout, invocation.invoke_async::<Vec<i64>>(&mut redis)).await {
+            Err(_) => Err(CallError::Timeout),
+            Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
+            Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
+            Ok(Ok(values)) => Ok(values),
+        };
+        match reply {
+            Ok(values) => {
+                let mut at = 1;
+                for p in batch.drain(..) {
+                    let mut own = Vec::with_capacity(1 + p.reply_len);
+                    own.push(values[0]);
+                    own.extend_from_slice(&values[at..at + p.reply_len]);
+                    at += p.reply_len;
+                    // A requester that timed out meanwhile is gone; nothing to tell it.
+                    let _ = p.reply.send(Ok(own));
+                }
+            }
+            Err(error) => {
+                for p in batch.drain(..) {
+                    let _ = p.reply.send(Err(error.clone()));
+                }
+            }
+        }
     }
 }
 

@@ -12,7 +12,7 @@
 use std::collections::VecDeque;
 
 /// Buckets per window. 100 divides 1 000 000, so a window of whole seconds has buckets of whole microseconds; and
-/// at most 102 buckets (plus the script's total and oldest-bucket fields) keep a Redis hash in its compact
+/// at most 102 buckets (plus the script's three bookkeeping fields) keep a Redis hash in its compact
 /// listpack encoding (up to 128 entries).
 pub const BUCKETS: i64 = 100;
 
