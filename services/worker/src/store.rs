@@ -1,21 +1,25 @@
 //! Writing a batch of usage events to PostgreSQL exactly once.
 //!
-//! One transaction per batch: the rows go by binary `COPY` into a session-local staging table, then one statement
-//! moves them into `api_usage` with `ON CONFLICT DO NOTHING` and, from the rows it actually inserted (`RETURNING`),
-//! adds to `usage_hourly`, to `billing_periods` and to the keys' `last_used_at`/`total_requests` (one update per
-//! key per batch). A re-delivered event inserts nothing, so it changes nothing downstream either. The statement
-//! returns the new monthly totals of the organizations it touched, for the Redis quota counters.
+//! One transaction per batch. The rows go by binary `COPY` straight into `api_usage`: a batch nobody has written
+//! before (nearly all of them) costs PostgreSQL no more than a plain COPY. An event that is already there (a
+//! re-delivery) makes the COPY fail on the event id's unique index; the batch then starts over the careful way:
+//! COPY into a session-local staging table and one `INSERT … ON CONFLICT DO NOTHING RETURNING event_id`, which says
+//! which rows were new. Either way, the rows actually inserted are summed here, and one statement adds the sums to
+//! `usage_hourly`, `billing_periods` and the keys' `last_used_at`/`total_requests` (one row per group, not per
+//! event), returning the new monthly totals of the organizations it billed, for the Redis quota counters. A
+//! re-delivered event inserts nothing, so it changes nothing downstream either.
 //!
 //! Lock order: every upsert takes its rows sorted by primary key, so concurrent workers touching the same keys,
 //! hours and organizations queue behind each other instead of deadlocking; a deadlock or serialization failure that
 //! still happens is retried at once (a few times) before the error reaches the worker's backoff loop.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
-use chrono::{DateTime, Datelike, NaiveDate, TimeZone, Utc};
-use sqlx::{Executor, PgPool};
+use chrono::{DateTime, Datelike, DurationRound, NaiveDate, TimeDelta, TimeZone, Utc};
+use sqlx::{Executor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
 
 use crate::copy::CopyEncoder;
@@ -50,52 +54,41 @@ fn clamp(n: u32) -> i32 {
 const CREATE_STAGING: &str = "SET LOCAL client_min_messages = warning;
 CREATE TEMP TABLE IF NOT EXISTS usage_staging (LIKE api_usage INCLUDING DEFAULTS) ON COMMIT DELETE ROWS";
 
-/// `{columns}` is replaced by [`USAGE_COLUMNS`]' names. The first result row carries the number of rows inserted
-/// (org_id NULL); the others the new totals of each (organization, month) the batch billed.
-const MOVE_STAGED: &str = "
-WITH inserted AS (
-    INSERT INTO api_usage ({columns})
-    SELECT {columns} FROM usage_staging ORDER BY event_id
-    ON CONFLICT DO NOTHING
-    RETURNING org_id, key_id, ts, units, outcome
-), hourly AS (
+/// `{columns}` is replaced by [`USAGE_COLUMNS`]' names.
+const MOVE_STAGED: &str = "INSERT INTO api_usage ({columns})
+SELECT {columns} FROM usage_staging ORDER BY event_id
+ON CONFLICT DO NOTHING
+RETURNING event_id";
+
+/// Adds a batch's sums (arrays sorted by each table's key) to the rollups and billing; returns the new monthly
+/// totals of the organizations billed.
+const ROLL_UP: &str = "
+WITH hourly AS (
     INSERT INTO usage_hourly AS h (org_id, hour, key_id, allowed, denied, units)
-    SELECT org_id, date_trunc('hour', ts, 'UTC'), key_id,
-           count(*) FILTER (WHERE outcome = 'allowed'),
-           count(*) FILTER (WHERE outcome <> 'allowed'),
-           coalesce(sum(units) FILTER (WHERE outcome = 'allowed'), 0)
-    FROM inserted
-    GROUP BY 1, 2, 3
-    ORDER BY 1, 2, 3
+    SELECT * FROM unnest($1::uuid[], $2::timestamptz[], $3::uuid[], $4::int8[], $5::int8[], $6::int8[])
     ON CONFLICT (org_id, hour, key_id) DO UPDATE
         SET allowed = h.allowed + EXCLUDED.allowed,
             denied = h.denied + EXCLUDED.denied,
             units = h.units + EXCLUDED.units
-), billed AS (
-    INSERT INTO billing_periods AS b (org_id, month, plan, requests, units, included_units,
-                                      price_per_thousand_minor, currency)
-    SELECT a.org_id, a.month, coalesce(o.plan, 'free'), a.requests, a.units, coalesce(p.included_units, 0),
-           coalesce(p.price_per_thousand_minor, 0), coalesce(p.currency, 'USD')
-    FROM (SELECT org_id, date_trunc('month', ts AT TIME ZONE 'UTC')::date AS month,
-                 count(*) AS requests, sum(units) AS units
-          FROM inserted WHERE outcome = 'allowed' GROUP BY 1, 2) a
-    LEFT JOIN organizations o ON o.id = a.org_id
-    LEFT JOIN plans p ON p.name = o.plan
-    ORDER BY 1, 2
-    ON CONFLICT (org_id, month) DO UPDATE
-        SET requests = b.requests + EXCLUDED.requests,
-            units = b.units + EXCLUDED.units,
-            updated_at = now()
-    RETURNING org_id, month, units
 ), key_use AS (
     UPDATE api_keys k
        SET last_used_at = GREATEST(k.last_used_at, u.last_ts), total_requests = k.total_requests + u.n
-      FROM (SELECT key_id, max(ts) AS last_ts, count(*) AS n FROM inserted GROUP BY key_id ORDER BY key_id) u
+      FROM unnest($7::uuid[], $8::timestamptz[], $9::int8[]) AS u (key_id, last_ts, n)
      WHERE k.id = u.key_id
 )
-SELECT NULL::uuid, NULL::date, count(*)::int8 FROM inserted
-UNION ALL
-SELECT org_id, month, units FROM billed";
+INSERT INTO billing_periods AS b (org_id, month, plan, requests, units, included_units, price_per_thousand_minor,
+                                  currency)
+SELECT a.org_id, a.month, coalesce(o.plan, 'free'), a.requests, a.units, coalesce(p.included_units, 0),
+       coalesce(p.price_per_thousand_minor, 0), coalesce(p.currency, 'USD')
+FROM unnest($10::uuid[], $11::date[], $12::int8[], $13::int8[]) WITH ORDINALITY AS a (org_id, month, requests, units, n)
+LEFT JOIN organizations o ON o.id = a.org_id
+LEFT JOIN plans p ON p.name = o.plan
+ORDER BY a.n
+ON CONFLICT (org_id, month) DO UPDATE
+    SET requests = b.requests + EXCLUDED.requests,
+        units = b.units + EXCLUDED.units,
+        updated_at = now()
+RETURNING org_id, month, units";
 
 /// Immediate retries of a batch that lost a deadlock or a serialization conflict.
 const CONFLICT_RETRIES: usize = 3;
@@ -105,6 +98,7 @@ pub struct UsageStore {
     pool: PgPool,
     partitions: HashSet<(i32, u32)>,
     copy_statement: String,
+    staging_copy_statement: String,
     move_statement: String,
 }
 
@@ -131,7 +125,8 @@ impl UsageStore {
         UsageStore {
             pool,
             partitions: HashSet::new(),
-            copy_statement: copy_statement("usage_staging"),
+            copy_statement: copy_statement("api_usage"),
+            staging_copy_statement: copy_statement("usage_staging"),
             move_statement: MOVE_STAGED.replace("{columns}", &column_list()),
         }
     }
@@ -147,7 +142,7 @@ impl UsageStore {
         let rows = bytes::Bytes::from(encode(&events));
         let mut attempt = 0;
         loop {
-            match self.write_once(rows.clone()).await {
+            match self.write_once(&events, rows.clone()).await {
                 Err(e) if is_conflict(&e) && attempt < CONFLICT_RETRIES => {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "batch lost a lock conflict; retrying at once");
@@ -160,25 +155,38 @@ impl UsageStore {
         }
     }
 
-    async fn write_once(&self, rows: bytes::Bytes) -> Result<(u64, Vec<PeriodTotal>), sqlx::Error> {
+    async fn write_once(
+        &self,
+        events: &[&UsageEvent],
+        rows: bytes::Bytes,
+    ) -> Result<(u64, Vec<PeriodTotal>), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        // A plain string without arguments goes by the simple query protocol, which allows two statements.
-        (&mut *tx).execute(CREATE_STAGING).await?;
-        let mut copy = tx.copy_in_raw(&self.copy_statement).await?;
-        copy.send(rows).await?;
-        copy.finish().await?;
-        let result: Vec<(Option<Uuid>, Option<NaiveDate>, i64)> =
-            sqlx::query_as(&self.move_statement).fetch_all(&mut *tx).await?;
-        tx.commit().await?;
-        let mut inserted = 0;
-        let mut totals = Vec::new();
-        for row in result {
-            match row {
-                (Some(org_id), Some(month), units) => totals.push(PeriodTotal { org_id, month, units }),
-                (_, _, count) => inserted = u64::try_from(count).unwrap_or(0),
+        let inserted: Vec<&UsageEvent> = match copy_in(&mut tx, &self.copy_statement, rows.clone()).await {
+            Ok(()) => events.to_vec(),
+            Err(e) if is_duplicate(&e) => {
+                tx.rollback().await?;
+                tx = self.pool.begin().await?;
+                let new = self.insert_new(&mut tx, rows).await?;
+                events.iter().copied().filter(|e| new.contains(&e.event_id)).collect()
             }
-        }
-        Ok((inserted, totals))
+            Err(e) => return Err(e),
+        };
+        let totals = roll_up(&mut tx, &inserted).await?;
+        tx.commit().await?;
+        Ok((inserted.len() as u64, totals))
+    }
+
+    /// Inserts the rows whose event is not there yet; returns their event ids.
+    async fn insert_new(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        rows: bytes::Bytes,
+    ) -> Result<HashSet<Uuid>, sqlx::Error> {
+        // A plain string without arguments goes by the simple query protocol, which allows two statements.
+        (&mut **tx).execute(CREATE_STAGING).await?;
+        copy_in(tx, &self.staging_copy_statement, rows).await?;
+        let ids: Vec<Uuid> = sqlx::query_scalar(&self.move_statement).fetch_all(&mut **tx).await?;
+        Ok(ids.into_iter().collect())
     }
 
     async fn ensure_partitions(&mut self, events: &[&UsageEvent]) -> Result<(), sqlx::Error> {
@@ -194,6 +202,123 @@ impl UsageStore {
         }
         Ok(())
     }
+}
+
+async fn copy_in(tx: &mut Transaction<'_, Postgres>, statement: &str, rows: bytes::Bytes) -> Result<(), sqlx::Error> {
+    let mut copy = tx.copy_in_raw(statement).await?;
+    copy.send(rows).await?;
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Adds the inserted events to `usage_hourly`, `billing_periods` and the keys' usage; returns the new monthly totals.
+async fn roll_up(
+    tx: &mut Transaction<'_, Postgres>,
+    inserted: &[&UsageEvent],
+) -> Result<Vec<PeriodTotal>, sqlx::Error> {
+    if inserted.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sums = Sums::of(inserted);
+    let (h_org, h_hour, h_key, h_allowed, h_denied, h_units) = unzip6(sums.hourly);
+    let (k_key, k_last, k_n) = unzip3(sums.keys);
+    let (b_org, b_month, b_requests, b_units) = unzip4(sums.billing);
+    let totals: Vec<(Uuid, NaiveDate, i64)> = sqlx::query_as(ROLL_UP)
+        .bind(h_org)
+        .bind(h_hour)
+        .bind(h_key)
+        .bind(h_allowed)
+        .bind(h_denied)
+        .bind(h_units)
+        .bind(k_key)
+        .bind(k_last)
+        .bind(k_n)
+        .bind(b_org)
+        .bind(b_month)
+        .bind(b_requests)
+        .bind(b_units)
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(totals.into_iter().map(|(org_id, month, units)| PeriodTotal { org_id, month, units }).collect())
+}
+
+/// A `usage_hourly` row's key: (org, hour, key).
+type HourKey = (Uuid, DateTime<Utc>, Uuid);
+/// What a batch adds to a `usage_hourly` row: (allowed, denied, allowed units).
+type HourSums = (i64, i64, i64);
+
+/// A batch's inserted events summed per row of each table they count in, sorted by that table's key.
+#[derive(Debug, Default, PartialEq)]
+struct Sums {
+    hourly: BTreeMap<HourKey, HourSums>,
+    /// key → (last use, requests).
+    keys: BTreeMap<Uuid, (DateTime<Utc>, i64)>,
+    /// (org, month) → (allowed requests, allowed units).
+    billing: BTreeMap<(Uuid, NaiveDate), (i64, i64)>,
+}
+
+impl Sums {
+    fn of(events: &[&UsageEvent]) -> Sums {
+        let mut sums = Sums::default();
+        for e in events {
+            let allowed = e.outcome == Outcome::Allowed;
+            let units = if allowed { i64::from(e.units) } else { 0 };
+            let hour = e.ts.duration_trunc(TimeDelta::hours(1)).unwrap_or(e.ts);
+            let h = sums.hourly.entry((e.org_id, hour, e.key_id)).or_default();
+            if allowed {
+                h.0 += 1;
+            } else {
+                h.1 += 1;
+            }
+            h.2 += units;
+            let k = sums.keys.entry(e.key_id).or_insert((e.ts, 0));
+            k.0 = k.0.max(e.ts);
+            k.1 += 1;
+            if allowed {
+                let month = NaiveDate::from_ymd_opt(e.ts.year(), e.ts.month(), 1).expect("the first of a month exists");
+                let b = sums.billing.entry((e.org_id, month)).or_default();
+                b.0 += 1;
+                b.1 += units;
+            }
+        }
+        sums
+    }
+}
+
+type Hourly = (Vec<Uuid>, Vec<DateTime<Utc>>, Vec<Uuid>, Vec<i64>, Vec<i64>, Vec<i64>);
+
+fn unzip6(map: BTreeMap<HourKey, HourSums>) -> Hourly {
+    let mut out = Hourly::default();
+    for ((org, hour, key), (allowed, denied, units)) in map {
+        out.0.push(org);
+        out.1.push(hour);
+        out.2.push(key);
+        out.3.push(allowed);
+        out.4.push(denied);
+        out.5.push(units);
+    }
+    out
+}
+
+fn unzip3(map: BTreeMap<Uuid, (DateTime<Utc>, i64)>) -> (Vec<Uuid>, Vec<DateTime<Utc>>, Vec<i64>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new());
+    for (key, (last, n)) in map {
+        out.0.push(key);
+        out.1.push(last);
+        out.2.push(n);
+    }
+    out
+}
+
+fn unzip4(map: BTreeMap<(Uuid, NaiveDate), (i64, i64)>) -> (Vec<Uuid>, Vec<NaiveDate>, Vec<i64>, Vec<i64>) {
+    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for ((org, month), (requests, units)) in map {
+        out.0.push(org);
+        out.1.push(month);
+        out.2.push(requests);
+        out.3.push(units);
+    }
+    out
 }
 
 /// The rows as one binary COPY stream.
@@ -218,7 +343,67 @@ fn column_list() -> String {
     USAGE_COLUMNS.iter().map(|(name, _)| *name).collect::<Vec<_>>().join(", ")
 }
 
+/// A unique violation: some event of the batch is already in `api_usage`.
+fn is_duplicate(error: &sqlx::Error) -> bool {
+    error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "23505")
+}
+
 /// Deadlock or serialization failure: the transaction lost a race and can simply run again.
 pub(crate) fn is_conflict(error: &sqlx::Error) -> bool {
     error.as_database_error().and_then(|e| e.code()).is_some_and(|code| code == "40P01" || code == "40001")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(org: u128, key: u128, at: &str, outcome: Outcome, units: u32) -> UsageEvent {
+        UsageEvent {
+            event_id: Uuid::now_v7(),
+            ts: at.parse().expect("time"),
+            org_id: Uuid::from_u128(org),
+            key_id: Uuid::from_u128(key),
+            outcome,
+            method: "GET".into(),
+            path: "/".into(),
+            client_ip: None,
+            user_agent: None,
+            request_id: None,
+            units,
+            latency_us: 1,
+            shadow_outcome: None,
+        }
+    }
+
+    #[test]
+    fn sums_count_allowed_units_only_and_split_by_utc_hour_and_month() {
+        let events = [
+            event(1, 10, "2026-11-30T23:10:00Z", Outcome::Allowed, 3),
+            event(1, 10, "2026-11-30T23:50:00Z", Outcome::RateLimited, 5),
+            event(1, 10, "2026-12-01T00:00:00Z", Outcome::Allowed, 1),
+            event(2, 20, "2026-11-30T23:59:59Z", Outcome::Revoked, 1),
+        ];
+        let sums = Sums::of(&events.iter().collect::<Vec<_>>());
+        let at = |s: &str| s.parse::<DateTime<Utc>>().expect("time");
+        let hourly: Vec<_> = sums.hourly.into_iter().collect();
+        assert_eq!(
+            hourly,
+            vec![
+                ((Uuid::from_u128(1), at("2026-11-30T23:00:00Z"), Uuid::from_u128(10)), (1, 1, 3)),
+                ((Uuid::from_u128(1), at("2026-12-01T00:00:00Z"), Uuid::from_u128(10)), (1, 0, 1)),
+                ((Uuid::from_u128(2), at("2026-11-30T23:00:00Z"), Uuid::from_u128(20)), (0, 1, 0)),
+            ]
+        );
+        let keys: Vec<_> = sums.keys.into_iter().collect();
+        assert_eq!(
+            keys,
+            vec![
+                (Uuid::from_u128(10), (at("2026-12-01T00:00:00Z"), 3)),
+                (Uuid::from_u128(20), (at("2026-11-30T23:59:59Z"), 1)),
+            ]
+        );
+        let month = |m| NaiveDate::from_ymd_opt(2026, m, 1).expect("date");
+        let billing: Vec<_> = sums.billing.into_iter().collect();
+        assert_eq!(billing, vec![((Uuid::from_u128(1), month(11)), (1, 3)), ((Uuid::from_u128(1), month(12)), (1, 1))]);
+    }
 }
