@@ -48,12 +48,13 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/orders/7'", 1).await;
 
     env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
-    let (outcome, method, path, ip, request_id): (String, String, String, String, String) =
-        sqlx::query_as("SELECT outcome, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1")
-            .bind(key_id)
-            .fetch_one(&env.pool)
-            .await
-            .expect("usage row");
+    let (outcome, method, path, ip, request_id): (String, String, String, String, String) = sqlx::query_as(
+        "SELECT outcome::text, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1",
+    )
+    .bind(key_id)
+    .fetch_one(&env.pool)
+    .await
+    .expect("usage row");
     assert_eq!(
         (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
         ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")

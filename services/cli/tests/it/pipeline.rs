@@ -79,3 +79,15 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_outcome_enum_in_postgresql_lists_every_outcome_the_code_has() {
+    let env = TestEnv::new().await;
+    let labels: Vec<String> = sqlx::query_scalar("SELECT unnest(enum_range(NULL::usage_outcome))::text")
+        .fetch_all(&env.pool)
+        .await
+        .expect("enum labels");
+    let code: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
+    assert_eq!(labels, code, "a new Outcome needs `ALTER TYPE usage_outcome ADD VALUE` in a migration");
+    env.cleanup().await;
+}
