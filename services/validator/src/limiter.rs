@@ -35,6 +35,9 @@ use crate::window::{Counter, Window, BUCKETS};
 const SCRIPT: &str = include_str!("limit.lua");
 /// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile).
 const MAX_BATCH: usize = 64;
+/// Script calls in flight at once: the next batch goes out while Redis runs the previous one, so no request waits
+/// for a whole round trip before its own starts.
+const CALLS_IN_FLIGHT: usize = 2;
 /// Counters of the local fallback limiter kept before idle ones are swept.
 const LOCAL_SWEEP_AT: usize = 100_000;
 
@@ -242,7 +245,10 @@ impl Limiter {
     /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
     pub fn new(redis: ConnectionManager, args: &LimiterArgs) -> Limiter {
         let (calls, pending) = mpsc::channel(MAX_BATCH * 16);
-        tokio::spawn(make_calls(pending, redis, args.redis_timeout));
+        let pending = Arc::new(tokio::sync::Mutex::new(pending));
+        for _ in 0..CALLS_IN_FLIGHT {
+            tokio::spawn(make_calls(pending.clone(), redis.clone(), args.redis_timeout));
+        }
         Limiter {
             calls,
             timeout: args.redis_timeout,
@@ -372,11 +378,15 @@ impl Limiter {
     }
 }
 
-/// Makes the script calls: each one decides every decision queued while the previous call was in flight.
-async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionManager, timeout: Duration) {
+/// Makes script calls, one at a time: each decides every decision queued since this task's previous call went out.
+async fn make_calls(
+    pending: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
+    mut redis: ConnectionManager,
+    timeout: Duration,
+) {
     let script = redis::Script::new(SCRIPT);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while pending.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
         batch.retain(|p| !p.reply.is_closed());
         if batch.is_empty() {
