@@ -97,10 +97,19 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
 
 /// A NATS client that reconnects by itself after the first connection.
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    async_nats::ConnectOptions::new()
-        .name("tollgate")
-        .connection_timeout(CONNECT_TIMEOUT)
+    nats_options().connect(url.expose()).await.map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+}
+
+/// A NATS client that makes even its first connection in the background: for the validator, which serves (and
+/// spools usage events) while NATS is away, start included.
+pub async fn nats_in_background(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
+    nats_options()
+        .retry_on_initial_connect()
         .connect(url.expose())
         .await
         .map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+}
+
+fn nats_options() -> async_nats::ConnectOptions {
+    async_nats::ConnectOptions::new().name("tollgate").connection_timeout(CONNECT_TIMEOUT)
 }

@@ -29,7 +29,15 @@ pub async fn serve(
     roles: Roles,
 ) -> anyhow::Result<()> {
     let pool = connect::postgres_migrated(&servers.database_url, 16).await?;
-    let nats = connect::nats(&servers.nats_url).await?;
+    let nats = match connect::nats(&servers.nats_url).await {
+        Ok(nats) => nats,
+        // A validator alone serves while NATS is away, start included: its usage events wait in the spool.
+        Err(e) if roles.worker.is_none() => {
+            tracing::warn!(error = %e, "starting the validator anyway; usage events are spooled until NATS answers");
+            connect::nats_in_background(&servers.nats_url).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
     let topology = Topology::new(namespace);
     let shutdown = CancellationToken::new();
     let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen).await?;

@@ -11,6 +11,7 @@ mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -43,7 +44,12 @@ pub async fn run(
     // First, so that a second validator on the same spool directory stops before it touches anything else.
     let spool = open_spool(&args).await?;
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
-    topology.ensure_usage_stream(&jetstream).await?;
+    if connections.nats.connection_state() == async_nats::connection::State::Connected {
+        topology.ensure_usage_stream(&jetstream).await?;
+    } else {
+        tracing::warn!("NATS does not answer: serving anyway, usage events go to the spool until it does");
+        tokio::spawn(create_stream_when_nats_answers(topology.clone(), jetstream.clone(), shutdown.clone()));
+    }
     let settings = publisher::Settings {
         publish_timeout: args.publish_timeout,
         full_policy: args.spool_full,
@@ -76,6 +82,29 @@ pub async fn run(
     refreshing.await.context("the key refresher panicked")?;
     tracing::info!("validator stopped; every event is in JetStream or in the spool");
     Ok(())
+}
+
+/// Creates the usage stream once NATS answers (the spool's replay succeeds only then).
+async fn create_stream_when_nats_answers(
+    topology: Topology,
+    jetstream: async_nats::jetstream::Context,
+    shutdown: CancellationToken,
+) {
+    let mut delay = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        match topology.ensure_usage_stream(&jetstream).await {
+            Ok(_) => {
+                tracing::info!(stream = %topology.stream, "NATS answers; usage stream ready");
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "usage stream not ready yet"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Opens and locks the spool directory before serving, so a second validator on the same directory fails at start.

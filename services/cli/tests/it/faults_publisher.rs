@@ -158,11 +158,11 @@ async fn nats_stopped_for_ten_seconds_loses_and_doubles_nothing() {
     env.cleanup().await;
 }
 
-/// Fault 5: a validator stopped gracefully while NATS is down keeps its events in the spool, and the next one on
-/// the same spool directory delivers them. The next one starts once NATS is back: a validator needs NATS at start
-/// (it creates the stream).
+/// Fault 5: the validator restarted gracefully while NATS is down. The stopped one keeps its events in the spool;
+/// the next one, on the same spool directory, starts while NATS is still down, serves and spools, and once NATS is
+/// back delivers everything.
 #[tokio::test]
-async fn a_validator_stopped_while_nats_is_down_hands_its_spool_to_the_next() {
+async fn a_validator_restarted_while_nats_is_down_keeps_its_spool_and_delivers_it_later() {
     let mut nats = PrivateNats::start();
     let env = TestEnv::with_nats(&nats.url()).await;
     let org = env.org().await;
@@ -179,9 +179,9 @@ async fn a_validator_stopped_while_nats_is_down_hands_its_spool_to_the_next() {
         .expect("graceful shutdown finishes while NATS is down");
     assert!(spooled_segments(&env.spool_dir()) > 0, "the events made while NATS was down are in the spool");
 
-    nats.restart();
     let second = env.start_validator_with(args(&env), REDIS_URL).await;
     verify(&second, &key, 20).await;
+    nats.restart();
     assert_counted_once(&env, 170).await;
 
     second.service.stop().await;
