@@ -25,16 +25,19 @@ local function fields(a, b)
   return r
 end
 
--- Where one window counter stands at `now`, dropping the buckets that have left the window. Returns the units
--- counted, whether `cost` more fits, when (see window.rs), and what `count` needs.
-local function check(key, limit, width, cost)
-  local length = width * per_window
+-- Every counter this call touches, as it stands with the counts this call made: a counter shared by the batch's
+-- requests (their organization's) is read once and written once per call, not once per request.
+local state = {}
+
+-- A counter's state at `now`, read from Redis (dropping the buckets that have left the window) on first use.
+local function load(key, width)
+  local s = state[key]
+  if s then return s end
   local current = math.floor(now / width)
   local first = current - per_window
-  local function exit_at(b) return (b + 1) * width + length end
   -- 't' is the units in the stored buckets, 'o' the oldest stored bucket, 'e' the bucket at which the expiry was
-  -- last set: a check reads these and the current bucket in one call, and only touches other buckets when the
-  -- oldest one has left the window (at most once per bucket width).
+  -- last set: one call reads these and the current bucket, and other buckets are read only when the oldest one has
+  -- left the window (at most once per bucket width).
   local head = redis.call('HMGET', key, 't', 'o', 'e', field(current))
   local used = tonumber(head[1]) or 0
   local oldest = tonumber(head[2])
@@ -72,57 +75,73 @@ local function check(key, limit, width, cost)
     redis.call('DEL', key)
     used, expiry, in_current = 0, nil, 0
   end
-  local fits = used + cost <= limit
-  local at = -1
-  if fits then
-    if oldest ~= nil then at = exit_at(oldest) end
-  elseif cost <= limit and oldest ~= nil then
-    -- When have enough of the oldest buckets left? Usually the oldest alone frees enough.
-    local c = tonumber(redis.call('HGET', key, field(oldest))) or 0
-    if used - c + cost <= limit then
-      at = exit_at(oldest)
-    else
-      local left = used
-      local counts = redis.call('HMGET', key, unpack(fields(oldest, oldest + per_window + 1)))
-      for j = 1, #counts do
-        left = left - (tonumber(counts[j]) or 0)
-        if left + cost <= limit then
-          at = exit_at(oldest + j - 1)
-          break
-        end
-      end
-    end
-  end
   -- Redis time may step back a little: never count before the oldest stored bucket.
   local target = current
   if oldest ~= nil and oldest > target then
     target = oldest
     in_current = tonumber(redis.call('HGET', key, field(target))) or 0
   end
-  return used, fits, at, {
-    used = used, target = target, in_target = in_current, fresh = oldest == nil, expiry = expiry, length = length,
-    width = width,
-  }
+  s = { used = used, oldest = oldest, expiry = expiry, target = target, in_target = in_current, width = width,
+        dirty = false }
+  state[key] = s
+  return s
 end
 
--- Counts `cost` in the target bucket, in one write. The key must outlive its newest bucket's time in the window
--- (at most a window and a bucket from now): its expiry is set to twice that, and so needs moving only once per
--- window length, not at every new bucket.
-local function count(key, plan, cost)
-  local update = { 't', plan.used + cost, field(plan.target), plan.in_target + cost }
-  if plan.fresh then
-    update[#update + 1] = 'o'
-    update[#update + 1] = field(plan.target)
-  end
-  local refresh = plan.expiry == nil or plan.target - plan.expiry >= per_window
+-- Writes what this call counted, in one call. The key must outlive its newest bucket's time in the window (at
+-- most a window and a bucket from now): its expiry is set to twice that, so it moves once per window length.
+local function store(key, s)
+  if not s.dirty then return end
+  local update = { 't', s.used, field(s.target), s.in_target, 'o', field(s.oldest) }
+  local refresh = s.expiry == nil or s.target - s.expiry >= per_window
   if refresh then
     update[#update + 1] = 'e'
-    update[#update + 1] = field(plan.target)
+    update[#update + 1] = field(s.target)
+    s.expiry = s.target
   end
   redis.call('HSET', key, unpack(update))
   if refresh then
-    redis.call('PEXPIRE', key, 2 * math.ceil((plan.length + plan.width) / 1000) + 1)
+    redis.call('PEXPIRE', key, 2 * math.ceil(s.width * (per_window + 1) / 1000) + 1)
   end
+  s.dirty = false
+end
+
+-- Whether `cost` more fits under `limit`, and when (see window.rs).
+local function check(key, limit, width, cost)
+  local s = load(key, width)
+  local length = width * per_window
+  local function exit_at(b) return (b + 1) * width + length end
+  local fits = s.used + cost <= limit
+  local at = -1
+  if fits then
+    if s.oldest ~= nil then at = exit_at(s.oldest) end
+  elseif cost <= limit and s.oldest ~= nil then
+    -- When have enough of the oldest buckets left? Usually the oldest alone frees enough. The buckets are read
+    -- from Redis, so what this call counted is written first.
+    store(key, s)
+    local c = tonumber(redis.call('HGET', key, field(s.oldest))) or 0
+    if s.used - c + cost <= limit then
+      at = exit_at(s.oldest)
+    else
+      local left = s.used
+      local counts = redis.call('HMGET', key, unpack(fields(s.oldest, s.oldest + per_window + 1)))
+      for j = 1, #counts do
+        left = left - (tonumber(counts[j]) or 0)
+        if left + cost <= limit then
+          at = exit_at(s.oldest + j - 1)
+          break
+        end
+      end
+    end
+  end
+  return s.used, fits, at, s
+end
+
+-- Counts `cost` in the counter's target bucket (written by `store` at the end of the call).
+local function count(s, cost)
+  s.used = s.used + cost
+  s.in_target = s.in_target + cost
+  if s.oldest == nil then s.oldest = s.target end
+  s.dirty = true
 end
 
 local out = { now }
@@ -136,14 +155,14 @@ for _ = 1, decisions do
   local denied_at = #out + 1
   out[denied_at] = 0
   local denied = false
-  local plans = {}
+  local counters = {}
   for i = 1, n do
     local limit = tonumber(ARGV[a + 1])
     local shadow = tonumber(ARGV[a + 3]) == 1
-    local used, fits, at, plan = check(KEYS[k + i], limit, tonumber(ARGV[a + 2]), cost)
+    local used, fits, at, counter = check(KEYS[k + i], limit, tonumber(ARGV[a + 2]), cost)
     a = a + 3
     if not fits and not shadow then denied = true end
-    if fits then plans[i] = plan end
+    if fits then counters[i] = counter end
     out[#out + 1] = used
     out[#out + 1] = fits and 1 or 0
     out[#out + 1] = at
@@ -162,9 +181,10 @@ for _ = 1, decisions do
     out[denied_at] = 1
   else
     for i = 1, n do
-      if plans[i] then count(KEYS[k + i], plans[i], cost) end
+      if counters[i] then count(counters[i], cost) end
     end
   end
   k = k + n + (has_quota and 1 or 0)
 end
+for key, s in pairs(state) do store(key, s) end
 return out
