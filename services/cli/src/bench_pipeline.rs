@@ -271,8 +271,12 @@ async fn copy_ceiling(
 ) -> anyhow::Result<f64> {
     let batch = args.worker.batch_events.max(1);
     let events: Vec<UsageEvent> = (0..rows).map(|_| synthetic(keys)).collect();
-    let encoded: Vec<Vec<u8>> =
-        events.chunks(batch).map(|chunk| tollgate_worker::encode(&chunk.iter().collect::<Vec<_>>())).collect();
+    let mut user_agents = tollgate_worker::UserAgents::default();
+    user_agents.resolve(pool, &events.iter().collect::<Vec<_>>()).await?;
+    let encoded: Vec<Vec<u8>> = events
+        .chunks(batch)
+        .map(|chunk| tollgate_worker::encode(&chunk.iter().collect::<Vec<_>>(), &user_agents))
+        .collect();
     let statement = tollgate_worker::copy_statement("api_usage");
     let started = Instant::now();
     let workers = usize::from(args.worker.worker_tasks);

@@ -62,6 +62,13 @@ impl CopyEncoder {
         self.field(&value.to_be_bytes());
     }
 
+    pub fn int4_opt(&mut self, value: Option<i32>) {
+        match value {
+            Some(value) => self.int4(value),
+            None => self.null(),
+        }
+    }
+
     pub fn text(&mut self, value: &str) {
         self.field(value.as_bytes());
     }

@@ -7,6 +7,7 @@ pub mod dlq;
 pub mod quota;
 pub mod reconcile;
 mod store;
+mod user_agents;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,7 @@ pub use copy::CopyEncoder;
 pub use dead_letter::{REASON_HEADER, SUBJECT_HEADER};
 pub use quota::QuotaCounters;
 pub use store::{copy_statement, encode, PeriodTotal, UsageStore, Written};
+pub use user_agents::UserAgents;
 
 /// Retry policy while PostgreSQL is failing: exponential from 100 ms to 10 s, full jitter. Coherent with the
 /// consumer (`nats/workers-consumer.json`): every retry first sends an in-progress ack, which restarts the 30 s

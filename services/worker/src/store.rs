@@ -23,26 +23,27 @@ use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
 
 use crate::copy::CopyEncoder;
+use crate::user_agents::UserAgents;
 
-/// Encodes one column of a usage row for binary COPY.
-type Encode = fn(&UsageEvent, &mut CopyEncoder);
+/// Encodes one column of a usage row for binary COPY (the user agent as its id).
+type Encode = fn(&UsageEvent, &UserAgents, &mut CopyEncoder);
 
 /// The columns a worker writes to `api_usage`, in order, with their encoders: the only list of them (the COPY,
 /// the staging table's use and the insert are all derived from it), so adding a column is one line here.
 const USAGE_COLUMNS: &[(&str, Encode)] = &[
-    ("event_id", |e, c| c.uuid(e.event_id)),
-    ("ts", |e, c| c.timestamptz(e.ts)),
-    ("org_id", |e, c| c.uuid(e.org_id)),
-    ("key_id", |e, c| c.uuid(e.key_id)),
-    ("units", |e, c| c.int4(clamp(e.units))),
-    ("latency_us", |e, c| c.int4(clamp(e.latency_us))),
-    ("outcome", |e, c| c.text(e.outcome.as_str())),
-    ("method", |e, c| c.text(&e.method)),
-    ("path", |e, c| c.text(&e.path)),
-    ("client_ip", |e, c| c.inet_opt(e.client_ip)),
-    ("user_agent", |e, c| c.text_opt(e.user_agent.as_deref())),
-    ("request_id", |e, c| c.text_opt(e.request_id.as_deref())),
-    ("shadow_outcome", |e, c| c.text_opt(e.shadow_outcome.map(|o| o.as_str()))),
+    ("event_id", |e, _, c| c.uuid(e.event_id)),
+    ("ts", |e, _, c| c.timestamptz(e.ts)),
+    ("org_id", |e, _, c| c.uuid(e.org_id)),
+    ("key_id", |e, _, c| c.uuid(e.key_id)),
+    ("units", |e, _, c| c.int4(clamp(e.units))),
+    ("latency_us", |e, _, c| c.int4(clamp(e.latency_us))),
+    ("outcome", |e, _, c| c.text(e.outcome.as_str())),
+    ("method", |e, _, c| c.text(&e.method)),
+    ("path", |e, _, c| c.text(&e.path)),
+    ("client_ip", |e, _, c| c.inet_opt(e.client_ip)),
+    ("user_agent_id", |e, agents, c| c.int4_opt(agents.id(e.user_agent.as_deref()))),
+    ("request_id", |e, _, c| c.text_opt(e.request_id.as_deref())),
+    ("shadow_outcome", |e, _, c| c.text_opt(e.shadow_outcome.map(|o| o.as_str()))),
 ];
 
 fn clamp(n: u32) -> i32 {
@@ -100,6 +101,7 @@ pub struct UsageStore {
     copy_statement: String,
     staging_copy_statement: String,
     move_statement: String,
+    user_agents: UserAgents,
 }
 
 /// An organization's committed allowed units for one month, after a batch.
@@ -128,6 +130,7 @@ impl UsageStore {
             copy_statement: copy_statement("api_usage"),
             staging_copy_statement: copy_statement("usage_staging"),
             move_statement: MOVE_STAGED.replace("{columns}", &column_list()),
+            user_agents: UserAgents::default(),
         }
     }
 
@@ -139,7 +142,8 @@ impl UsageStore {
             return Ok(Written::default());
         }
         self.ensure_partitions(&events).await?;
-        let rows = bytes::Bytes::from(encode(&events));
+        self.user_agents.resolve(&self.pool, &events).await?;
+        let rows = bytes::Bytes::from(encode(&events, &self.user_agents));
         let mut attempt = 0;
         loop {
             match self.write_once(&events, rows.clone()).await {
@@ -321,14 +325,14 @@ fn unzip4(map: BTreeMap<(Uuid, NaiveDate), (i64, i64)>) -> (Vec<Uuid>, Vec<Naive
     out
 }
 
-/// The rows as one binary COPY stream.
-pub fn encode(events: &[&UsageEvent]) -> Vec<u8> {
+/// The rows as one binary COPY stream; `user_agents` has resolved every user agent of `events`.
+pub fn encode(events: &[&UsageEvent], user_agents: &UserAgents) -> Vec<u8> {
     // About 140 bytes per typical row; the Vec grows if needed.
     let mut copy = CopyEncoder::new(USAGE_COLUMNS.len() as u16, events.len() * 160);
     for event in events {
         copy.row();
         for (_, encode) in USAGE_COLUMNS {
-            encode(event, &mut copy);
+            encode(event, user_agents, &mut copy);
         }
     }
     copy.finish()

@@ -5,6 +5,7 @@ use uuid::Uuid;
 
 use tollgate_shared::codec;
 use tollgate_shared::domain::Outcome;
+use tollgate_shared::event::UsageEvent;
 
 use crate::harness::usage_event;
 use crate::harness::TestEnv;
@@ -89,5 +90,37 @@ async fn the_outcome_enum_in_postgresql_lists_every_outcome_the_code_has() {
         .expect("enum labels");
     let code: Vec<&str> = Outcome::ALL.iter().map(|o| o.as_str()).collect();
     assert_eq!(labels, code, "a new Outcome needs `ALTER TYPE usage_outcome ADD VALUE` in a migration");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn user_agents_are_stored_once_and_read_back_through_their_id() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let (org, key) = (Uuid::now_v7(), Uuid::now_v7());
+    let with = |ua: Option<&str>| UsageEvent {
+        user_agent: ua.map(str::to_owned),
+        ..usage_event(org, key, Outcome::Allowed, 1)
+    };
+    let events = vec![with(Some("sdk/1.0")), with(Some("sdk/1.0")), with(None), with(Some("curl/8.5.0"))];
+    publish(&js, &env.topology.usage_subject(), "m1", codec::encode_batch(events.clone())).await;
+    // A second message repeating a string: still one row in user_agents.
+    publish(&js, &env.topology.usage_subject(), "m2", codec::encode_batch(vec![with(Some("curl/8.5.0"))])).await;
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 5).await;
+    let read: Vec<(Uuid, Option<String>)> = sqlx::query_as(
+        "SELECT u.event_id, a.user_agent FROM api_usage u LEFT JOIN user_agents a ON a.id = u.user_agent_id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("rows");
+    for event in &events {
+        let stored = read.iter().find(|(id, _)| *id == event.event_id).map(|(_, ua)| ua.clone());
+        assert_eq!(stored, Some(event.user_agent.clone()), "event {}", event.event_id);
+    }
+    assert_eq!(env.count("SELECT count(*) FROM user_agents").await, 2);
+    worker.stop().await;
     env.cleanup().await;
 }

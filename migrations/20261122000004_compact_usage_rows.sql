@@ -1,4 +1,4 @@
--- Keeps a typical usage row under 200 bytes on disk, indexes included.
+-- Keeps a typical usage row well under 200 bytes on disk, indexes included.
 --
 -- The per-organization and per-key B-trees cost about 95 bytes a row each, more than half the row again; totals per
 -- organization and per key come from usage_hourly (indexed by both), and individual decisions are found by time:
@@ -43,3 +43,15 @@ BEGIN
     END LOOP;
 END
 $$;
+
+-- User agents, each stored once: a usage row holds the id (4 bytes instead of the string, typically 20 to 200
+-- bytes, and a handful of distinct values per API). The workers add new ones before writing the rows.
+CREATE TABLE user_agents (
+    id         integer GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    user_agent text    NOT NULL UNIQUE
+);
+INSERT INTO user_agents (user_agent)
+SELECT DISTINCT user_agent FROM api_usage WHERE user_agent IS NOT NULL ORDER BY 1;
+ALTER TABLE api_usage ADD COLUMN user_agent_id integer;
+UPDATE api_usage u SET user_agent_id = a.id FROM user_agents a WHERE a.user_agent = u.user_agent;
+ALTER TABLE api_usage DROP COLUMN user_agent;

@@ -1,0 +1,63 @@
+//! The `user_agents` dictionary: a usage row stores its user agent's id, and each distinct string once.
+
+use std::collections::{HashMap, HashSet};
+
+use sqlx::PgPool;
+
+use tollgate_shared::event::UsageEvent;
+
+/// Ids remembered before the memory is cleared and rebuilt from the table (a flood of made-up user agents must not
+/// grow a worker without bound).
+const REMEMBERED: usize = 100_000;
+/// Attempts at resolving a batch: a string another worker is inserting at the same moment is only visible to a
+/// second statement.
+const ATTEMPTS: usize = 3;
+
+/// Inserts the strings that are missing and returns the id of each one asked for. The second half reads rows
+/// inserted by others before this statement started; rows inserted concurrently show up on the next attempt.
+const RESOLVE: &str = "
+WITH asked AS (SELECT DISTINCT unnest($1::text[]) AS user_agent),
+added AS (
+    INSERT INTO user_agents (user_agent) SELECT user_agent FROM asked ORDER BY 1
+    ON CONFLICT (user_agent) DO NOTHING
+    RETURNING id, user_agent
+)
+SELECT id, user_agent FROM added
+UNION ALL
+SELECT a.id, a.user_agent FROM user_agents a JOIN asked USING (user_agent)";
+
+/// A worker's memory of user-agent ids.
+#[derive(Debug, Default)]
+pub struct UserAgents {
+    ids: HashMap<String, i32>,
+}
+
+impl UserAgents {
+    /// Makes sure every user agent of `events` has an id, adding the new ones to the table.
+    pub async fn resolve(&mut self, pool: &PgPool, events: &[&UsageEvent]) -> Result<(), sqlx::Error> {
+        let asked: HashSet<&str> = events.iter().filter_map(|e| e.user_agent.as_deref()).collect();
+        let mut missing: Vec<String> =
+            asked.iter().filter(|ua| !self.ids.contains_key(**ua)).map(|ua| (*ua).to_owned()).collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if self.ids.len() + missing.len() > REMEMBERED {
+            self.ids.clear();
+            missing = asked.iter().map(|ua| (*ua).to_owned()).collect();
+        }
+        for _ in 0..ATTEMPTS {
+            let found: Vec<(i32, String)> = sqlx::query_as(RESOLVE).bind(&missing).fetch_all(pool).await?;
+            self.ids.extend(found.into_iter().map(|(id, ua)| (ua, id)));
+            missing.retain(|ua| !self.ids.contains_key(ua));
+            if missing.is_empty() {
+                return Ok(());
+            }
+        }
+        Err(sqlx::Error::Protocol(format!("{} user agents have no id after {ATTEMPTS} attempts", missing.len())))
+    }
+
+    /// The id of `user_agent`, which [`UserAgents::resolve`] saw.
+    pub fn id(&self, user_agent: Option<&str>) -> Option<i32> {
+        user_agent.and_then(|ua| self.ids.get(ua).copied())
+    }
+}
