@@ -91,18 +91,20 @@ end
 -- most a window and a bucket from now): its expiry is set to twice that, so it moves once per window length.
 local function store(key, s)
   if not s.dirty then return end
-  local update = { 't', s.used, field(s.target), s.in_target, 'o', field(s.oldest) }
-  local refresh = s.expiry == nil or s.target - s.expiry >= per_window
-  if refresh then
-    update[#update + 1] = 'e'
-    update[#update + 1] = field(s.target)
-    s.expiry = s.target
-  end
-  redis.call('HSET', key, unpack(update))
-  if refresh then
-    redis.call('PEXPIRE', key, 2 * math.ceil(s.width * (per_window + 1) / 1000) + 1)
-  end
   s.dirty = false
+  local target = field(s.target)
+  if s.expiry ~= nil and s.target - s.expiry < per_window then
+    -- The common case: the oldest bucket is stored already unless this call made it, and the expiry stands.
+    if s.oldest == s.target then
+      redis.call('HSET', key, 't', s.used, target, s.in_target, 'o', target)
+    else
+      redis.call('HSET', key, 't', s.used, target, s.in_target)
+    end
+    return
+  end
+  redis.call('HSET', key, 't', s.used, target, s.in_target, 'o', field(s.oldest), 'e', target)
+  redis.call('PEXPIRE', key, 2 * math.ceil(s.width * (per_window + 1) / 1000) + 1)
+  s.expiry = s.target
 end
 
 -- Whether `cost` more fits under `limit`, and when (see window.rs).
