@@ -7,6 +7,8 @@
 //! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
 //! every key cached. Each verify is a full one: cached key, two applicable limits (the key's and the
 //! organization's per-minute limit, set high enough never to deny), event published to JetStream.
+//! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
+//! cost (a verify with no applicable limit makes no Redis call).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,6 +40,10 @@ pub struct VerifyBenchArgs {
     /// rate this machine's client can hold on schedule].
     #[arg(long)]
     pub rate: Option<u64>,
+    /// Give the keys and their organization no rate limit (no Redis call): the rate limiter's cost is the
+    /// difference from a run without this flag.
+    #[arg(long)]
+    pub without_limits: bool,
 }
 
 #[derive(Serialize)]
@@ -53,6 +59,7 @@ struct Phase {
 #[derive(Serialize)]
 struct Report {
     keys: usize,
+    limits: bool,
     concurrency: usize,
     trivial_throughput: Phase,
     verify_throughput: Phase,
@@ -74,7 +81,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     };
     let pool = connect::postgres_migrated(&database_url, 4).await?;
     eprintln!("creating {} keys…", args.keys);
-    let keys = create_keys(&pool, args.keys).await?;
+    let keys = create_keys(&pool, args.keys, !args.without_limits).await?;
 
     let validator_port = free_port()?;
     let trivial_port = free_port()?;
@@ -106,6 +113,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
 
     let report = Report {
         keys: keys.len(),
+        limits: !args.without_limits,
         concurrency: args.concurrency,
         throughput_ratio: verify_throughput.per_second / trivial_throughput.per_second,
         p99_ratio: verify_latency.p99_us as f64 / trivial_latency.p99_us.max(1) as f64,
@@ -140,9 +148,10 @@ fn render(r: &Report) -> String {
         ],
     );
     format!(
-        "{table}\n\nkeys {} · concurrency {} · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
+        "{table}\n\nkeys {}{} · concurrency {} · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
          validator RSS {:.1} MB",
         r.keys,
+        if r.limits { "" } else { " (without limits)" },
         r.concurrency,
         r.throughput_ratio * 100.0,
         r.p99_ratio,
@@ -150,14 +159,17 @@ fn render(r: &Report) -> String {
     )
 }
 
-/// Inserts keys in bulk (the admin path makes one transaction per key, far too slow for 100 000).
-async fn create_keys(pool: &sqlx::PgPool, count: usize) -> anyhow::Result<Vec<String>> {
+/// Inserts keys in bulk (the admin path makes one transaction per key, far too slow for 100 000). With `limits`,
+/// each key and the organization get a per-minute limit too high to ever deny.
+async fn create_keys(pool: &sqlx::PgPool, count: usize, limits: bool) -> anyhow::Result<Vec<String>> {
     let org_id = Uuid::now_v7();
+    let per_minute = limits.then_some(1_000_000_000);
     sqlx::query(
         "INSERT INTO organizations (id, name, slug, rate_limit_per_minute, max_api_keys) \
-         VALUES ($1, 'Bench', 'bench', 1000000000, 1000000000)",
+         VALUES ($1, 'Bench', 'bench', $2, 1000000000)",
     )
     .bind(org_id)
+    .bind(per_minute)
     .execute(pool)
     .await?;
     let keys: Vec<ApiKey> = (0..count).map(|_| ApiKey::generate(KeyEnv::Test)).collect();
@@ -169,7 +181,7 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize) -> anyhow::Result<Vec<St
         sqlx::query(
             "INSERT INTO api_keys (id, org_id, name, prefix, key_hint, key_hash, rate_limit_tier, \
                                    custom_rate_limit_per_minute) \
-             SELECT id, $2, 'bench', prefix, hint, hash, 'unlimited', 1000000000 \
+             SELECT id, $2, 'bench', prefix, hint, hash, 'unlimited', $6 \
              FROM UNNEST($1::uuid[], $3::text[], $4::text[], $5::bytea[]) AS k(id, prefix, hint, hash)",
         )
         .bind(&ids)
@@ -177,6 +189,7 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize) -> anyhow::Result<Vec<St
         .bind(&prefixes)
         .bind(&hints)
         .bind(&hashes)
+        .bind(per_minute)
         .execute(pool)
         .await?;
     }
