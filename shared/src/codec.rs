@@ -148,6 +148,11 @@ fn from_wire(w: WireEventV1, shadow_outcome: Option<u8>) -> Result<UsageEvent, C
     {
         return Err(CodecError::Impossible("text field over its bound"));
     }
+    // PostgreSQL text cannot hold a NUL: such an event could never be written, so it must not reach a batch.
+    let texts = [Some(&w.method), Some(&w.path), w.user_agent.as_ref(), w.request_id.as_ref()];
+    if texts.into_iter().flatten().any(|s| s.contains('\0')) {
+        return Err(CodecError::Impossible("NUL character in a text field"));
+    }
     Ok(UsageEvent {
         event_id,
         ts,
@@ -245,5 +250,12 @@ mod tests {
         e.event_id = Uuid::new_v4();
         assert!(matches!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible(_))));
         assert!(matches!(decode_batch(&encode_batch(vec![])), Err(CodecError::Impossible(_))));
+        let mut e = sample(Outcome::Allowed);
+        e.user_agent = Some("bad\0agent".into());
+        let nul = Err(CodecError::Impossible("NUL character in a text field"));
+        assert_eq!(decode_batch(&encode_batch(vec![e])), nul);
+        let mut e = sample(Outcome::Allowed);
+        e.path = "/a\0b".into();
+        assert_eq!(decode_batch(&encode_batch(vec![e])), nul);
     }
 }
