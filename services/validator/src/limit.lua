@@ -147,37 +147,41 @@ local function count(s, cost)
 end
 
 local out = { now }
+local o = 1 -- values in out
 local k = 0 -- KEYS consumed by earlier decisions
 local a = 2 -- ARGV consumed by earlier decisions
+local counters = {} -- per window of the current decision: its counter if the window admits the request, else false
 for _ = 1, decisions do
   local n = tonumber(ARGV[a + 1])
   local cost = tonumber(ARGV[a + 2])
-  local has_quota = tonumber(ARGV[a + 3]) == 1
+  local has_quota = ARGV[a + 3] == '1'
   a = a + 3
-  local denied_at = #out + 1
-  out[denied_at] = 0
+  o = o + 1
+  local denied_at = o
+  out[o] = 0
   local denied = false
-  local counters = {}
   for i = 1, n do
     local limit = tonumber(ARGV[a + 1])
-    local shadow = tonumber(ARGV[a + 3]) == 1
+    local shadow = ARGV[a + 3] == '1'
     local used, fits, at, counter = check(KEYS[k + i], limit, tonumber(ARGV[a + 2]), cost)
     a = a + 3
     if not fits and not shadow then denied = true end
-    if fits then counters[i] = counter end
-    out[#out + 1] = used
-    out[#out + 1] = fits and 1 or 0
-    out[#out + 1] = at
+    counters[i] = fits and counter
+    out[o + 1] = used
+    out[o + 2] = fits and 1 or 0
+    out[o + 3] = at
+    o = o + 3
   end
   if has_quota then
     local limit = tonumber(ARGV[a + 1])
-    local shadow = tonumber(ARGV[a + 2]) == 1
+    local shadow = ARGV[a + 2] == '1'
     a = a + 2
     local used = tonumber(redis.call('GET', KEYS[k + n + 1]) or '0') or 0
     local fits = used + cost <= limit
     if not fits and not shadow then denied = true end
-    out[#out + 1] = used
-    out[#out + 1] = fits and 1 or 0
+    out[o + 1] = used
+    out[o + 2] = fits and 1 or 0
+    o = o + 2
   end
   if denied then
     out[denied_at] = 1
