@@ -223,24 +223,21 @@ async fn roll_up(
     if inserted.is_empty() {
         return Ok(Vec::new());
     }
-    let sums = Sums::of(inserted);
-    let (h_org, h_hour, h_key, h_allowed, h_denied, h_units) = unzip6(sums.hourly);
-    let (k_key, k_last, k_n) = unzip3(sums.keys);
-    let (b_org, b_month, b_requests, b_units) = unzip4(sums.billing);
+    let Sums { hourly, keys, billing } = Sums::of(inserted);
     let totals: Vec<(Uuid, NaiveDate, i64)> = sqlx::query_as(ROLL_UP)
-        .bind(h_org)
-        .bind(h_hour)
-        .bind(h_key)
-        .bind(h_allowed)
-        .bind(h_denied)
-        .bind(h_units)
-        .bind(k_key)
-        .bind(k_last)
-        .bind(k_n)
-        .bind(b_org)
-        .bind(b_month)
-        .bind(b_requests)
-        .bind(b_units)
+        .bind(column(&hourly, |(org, _, _), _| *org))
+        .bind(column(&hourly, |(_, hour, _), _| *hour))
+        .bind(column(&hourly, |(_, _, key), _| *key))
+        .bind(column(&hourly, |_, (allowed, _, _)| *allowed))
+        .bind(column(&hourly, |_, (_, denied, _)| *denied))
+        .bind(column(&hourly, |_, (_, _, units)| *units))
+        .bind(column(&keys, |key, _| *key))
+        .bind(column(&keys, |_, (last, _)| *last))
+        .bind(column(&keys, |_, (_, n)| *n))
+        .bind(column(&billing, |(org, _), _| *org))
+        .bind(column(&billing, |(_, month), _| *month))
+        .bind(column(&billing, |_, (requests, _)| *requests))
+        .bind(column(&billing, |_, (_, units)| *units))
         .fetch_all(&mut **tx)
         .await?;
     Ok(totals.into_iter().map(|(org_id, month, units)| PeriodTotal { org_id, month, units }).collect())
@@ -289,40 +286,9 @@ impl Sums {
     }
 }
 
-type Hourly = (Vec<Uuid>, Vec<DateTime<Utc>>, Vec<Uuid>, Vec<i64>, Vec<i64>, Vec<i64>);
-
-fn unzip6(map: BTreeMap<HourKey, HourSums>) -> Hourly {
-    let mut out = Hourly::default();
-    for ((org, hour, key), (allowed, denied, units)) in map {
-        out.0.push(org);
-        out.1.push(hour);
-        out.2.push(key);
-        out.3.push(allowed);
-        out.4.push(denied);
-        out.5.push(units);
-    }
-    out
-}
-
-fn unzip3(map: BTreeMap<Uuid, (DateTime<Utc>, i64)>) -> (Vec<Uuid>, Vec<DateTime<Utc>>, Vec<i64>) {
-    let mut out = (Vec::new(), Vec::new(), Vec::new());
-    for (key, (last, n)) in map {
-        out.0.push(key);
-        out.1.push(last);
-        out.2.push(n);
-    }
-    out
-}
-
-fn unzip4(map: BTreeMap<(Uuid, NaiveDate), (i64, i64)>) -> (Vec<Uuid>, Vec<NaiveDate>, Vec<i64>, Vec<i64>) {
-    let mut out = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for ((org, month), (requests, units)) in map {
-        out.0.push(org);
-        out.1.push(month);
-        out.2.push(requests);
-        out.3.push(units);
-    }
-    out
+/// One field of every entry of `map`, in key order: a column for `unnest`.
+fn column<K, V, T>(map: &BTreeMap<K, V>, field: impl Fn(&K, &V) -> T) -> Vec<T> {
+    map.iter().map(|(k, v)| field(k, v)).collect()
 }
 
 /// The rows as one binary COPY stream; `user_agents` has resolved every user agent of `events`.
