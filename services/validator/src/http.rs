@@ -122,7 +122,7 @@ impl AppState {
             return verdict;
         }
         let plan = Plan::for_ip_failures(ip, &self.redis_prefix, self.ip_failures_per_minute);
-        match self.limiter.decide(&plan, 1).await {
+        match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
                 Verdict::IpLimited(usage)
@@ -154,7 +154,7 @@ impl AppState {
         let mut shadow_outcome = None;
         if outcome == Outcome::Allowed {
             let plan = Plan::for_key(&record, &self.redis_prefix, now);
-            match self.limiter.decide(&plan, attempt.cost).await {
+            match self.limiter.decide(plan, attempt.cost).await {
                 Decision::Allowed { usage: u, shadow, now_us } => {
                     usage = u;
                     shadow_outcome = shadow.map(denial_outcome);

@@ -6,10 +6,10 @@
 //! long. [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use moka::future::Cache;
+use quick_cache::sync::Cache;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -56,15 +56,32 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
 
 /// Even without a change feed, no cached record is older than this (a safety net for missed changes).
 const RECORD_TTL: Duration = Duration::from_secs(300);
-const NEGATIVE_CAPACITY: u64 = 100_000;
+const NEGATIVE_CAPACITY: usize = 100_000;
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
 const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 
+/// Both caches are plain concurrent maps with eviction (quick_cache: a lookup is a hash probe under a shard's read
+/// lock, with no per-read bookkeeping), so each entry carries the time it was stored and an entry past its TTL counts
+/// as a miss.
 #[derive(Clone)]
 pub struct KeyCache {
-    known: Cache<KeyHash, Arc<KeyRecord>>,
-    unknown: Cache<KeyHash, ()>,
+    known: Arc<Cache<KeyHash, Cached>>,
+    /// Hashes no key has, with when that was found.
+    unknown: Arc<Cache<KeyHash, Instant>>,
+    negative_ttl: Duration,
     pool: PgPool,
+}
+
+#[derive(Clone)]
+struct Cached {
+    record: Arc<KeyRecord>,
+    stored: Instant,
+}
+
+impl Cached {
+    fn new(record: Arc<KeyRecord>) -> Cached {
+        Cached { record, stored: Instant::now() }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -79,58 +96,65 @@ enum Miss {
 
 impl KeyCache {
     pub fn new(pool: PgPool, capacity: u64, negative_ttl: Duration) -> KeyCache {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
         KeyCache {
-            known: Cache::builder().max_capacity(capacity).time_to_live(RECORD_TTL).build(),
-            unknown: Cache::builder().max_capacity(NEGATIVE_CAPACITY).time_to_live(negative_ttl).build(),
+            known: Arc::new(Cache::new(capacity)),
+            unknown: Arc::new(Cache::new(NEGATIVE_CAPACITY)),
+            negative_ttl,
             pool,
         }
     }
 
     /// The record for a key hash, or `None` if no such key exists. Concurrent misses on one hash share one query.
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
-        if let Some(record) = self.known.get(&hash).await {
-            metrics::counter!(KEY_LOOKUPS, "source" => "cache").increment(1);
-            return Ok(Some(record));
+        if let Some(cached) = self.known.get(&hash) {
+            if cached.stored.elapsed() < RECORD_TTL {
+                metrics::counter!(KEY_LOOKUPS, "source" => "cache").increment(1);
+                return Ok(Some(cached.record));
+            }
+            self.known.remove(&hash);
         }
-        if self.unknown.contains_key(&hash) {
-            metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
-            return Ok(None);
+        if let Some(found) = self.unknown.get(&hash) {
+            if found.elapsed() < self.negative_ttl {
+                metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
+                return Ok(None);
+            }
+            self.unknown.remove(&hash);
         }
-        let pool = self.pool.clone();
         let loaded = self
             .known
-            .try_get_with(hash, async move {
+            .get_or_insert_async(&hash, async {
                 metrics::counter!(KEY_LOOKUPS, "source" => "database").increment(1);
                 let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
-                let record: Option<KeyRecord> =
-                    sqlx::query_as(&sql).bind(hash.as_bytes()).fetch_optional(&pool).await.map_err(Miss::Database)?;
-                record.map(Arc::new).ok_or(Miss::Unknown)
+                let record: Option<KeyRecord> = sqlx::query_as(&sql)
+                    .bind(hash.as_bytes())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(Miss::Database)?;
+                record.map(|r| Cached::new(Arc::new(r))).ok_or(Miss::Unknown)
             })
             .await;
         match loaded {
-            Ok(record) => Ok(Some(record)),
-            Err(miss) => match &*miss {
-                Miss::Database(e) => Err(LookupError(e.to_string())),
-                Miss::Unknown => {
-                    self.unknown.insert(hash, ()).await;
-                    Ok(None)
-                }
-            },
+            Ok(cached) => Ok(Some(cached.record)),
+            Err(Miss::Database(e)) => Err(LookupError(e.to_string())),
+            Err(Miss::Unknown) => {
+                self.unknown.insert(hash, Instant::now());
+                Ok(None)
+            }
         }
     }
 
     /// Applies a changed record: replaces it if cached, and forgets that its hash was unknown.
-    pub async fn apply(&self, hash: KeyHash, record: KeyRecord) {
-        self.unknown.invalidate(&hash).await;
-        if self.known.contains_key(&hash) {
-            self.known.insert(hash, Arc::new(record)).await;
-        }
+    pub fn apply(&self, hash: KeyHash, record: KeyRecord) {
+        self.unknown.remove(&hash);
+        // Not cached: nothing to replace (the next lookup loads it).
+        let _ = self.known.replace(hash, Cached::new(Arc::new(record)), true);
     }
 
     /// Forgets everything (after a change feed lost track, say).
     pub fn flush(&self) {
-        self.known.invalidate_all();
-        self.unknown.invalidate_all();
+        self.known.clear();
+        self.unknown.clear();
     }
 
     /// Applies every key, organization and tier change since `since`; returns the watermark for the next call.
@@ -150,7 +174,7 @@ impl KeyCache {
             .collect();
         for (record, hash) in rows {
             if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                self.apply(KeyHash(hash), record).await;
+                self.apply(KeyHash(hash), record);
             }
         }
         Ok(now - REFRESH_OVERLAP)

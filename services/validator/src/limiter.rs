@@ -5,8 +5,9 @@
 //! (`EVALSHA`) that uses Redis's clock, so validators with skewed clocks agree, and that is all-or-nothing: a denied
 //! request consumes nothing. A plan with no limits makes no Redis call.
 //!
-//! Concurrent decisions share a script call: while one call is in flight the next requests queue up, and the next
-//! call decides all of them, in order (still one round trip per request, at a fraction of Redis's per-call cost).
+//! Concurrent decisions share a script call: one call is in flight at a time, the requests that arrive meanwhile queue
+//! up, and the next call decides all of them, in order (still one round trip per request, at a fraction of the
+//! per-call cost). One call at a time gave larger batches and more throughput than two (`tollgate bench verify`).
 //!
 //! Redis trouble never makes a request hang: each call has a tight timeout, and a circuit breaker stops calling
 //! after consecutive failures, lets one request probe after a cooldown and closes again when the probe succeeds.
@@ -35,9 +36,6 @@ use crate::window::{Counter, Window, BUCKETS};
 const SCRIPT: &str = include_str!("limit.lua");
 /// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile).
 const MAX_BATCH: usize = 64;
-/// Script calls in flight at once: the next batch goes out while Redis runs the previous one, so no request waits
-/// for a whole round trip before its own starts.
-const CALLS_IN_FLIGHT: usize = 2;
 /// Counters of the local fallback limiter kept before idle ones are swept.
 const LOCAL_SWEEP_AT: usize = 100_000;
 
@@ -231,24 +229,42 @@ enum CallError {
     Stopped,
 }
 
-/// One decision's part of a script call, waiting for the next call.
+/// One decision waiting for the next script call.
 struct Pending {
-    keys: Vec<String>,
-    /// Windows, cost, has_quota, then the limits' arguments (see limit.lua).
-    args: Vec<u64>,
-    /// Values of this decision's part of the reply (after the call's clock).
-    reply_len: usize,
-    reply: oneshot::Sender<Result<Vec<i64>, CallError>>,
+    plan: Arc<Plan>,
+    cost: u32,
+    reply: oneshot::Sender<Result<Reply, CallError>>,
+}
+
+/// A script call's reply, shared by its decisions: the clock, then each decision's values from `at` on.
+struct Reply {
+    values: Arc<Vec<i64>>,
+    at: usize,
+}
+
+impl Reply {
+    fn now(&self) -> i64 {
+        self.values[0]
+    }
+
+    fn own(&self) -> &[i64] {
+        &self.values[self.at..]
+    }
+}
+
+impl Plan {
+    /// Values of this plan's part of the script's reply: denied, then per window used, fits, at; then the quota's
+    /// used, fits.
+    fn reply_len(&self) -> usize {
+        1 + 3 * self.windows.len() + if self.quota.is_some() { 2 } else { 0 }
+    }
 }
 
 impl Limiter {
     /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
     pub fn new(redis: ConnectionManager, args: &LimiterArgs) -> Limiter {
         let (calls, pending) = mpsc::channel(MAX_BATCH * 16);
-        let pending = Arc::new(tokio::sync::Mutex::new(pending));
-        for _ in 0..CALLS_IN_FLIGHT {
-            tokio::spawn(make_calls(pending.clone(), redis.clone(), args.redis_timeout));
-        }
+        tokio::spawn(make_calls(pending, redis, args.redis_timeout));
         Limiter {
             calls,
             timeout: args.redis_timeout,
@@ -268,47 +284,37 @@ impl Limiter {
     }
 
     /// Decides `cost` more units against every limit of `plan`, all or nothing.
-    pub async fn decide(&self, plan: &Plan, cost: u32) -> Decision {
+    pub async fn decide(&self, plan: Plan, cost: u32) -> Decision {
         if plan.is_empty() {
             return Decision::Allowed { usage: None, shadow: None, now_us: now_us() };
         }
+        let plan = Arc::new(plan);
         let decision = if self.breaker.permit() {
             let started = Instant::now();
-            match self.call(plan, cost).await {
+            match self.call(plan.clone(), cost).await {
                 Ok(reply) => {
                     self.breaker.success();
                     metrics::histogram!(RATELIMIT_REDIS_DURATION).record(started.elapsed().as_secs_f64());
-                    interpret(plan, cost, &reply)
+                    interpret(&plan, cost, reply.now(), reply.own())
                 }
                 Err(e) => {
                     let kind = if matches!(e, CallError::Timeout) { "timeout" } else { "error" };
                     metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => kind).increment(1);
                     tracing::warn!(error = %e, "rate limiter: Redis did not decide; following the failure policy");
                     self.breaker.failure();
-                    self.degraded(plan, cost)
+                    self.degraded(&plan, cost)
                 }
             }
         } else {
-            self.degraded(plan, cost)
+            self.degraded(&plan, cost)
         };
         record(&decision);
         decision
     }
 
-    async fn call(&self, plan: &Plan, cost: u32) -> Result<Vec<i64>, CallError> {
-        let mut keys: Vec<String> = plan.windows.iter().map(|w| w.redis_key.clone()).collect();
-        let mut args = vec![plan.windows.len() as u64, u64::from(cost), u64::from(plan.quota.is_some())];
-        for w in &plan.windows {
-            let bucket_us = Window::seconds(w.seconds).bucket_us.unsigned_abs();
-            args.extend([w.limit, bucket_us, u64::from(w.shadow)]);
-        }
-        if let Some(q) = &plan.quota {
-            keys.push(q.redis_key.clone());
-            args.extend([q.limit, u64::from(q.shadow)]);
-        }
-        let reply_len = 1 + 3 * plan.windows.len() + if plan.quota.is_some() { 2 } else { 0 };
+    async fn call(&self, plan: Arc<Plan>, cost: u32) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
-        let pending = Pending { keys, args, reply_len, reply };
+        let pending = Pending { plan, cost, reply };
         // The whole wait, queueing included, is bounded by the timeout.
         let answer = async {
             self.calls.send(pending).await.map_err(|_| CallError::Stopped)?;
@@ -379,52 +385,68 @@ impl Limiter {
 }
 
 /// Makes script calls, one at a time: each decides every decision queued since this task's previous call went out.
-async fn make_calls(
-    pending: Arc<tokio::sync::Mutex<mpsc::Receiver<Pending>>>,
-    mut redis: ConnectionManager,
-    timeout: Duration,
-) {
+async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionManager, timeout: Duration) {
     let script = redis::Script::new(SCRIPT);
     let mut batch = Vec::with_capacity(MAX_BATCH);
-    while pending.lock().await.recv_many(&mut batch, MAX_BATCH).await > 0 {
+    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
         // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
         batch.retain(|p| !p.reply.is_closed());
         if batch.is_empty() {
             continue;
         }
-        let mut invocation = script.prepare_invoke();
-        invocation.arg(BUCKETS).arg(batch.len());
-        for p in &batch {
-            for key in &p.keys {
-                invocation.key(key);
-            }
-            invocation.arg(&p.args[..]);
-        }
-        let expected = 1 + batch.iter().map(|p| p.reply_len).sum::<usize>();
-        let reply = match tokio::time::timeout(timeout, invocation.invoke_async::<Vec<i64>>(&mut redis)).await {
+        let call = script_call(&script, &batch);
+        let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
+        let reply = match tokio::time::timeout(timeout, run(&script, &call, &mut redis)).await {
             Err(_) => Err(CallError::Timeout),
             Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
             Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
-            Ok(Ok(values)) => Ok(values),
+            Ok(Ok(values)) => Ok(Arc::new(values)),
         };
-        match reply {
-            Ok(values) => {
-                let mut at = 1;
-                for p in batch.drain(..) {
-                    let mut own = Vec::with_capacity(1 + p.reply_len);
-                    own.push(values[0]);
-                    own.extend_from_slice(&values[at..at + p.reply_len]);
-                    at += p.reply_len;
-                    // A requester that timed out meanwhile is gone; nothing to tell it.
-                    let _ = p.reply.send(Ok(own));
-                }
-            }
-            Err(error) => {
-                for p in batch.drain(..) {
-                    let _ = p.reply.send(Err(error.clone()));
-                }
-            }
+        let mut at = 1;
+        for p in batch.drain(..) {
+            let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
+            at += p.plan.reply_len();
+            // A requester that timed out meanwhile is gone; nothing to tell it.
+            let _ = p.reply.send(answer);
         }
+    }
+}
+
+/// The `EVALSHA` of a batch (see limit.lua for the layout), built straight into one command buffer.
+fn script_call(script: &redis::Script, batch: &[Pending]) -> redis::Cmd {
+    let keys: usize = batch.iter().map(|p| p.plan.windows.len() + usize::from(p.plan.quota.is_some())).sum();
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(script.get_hash()).arg(keys);
+    for p in batch {
+        for w in &p.plan.windows {
+            call.arg(&w.redis_key);
+        }
+        if let Some(q) = &p.plan.quota {
+            call.arg(&q.redis_key);
+        }
+    }
+    call.arg(BUCKETS).arg(batch.len());
+    for p in batch {
+        call.arg(p.plan.windows.len()).arg(p.cost).arg(u8::from(p.plan.quota.is_some()));
+        for w in &p.plan.windows {
+            let bucket_us = Window::seconds(w.seconds).bucket_us;
+            call.arg(w.limit).arg(bucket_us).arg(u8::from(w.shadow));
+        }
+        if let Some(q) = &p.plan.quota {
+            call.arg(q.limit).arg(u8::from(q.shadow));
+        }
+    }
+    call
+}
+
+/// Runs a script call, loading the script first if Redis does not have it (a new or flushed server).
+async fn run(script: &redis::Script, call: &redis::Cmd, redis: &mut ConnectionManager) -> redis::RedisResult<Vec<i64>> {
+    match call.query_async(redis).await {
+        Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
+            script.prepare_invoke().load_async(redis).await?;
+            call.query_async(redis).await
+        }
+        reply => reply,
     }
 }
 
@@ -459,15 +481,15 @@ struct WindowReply {
     at_us: Option<i64>,
 }
 
-fn interpret(plan: &Plan, cost: u32, reply: &[i64]) -> Decision {
-    let now = reply[0];
+/// Reads a decision's part of the script's reply (`reply`: denied, then the limits' values).
+fn interpret(plan: &Plan, cost: u32, now: i64, reply: &[i64]) -> Decision {
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-    let windows: Vec<WindowReply> = reply[2..2 + 3 * plan.windows.len()]
+    let windows: Vec<WindowReply> = reply[1..1 + 3 * plan.windows.len()]
         .chunks(3)
         .map(|c| WindowReply { used: unsigned(c[0]), fits: c[1] == 1, at_us: (c[2] >= 0).then_some(c[2]) })
         .collect();
     let quota = plan.quota.as_ref().map(|_| {
-        let at = 2 + 3 * plan.windows.len();
+        let at = 1 + 3 * plan.windows.len();
         (unsigned(reply[at]), reply[at + 1] == 1)
     });
     decide_from(plan, u64::from(cost), now, &windows, quota)
