@@ -5,7 +5,8 @@
 //! everything. It then drives both with the same client: first closed-loop (`--concurrency` connections, as fast as
 //! they go) for throughput, then open-loop at the same fixed rate for latency (measured from each request's
 //! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
-//! every key cached. Each verify is a full one: cached key, two applicable limits (the key's and the
+//! every key cached. The closed-loop phases alternate in rounds (trivial, verify, trivial, …), so that a machine whose
+//! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two applicable limits (the key's and the
 //! organization's per-minute limit, set high enough never to deny), event published to JetStream.
 //! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
 //! cost (a verify with no applicable limit makes no Redis call).
@@ -30,12 +31,16 @@ pub struct VerifyBenchArgs {
     /// Keys to create and spread the load over (all are cached before measuring).
     #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
-    /// Concurrent connections of the closed-loop phase.
-    #[arg(long, default_value_t = 32)]
+    /// Concurrent connections of the closed-loop phase [default: enough to keep both servers busy: with 32, a
+    /// verify waiting on Redis left a fifth of this 2-core machine idle].
+    #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
+    /// Rounds the closed-loop phases are split into, alternating trivial and verify.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: u32,
     /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
     /// rate this machine's client can hold on schedule].
     #[arg(long)]
@@ -61,6 +66,7 @@ struct Report {
     keys: usize,
     limits: bool,
     concurrency: usize,
+    rounds: u32,
     trivial_throughput: Phase,
     verify_throughput: Phase,
     latency_rate: u64,
@@ -99,9 +105,17 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     warm(&client, &validator, &keys).await?;
     let keys = Arc::new(keys);
 
-    eprintln!("closed loop, {} connections, {:?} each…", args.concurrency, args.duration);
-    let trivial_throughput = closed_loop(&client, &trivial, &keys, args.concurrency, args.duration).await;
-    let verify_throughput = closed_loop(&client, &validator, &keys, args.concurrency, args.duration).await;
+    eprintln!(
+        "closed loop, {} connections, {:?} each, in {} alternating rounds…",
+        args.concurrency, args.duration, args.rounds
+    );
+    let round = args.duration / args.rounds;
+    let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
+    for _ in 0..args.rounds {
+        trivial_tally.add(closed_loop(&client, &trivial, &keys, args.concurrency, round).await);
+        verify_tally.add(closed_loop(&client, &validator, &keys, args.concurrency, round).await);
+    }
+    let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
     eprintln!("open loop at {rate}/s…");
     let trivial_latency = open_loop(&client, &trivial, &keys, rate, args.duration).await;
@@ -115,6 +129,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
         keys: keys.len(),
         limits: !args.without_limits,
         concurrency: args.concurrency,
+        rounds: args.rounds,
         throughput_ratio: verify_throughput.per_second / trivial_throughput.per_second,
         p99_ratio: verify_latency.p99_us as f64 / trivial_latency.p99_us.max(1) as f64,
         trivial_throughput,
@@ -148,11 +163,12 @@ fn render(r: &Report) -> String {
         ],
     );
     format!(
-        "{table}\n\nkeys {}{} · concurrency {} · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
+        "{table}\n\nkeys {}{} · concurrency {} · {} rounds · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
          validator RSS {:.1} MB",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
+        r.rounds,
         r.throughput_ratio * 100.0,
         r.p99_ratio,
         r.validator_rss_mb
@@ -275,6 +291,31 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A closed-loop phase's requests, summed over its rounds.
+struct Tally {
+    histogram: Histogram<u64>,
+    errors: u64,
+    elapsed: Duration,
+}
+
+impl Default for Tally {
+    fn default() -> Tally {
+        Tally { histogram: histogram(), errors: 0, elapsed: Duration::ZERO }
+    }
+}
+
+impl Tally {
+    fn add(&mut self, round: Tally) {
+        let _ = self.histogram.add(&round.histogram);
+        self.errors += round.errors;
+        self.elapsed += round.elapsed;
+    }
+
+    fn phase(&self) -> Phase {
+        phase(&self.histogram, self.errors, self.elapsed)
+    }
+}
+
 fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Phase {
     Phase {
         requests: histogram.len(),
@@ -293,7 +334,7 @@ async fn closed_loop(
     keys: &Arc<Vec<String>>,
     concurrency: usize,
     duration: Duration,
-) -> Phase {
+) -> Tally {
     let started = Instant::now();
     let loops = (0..concurrency).map(|n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
@@ -314,13 +355,12 @@ async fn closed_loop(
             (histogram, errors)
         })
     });
-    let mut total = histogram();
-    let mut errors = 0;
-    for result in futures::future::join_all(loops).await.into_iter().flatten() {
-        let _ = total.add(&result.0);
-        errors += result.1;
+    let mut tally = Tally::default();
+    for (histogram, errors) in futures::future::join_all(loops).await.into_iter().flatten() {
+        tally.add(Tally { histogram, errors, elapsed: Duration::ZERO });
     }
-    phase(&total, errors, started.elapsed())
+    tally.elapsed = started.elapsed();
+    tally
 }
 
 /// Sends `rate` requests per second on a fixed schedule, whatever the answers' speed; latency counts from each

@@ -38,7 +38,8 @@ local function load(key, width)
   -- 't' is the units in the stored buckets, 'o' the oldest stored bucket, 'e' the bucket at which the expiry was
   -- last set: one call reads these and the current bucket, and other buckets are read only when the oldest one has
   -- left the window (at most once per bucket width).
-  local head = redis.call('HMGET', key, 't', 'o', 'e', field(current))
+  local current_field = field(current)
+  local head = redis.call('HMGET', key, 't', 'o', 'e', current_field)
   local used = tonumber(head[1]) or 0
   local oldest = tonumber(head[2])
   local expiry = tonumber(head[3])
@@ -76,12 +77,14 @@ local function load(key, width)
     used, expiry, in_current = 0, nil, 0
   end
   -- Redis time may step back a little: never count before the oldest stored bucket.
-  local target = current
+  local target, target_field = current, current_field
   if oldest ~= nil and oldest > target then
-    target = oldest
-    in_current = tonumber(redis.call('HGET', key, field(target))) or 0
+    target, target_field = oldest, field(oldest)
+    in_current = tonumber(redis.call('HGET', key, target_field)) or 0
   end
-  s = { used = used, oldest = oldest, expiry = expiry, target = target, in_target = in_current, width = width,
+  -- The target bucket's field name is kept, so that it is formatted once per call.
+  s = { used = used, oldest = oldest, expiry = expiry, target = target, target_field = target_field,
+        in_target = in_current, width = width,
         dirty = false }
   state[key] = s
   return s
@@ -92,7 +95,7 @@ end
 local function store(key, s)
   if not s.dirty then return end
   s.dirty = false
-  local target = field(s.target)
+  local target = s.target_field
   if s.expiry ~= nil and s.target - s.expiry < per_window then
     -- The common case: the oldest bucket is stored already unless this call made it, and the expiry stands.
     if s.oldest == s.target then
@@ -107,29 +110,30 @@ local function store(key, s)
   s.expiry = s.target
 end
 
+-- When bucket `b` of a window of `width` leaves it.
+local function exit_at(b, width) return (b + 1 + per_window) * width end
+
 -- Whether `cost` more fits under `limit`, and when (see window.rs).
 local function check(key, limit, width, cost)
   local s = load(key, width)
-  local length = width * per_window
-  local function exit_at(b) return (b + 1) * width + length end
   local fits = s.used + cost <= limit
   local at = -1
   if fits then
-    if s.oldest ~= nil then at = exit_at(s.oldest) end
+    if s.oldest ~= nil then at = exit_at(s.oldest, width) end
   elseif cost <= limit and s.oldest ~= nil then
     -- When have enough of the oldest buckets left? Usually the oldest alone frees enough. The buckets are read
     -- from Redis, so what this call counted is written first.
     store(key, s)
     local c = tonumber(redis.call('HGET', key, field(s.oldest))) or 0
     if s.used - c + cost <= limit then
-      at = exit_at(s.oldest)
+      at = exit_at(s.oldest, width)
     else
       local left = s.used
       local counts = redis.call('HMGET', key, unpack(fields(s.oldest, s.oldest + per_window + 1)))
       for j = 1, #counts do
         left = left - (tonumber(counts[j]) or 0)
         if left + cost <= limit then
-          at = exit_at(s.oldest + j - 1)
+          at = exit_at(s.oldest + j - 1, width)
           break
         end
       end
@@ -146,14 +150,25 @@ local function count(s, cost)
   s.dirty = true
 end
 
+-- A batch's decisions repeat a few numbers (limits, bucket widths, costs): each is parsed once per call.
+local numbers = {}
+local function number(text)
+  local v = numbers[text]
+  if v == nil then
+    v = tonumber(text)
+    numbers[text] = v
+  end
+  return v
+end
+
 local out = { now }
 local o = 1 -- values in out
 local k = 0 -- KEYS consumed by earlier decisions
 local a = 2 -- ARGV consumed by earlier decisions
 local counters = {} -- per window of the current decision: its counter if the window admits the request, else false
 for _ = 1, decisions do
-  local n = tonumber(ARGV[a + 1])
-  local cost = tonumber(ARGV[a + 2])
+  local n = number(ARGV[a + 1])
+  local cost = number(ARGV[a + 2])
   local has_quota = ARGV[a + 3] == '1'
   a = a + 3
   o = o + 1
@@ -161,9 +176,9 @@ for _ = 1, decisions do
   out[o] = 0
   local denied = false
   for i = 1, n do
-    local limit = tonumber(ARGV[a + 1])
+    local limit = number(ARGV[a + 1])
     local shadow = ARGV[a + 3] == '1'
-    local used, fits, at, counter = check(KEYS[k + i], limit, tonumber(ARGV[a + 2]), cost)
+    local used, fits, at, counter = check(KEYS[k + i], limit, number(ARGV[a + 2]), cost)
     a = a + 3
     if not fits and not shadow then denied = true end
     counters[i] = fits and counter
