@@ -36,6 +36,23 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 const MAX_COST: u32 = 1000;
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Names of the headers read from every request or written to every answer, parsed at compile time rather than per
+/// request.
+const X_TOLLGATE_COST: HeaderName = HeaderName::from_static("x-tollgate-cost");
+const X_TOLLGATE_REQUIRE_SCOPE: HeaderName = HeaderName::from_static("x-tollgate-require-scope");
+const X_TOLLGATE_REQUIRE_ROLE: HeaderName = HeaderName::from_static("x-tollgate-require-role");
+const X_RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+const X_RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+const X_RATELIMIT_USED: HeaderName = HeaderName::from_static("x-ratelimit-used");
+const X_RATELIMIT_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+const X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
+const X_TOLLGATE_ORG_ID: HeaderName = HeaderName::from_static("x-tollgate-org-id");
+const X_TOLLGATE_ROLE: HeaderName = HeaderName::from_static("x-tollgate-role");
+const X_TOLLGATE_EVENT_ID: HeaderName = HeaderName::from_static("x-tollgate-event-id");
+const X_TOLLGATE_KEY_NAME: HeaderName = HeaderName::from_static("x-tollgate-key-name");
+
 pub struct AppState {
     pub keys: KeyCache,
     pub events: EventQueue,
@@ -224,7 +241,7 @@ type BadParameter = (&'static str, String);
 
 /// The cost in `X-Tollgate-Cost` (default 1).
 fn cost_header(headers: &HeaderMap) -> Result<u32, BadParameter> {
-    match headers.get("x-tollgate-cost") {
+    match headers.get(X_TOLLGATE_COST) {
         None => Ok(1),
         Some(value) => value
             .to_str()
@@ -247,10 +264,10 @@ fn requirement(query: Option<&str>, headers: &HeaderMap) -> Result<Requirement, 
             _ => {}
         }
     }
-    for value in headers.get_all("x-tollgate-require-scope") {
+    for value in headers.get_all(X_TOLLGATE_REQUIRE_SCOPE) {
         scopes.push(value.to_str().map_err(|_| ("X-Tollgate-Require-Scope", "not text".to_owned()))?.to_owned());
     }
-    for value in headers.get_all("x-tollgate-require-role") {
+    for value in headers.get_all(X_TOLLGATE_REQUIRE_ROLE) {
         roles.push(value.to_str().map_err(|_| ("X-Tollgate-Require-Role", "not text".to_owned()))?.to_owned());
     }
     requirement_from(&scopes, &roles)
@@ -288,17 +305,17 @@ fn seconds_until(usage: &Usage) -> i64 {
 /// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
 fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
     let kind = usage.kind.as_str();
-    let pairs = [
-        ("x-ratelimit-limit", usage.limit.to_string()),
-        ("x-ratelimit-remaining", usage.remaining().to_string()),
-        ("x-ratelimit-used", usage.used.to_string()),
-        ("x-ratelimit-reset", epoch_seconds(usage.reset_at_us).to_string()),
-        ("ratelimit-policy", format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
-        ("ratelimit", format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
+    out.insert(X_RATELIMIT_LIMIT, HeaderValue::from(usage.limit));
+    out.insert(X_RATELIMIT_REMAINING, HeaderValue::from(usage.remaining()));
+    out.insert(X_RATELIMIT_USED, HeaderValue::from(usage.used));
+    out.insert(X_RATELIMIT_RESET, HeaderValue::from(epoch_seconds(usage.reset_at_us)));
+    let fields = [
+        (RATELIMIT_POLICY, format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
+        (RATELIMIT, format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
     ];
-    for (name, value) in pairs {
+    for (name, value) in fields {
         if let Ok(value) = HeaderValue::from_str(&value) {
-            out.insert(HeaderName::from_static(name), value);
+            out.insert(name, value);
         }
     }
 }
@@ -372,13 +389,13 @@ async fn auth(
             if let Some(usage) = &usage {
                 limit_headers(out, usage);
             }
-            out.insert(HeaderName::from_static("x-tollgate-key-id"), uuid_header(record.id));
-            out.insert(HeaderName::from_static("x-tollgate-org-id"), uuid_header(record.org_id));
-            out.insert(HeaderName::from_static("x-tollgate-role"), HeaderValue::from_static(record.role.as_str()));
-            out.insert(HeaderName::from_static("x-tollgate-event-id"), uuid_header(event_id));
+            out.insert(X_TOLLGATE_KEY_ID, uuid_header(record.id));
+            out.insert(X_TOLLGATE_ORG_ID, uuid_header(record.org_id));
+            out.insert(X_TOLLGATE_ROLE, HeaderValue::from_static(record.role.as_str()));
+            out.insert(X_TOLLGATE_EVENT_ID, uuid_header(event_id));
             // A name that cannot be a header value (control characters) is left out rather than failing the request.
             if let Ok(name) = HeaderValue::from_bytes(record.name.as_bytes()) {
-                out.insert(HeaderName::from_static("x-tollgate-key-name"), name);
+                out.insert(X_TOLLGATE_KEY_NAME, name);
             }
             response
         }
@@ -395,7 +412,8 @@ async fn auth(
 }
 
 fn uuid_header(id: Uuid) -> HeaderValue {
-    HeaderValue::from_str(&id.to_string()).expect("a UUID is a valid header value")
+    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(id.hyphenated().encode_lower(&mut text)).expect("a UUID is a valid header value")
 }
 
 /// The same answer for every kind of bad key: the reason goes to the event and to metrics, not to the caller.

@@ -53,24 +53,23 @@ pub fn header_text(headers: &HeaderMap, names: &[HeaderName], max: usize) -> Opt
     names.iter().find_map(|name| headers.get(name)?.to_str().ok()).map(|text| truncate(text, max))
 }
 
+// Header names looked up on every request, parsed at compile time.
+const ORIGINAL_METHOD: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")];
+const ORIGINAL_URI: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")];
+const REQUEST_ID: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
+
 pub fn original_method(headers: &HeaderMap) -> Option<String> {
-    header_text(
-        headers,
-        &[HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")],
-        MAX_METHOD_LEN,
-    )
+    header_text(headers, &ORIGINAL_METHOD, MAX_METHOD_LEN)
 }
 
 pub fn original_uri(headers: &HeaderMap) -> Option<String> {
-    header_text(
-        headers,
-        &[HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")],
-        MAX_TEXT_LEN,
-    )
+    header_text(headers, &ORIGINAL_URI, MAX_TEXT_LEN)
 }
 
 pub fn request_id(headers: &HeaderMap) -> Option<String> {
-    header_text(headers, &[HeaderName::from_static("x-request-id")], MAX_TEXT_LEN)
+    header_text(headers, &REQUEST_ID, MAX_TEXT_LEN)
 }
 
 pub fn user_agent(headers: &HeaderMap) -> Option<String> {
