@@ -114,16 +114,18 @@ impl KeyCache {
             }
             self.known.remove(&hash);
         }
-        if let Some(found) = self.unknown.get(&hash) {
-            if found.elapsed() < self.negative_ttl {
-                metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
-                return Ok(None);
-            }
-            self.unknown.remove(&hash);
+        if self.is_known_unknown(&hash) {
+            metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
+            return Ok(None);
         }
         let loaded = self
             .known
             .get_or_insert_async(&hash, async {
+                // Lookups of one hash wait for each other's query; one that waited on a query that found no key
+                // finds the answer here instead of asking again.
+                if self.is_known_unknown(&hash) {
+                    return Err(Miss::Unknown);
+                }
                 metrics::counter!(KEY_LOOKUPS, "source" => "database").increment(1);
                 let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
                 let record: Option<KeyRecord> = sqlx::query_as(&sql)
@@ -131,16 +133,31 @@ impl KeyCache {
                     .fetch_optional(&self.pool)
                     .await
                     .map_err(Miss::Database)?;
-                record.map(|r| Cached::new(Arc::new(r))).ok_or(Miss::Unknown)
+                match record {
+                    Some(record) => Ok(Cached::new(Arc::new(record))),
+                    None => {
+                        self.unknown.insert(hash, Instant::now());
+                        Err(Miss::Unknown)
+                    }
+                }
             })
             .await;
         match loaded {
             Ok(cached) => Ok(Some(cached.record)),
             Err(Miss::Database(e)) => Err(LookupError(e.to_string())),
-            Err(Miss::Unknown) => {
-                self.unknown.insert(hash, Instant::now());
-                Ok(None)
+            Err(Miss::Unknown) => Ok(None),
+        }
+    }
+
+    /// Whether `hash` was found to be no key's within the negative-cache TTL.
+    fn is_known_unknown(&self, hash: &KeyHash) -> bool {
+        match self.unknown.get(hash) {
+            Some(found) if found.elapsed() < self.negative_ttl => true,
+            Some(_) => {
+                self.unknown.remove(hash);
+                false
             }
+            None => false,
         }
     }
 

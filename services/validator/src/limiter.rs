@@ -157,6 +157,12 @@ impl Plan {
     pub fn is_empty(&self) -> bool {
         self.windows.is_empty() && self.quota.is_none()
     }
+
+    /// Values of this plan's part of the script's reply: denied, then per window used, fits, at; then the quota's
+    /// used, fits.
+    fn reply_len(&self) -> usize {
+        1 + 3 * self.windows.len() + if self.quota.is_some() { 2 } else { 0 }
+    }
 }
 
 fn next_month(now: DateTime<Utc>) -> DateTime<Utc> {
@@ -249,14 +255,6 @@ impl Reply {
 
     fn own(&self) -> &[i64] {
         &self.values[self.at..]
-    }
-}
-
-impl Plan {
-    /// Values of this plan's part of the script's reply: denied, then per window used, fits, at; then the quota's
-    /// used, fits.
-    fn reply_len(&self) -> usize {
-        1 + 3 * self.windows.len() + if self.quota.is_some() { 2 } else { 0 }
     }
 }
 

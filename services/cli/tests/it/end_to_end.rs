@@ -123,6 +123,56 @@ async fn bad_credentials_get_a_uniform_401_and_no_row() {
     env.cleanup().await;
 }
 
+/// The issue's promise: an unknown-key flood costs one PostgreSQL query per key, then none within the negative-cache
+/// TTL. Counted by PostgreSQL itself: the scans of the key-hash index in this test's own database.
+#[tokio::test]
+async fn a_flood_of_one_unknown_key_makes_one_database_query() {
+    let env = TestEnv::new().await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let made_up = ApiKey::generate(KeyEnv::Live);
+    let waiting_lookups = "SELECT count(*) FROM pg_stat_activity \
+        WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE '%WHERE k.key_hash = $1%'";
+    let hash_index_scans = "SELECT sum(idx_scan) FROM pg_stat_user_indexes \
+        WHERE relname = 'api_keys' AND indexrelname LIKE '%key_hash%'";
+
+    // With the table locked, every request of the flood is in flight at once, and only one lookup reaches PostgreSQL.
+    let lock = lock_keys(env.pool.clone()).await;
+    let flood: Vec<_> = (0..20)
+        .map(|_| {
+            let request = client.get(validator.url("/v1/auth")).bearer_auth(made_up.expose());
+            tokio::spawn(async move { request.send().await.expect("request").status() })
+        })
+        .collect();
+    env.wait_for_count_within(waiting_lookups, 1, Duration::from_secs(10)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.count(waiting_lookups).await, 1, "the other 19 lookups wait for the first one's answer");
+    lock.rollback().await.expect("unlock");
+    for request in flood {
+        assert_eq!(request.await.expect("task"), StatusCode::UNAUTHORIZED);
+    }
+    // Within the TTL the answer comes from the negative cache: a locked table does not delay it.
+    let lock = lock_keys(env.pool.clone()).await;
+    let again = client.get(validator.url("/v1/auth")).bearer_auth(made_up.expose()).send();
+    let again = tokio::time::timeout(Duration::from_secs(2), again).await.expect("no database wait").expect("request");
+    assert_eq!(again.status(), StatusCode::UNAUTHORIZED);
+    lock.rollback().await.expect("unlock");
+
+    // A backend reports its statistics within 10 s of going idle (PostgreSQL 15).
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(env.count(hash_index_scans).await, 1, "21 requests, one query");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A transaction holding the strongest lock on `api_keys`: nothing reads it until the transaction ends.
+async fn lock_keys(pool: sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut transaction = pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE api_keys IN ACCESS EXCLUSIVE MODE").execute(&mut *transaction).await.expect("lock");
+    transaction
+}
+
 #[tokio::test]
 async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
     let env = TestEnv::new().await;
