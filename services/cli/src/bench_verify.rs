@@ -6,8 +6,9 @@
 //! they go) for throughput, then open-loop at the same fixed rate for latency (measured from each request's
 //! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
 //! every key cached. The closed-loop phases alternate in rounds (trivial, verify, trivial, …), so that a machine whose
-//! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two applicable limits (the key's and the
-//! organization's per-minute limit, set high enough never to deny), event published to JetStream.
+//! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two
+//! applicable limits (the key's and the organization's per-minute limit, set high enough never to deny), event
+//! published to JetStream.
 //! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
 //! cost (a verify with no applicable limit makes no Redis call).
 
@@ -163,8 +164,8 @@ fn render(r: &Report) -> String {
         ],
     );
     format!(
-        "{table}\n\nkeys {}{} · concurrency {} · {} rounds · verify/trivial throughput {:.1}% · p99 verify/trivial {:.2}× · \
-         validator RSS {:.1} MB",
+        "{table}\n\nkeys {}{} · concurrency {} · {} rounds · verify/trivial throughput {:.1}% · \
+         p99 verify/trivial {:.2}× · validator RSS {:.1} MB",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,

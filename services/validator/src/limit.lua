@@ -150,7 +150,7 @@ local function count(s, cost)
   s.dirty = true
 end
 
--- A batch's decisions repeat a few numbers (limits, bucket widths, costs): each is parsed once per call.
+-- A batch's decisions repeat a few numbers (limits, bucket widths, costs): each argument is parsed once per call.
 local numbers = {}
 local function number(text)
   local v = numbers[text]
@@ -188,7 +188,7 @@ for _ = 1, decisions do
     o = o + 3
   end
   if has_quota then
-    local limit = tonumber(ARGV[a + 1])
+    local limit = number(ARGV[a + 1])
     local shadow = ARGV[a + 2] == '1'
     a = a + 2
     local used = tonumber(redis.call('GET', KEYS[k + n + 1]) or '0') or 0

@@ -8,6 +8,17 @@ use ipnet::IpNet;
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::key::{ApiKey, KeyFormatError};
 
+// Header names, parsed at compile time rather than per request.
+const X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
+const X_SERVICE_KEY: HeaderName = HeaderName::from_static("x-service-key");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const ORIGINAL_METHOD: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")];
+const ORIGINAL_URI: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")];
+const REQUEST_ID: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
+
 /// What the caller presented as a key.
 #[derive(Debug, PartialEq)]
 pub enum Credential {
@@ -37,8 +48,8 @@ pub fn credential(headers: &HeaderMap) -> Credential {
             return Credential::Malformed(KeyFormatError::Empty);
         }
     }
-    for name in ["x-api-key", "x-service-key"] {
-        if let Some(value) = headers.get(name) {
+    for name in [X_API_KEY, X_SERVICE_KEY] {
+        if let Some(value) = headers.get(&name) {
             return match value.to_str() {
                 Ok(text) => Credential::from_text(text.trim()),
                 Err(_) => Credential::Malformed(KeyFormatError::BadCharacters),
@@ -52,13 +63,6 @@ pub fn credential(headers: &HeaderMap) -> Credential {
 pub fn header_text(headers: &HeaderMap, names: &[HeaderName], max: usize) -> Option<String> {
     names.iter().find_map(|name| headers.get(name)?.to_str().ok()).map(|text| truncate(text, max))
 }
-
-// Header names looked up on every request, parsed at compile time.
-const ORIGINAL_METHOD: [HeaderName; 2] =
-    [HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")];
-const ORIGINAL_URI: [HeaderName; 2] =
-    [HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")];
-const REQUEST_ID: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
 
 pub fn original_method(headers: &HeaderMap) -> Option<String> {
     header_text(headers, &ORIGINAL_METHOD, MAX_METHOD_LEN)
@@ -110,7 +114,7 @@ impl TrustedProxies {
             return stated;
         }
         let forwarded: Vec<IpAddr> = headers
-            .get_all("x-forwarded-for")
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
@@ -120,7 +124,7 @@ impl TrustedProxies {
         if let Some(ip) = forwarded.iter().rev().find(|ip| !self.trusts(**ip)).or(forwarded.first()) {
             return *ip;
         }
-        headers.get("x-real-ip").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
+        headers.get(X_REAL_IP).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
     }
 }
 
