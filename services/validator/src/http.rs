@@ -138,7 +138,7 @@ impl AppState {
         if self.ip_failures_per_minute == 0 {
             return verdict;
         }
-        let plan = Plan::for_ip_failures(ip, &self.redis_prefix, self.ip_failures_per_minute);
+        let plan = Plan::for_ip_failures(ip, self.ip_failures_per_minute);
         match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
@@ -310,14 +310,26 @@ fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
     out.insert(X_RATELIMIT_USED, HeaderValue::from(usage.used));
     out.insert(X_RATELIMIT_RESET, HeaderValue::from(epoch_seconds(usage.reset_at_us)));
     let fields = [
-        (RATELIMIT_POLICY, format!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
-        (RATELIMIT, format!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
+        (RATELIMIT_POLICY, format_args!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
+        (RATELIMIT, format_args!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
     ];
     for (name, value) in fields {
-        if let Ok(value) = HeaderValue::from_str(&value) {
+        if let Some(value) = short_header_value(value) {
             out.insert(name, value);
         }
     }
+}
+
+/// A short header value formatted on the stack rather than through an intermediate `String` (the hot path's
+/// answer carries two); `None` if it does not fit or is not a valid header value.
+fn short_header_value(value: std::fmt::Arguments) -> Option<HeaderValue> {
+    use std::io::Write;
+    const CAPACITY: usize = 128;
+    let mut buffer = [0_u8; CAPACITY];
+    let mut rest = &mut buffer[..];
+    rest.write_fmt(value).ok()?;
+    let written = CAPACITY - rest.len();
+    HeaderValue::from_bytes(&buffer[..written]).ok()
 }
 
 /// 429 for a denied request: `Retry-After`, the limit headers and `{"error", "limit", "reset_at"}`.
@@ -386,6 +398,8 @@ async fn auth(
         Verdict::Decided { outcome: Outcome::Allowed, record, event_id, usage } => {
             let mut response = StatusCode::OK.into_response();
             let out = response.headers_mut();
+            // Room for every header below at once, rather than growing the map as they come.
+            out.reserve(12);
             if let Some(usage) = &usage {
                 limit_headers(out, usage);
             }

@@ -67,7 +67,7 @@ pub async fn run(
         events,
         proxies: request::TrustedProxies::new(args.trusted_proxies),
         pool: connections.pool,
-        limiter: limiter::Limiter::new(connections.redis.clone(), &args.limits),
+        limiter: limiter::Limiter::new(connections.redis.clone(), &args.limits, &topology.redis_prefix),
         redis: connections.redis,
         nats: connections.nats,
         redis_prefix: topology.redis_prefix.clone(),

@@ -7,8 +7,9 @@
 --       oldest bucket and 'e' = the bucket when the expiry was set), then its monthly quota counter if it has one.
 -- ARGV: buckets per window, number of decisions, then per decision: windows, cost, has_quota (0/1), then per
 --       window: limit, bucket_us, shadow (0/1), then if has_quota: quota limit, quota shadow (0/1).
--- Returns: { now_us, then per decision: denied (0/1), per window: used, fits (0/1), at_us (-1 = none), then if
---          has_quota: used, fits }.
+-- Returns: now_us, then per decision: denied (0/1), per window: used, fits (0/1), at_us (-1 = none), then if
+--          has_quota: used, fits; packed as little-endian 8-byte integers in one string, which the validator reads
+--          far more cheaply than an array of as many integer replies.
 -- A denied request (an enforced limit that does not fit) changes no count. A shadow limit that does not fit is
 -- reported but does not deny, and is not counted.
 local t = redis.call('TIME')
@@ -29,16 +30,27 @@ end
 -- requests (their organization's) is read once and written once per call, not once per request.
 local state = {}
 
+-- Per bucket width, the current bucket and its field name: a batch's counters share a few widths.
+local currents = {}
+local function current_bucket(width)
+  local c = currents[width]
+  if c == nil then
+    local b = math.floor(now / width)
+    c = { b, field(b) }
+    currents[width] = c
+  end
+  return c[1], c[2]
+end
+
 -- A counter's state at `now`, read from Redis (dropping the buckets that have left the window) on first use.
 local function load(key, width)
   local s = state[key]
   if s then return s end
-  local current = math.floor(now / width)
+  local current, current_field = current_bucket(width)
   local first = current - per_window
   -- 't' is the units in the stored buckets, 'o' the oldest stored bucket, 'e' the bucket at which the expiry was
   -- last set: one call reads these and the current bucket, and other buckets are read only when the oldest one has
   -- left the window (at most once per bucket width).
-  local current_field = field(current)
   local head = redis.call('HMGET', key, 't', 'o', 'e', current_field)
   local used = tonumber(head[1]) or 0
   local oldest = tonumber(head[2])
@@ -208,4 +220,4 @@ for _ = 1, decisions do
   k = k + n + (has_quota and 1 or 0)
 end
 for key, s in pairs(state) do store(key, s) end
-return out
+return struct.pack('<' .. string.rep('i8', #out), unpack(out))

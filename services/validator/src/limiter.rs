@@ -15,6 +15,7 @@
 //! limit ÷ replicas from an in-process limiter (the monthly quota has no local counterpart: `local` allows it).
 
 use std::collections::HashMap;
+use std::fmt;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -61,14 +62,69 @@ impl LimitKind {
     }
 }
 
+/// Whose requests a window counts. With the window's length it names the counter in Redis (see [`CounterKey`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Key(Uuid),
+    /// A key under its tier's main window.
+    TierWindow(Uuid),
+    /// A key under its tier's burst window.
+    TierBurst(Uuid),
+    Org(Uuid),
+    /// A client IP's bad-key answers.
+    Ip(IpAddr),
+}
+
+impl Subject {
+    pub fn kind(self) -> LimitKind {
+        match self {
+            Subject::Key(_) => LimitKind::Key,
+            Subject::TierWindow(_) | Subject::TierBurst(_) => LimitKind::Tier,
+            Subject::Org(_) => LimitKind::Org,
+            Subject::Ip(_) => LimitKind::Ip,
+        }
+    }
+}
+
 /// A rolling-window limit on one counter.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct WindowLimit {
-    pub kind: LimitKind,
-    pub redis_key: String,
+    pub subject: Subject,
     pub limit: u64,
     pub seconds: u32,
     pub shadow: bool,
+}
+
+impl WindowLimit {
+    pub fn kind(&self) -> LimitKind {
+        self.subject.kind()
+    }
+}
+
+/// A window's Redis key, `{prefix}rl:{scope}:{id}:{seconds}`: the length is part of the name, since buckets of
+/// another width would be misread. Written straight into the script call (no string per request).
+struct CounterKey<'a> {
+    prefix: &'a str,
+    window: &'a WindowLimit,
+}
+
+impl fmt::Display for CounterKey<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (prefix, seconds) = (self.prefix, self.window.seconds);
+        match self.window.subject {
+            Subject::Key(id) => write!(f, "{prefix}rl:key:{id}:{seconds}"),
+            Subject::TierWindow(id) => write!(f, "{prefix}rl:tierw:{id}:{seconds}"),
+            Subject::TierBurst(id) => write!(f, "{prefix}rl:tierb:{id}:{seconds}"),
+            Subject::Org(id) => write!(f, "{prefix}rl:org:{id}:{seconds}"),
+            Subject::Ip(ip) => write!(f, "{prefix}rl:ip:{ip}:{seconds}"),
+        }
+    }
+}
+
+impl redis::ToRedisArgs for CounterKey<'_> {
+    fn write_redis_args<W: ?Sized + redis::RedisWrite>(&self, out: &mut W) {
+        out.write_arg_fmt(self);
+    }
 }
 
 /// The organization's monthly quota: read here, counted by the workers.
@@ -104,53 +160,45 @@ pub fn quota_key(prefix: &str, org_id: Uuid, now: DateTime<Utc>) -> String {
 impl Plan {
     /// Every limit that applies to a key, given its record (which carries its tier's and organization's limits).
     pub fn for_key(record: &KeyRecord, prefix: &str, now: DateTime<Utc>) -> Plan {
-        let mut windows = Vec::new();
-        if let Some(limit) = positive(record.custom_rate_limit_per_minute.map(i64::from)) {
-            let redis_key = format!("{prefix}rl:key:{}:60", record.id);
-            windows.push(WindowLimit { kind: LimitKind::Key, redis_key, limit, seconds: 60, shadow: false });
-        }
+        let key = positive(record.custom_rate_limit_per_minute.map(i64::from)).map(|limit| WindowLimit {
+            subject: Subject::Key(record.id),
+            limit,
+            seconds: 60,
+            shadow: false,
+        });
         let tier = [
-            ("w", record.tier_window_limit, record.tier_window_seconds),
-            ("b", record.tier_burst_limit, record.tier_burst_seconds),
-        ];
-        for (which, limit, secs) in tier {
-            if let Some(limit) = positive(limit) {
-                let seconds = seconds(secs);
-                // The window length is part of the name: buckets of another width would be misread.
-                let redis_key = format!("{prefix}rl:tier{which}:{}:{seconds}", record.id);
-                windows.push(WindowLimit {
-                    kind: LimitKind::Tier,
-                    redis_key,
-                    limit,
-                    seconds,
-                    shadow: record.tier_shadow,
-                });
-            }
-        }
-        if let Some(limit) = positive(record.org_rate_limit_per_minute.map(i64::from)) {
-            let redis_key = format!("{prefix}rl:org:{}:60", record.org_id);
-            windows.push(WindowLimit {
-                kind: LimitKind::Org,
-                redis_key,
-                limit,
-                seconds: 60,
-                shadow: record.org_shadow,
-            });
-        }
+            (Subject::TierWindow(record.id), record.tier_window_limit, record.tier_window_seconds),
+            (Subject::TierBurst(record.id), record.tier_burst_limit, record.tier_burst_seconds),
+        ]
+        .into_iter()
+        .filter_map(|(subject, limit, secs)| {
+            let limit = positive(limit)?;
+            Some(WindowLimit { subject, limit, seconds: seconds(secs), shadow: record.tier_shadow })
+        });
+        let org = positive(record.org_rate_limit_per_minute.map(i64::from)).map(|limit| WindowLimit {
+            subject: Subject::Org(record.org_id),
+            limit,
+            seconds: 60,
+            shadow: record.org_shadow,
+        });
         let quota = positive(record.org_monthly_request_limit).map(|limit| QuotaLimit {
             redis_key: quota_key(prefix, record.org_id, now),
             limit,
             reset_at_us: next_month(now).timestamp_micros(),
             shadow: record.org_shadow,
         });
-        Plan { windows, quota }
+        Plan { windows: key.into_iter().chain(tier).chain(org).collect(), quota }
     }
 
     /// The bad-key limit of one client IP.
-    pub fn for_ip_failures(ip: IpAddr, prefix: &str, per_minute: u32) -> Plan {
-        let redis_key = format!("{prefix}rl:ip:{}", ip.to_canonical());
-        let limit =
-            WindowLimit { kind: LimitKind::Ip, redis_key, limit: u64::from(per_minute), seconds: 60, shadow: false };
+    pub fn for_ip_failures(ip: IpAddr, per_minute: u32) -> Plan {
+        // An IPv4 client seen through an IPv6 socket is the same client.
+        let limit = WindowLimit {
+            subject: Subject::Ip(ip.to_canonical()),
+            limit: u64::from(per_minute),
+            seconds: 60,
+            shadow: false,
+        };
         Plan { windows: vec![limit], quota: None }
     }
 
@@ -219,7 +267,7 @@ pub struct Limiter {
     replicas: u64,
     breaker: Breaker,
     /// The fallback's counters, each with its window.
-    local: Mutex<HashMap<String, (Window, Counter)>>,
+    local: Mutex<HashMap<(Subject, u32), (Window, Counter)>>,
 }
 
 /// Why the Redis call did not decide.
@@ -237,7 +285,7 @@ enum CallError {
 
 /// One decision waiting for the next script call.
 struct Pending {
-    plan: Arc<Plan>,
+    plan: Plan,
     cost: u32,
     reply: oneshot::Sender<Result<Reply, CallError>>,
 }
@@ -260,9 +308,10 @@ impl Reply {
 
 impl Limiter {
     /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
-    pub fn new(redis: ConnectionManager, args: &LimiterArgs) -> Limiter {
+    /// `prefix` begins the name of every counter (see [`CounterKey`]).
+    pub fn new(redis: ConnectionManager, args: &LimiterArgs, prefix: &str) -> Limiter {
         let (calls, pending) = mpsc::channel(MAX_BATCH * 16);
-        tokio::spawn(make_calls(pending, redis, args.redis_timeout));
+        tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned()));
         Limiter {
             calls,
             timeout: args.redis_timeout,
@@ -286,7 +335,6 @@ impl Limiter {
         if plan.is_empty() {
             return Decision::Allowed { usage: None, shadow: None, now_us: now_us() };
         }
-        let plan = Arc::new(plan);
         let decision = if self.breaker.permit() {
             let started = Instant::now();
             match self.call(plan.clone(), cost).await {
@@ -310,7 +358,7 @@ impl Limiter {
         decision
     }
 
-    async fn call(&self, plan: Arc<Plan>, cost: u32) -> Result<Reply, CallError> {
+    async fn call(&self, plan: Plan, cost: u32) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending { plan, cost, reply };
         // The whole wait, queueing included, is bounded by the timeout.
@@ -330,7 +378,7 @@ impl Limiter {
             LimitKind::Quota => self.policies.quota,
             LimitKind::Ip => self.policies.ip,
         };
-        let mut used: Vec<FailurePolicy> = plan.windows.iter().map(|w| policy(w.kind)).collect();
+        let mut used: Vec<FailurePolicy> = plan.windows.iter().map(|w| policy(w.kind())).collect();
         if plan.quota.is_some() {
             used.push(policy(LimitKind::Quota));
         }
@@ -345,8 +393,8 @@ impl Limiter {
         let local: Vec<WindowLimit> = plan
             .windows
             .iter()
-            .filter(|w| policy(w.kind) == FailurePolicy::Local)
-            .map(|w| WindowLimit { limit: (w.limit / self.replicas).max(1), ..w.clone() })
+            .filter(|w| policy(w.kind()) == FailurePolicy::Local)
+            .map(|w| WindowLimit { limit: (w.limit / self.replicas).max(1), ..*w })
             .collect();
         self.decide_locally(&local, cost, now_us())
     }
@@ -362,7 +410,7 @@ impl Limiter {
         let mut checks = Vec::with_capacity(windows.len());
         for w in windows {
             let geometry = Window::seconds(w.seconds);
-            let (_, counter) = counters.entry(w.redis_key.clone()).or_insert_with(|| (geometry, Counter::default()));
+            let (_, counter) = counters.entry((w.subject, w.seconds)).or_insert_with(|| (geometry, Counter::default()));
             checks.push(counter.check(geometry, now, w.limit, cost));
         }
         let replies: Vec<WindowReply> =
@@ -372,7 +420,7 @@ impl Limiter {
         if matches!(decision, Decision::Allowed { .. }) {
             for (w, check) in windows.iter().zip(&checks) {
                 if check.fits {
-                    if let Some((geometry, counter)) = counters.get_mut(&w.redis_key) {
+                    if let Some((geometry, counter)) = counters.get_mut(&(w.subject, w.seconds)) {
                         counter.add(*geometry, now, cost);
                     }
                 }
@@ -383,7 +431,12 @@ impl Limiter {
 }
 
 /// Makes script calls, one at a time: each decides every decision queued since this task's previous call went out.
-async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionManager, timeout: Duration) {
+async fn make_calls(
+    mut pending: mpsc::Receiver<Pending>,
+    mut redis: ConnectionManager,
+    timeout: Duration,
+    prefix: String,
+) {
     let script = redis::Script::new(SCRIPT);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -392,7 +445,7 @@ async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionM
         if batch.is_empty() {
             continue;
         }
-        let call = script_call(&script, &batch);
+        let call = script_call(&script, &prefix, &batch);
         let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
         let reply = match tokio::time::timeout(timeout, run(&script, &call, &mut redis)).await {
             Err(_) => Err(CallError::Timeout),
@@ -411,13 +464,13 @@ async fn make_calls(mut pending: mpsc::Receiver<Pending>, mut redis: ConnectionM
 }
 
 /// The `EVALSHA` of a batch (see limit.lua for the layout), built straight into one command buffer.
-fn script_call(script: &redis::Script, batch: &[Pending]) -> redis::Cmd {
+fn script_call(script: &redis::Script, prefix: &str, batch: &[Pending]) -> redis::Cmd {
     let keys: usize = batch.iter().map(|p| p.plan.windows.len() + usize::from(p.plan.quota.is_some())).sum();
     let mut call = redis::cmd("EVALSHA");
     call.arg(script.get_hash()).arg(keys);
     for p in batch {
-        for w in &p.plan.windows {
-            call.arg(&w.redis_key);
+        for window in &p.plan.windows {
+            call.arg(CounterKey { prefix, window });
         }
         if let Some(q) = &p.plan.quota {
             call.arg(&q.redis_key);
@@ -437,15 +490,23 @@ fn script_call(script: &redis::Script, batch: &[Pending]) -> redis::Cmd {
     call
 }
 
-/// Runs a script call, loading the script first if Redis does not have it (a new or flushed server).
+/// Runs a script call, loading the script first if Redis does not have it (a new or flushed server), and unpacks
+/// its reply.
 async fn run(script: &redis::Script, call: &redis::Cmd, redis: &mut ConnectionManager) -> redis::RedisResult<Vec<i64>> {
-    match call.query_async(redis).await {
+    let packed: Vec<u8> = match call.query_async(redis).await {
         Err(e) if e.kind() == redis::ErrorKind::NoScriptError => {
             script.prepare_invoke().load_async(redis).await?;
-            call.query_async(redis).await
+            call.query_async(redis).await?
         }
-        reply => reply,
-    }
+        reply => reply?,
+    };
+    Ok(unpack(&packed))
+}
+
+/// The script's reply: little-endian 8-byte integers (a trailing partial one, which the script never sends, is
+/// dropped and caught by the length check).
+fn unpack(packed: &[u8]) -> Vec<i64> {
+    packed.chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap_or_default())).collect()
 }
 
 fn now_us() -> i64 {
@@ -506,7 +567,7 @@ fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota:
             (false, None) => now + geometry.length_us,
         };
         let used = if admitted { r.used + cost } else { r.used };
-        Usage { kind: w.kind, limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us, now_us: now }
+        Usage { kind: w.kind(), limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us, now_us: now }
     };
     let quota_usage = |q: &QuotaLimit, used: u64, admitted: bool| Usage {
         kind: LimitKind::Quota,
@@ -537,7 +598,7 @@ fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota:
     let mut candidates = Vec::new();
     for (w, r) in plan.windows.iter().zip(windows) {
         if !r.fits {
-            shadow = shadow.or(Some(w.kind));
+            shadow = shadow.or(Some(w.kind()));
         } else if !w.shadow {
             candidates.push(window_usage(w, r, true));
         }
@@ -633,8 +694,10 @@ impl Breaker {
 mod tests {
     use super::*;
 
-    fn window(kind: LimitKind, limit: u64, shadow: bool) -> WindowLimit {
-        WindowLimit { kind, redis_key: format!("k:{}", kind.as_str()), limit, seconds: 60, shadow }
+    const ID: Uuid = Uuid::from_u128(0x0190a0b0_0000_7000_8000_000000000001);
+
+    fn window(subject: Subject, limit: u64, shadow: bool) -> WindowLimit {
+        WindowLimit { subject, limit, seconds: 60, shadow }
     }
 
     fn reply(used: u64, fits: bool, at_us: Option<i64>) -> WindowReply {
@@ -643,8 +706,10 @@ mod tests {
 
     #[test]
     fn the_most_restrictive_limit_is_reported_and_denials_pick_the_latest_retry() {
-        let plan =
-            Plan { windows: vec![window(LimitKind::Key, 10, false), window(LimitKind::Org, 100, false)], quota: None };
+        let plan = Plan {
+            windows: vec![window(Subject::Key(ID), 10, false), window(Subject::Org(ID), 100, false)],
+            quota: None,
+        };
         let allowed = decide_from(&plan, 1, 0, &[reply(8, true, Some(5)), reply(10, true, Some(7))], None);
         let Decision::Allowed { usage: Some(usage), shadow: None, .. } = allowed else { panic!("{allowed:?}") };
         assert_eq!((usage.kind, usage.used, usage.remaining(), usage.reset_at_us), (LimitKind::Key, 9, 1, 5));
@@ -656,7 +721,7 @@ mod tests {
     #[test]
     fn shadow_limits_are_reported_but_never_deny_and_the_quota_denies_first() {
         let quota = QuotaLimit { redis_key: "q".into(), limit: 5, reset_at_us: 1_000_000_000, shadow: false };
-        let plan = Plan { windows: vec![window(LimitKind::Tier, 10, true)], quota: Some(quota.clone()) };
+        let plan = Plan { windows: vec![window(Subject::TierWindow(ID), 10, true)], quota: Some(quota.clone()) };
         let allowed = decide_from(&plan, 1, 0, &[reply(10, false, Some(5))], Some((1, true)));
         let Decision::Allowed { usage: Some(usage), shadow, .. } = allowed else { panic!("{allowed:?}") };
         assert_eq!((usage.kind, usage.used, shadow), (LimitKind::Quota, 2, Some(LimitKind::Tier)));
@@ -685,6 +750,35 @@ mod tests {
         assert!(breaker.permit());
         breaker.success();
         assert!(breaker.is_closed() && breaker.permit());
+    }
+
+    #[test]
+    fn counters_are_named_by_subject_and_window_length() {
+        let ip = IpAddr::from([192, 0, 2, 7]);
+        let names: Vec<String> =
+            [Subject::Key(ID), Subject::TierWindow(ID), Subject::TierBurst(ID), Subject::Org(ID), Subject::Ip(ip)]
+                .into_iter()
+                .map(|subject| CounterKey { prefix: "tg:", window: &window(subject, 10, false) }.to_string())
+                .collect();
+        let id = "0190a0b0-0000-7000-8000-000000000001";
+        let expected = [
+            format!("tg:rl:key:{id}:60"),
+            format!("tg:rl:tierw:{id}:60"),
+            format!("tg:rl:tierb:{id}:60"),
+            format!("tg:rl:org:{id}:60"),
+            "tg:rl:ip:192.0.2.7:60".to_owned(),
+        ];
+        assert_eq!(names, expected);
+        // An IPv4 client seen through an IPv6 socket is the same client.
+        let mapped = Plan::for_ip_failures("::ffff:192.0.2.7".parse().expect("ip"), 10);
+        assert_eq!(CounterKey { prefix: "tg:", window: &mapped.windows[0] }.to_string(), expected[4]);
+    }
+
+    #[test]
+    fn the_packed_reply_unpacks_to_signed_integers() {
+        let packed: Vec<u8> = [1_764_000_000_000_000_i64, -1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(unpack(&packed), vec![1_764_000_000_000_000, -1, 0]);
+        assert_eq!(unpack(&packed[..20]), vec![1_764_000_000_000_000, -1]);
     }
 
     #[test]
