@@ -9,8 +9,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
-use axum::extract::{ConnectInfo, State};
-use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::request::Parts;
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
@@ -370,11 +371,11 @@ fn limiter_unavailable() -> Response {
 async fn auth(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    method: Method,
-    uri: Uri,
-    headers: HeaderMap,
+    request: Request,
 ) -> Response {
     let started = Instant::now();
+    // Taken apart rather than extracted piece by piece: the `HeaderMap` extractor would copy every header.
+    let (Parts { method, uri, headers, .. }, _) = request.into_parts();
     let (cost, requirement) = match (cost_header(&headers), requirement(uri.query(), &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
         (Err((field, message)), _) | (_, Err((field, message))) => return bad_request(field, &message),
