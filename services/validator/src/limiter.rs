@@ -285,7 +285,7 @@ enum CallError {
 
 /// One decision waiting for the next script call.
 struct Pending {
-    plan: Plan,
+    plan: Arc<Plan>,
     cost: u32,
     reply: oneshot::Sender<Result<Reply, CallError>>,
 }
@@ -335,6 +335,8 @@ impl Limiter {
         if plan.is_empty() {
             return Decision::Allowed { usage: None, shadow: None, now_us: now_us() };
         }
+        // Shared with the queued call rather than copied: both read it.
+        let plan = Arc::new(plan);
         let decision = if self.breaker.permit() {
             let started = Instant::now();
             match self.call(plan.clone(), cost).await {
@@ -358,7 +360,7 @@ impl Limiter {
         decision
     }
 
-    async fn call(&self, plan: Plan, cost: u32) -> Result<Reply, CallError> {
+    async fn call(&self, plan: Arc<Plan>, cost: u32) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
         let pending = Pending { plan, cost, reply };
         // The whole wait, queueing included, is bounded by the timeout.
@@ -783,9 +785,8 @@ mod tests {
 
     #[test]
     fn quota_keys_name_the_utc_month() {
-        let org = Uuid::parse_str("0190a0b0-0000-7000-8000-000000000001").expect("uuid");
         let at = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).single().expect("time");
-        assert_eq!(quota_key("tg:", org, at), "tg:quota:0190a0b0-0000-7000-8000-000000000001:2026-12");
+        assert_eq!(quota_key("tg:", ID, at), "tg:quota:0190a0b0-0000-7000-8000-000000000001:2026-12");
         assert_eq!(next_month(at), Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).single().expect("time"));
     }
 }
