@@ -101,7 +101,7 @@ impl WindowLimit {
     }
 }
 
-/// A window's Redis key, `{prefix}rl:{scope}:{id}:{seconds}`: the length is part of the name, since buckets of
+/// A window's Redis key, `{prefix}rate:{scope}:{id}:{seconds}`: the length is part of the name, since buckets of
 /// another width would be misread. Written straight into the script call (no string per request).
 struct CounterKey<'a> {
     prefix: &'a str,
@@ -112,11 +112,11 @@ impl fmt::Display for CounterKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (prefix, seconds) = (self.prefix, self.window.seconds);
         match self.window.subject {
-            Subject::Key(id) => write!(f, "{prefix}rl:key:{id}:{seconds}"),
-            Subject::TierWindow(id) => write!(f, "{prefix}rl:tierw:{id}:{seconds}"),
-            Subject::TierBurst(id) => write!(f, "{prefix}rl:tierb:{id}:{seconds}"),
-            Subject::Org(id) => write!(f, "{prefix}rl:org:{id}:{seconds}"),
-            Subject::Ip(ip) => write!(f, "{prefix}rl:ip:{ip}:{seconds}"),
+            Subject::Key(id) => write!(f, "{prefix}rate:key:{id}:{seconds}"),
+            Subject::TierWindow(id) => write!(f, "{prefix}rate:tierw:{id}:{seconds}"),
+            Subject::TierBurst(id) => write!(f, "{prefix}rate:tierb:{id}:{seconds}"),
+            Subject::Org(id) => write!(f, "{prefix}rate:org:{id}:{seconds}"),
+            Subject::Ip(ip) => write!(f, "{prefix}rate:ip:{ip}:{seconds}"),
         }
     }
 }
@@ -764,11 +764,11 @@ mod tests {
                 .collect();
         let id = "0190a0b0-0000-7000-8000-000000000001";
         let expected = [
-            format!("tg:rl:key:{id}:60"),
-            format!("tg:rl:tierw:{id}:60"),
-            format!("tg:rl:tierb:{id}:60"),
-            format!("tg:rl:org:{id}:60"),
-            "tg:rl:ip:192.0.2.7:60".to_owned(),
+            format!("tg:rate:key:{id}:60"),
+            format!("tg:rate:tierw:{id}:60"),
+            format!("tg:rate:tierb:{id}:60"),
+            format!("tg:rate:org:{id}:60"),
+            "tg:rate:ip:192.0.2.7:60".to_owned(),
         ];
         assert_eq!(names, expected);
         // An IPv4 client seen through an IPv6 socket is the same client.

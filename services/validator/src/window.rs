@@ -12,8 +12,7 @@
 use std::collections::VecDeque;
 
 /// Buckets per window. 100 divides 1 000 000, so a window of whole seconds has buckets of whole microseconds; and
-/// at most 102 buckets (plus the script's three bookkeeping fields) keep a Redis hash in its compact
-/// listpack encoding (up to 128 entries).
+/// a counter holds at most 101 non-empty buckets (16 bytes each in Redis, see limit.lua).
 pub const BUCKETS: i64 = 100;
 
 /// The geometry of one window, in microseconds.
