@@ -11,8 +11,9 @@
 -- meanwhile, so every instruction here is on every request's path).
 --
 -- KEYS: per decision, its window counters, then its monthly quota counter if it has one.
--- ARGV: buckets per window, number of decisions, then per decision: windows, cost, has_quota (0/1), then per
---       window: limit, bucket_us, shadow (0/1), then if has_quota: quota limit, quota shadow (0/1).
+-- ARGV: buckets per window, number of decisions, number of window kinds, then per kind (the batch's windows share a
+--       few): limit, bucket_us, shadow (0/1); then per decision: windows, cost, has_quota (0/1), then per window
+--       its kind (1-based), then if has_quota: quota limit, quota shadow (0/1).
 -- Returns: now_us, then per decision: denied (0/1), per window: used, fits (0/1), at_us (-1 = none), then if
 --          has_quota: used, fits; packed as little-endian 8-byte integers in one string, which the validator reads
 --          far more cheaply than an array of as many integer replies.
@@ -29,7 +30,7 @@ local HEADER = 32 -- bytes: total, expiry bucket, newest bucket, its units
 local BUCKET = 16 -- bytes: index, units
 local READ, READ_BYTES = '47', 48 -- a header and one bucket (GETRANGE's last byte, and their size)
 
--- A batch's decisions repeat a few numbers (limits, bucket widths, costs): each argument is parsed once per call
+-- A batch's decisions repeat a few numbers (window counts, costs, kinds): each is parsed once per call
 -- (`numbers[text] or number(text)`: a lookup, and a call only the first time).
 local numbers = {}
 local function number(text)
@@ -161,10 +162,16 @@ local function retry_at(id, limit, width, cost)
   return exit_at(target[id], width)
 end
 
+local limits, widths, shadows = {}, {}, {}
+local a = 3 -- ARGV consumed
+for kind = 1, tonumber(ARGV[3]) do
+  limits[kind], widths[kind], shadows[kind] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3] == '1'
+  a = a + 3
+end
+
 local out = { now }
 local o = 1 -- values in out
 local k = 0 -- KEYS consumed by earlier decisions
-local a = 2 -- ARGV consumed by earlier decisions
 local admitting = {} -- per window of the current decision: its counter if the window admits the request, else false
 for _ = 1, decisions do
   local n = numbers[ARGV[a + 1]] or number(ARGV[a + 1])
@@ -176,8 +183,8 @@ for _ = 1, decisions do
   out[o] = 0
   local denied = false
   for i = 1, n do
-    local limit = numbers[ARGV[a + 1]] or number(ARGV[a + 1])
-    local width = numbers[ARGV[a + 2]] or number(ARGV[a + 2])
+    local kind = numbers[ARGV[a + i]] or number(ARGV[a + i])
+    local limit, width = limits[kind], widths[kind]
     local key = KEYS[k + i]
     local id = ids[key] or load(key, width)
     local units = used[id]
@@ -190,12 +197,12 @@ for _ = 1, decisions do
     else
       at = retry_at(id, limit, width, cost)
       admitting[i] = false
-      if ARGV[a + 3] ~= '1' then denied = true end
+      if not shadows[kind] then denied = true end
     end
-    a = a + 3
     out[o + 1], out[o + 2], out[o + 3] = units, fits and 1 or 0, at
     o = o + 3
   end
+  a = a + n
   if has_quota then
     local limit = number(ARGV[a + 1])
     local units = tonumber(call('GET', KEYS[k + n + 1]) or '0') or 0

@@ -478,18 +478,47 @@ fn script_call(script: &redis::Script, prefix: &str, batch: &[Pending]) -> redis
             call.arg(&q.redis_key);
         }
     }
-    call.arg(BUCKETS).arg(batch.len());
+    // A batch's windows are of a few kinds (the same limit and length for every key of a tier or organization):
+    // each kind is sent once, and each window as its kind's number.
+    let mut kinds: Vec<WindowKind> = Vec::new();
+    let mut kind_of = Vec::with_capacity(keys);
+    for w in batch.iter().flat_map(|p| &p.plan.windows) {
+        let kind = WindowKind::of(w);
+        let number = kinds.iter().position(|k| *k == kind).unwrap_or_else(|| {
+            kinds.push(kind);
+            kinds.len() - 1
+        });
+        kind_of.push(number + 1);
+    }
+    call.arg(BUCKETS).arg(batch.len()).arg(kinds.len());
+    for kind in &kinds {
+        call.arg(kind.limit).arg(kind.bucket_us).arg(u8::from(kind.shadow));
+    }
+    let mut kind_of = kind_of.into_iter();
     for p in batch {
         call.arg(p.plan.windows.len()).arg(p.cost).arg(u8::from(p.plan.quota.is_some()));
-        for w in &p.plan.windows {
-            let bucket_us = Window::seconds(w.seconds).bucket_us;
-            call.arg(w.limit).arg(bucket_us).arg(u8::from(w.shadow));
+        for number in kind_of.by_ref().take(p.plan.windows.len()) {
+            call.arg(number);
         }
         if let Some(q) = &p.plan.quota {
             call.arg(q.limit).arg(u8::from(q.shadow));
         }
     }
     call
+}
+
+/// What the script needs to know of a window besides its counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct WindowKind {
+    limit: u64,
+    bucket_us: i64,
+    shadow: bool,
+}
+
+impl WindowKind {
+    fn of(w: &WindowLimit) -> WindowKind {
+        WindowKind { limit: w.limit, bucket_us: Window::seconds(w.seconds).bucket_us, shadow: w.shadow }
+    }
 }
 
 /// Runs a script call, loading the script first if Redis does not have it (a new or flushed server), and unpacks
