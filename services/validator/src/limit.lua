@@ -4,9 +4,10 @@
 --
 -- A counter is one string of little-endian 8-byte integers: a header (its total, the bucket at which its expiry
 -- was last set, its newest bucket and that bucket's units), then its older non-empty buckets, oldest first, each as
--- index and units. A decision reads it with one GET, and writes it in place: the header alone while requests land
--- in the newest bucket, plus one APPEND when a new bucket starts; the whole counter is rewritten only when old
--- buckets have left or its expiry must move (at most once per window). This is what makes the script cheap:
+-- index and units. A decision reads its first 48 bytes (GETRANGE: the header and the oldest bucket, all it needs
+-- unless that bucket has left the window), and writes it in place: the header alone while requests land in the
+-- newest bucket, plus one APPEND when a new bucket starts; the whole counter is rewritten only when old buckets
+-- have left or its expiry must move (at most once per window). This is what makes the script cheap:
 -- binary integers instead of text to convert, few writes, and little Lua per decision (Redis runs nothing else
 -- meanwhile, so every instruction here is on every request's path).
 --
@@ -34,11 +35,8 @@ local READ, READ_BYTES = '47', 48 -- a header and one bucket (GETRANGE's last by
 -- (`numbers[text] or number(text)`: a lookup, and a call only the first time).
 local numbers = {}
 local function number(text)
-  local v = numbers[text]
-  if v == nil then
-    v = tonumber(text)
-    numbers[text] = v
-  end
+  local v = tonumber(text)
+  numbers[text] = v
   return v
 end
 
@@ -60,8 +58,8 @@ local from = {} -- offset in `stored` of its first older bucket still in the win
 local previous = {} -- the stored newest bucket when this call counts in a newer one (false: none)
 local in_previous = {} -- units in it
 local expiry = {} -- the bucket at which its expiry was last set (false: a new counter)
-local width_of = {}
-local dirty = {}
+local width_of = {} -- its bucket width
+local dirty = {} -- whether this call counted in it
 
 local function load(key, width)
   local id = #names + 1
@@ -74,8 +72,7 @@ local function load(key, width)
     currents[width] = current
     ttls[width] = string.format('%d', 2 * math.ceil(width * (per_window + 1) / 1000) + 1)
   end
-  -- The header and the oldest bucket are all a decision needs unless that bucket has left the window: a long
-  -- counter (an organization's) is not copied into Lua whole for every call.
+  -- A long counter (an organization's) is not copied into Lua whole for every call.
   local counter = call('GETRANGE', key, '0', READ)
   local size = #counter
   local cut = size == READ_BYTES
@@ -204,7 +201,7 @@ for _ = 1, decisions do
   end
   a = a + n
   if has_quota then
-    local limit = number(ARGV[a + 1])
+    local limit = numbers[ARGV[a + 1]] or number(ARGV[a + 1])
     local units = tonumber(call('GET', KEYS[k + n + 1]) or '0') or 0
     local fits = units + cost <= limit
     if not fits and ARGV[a + 2] ~= '1' then denied = true end
