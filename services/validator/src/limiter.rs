@@ -806,6 +806,40 @@ mod tests {
     }
 
     #[test]
+    fn a_script_call_sends_each_window_kind_once() {
+        let plan = |key: u128| {
+            let key = Uuid::from_u128(key);
+            Arc::new(Plan {
+                windows: vec![window(Subject::Key(key), 10, false), window(Subject::Org(ID), 100, true)],
+                quota: None,
+            })
+        };
+        let batch: Vec<Pending> = [(plan(1), 1), (plan(2), 3)]
+            .into_iter()
+            .map(|(plan, cost)| Pending { plan, cost, reply: oneshot::channel().0 })
+            .collect();
+        let script = redis::Script::new("return 1");
+        let call = script_call(&script, "tg:", &batch);
+        let args: Vec<String> = call
+            .args_iter()
+            .filter_map(|arg| match arg {
+                redis::Arg::Simple(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                redis::Arg::Cursor => None,
+            })
+            .collect();
+        let bucket_us = (60_000_000 / BUCKETS).to_string();
+        // EVALSHA, sha, 4 keys, the keys, then: buckets, 2 decisions, 2 kinds (limit, bucket, shadow each), then per
+        // decision its windows, cost, no quota and its windows' kinds.
+        let expected: Vec<String> = ["100", "2", "2", "10", &bucket_us, "0", "100", &bucket_us, "1"]
+            .into_iter()
+            .chain(["2", "1", "0", "1", "2", "2", "3", "0", "1", "2"])
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(args[2], "4");
+        assert_eq!(args[7..], expected);
+    }
+
+    #[test]
     fn the_packed_reply_unpacks_to_signed_integers() {
         let packed: Vec<u8> = [1_764_000_000_000_000_i64, -1, 0].iter().flat_map(|v| v.to_le_bytes()).collect();
         assert_eq!(unpack(&packed), vec![1_764_000_000_000_000, -1, 0]);
