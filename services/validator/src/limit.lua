@@ -77,7 +77,7 @@ local function load(key, width)
   local size = #counter
   local cut = size == READ_BYTES
   local total, since, newest, units = 0, false, 0, 0
-  -- A counter of another shape (never written by this script) starts afresh rather than count wrongly forever.
+  -- A counter of another length (never written by this script) starts afresh rather than count wrongly forever.
   if size >= HEADER and (size - HEADER) % BUCKET == 0 then
     total, since, newest, units = read('<i8i8i8i8', counter)
   end

@@ -430,6 +430,29 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
 }
 
 #[tokio::test]
+async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_failing() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(5)).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "1");
+
+    let counter = format!("{}rate:key:{key_id}:60", env.topology.redis_prefix);
+    let mut redis =
+        redis::Client::open(REDIS_URL).expect("url").get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("SET").arg(&counter).arg("x".repeat(40)).query_async(&mut redis).await.expect("set");
+    let answer = auth(&client, &validator, &key).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(header(&answer, "x-ratelimit-used"), "1", "counting starts again from this request");
+    assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "2", "and goes on from there");
+    // Decided in Redis (not by the local fallback): the counter is one again, its total 2.
+    let stored: Vec<u8> = redis::cmd("GET").arg(&counter).query_async(&mut redis).await.expect("get");
+    assert!(stored.len() >= 32, "{stored:?}");
+    assert_eq!(i64::from_le_bytes(stored[..8].try_into().expect("8 bytes")), 2);
+}
+
+#[tokio::test]
 async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     let metrics = tollgate_shared::metrics::install();
     let env = TestEnv::new().await;
