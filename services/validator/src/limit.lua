@@ -15,9 +15,10 @@
 -- ARGV: buckets per window, number of decisions, number of window kinds, then per kind (the batch's windows share a
 --       few): limit, bucket_us, shadow (0/1); then per decision: windows, cost, has_quota (0/1), then per window
 --       its kind (1-based), then if has_quota: quota limit, quota shadow (0/1).
--- Returns: now_us, then per decision: denied (0/1), per window: used, fits (0/1), at_us (-1 = none), then if
---          has_quota: used, fits; packed as little-endian 8-byte integers in one string, which the validator reads
---          far more cheaply than an array of as many integer replies.
+-- Returns: now_us, then per decision: per window: used, at_us (-1 = none), then if has_quota: used; packed as
+--          little-endian 8-byte integers in one string, which the validator reads far more cheaply than an array of
+--          as many integer replies. (Whether a limit fits, and so whether the request was admitted, follows from
+--          used + cost <= limit: the validator knows both.)
 -- A denied request (an enforced limit that does not fit) changes no count. A shadow limit that does not fit is
 -- reported but does not deny, and is not counted.
 local call, pack, read = redis.call, struct.pack, struct.unpack
@@ -175,9 +176,6 @@ for _ = 1, decisions do
   local cost = numbers[ARGV[a + 2]] or number(ARGV[a + 2])
   local has_quota = ARGV[a + 3] == '1'
   a = a + 3
-  o = o + 1
-  local denied_at = o
-  out[o] = 0
   local denied = false
   for i = 1, n do
     local kind = numbers[ARGV[a + i]] or number(ARGV[a + i])
@@ -196,8 +194,8 @@ for _ = 1, decisions do
       admitting[i] = false
       if not shadows[kind] then denied = true end
     end
-    out[o + 1], out[o + 2], out[o + 3] = units, fits and 1 or 0, at
-    o = o + 3
+    out[o + 1], out[o + 2] = units, at
+    o = o + 2
   end
   a = a + n
   if has_quota then
@@ -206,12 +204,10 @@ for _ = 1, decisions do
     local fits = units + cost <= limit
     if not fits and ARGV[a + 2] ~= '1' then denied = true end
     a = a + 2
-    out[o + 1], out[o + 2] = units, fits and 1 or 0
-    o = o + 2
+    out[o + 1] = units
+    o = o + 1
   end
-  if denied then
-    out[denied_at] = 1
-  else
+  if not denied then
     for i = 1, n do
       local id = admitting[i]
       if id then

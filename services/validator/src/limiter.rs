@@ -206,10 +206,9 @@ impl Plan {
         self.windows.is_empty() && self.quota.is_none()
     }
 
-    /// Values of this plan's part of the script's reply: denied, then per window used, fits, at; then the quota's
-    /// used, fits.
+    /// Values of this plan's part of the script's reply: per window used and at, then the quota's used.
     fn reply_len(&self) -> usize {
-        1 + 3 * self.windows.len() + if self.quota.is_some() { 2 } else { 0 }
+        2 * self.windows.len() + usize::from(self.quota.is_some())
     }
 }
 
@@ -571,18 +570,25 @@ struct WindowReply {
     at_us: Option<i64>,
 }
 
-/// Reads a decision's part of the script's reply (`reply`: denied, then the limits' values).
+/// Reads a decision's part of the script's reply (`reply`: its limits' values on): whether each limit fits follows
+/// from its count, the cost and the limit, as the script decided it.
 fn interpret(plan: &Plan, cost: u32, now: i64, reply: &[i64]) -> Decision {
+    let cost = u64::from(cost);
     let unsigned = |v: i64| u64::try_from(v).unwrap_or(0);
-    let windows: Vec<WindowReply> = reply[1..1 + 3 * plan.windows.len()]
-        .chunks(3)
-        .map(|c| WindowReply { used: unsigned(c[0]), fits: c[1] == 1, at_us: (c[2] >= 0).then_some(c[2]) })
+    let windows: Vec<WindowReply> = plan
+        .windows
+        .iter()
+        .zip(reply.chunks(2))
+        .map(|(w, c)| {
+            let used = unsigned(c[0]);
+            WindowReply { used, fits: used + cost <= w.limit, at_us: (c[1] >= 0).then_some(c[1]) }
+        })
         .collect();
-    let quota = plan.quota.as_ref().map(|_| {
-        let at = 1 + 3 * plan.windows.len();
-        (unsigned(reply[at]), reply[at + 1] == 1)
+    let quota = plan.quota.as_ref().map(|q| {
+        let used = unsigned(reply[2 * plan.windows.len()]);
+        (used, used + cost <= q.limit)
     });
-    decide_from(plan, u64::from(cost), now, &windows, quota)
+    decide_from(plan, cost, now, &windows, quota)
 }
 
 /// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (the quota first,
