@@ -186,8 +186,7 @@ for _ = 1, decisions do
     local fits = units + cost <= limit
     local at = -1
     if fits then
-      local b = oldest[id]
-      if b then at = (b + 1 + per_window) * width end
+      if oldest[id] then at = exit_at(oldest[id], width) end
       admitting[i] = id
     else
       at = retry_at(id, limit, width, cost)
