@@ -73,9 +73,9 @@ impl ApiKey {
         OsRng.try_fill_bytes(&mut random).expect("the OS random number generator failed; no key can be made safely");
         let mut key = String::with_capacity(TOLLGATE_KEY_LEN);
         key.push_str(env.prefix());
-        key.push_str(&base62_fixed(&random, BODY_LEN));
+        key.extend(base62_fixed::<BODY_LEN>(&random).map(char::from));
         let checksum = crc32fast::hash(key.as_bytes());
-        key.push_str(&base62_fixed(&checksum.to_be_bytes(), CHECKSUM_LEN));
+        key.extend(base62_fixed::<CHECKSUM_LEN>(&checksum.to_be_bytes()).map(char::from));
         ApiKey(key)
     }
 
@@ -132,8 +132,8 @@ fn check_tollgate_format(key: &str) -> Result<(), KeyFormatError> {
     if !signed[ENV_PREFIX_LEN..].bytes().all(|b| b.is_ascii_alphanumeric()) {
         return Err(KeyFormatError::BadChecksum);
     }
-    let expected = base62_fixed(&crc32fast::hash(signed.as_bytes()).to_be_bytes(), CHECKSUM_LEN);
-    if checksum != expected {
+    let expected = base62_fixed::<CHECKSUM_LEN>(&crc32fast::hash(signed.as_bytes()).to_be_bytes());
+    if checksum.as_bytes() != expected {
         return Err(KeyFormatError::BadChecksum);
     }
     Ok(())
@@ -144,11 +144,17 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'~' | b'+' | b'/' | b'=')
 }
 
-/// Big-endian bytes as a base62 number, left-padded with `0` to `width` digits.
-fn base62_fixed(bytes: &[u8], width: usize) -> String {
-    let mut number = bytes.to_vec();
-    let mut digits = Vec::with_capacity(width);
-    while number.iter().any(|&b| b != 0) {
+/// Big-endian bytes (at most 32) as a base62 number of `W` digits, left-padded with `0`; `W` must be enough digits
+/// for any value of that many bytes. On the stack: every request's checksum check runs it.
+fn base62_fixed<const W: usize>(bytes: &[u8]) -> [u8; W] {
+    let mut buffer = [0u8; RANDOM_BYTES];
+    let number = &mut buffer[..bytes.len()];
+    number.copy_from_slice(bytes);
+    let mut digits = [b'0'; W];
+    for digit in digits.iter_mut().rev() {
+        if number.iter().all(|&b| b == 0) {
+            break;
+        }
         // Long division of the whole number by 62, keeping the remainder as the next digit.
         let mut remainder = 0u32;
         for byte in number.iter_mut() {
@@ -156,11 +162,9 @@ fn base62_fixed(bytes: &[u8], width: usize) -> String {
             *byte = (acc / 62) as u8;
             remainder = acc % 62;
         }
-        digits.push(BASE62[remainder as usize]);
+        *digit = BASE62[remainder as usize];
     }
-    digits.resize(width.max(digits.len()), b'0');
-    digits.reverse();
-    String::from_utf8(digits).expect("base62 digits are ASCII")
+    digits
 }
 
 /// SHA-256 of a key. The only form in which a key is stored or compared.
@@ -250,10 +254,11 @@ mod tests {
 
     #[test]
     fn base62_is_fixed_width_and_matches_known_values() {
-        assert_eq!(base62_fixed(&[0, 0, 0, 0], 6), "000000");
-        assert_eq!(base62_fixed(&[0, 0, 0, 61], 6), "00000z");
-        assert_eq!(base62_fixed(&[0, 0, 0, 62], 6), "000010");
-        assert_eq!(base62_fixed(&u32::MAX.to_be_bytes(), 6), "4gfFC3");
-        assert_eq!(base62_fixed(&[0xff; 32], BODY_LEN).len(), BODY_LEN);
+        assert_eq!(&base62_fixed::<6>(&[0, 0, 0, 0]), b"000000");
+        assert_eq!(&base62_fixed::<6>(&[0, 0, 0, 61]), b"00000z");
+        assert_eq!(&base62_fixed::<6>(&[0, 0, 0, 62]), b"000010");
+        assert_eq!(&base62_fixed::<CHECKSUM_LEN>(&u32::MAX.to_be_bytes()), b"4gfFC3");
+        // The widths are just enough: the largest value uses every digit.
+        assert_ne!(base62_fixed::<BODY_LEN>(&[0xff; RANDOM_BYTES])[0], b'0');
     }
 }

@@ -4,6 +4,7 @@
 //! (scopes, role), then every rate limit and the quota in one limiter call; bad-key answers are limited per client
 //! IP.
 
+use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -15,6 +16,7 @@ use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use axum::{Json, Router};
+use bytes::BytesMut;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -23,7 +25,7 @@ use uuid::Uuid;
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::{Outcome, Role};
 use tollgate_shared::event::UsageEvent;
-use tollgate_shared::metrics::{IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
+use tollgate_shared::metrics::{LabeledCounter, IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
 
 use crate::decision::{decide, Requirement};
 use crate::keys::{KeyCache, KeyRecord};
@@ -65,6 +67,23 @@ pub struct AppState {
     pub redis_prefix: String,
     /// 401s per client IP per minute before 429; 0 = no limit.
     pub ip_failures_per_minute: u32,
+    pub metrics: RequestMetrics,
+}
+
+/// Handles of the metrics every request updates, taken once (see [`LabeledCounter`]).
+pub struct RequestMetrics {
+    requests: LabeledCounter<1>,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    pub fn new() -> RequestMetrics {
+        let outcomes = Outcome::ALL.iter().map(|o| o.as_str()).chain(Verdict::UNDECIDED_LABELS);
+        RequestMetrics {
+            requests: LabeledCounter::new(VERIFY_REQUESTS, ["outcome"], outcomes.map(|o| [o])),
+            duration: metrics::histogram!(VERIFY_DURATION),
+        }
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -112,6 +131,10 @@ enum Verdict {
 }
 
 impl Verdict {
+    /// The metric labels of verdicts that are not a key's outcome.
+    const UNDECIDED_LABELS: [&'static str; 6] =
+        ["missing", "malformed", "unknown", "ip_limited", "unavailable", "limiter_unavailable"];
+
     /// Whether the caller is told their key is bad (401): what the per-IP limiter counts.
     fn is_unauthorized(&self) -> bool {
         match self {
@@ -222,8 +245,8 @@ impl AppState {
             Verdict::Unavailable => "unavailable",
             Verdict::LimiterUnavailable => "limiter_unavailable",
         };
-        metrics::counter!(VERIFY_REQUESTS, "outcome" => label).increment(1);
-        metrics::histogram!(VERIFY_DURATION).record(started.elapsed().as_secs_f64());
+        self.metrics.requests.increment([label]);
+        self.metrics.duration.record(started.elapsed().as_secs_f64());
         verdict
     }
 }
@@ -303,34 +326,39 @@ fn seconds_until(usage: &Usage) -> i64 {
     epoch_seconds(usage.reset_at_us - usage.now_us).max(0)
 }
 
-/// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
-fn limit_headers(out: &mut HeaderMap, usage: &Usage) {
-    let kind = usage.kind.as_str();
-    out.insert(X_RATELIMIT_LIMIT, HeaderValue::from(usage.limit));
-    out.insert(X_RATELIMIT_REMAINING, HeaderValue::from(usage.remaining()));
-    out.insert(X_RATELIMIT_USED, HeaderValue::from(usage.used));
-    out.insert(X_RATELIMIT_RESET, HeaderValue::from(epoch_seconds(usage.reset_at_us)));
-    let fields = [
-        (RATELIMIT_POLICY, format_args!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds)),
-        (RATELIMIT, format_args!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage))),
-    ];
-    for (name, value) in fields {
-        if let Some(value) = short_header_value(value) {
+/// Header values formatted into one buffer and handed out as slices of it: one allocation for an answer's values,
+/// where `HeaderValue::from` makes one per value (the hot path's answer carries ten).
+struct HeaderValues(BytesMut);
+
+impl HeaderValues {
+    fn new() -> HeaderValues {
+        // Enough for the limit headers, three ids and a key name; a longer name only makes the buffer grow.
+        HeaderValues(BytesMut::with_capacity(320))
+    }
+
+    /// `None` if the text is not a valid header value.
+    fn format(&mut self, value: std::fmt::Arguments) -> Option<HeaderValue> {
+        self.0.write_fmt(value).ok()?;
+        HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
+    }
+
+    /// Inserts `name: value`, or leaves it out if the text cannot be a header value.
+    fn insert(&mut self, out: &mut HeaderMap, name: HeaderName, value: std::fmt::Arguments) {
+        if let Some(value) = self.format(value) {
             out.insert(name, value);
         }
     }
 }
 
-/// A short header value formatted on the stack rather than through an intermediate `String` (the hot path's
-/// answer carries two); `None` if it does not fit or is not a valid header value.
-fn short_header_value(value: std::fmt::Arguments) -> Option<HeaderValue> {
-    use std::io::Write;
-    const CAPACITY: usize = 128;
-    let mut buffer = [0_u8; CAPACITY];
-    let mut rest = &mut buffer[..];
-    rest.write_fmt(value).ok()?;
-    let written = CAPACITY - rest.len();
-    HeaderValue::from_bytes(&buffer[..written]).ok()
+/// `X-RateLimit-*` and the IETF `RateLimit-Policy` / `RateLimit` fields for the most restrictive limit.
+fn limit_headers(out: &mut HeaderMap, values: &mut HeaderValues, usage: &Usage) {
+    let kind = usage.kind.as_str();
+    values.insert(out, X_RATELIMIT_LIMIT, format_args!("{}", usage.limit));
+    values.insert(out, X_RATELIMIT_REMAINING, format_args!("{}", usage.remaining()));
+    values.insert(out, X_RATELIMIT_USED, format_args!("{}", usage.used));
+    values.insert(out, X_RATELIMIT_RESET, format_args!("{}", epoch_seconds(usage.reset_at_us)));
+    values.insert(out, RATELIMIT_POLICY, format_args!("\"{kind}\";q={};w={}", usage.limit, usage.window_seconds));
+    values.insert(out, RATELIMIT, format_args!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage)));
 }
 
 /// 429 for a denied request: `Retry-After`, the limit headers and `{"error", "limit", "reset_at"}`.
@@ -345,7 +373,7 @@ fn too_many(error: &'static str, usage: &Usage) -> Response {
         "retry_after": retry_after,
     }));
     let mut response = (StatusCode::TOO_MANY_REQUESTS, body).into_response();
-    limit_headers(response.headers_mut(), usage);
+    limit_headers(response.headers_mut(), &mut HeaderValues::new(), usage);
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
     response
 }
@@ -401,17 +429,16 @@ async fn auth(
             let out = response.headers_mut();
             // Room for every header below at once, rather than growing the map as they come.
             out.reserve(12);
+            let mut values = HeaderValues::new();
             if let Some(usage) = &usage {
-                limit_headers(out, usage);
+                limit_headers(out, &mut values, usage);
             }
-            out.insert(X_TOLLGATE_KEY_ID, uuid_header(record.id));
-            out.insert(X_TOLLGATE_ORG_ID, uuid_header(record.org_id));
+            values.insert(out, X_TOLLGATE_KEY_ID, format_args!("{}", record.id.hyphenated()));
+            values.insert(out, X_TOLLGATE_ORG_ID, format_args!("{}", record.org_id.hyphenated()));
             out.insert(X_TOLLGATE_ROLE, HeaderValue::from_static(record.role.as_str()));
-            out.insert(X_TOLLGATE_EVENT_ID, uuid_header(event_id));
+            values.insert(out, X_TOLLGATE_EVENT_ID, format_args!("{}", event_id.hyphenated()));
             // A name that cannot be a header value (control characters) is left out rather than failing the request.
-            if let Ok(name) = HeaderValue::from_bytes(record.name.as_bytes()) {
-                out.insert(X_TOLLGATE_KEY_NAME, name);
-            }
+            values.insert(out, X_TOLLGATE_KEY_NAME, format_args!("{}", record.name));
             response
         }
         Verdict::Decided { outcome: Outcome::InsufficientScope, .. } => forbidden(),
@@ -424,11 +451,6 @@ async fn auth(
         Verdict::Unavailable => unavailable(),
         Verdict::LimiterUnavailable => limiter_unavailable(),
     }
-}
-
-fn uuid_header(id: Uuid) -> HeaderValue {
-    let mut text = [0; uuid::fmt::Hyphenated::LENGTH];
-    HeaderValue::from_str(id.hyphenated().encode_lower(&mut text)).expect("a UUID is a valid header value")
 }
 
 /// The same answer for every kind of bad key: the reason goes to the event and to metrics, not to the caller.
@@ -588,7 +610,7 @@ async fn verify(
     };
     let mut response = Json(answer).into_response();
     if let Some(usage) = &usage {
-        limit_headers(response.headers_mut(), usage);
+        limit_headers(response.headers_mut(), &mut HeaderValues::new(), usage);
     }
     response
 }

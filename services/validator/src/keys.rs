@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use tollgate_shared::domain::{RateLimitTier, Role};
 use tollgate_shared::key::KeyHash;
-use tollgate_shared::metrics::KEY_LOOKUPS;
+use tollgate_shared::metrics::{LabeledCounter, KEY_LOOKUPS};
 
 /// What the validator needs to decide on a key: the key's own settings and its organization's.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -70,6 +70,8 @@ pub struct KeyCache {
     unknown: Arc<Cache<KeyHash, Instant>>,
     negative_ttl: Duration,
     pool: PgPool,
+    /// Lookups by where the answer came from.
+    lookups: Arc<LabeledCounter<1>>,
 }
 
 #[derive(Clone)]
@@ -102,6 +104,11 @@ impl KeyCache {
             unknown: Arc::new(Cache::new(NEGATIVE_CAPACITY)),
             negative_ttl,
             pool,
+            lookups: Arc::new(LabeledCounter::new(
+                KEY_LOOKUPS,
+                ["source"],
+                [["cache"], ["negative_cache"], ["database"]],
+            )),
         }
     }
 
@@ -109,13 +116,13 @@ impl KeyCache {
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
         if let Some(cached) = self.known.get(&hash) {
             if cached.stored.elapsed() < RECORD_TTL {
-                metrics::counter!(KEY_LOOKUPS, "source" => "cache").increment(1);
+                self.lookups.increment(["cache"]);
                 return Ok(Some(cached.record));
             }
             self.known.remove(&hash);
         }
         if self.is_known_unknown(&hash) {
-            metrics::counter!(KEY_LOOKUPS, "source" => "negative_cache").increment(1);
+            self.lookups.increment(["negative_cache"]);
             return Ok(None);
         }
         let loaded = self
@@ -126,7 +133,7 @@ impl KeyCache {
                 if self.is_known_unknown(&hash) {
                     return Err(Miss::Unknown);
                 }
-                metrics::counter!(KEY_LOOKUPS, "source" => "database").increment(1);
+                self.lookups.increment(["database"]);
                 let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
                 let record: Option<KeyRecord> = sqlx::query_as(&sql)
                     .bind(hash.as_bytes())

@@ -59,6 +59,8 @@ pub async fn run(
         publisher::channel(args.event_queue, jetstream, topology.usage_subject(), spool, settings);
     let publishing = tokio::spawn(publisher.run());
 
+    // Before the key cache, the limiter and the handlers take their metric handles: one taken earlier counts nowhere.
+    tollgate_shared::metrics::install();
     let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl);
     let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, shutdown.clone()));
 
@@ -72,6 +74,7 @@ pub async fn run(
         nats: connections.nats,
         redis_prefix: topology.redis_prefix.clone(),
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
+        metrics: http::RequestMetrics::new(),
     });
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(address = %listener.local_addr()?, "validator listening");

@@ -27,8 +27,8 @@ use uuid::Uuid;
 
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
 use tollgate_shared::metrics::{
-    RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED, RATELIMIT_REDIS_DURATION, RATELIMIT_REDIS_ERRORS,
-    RATELIMIT_SHADOW_DENIALS,
+    LabeledCounter, RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED, RATELIMIT_REDIS_DURATION,
+    RATELIMIT_REDIS_ERRORS, RATELIMIT_SHADOW_DENIALS,
 };
 
 use crate::keys::KeyRecord;
@@ -51,6 +51,8 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
+    const ALL: [LimitKind; 5] = [LimitKind::Key, LimitKind::Tier, LimitKind::Org, LimitKind::Quota, LimitKind::Ip];
+
     pub fn as_str(self) -> &'static str {
         match self {
             LimitKind::Key => "key",
@@ -267,6 +269,9 @@ pub struct Limiter {
     breaker: Breaker,
     /// The fallback's counters, each with its window.
     local: Mutex<HashMap<(Subject, u32), (Window, Counter)>>,
+    /// Decisions by the limit that decided and result.
+    decisions: LabeledCounter<2>,
+    redis_duration: metrics::Histogram,
 }
 
 /// Why the Redis call did not decide.
@@ -318,6 +323,8 @@ impl Limiter {
             replicas: u64::from(args.replicas.max(1)),
             breaker: Breaker::new(args.breaker_failures, args.breaker_cooldown),
             local: Mutex::new(HashMap::new()),
+            decisions: LabeledCounter::new(RATELIMIT_DECISIONS, ["limit", "result"], expected_decisions()),
+            redis_duration: metrics::histogram!(RATELIMIT_REDIS_DURATION),
         }
     }
 
@@ -341,7 +348,7 @@ impl Limiter {
             match self.call(plan.clone(), cost).await {
                 Ok(reply) => {
                     self.breaker.success();
-                    metrics::histogram!(RATELIMIT_REDIS_DURATION).record(started.elapsed().as_secs_f64());
+                    self.redis_duration.record(started.elapsed().as_secs_f64());
                     interpret(&plan, cost, reply.now(), reply.own())
                 }
                 Err(e) => {
@@ -355,7 +362,7 @@ impl Limiter {
         } else {
             self.degraded(&plan, cost)
         };
-        record(&decision);
+        self.record(&decision);
         decision
     }
 
@@ -368,6 +375,19 @@ impl Limiter {
             answer.await.map_err(|_| CallError::Stopped)?
         };
         tokio::time::timeout(self.timeout, answer).await.map_err(|_| CallError::Timeout)?
+    }
+
+    fn record(&self, decision: &Decision) {
+        match decision {
+            Decision::Allowed { usage, shadow, .. } => {
+                self.decisions.increment([usage.map_or("none", |u| u.kind.as_str()), "allowed"]);
+                if let Some(shadow) = shadow {
+                    metrics::counter!(RATELIMIT_SHADOW_DENIALS, "limit" => shadow.as_str()).increment(1);
+                }
+            }
+            Decision::Denied { usage, .. } => self.decisions.increment([usage.kind.as_str(), "denied"]),
+            Decision::Unavailable => self.decisions.increment(["none", "unavailable"]),
+        }
     }
 
     /// Decides without Redis, limit by limit according to each one's failure policy.
@@ -544,22 +564,10 @@ fn now_us() -> i64 {
     i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
 }
 
-fn record(decision: &Decision) {
-    match decision {
-        Decision::Allowed { usage, shadow, .. } => {
-            let kind = usage.map_or("none", |u| u.kind.as_str());
-            metrics::counter!(RATELIMIT_DECISIONS, "limit" => kind, "result" => "allowed").increment(1);
-            if let Some(shadow) = shadow {
-                metrics::counter!(RATELIMIT_SHADOW_DENIALS, "limit" => shadow.as_str()).increment(1);
-            }
-        }
-        Decision::Denied { usage, .. } => {
-            metrics::counter!(RATELIMIT_DECISIONS, "limit" => usage.kind.as_str(), "result" => "denied").increment(1);
-        }
-        Decision::Unavailable => {
-            metrics::counter!(RATELIMIT_DECISIONS, "limit" => "none", "result" => "unavailable").increment(1);
-        }
-    }
+/// The label pairs of `tollgate_ratelimit_decisions_total` (see [`Limiter::record`]).
+fn expected_decisions() -> impl Iterator<Item = [&'static str; 2]> {
+    let limits = LimitKind::ALL.into_iter().map(LimitKind::as_str).chain(["none"]);
+    limits.flat_map(|limit| [[limit, "allowed"], [limit, "denied"]]).chain([["none", "unavailable"]])
 }
 
 /// One window's part of the script's reply.
