@@ -46,24 +46,31 @@ end
 local currents, ttls = {}, {}
 
 -- Every counter this call touches, by number: a counter shared by the batch's requests (their organization's) is
--- read once and written once per call. Per counter, as it stands with what this call counted:
+-- read once and written once per call. The arrays below start with room for 16 counters (a typical call's): a Lua
+-- table grown from empty is rehashed at every power of two, 5 times per array to reach 16 (callgrind: 5 400
+-- instructions per decision, of 71 800). Per counter, as it stands with what this call counted:
+local function array()
+  return { false, false, false, false, false, false, false, false, false, false, false, false, false, false, false, false }
+end
+local counters = 0
 local ids = {}
-local names = {} -- its key
-local used = {} -- units in the window
-local oldest = {} -- its oldest bucket (false: none)
-local target = {} -- the bucket this call counts in: the current one, or the newest if Redis time stepped back
-local in_target = {} -- units in it
-local stored = {} -- the counter as read: its header and first older bucket, or all of it
-local partial = {} -- whether `stored` may lack older buckets
-local from = {} -- offset in `stored` of its first older bucket still in the window
-local previous = {} -- the stored newest bucket when this call counts in a newer one (false: none)
-local in_previous = {} -- units in it
-local expiry = {} -- the bucket at which its expiry was last set (false: a new counter)
-local width_of = {} -- its bucket width
-local dirty = {} -- whether this call counted in it
+local names = array() -- its key
+local used = array() -- units in the window
+local oldest = array() -- its oldest bucket (false: none)
+local target = array() -- the bucket this call counts in: the current one, or the newest if Redis time stepped back
+local in_target = array() -- units in it
+local stored = array() -- the counter as read: its header and first older bucket, or all of it
+local partial = array() -- whether `stored` may lack older buckets
+local from = array() -- offset in `stored` of its first older bucket still in the window
+local previous = array() -- the stored newest bucket when this call counts in a newer one (false: none)
+local in_previous = array() -- units in it
+local expiry = array() -- the bucket at which its expiry was last set (false: a new counter)
+local width_of = array() -- its bucket width
+local dirty = array() -- whether this call counted in it
 
 local function load(key, width)
-  local id = #names + 1
+  counters = counters + 1
+  local id = counters
   ids[key] = id
   names[id] = key
   width_of[id] = width
@@ -219,7 +226,7 @@ for _ = 1, decisions do
   end
   k = k + n + (has_quota and 1 or 0)
 end
-for id = 1, #names do
+for id = 1, counters do
   if dirty[id] then store(id) end
 end
 return pack('<' .. string.rep('i8', #out), unpack(out))
