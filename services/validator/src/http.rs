@@ -131,9 +131,20 @@ enum Verdict {
 }
 
 impl Verdict {
-    /// The metric labels of verdicts that are not a key's outcome.
+    /// The metric labels of verdicts that are not a key's outcome (see [`Verdict::label`]).
     const UNDECIDED_LABELS: [&'static str; 6] =
         ["missing", "malformed", "unknown", "ip_limited", "unavailable", "limiter_unavailable"];
+
+    /// The `outcome` label of `tollgate_verify_requests_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            Verdict::Unidentified(reason) => reason,
+            Verdict::Decided { outcome, .. } => outcome.as_str(),
+            Verdict::IpLimited(_) => "ip_limited",
+            Verdict::Unavailable => "unavailable",
+            Verdict::LimiterUnavailable => "limiter_unavailable",
+        }
+    }
 
     /// Whether the caller is told their key is bad (401): what the per-IP limiter counts.
     fn is_unauthorized(&self) -> bool {
@@ -238,14 +249,7 @@ impl AppState {
     }
 
     fn finish(&self, started: Instant, verdict: Verdict) -> Verdict {
-        let label: &'static str = match &verdict {
-            Verdict::Unidentified(reason) => reason,
-            Verdict::Decided { outcome, .. } => outcome.as_str(),
-            Verdict::IpLimited(_) => "ip_limited",
-            Verdict::Unavailable => "unavailable",
-            Verdict::LimiterUnavailable => "limiter_unavailable",
-        };
-        self.metrics.requests.increment([label]);
+        self.metrics.requests.increment([verdict.label()]);
         self.metrics.duration.record(started.elapsed().as_secs_f64());
         verdict
     }
@@ -336,15 +340,11 @@ impl HeaderValues {
         HeaderValues(BytesMut::with_capacity(320))
     }
 
-    /// `None` if the text is not a valid header value.
-    fn format(&mut self, value: std::fmt::Arguments) -> Option<HeaderValue> {
-        self.0.write_fmt(value).ok()?;
-        HeaderValue::from_maybe_shared(self.0.split().freeze()).ok()
-    }
-
     /// Inserts `name: value`, or leaves it out if the text cannot be a header value.
     fn insert(&mut self, out: &mut HeaderMap, name: HeaderName, value: std::fmt::Arguments) {
-        if let Some(value) = self.format(value) {
+        // Writing into a `BytesMut` cannot fail: it grows.
+        let _ = self.0.write_fmt(value);
+        if let Ok(value) = HeaderValue::from_maybe_shared(self.0.split().freeze()) {
             out.insert(name, value);
         }
     }
