@@ -11,17 +11,19 @@
 -- binary integers instead of text to convert, few writes, and little Lua per decision (Redis runs nothing else
 -- meanwhile, so every instruction here is on every request's path).
 --
--- KEYS: per decision, its window counters, then its monthly quota counter if it has one.
--- ARGV: buckets per window, number of decisions, number of window kinds, then per kind (the batch's windows share a
---       few): limit, bucket_us, shadow (0/1); then per decision: windows, cost, has_quota (0/1), then per window
---       its kind (1-based), then if has_quota: quota limit, quota shadow (0/1).
+-- KEYS: every counter the batch's decisions use, each once (an organization's is shared by its keys' requests).
+-- ARGV: buckets per window, number of decisions, number of limit kinds, then per kind (the batch's limits share a
+--       few): limit, bucket_us (0 for a quota), shadow (0/1); then the decisions, packed in one string (parsing
+--       and interning an argument per number was a sixth of Redis's time): per decision its windows (1 byte),
+--       whether it has a quota (1 byte) and its cost (4 bytes), then per limit, the quota last, its kind and its
+--       counter's index in KEYS (2 bytes each). Integers are little-endian and unsigned.
 -- Returns: now_us, then per decision: per window: used, at_us (-1 = none), then if has_quota: used; packed as
 --          little-endian 8-byte integers in one string, which the validator reads far more cheaply than an array of
 --          as many integer replies. (Whether a limit fits, and so whether the request was admitted, follows from
 --          used + cost <= limit: the validator knows both.)
 -- A denied request (an enforced limit that does not fit) changes no count. A shadow limit that does not fit is
 -- reported but does not deny, and is not counted.
-local call, pack, read = redis.call, struct.pack, struct.unpack
+local call, pack, read, byte = redis.call, struct.pack, struct.unpack, string.byte
 local KEYS, ARGV = KEYS, ARGV
 local t = call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -31,15 +33,6 @@ local decisions = tonumber(ARGV[2])
 local HEADER = 32 -- bytes: total, expiry bucket, newest bucket, its units
 local BUCKET = 16 -- bytes: index, units
 local READ, READ_BYTES = '47', 48 -- a header and one bucket (GETRANGE's last byte, and their size)
-
--- A batch's decisions repeat a few numbers (window counts, costs, kinds): each is parsed once per call
--- (`numbers[text] or number(text)`: a lookup, and a call only the first time).
-local numbers = {}
-local function number(text)
-  local v = tonumber(text)
-  numbers[text] = v
-  return v
-end
 
 -- Per bucket width: the current bucket, and the expiry of a counter (ms, as the SET argument): twice the time a
 -- bucket stays in the window, so that it moves at most once per window.
@@ -53,7 +46,7 @@ local function array()
   return { false, false, false, false, false, false, false, false, false, false, false, false, false, false, false, false }
 end
 local counters = 0
-local ids = {}
+local ids = {} -- by index in KEYS
 local names = array() -- its key
 local used = array() -- units in the window
 local oldest = array() -- its oldest bucket (false: none)
@@ -68,10 +61,11 @@ local expiry = array() -- the bucket at which its expiry was last set (false: a 
 local width_of = array() -- its bucket width
 local dirty = array() -- whether this call counted in it
 
-local function load(key, width)
+local function load(index, width)
+  local key = KEYS[index]
   counters = counters + 1
   local id = counters
-  ids[key] = id
+  ids[index] = id
   names[id] = key
   width_of[id] = width
   local current = currents[width]
@@ -173,22 +167,29 @@ for kind = 1, tonumber(ARGV[3]) do
   limits[kind], widths[kind], shadows[kind] = tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), ARGV[a + 3] == '1'
   a = a + 3
 end
+local packed = ARGV[a + 1]
+
+-- The next limit of a decision: its kind and its counter's index in KEYS.
+local p = 1 -- next byte of `packed`
+local function next_limit()
+  local k0, k1, i0, i1 = byte(packed, p, p + 3)
+  p = p + 4
+  return k0 + 256 * k1, i0 + 256 * i1
+end
 
 local out = { now }
 local o = 1 -- values in out
-local k = 0 -- KEYS consumed by earlier decisions
+local quotas = {} -- quota counters read by this call, by index in KEYS (the workers write them, never this script)
 local admitting = {} -- per window of the current decision: its counter if the window admits the request, else false
 for _ = 1, decisions do
-  local n = numbers[ARGV[a + 1]] or number(ARGV[a + 1])
-  local cost = numbers[ARGV[a + 2]] or number(ARGV[a + 2])
-  local has_quota = ARGV[a + 3] == '1'
-  a = a + 3
+  local n, has_quota, c0, c1, c2, c3 = byte(packed, p, p + 5)
+  local cost = c0 + 256 * (c1 + 256 * (c2 + 256 * c3))
+  p = p + 6
   local denied = false
   for i = 1, n do
-    local kind = numbers[ARGV[a + i]] or number(ARGV[a + i])
+    local kind, index = next_limit()
     local limit, width = limits[kind], widths[kind]
-    local key = KEYS[k + i]
-    local id = ids[key] or load(key, width)
+    local id = ids[index] or load(index, width)
     local units = used[id]
     local fits = units + cost <= limit
     local at = -1
@@ -203,13 +204,14 @@ for _ = 1, decisions do
     out[o + 1], out[o + 2] = units, at
     o = o + 2
   end
-  a = a + n
-  if has_quota then
-    local limit = numbers[ARGV[a + 1]] or number(ARGV[a + 1])
-    local units = tonumber(call('GET', KEYS[k + n + 1]) or '0') or 0
-    local fits = units + cost <= limit
-    if not fits and ARGV[a + 2] ~= '1' then denied = true end
-    a = a + 2
+  if has_quota == 1 then
+    local kind, index = next_limit()
+    local units = quotas[index]
+    if not units then
+      units = tonumber(call('GET', KEYS[index]) or '0') or 0
+      quotas[index] = units
+    end
+    if units + cost > limits[kind] and not shadows[kind] then denied = true end
     out[o + 1] = units
     o = o + 1
   end
@@ -224,7 +226,6 @@ for _ = 1, decisions do
       end
     end
   end
-  k = k + n + (has_quota and 1 or 0)
 end
 for id = 1, counters do
   if dirty[id] then store(id) end

@@ -107,13 +107,14 @@ impl WindowLimit {
 /// another width would be misread. Written straight into the script call (no string per request).
 struct CounterKey<'a> {
     prefix: &'a str,
-    window: &'a WindowLimit,
+    subject: Subject,
+    seconds: u32,
 }
 
 impl fmt::Display for CounterKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (prefix, seconds) = (self.prefix, self.window.seconds);
-        match self.window.subject {
+        let (prefix, seconds) = (self.prefix, self.seconds);
+        match self.subject {
             Subject::Key(id) => write!(f, "{prefix}rate:key:{id}:{seconds}"),
             Subject::TierWindow(id) => write!(f, "{prefix}rate:tierw:{id}:{seconds}"),
             Subject::TierBurst(id) => write!(f, "{prefix}rate:tierb:{id}:{seconds}"),
@@ -263,7 +264,6 @@ pub enum Health {
 
 pub struct Limiter {
     calls: mpsc::Sender<Pending>,
-    timeout: Duration,
     policies: FailurePolicies,
     replicas: u64,
     breaker: Breaker,
@@ -279,6 +279,8 @@ pub struct Limiter {
 enum CallError {
     #[error("timed out")]
     Timeout,
+    #[error("too many decisions are waiting for Redis")]
+    Overloaded,
     #[error("{0}")]
     Redis(Arc<redis::RedisError>),
     #[error("unexpected reply of {0} values")]
@@ -291,6 +293,8 @@ enum CallError {
 struct Pending {
     plan: Arc<Plan>,
     cost: u32,
+    /// When the request began to wait: it is answered within the timeout from then, queueing included.
+    since: Instant,
     reply: oneshot::Sender<Result<Reply, CallError>>,
 }
 
@@ -318,7 +322,6 @@ impl Limiter {
         tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned()));
         Limiter {
             calls,
-            timeout: args.redis_timeout,
             policies: args.failure_policy,
             replicas: u64::from(args.replicas.max(1)),
             breaker: Breaker::new(args.breaker_failures, args.breaker_cooldown),
@@ -345,14 +348,17 @@ impl Limiter {
         let plan = Arc::new(plan);
         let decision = if self.breaker.permit() {
             let started = Instant::now();
-            match self.call(plan.clone(), cost).await {
+            match self.call(plan.clone(), cost, started).await {
                 Ok(reply) => {
                     self.breaker.success();
                     self.redis_duration.record(started.elapsed().as_secs_f64());
                     interpret(&plan, cost, reply.now(), reply.own())
                 }
                 Err(e) => {
-                    let kind = if matches!(e, CallError::Timeout) { "timeout" } else { "error" };
+                    let kind = match e {
+                        CallError::Timeout | CallError::Overloaded => "timeout",
+                        CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped => "error",
+                    };
                     metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => kind).increment(1);
                     tracing::warn!(error = %e, "rate limiter: Redis did not decide; following the failure policy");
                     self.breaker.failure();
@@ -366,15 +372,15 @@ impl Limiter {
         decision
     }
 
-    async fn call(&self, plan: Arc<Plan>, cost: u32) -> Result<Reply, CallError> {
+    /// Queues a decision for the next script call. The task making the calls answers it within the timeout (see
+    /// [`make_calls`]): one deadline per call rather than a timer per request.
+    async fn call(&self, plan: Arc<Plan>, cost: u32, since: Instant) -> Result<Reply, CallError> {
         let (reply, answer) = oneshot::channel();
-        let pending = Pending { plan, cost, reply };
-        // The whole wait, queueing included, is bounded by the timeout.
-        let answer = async {
-            self.calls.send(pending).await.map_err(|_| CallError::Stopped)?;
-            answer.await.map_err(|_| CallError::Stopped)?
-        };
-        tokio::time::timeout(self.timeout, answer).await.map_err(|_| CallError::Timeout)?
+        self.calls.try_send(Pending { plan, cost, since, reply }).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => CallError::Overloaded,
+            mpsc::error::TrySendError::Closed(_) => CallError::Stopped,
+        })?;
+        answer.await.map_err(|_| CallError::Stopped)?
     }
 
     fn record(&self, decision: &Decision) {
@@ -452,6 +458,8 @@ impl Limiter {
 }
 
 /// Makes script calls, one at a time: each decides every decision queued since this task's previous call went out.
+/// Every decision is answered within `timeout` of when it was queued: a call gets until its oldest decision's
+/// deadline, and a decision that waited that long in the queue is answered at once.
 async fn make_calls(
     mut pending: mpsc::Receiver<Pending>,
     mut redis: ConnectionManager,
@@ -461,14 +469,16 @@ async fn make_calls(
     let script = redis::Script::new(SCRIPT);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        let now = Instant::now();
+        for late in batch.extract_if(.., |p| now >= p.since + timeout) {
+            let _ = late.reply.send(Err(CallError::Timeout));
+        }
         // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
         batch.retain(|p| !p.reply.is_closed());
-        if batch.is_empty() {
-            continue;
-        }
+        let Some(oldest) = batch.iter().map(|p| p.since).min() else { continue };
         let call = script_call(&script, &prefix, &batch);
         let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
-        let reply = match tokio::time::timeout(timeout, run(&script, &call, &mut redis)).await {
+        let reply = match tokio::time::timeout_at((oldest + timeout).into(), run(&script, &call, &mut redis)).await {
             Err(_) => Err(CallError::Timeout),
             Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
             Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
@@ -486,57 +496,72 @@ async fn make_calls(
 
 /// The `EVALSHA` of a batch (see limit.lua for the layout), built straight into one command buffer.
 fn script_call(script: &redis::Script, prefix: &str, batch: &[Pending]) -> redis::Cmd {
-    let keys: usize = batch.iter().map(|p| p.plan.windows.len() + usize::from(p.plan.quota.is_some())).sum();
-    let mut call = redis::cmd("EVALSHA");
-    call.arg(script.get_hash()).arg(keys);
+    // Counters and limit kinds repeat within a batch (an organization's counter, a tier's limit): each is sent once,
+    // and referred to by its position.
+    let mut counters: HashMap<Counted, u16> = HashMap::new();
+    let mut keys = Vec::new();
+    let mut kinds: Vec<LimitSpec> = Vec::new();
+    let mut packed = Vec::with_capacity(batch.len() * 16);
     for p in batch {
-        for window in &p.plan.windows {
-            call.arg(CounterKey { prefix, window });
-        }
-        if let Some(q) = &p.plan.quota {
-            call.arg(&q.redis_key);
+        let windows = u8::try_from(p.plan.windows.len()).unwrap_or(u8::MAX);
+        packed.extend([windows, u8::from(p.plan.quota.is_some())]);
+        packed.extend(p.cost.to_le_bytes());
+        let limits = p.plan.windows.iter().take(usize::from(windows));
+        let limits = limits.map(|w| (Counted::Window(w.subject, w.seconds), LimitSpec::of(w)));
+        let quota = p.plan.quota.iter().map(|q| (Counted::Quota(&q.redis_key), LimitSpec::of_quota(q)));
+        for (counter, spec) in limits.chain(quota) {
+            let kind = kinds.iter().position(|k| *k == spec).unwrap_or_else(|| {
+                kinds.push(spec);
+                kinds.len() - 1
+            });
+            let next = u16::try_from(keys.len() + 1).unwrap_or(u16::MAX);
+            let index = *counters.entry(counter).or_insert_with(|| {
+                keys.push(counter);
+                next
+            });
+            packed.extend(u16::try_from(kind + 1).unwrap_or(u16::MAX).to_le_bytes());
+            packed.extend(index.to_le_bytes());
         }
     }
-    // A batch's windows are of a few kinds (the same limit and length for every key of a tier or organization):
-    // each kind is sent once, and each window as its kind's number.
-    let mut kinds: Vec<WindowKind> = Vec::new();
-    let mut kind_of = Vec::with_capacity(keys);
-    for w in batch.iter().flat_map(|p| &p.plan.windows) {
-        let kind = WindowKind::of(w);
-        let number = kinds.iter().position(|k| *k == kind).unwrap_or_else(|| {
-            kinds.push(kind);
-            kinds.len() - 1
-        });
-        kind_of.push(number + 1);
+    let mut call = redis::cmd("EVALSHA");
+    call.arg(script.get_hash()).arg(keys.len());
+    for counter in &keys {
+        match counter {
+            Counted::Window(subject, seconds) => call.arg(CounterKey { prefix, subject: *subject, seconds: *seconds }),
+            Counted::Quota(key) => call.arg(key),
+        };
     }
     call.arg(BUCKETS).arg(batch.len()).arg(kinds.len());
     for kind in &kinds {
         call.arg(kind.limit).arg(kind.bucket_us).arg(u8::from(kind.shadow));
     }
-    let mut kind_of = kind_of.into_iter();
-    for p in batch {
-        call.arg(p.plan.windows.len()).arg(p.cost).arg(u8::from(p.plan.quota.is_some()));
-        for number in kind_of.by_ref().take(p.plan.windows.len()) {
-            call.arg(number);
-        }
-        if let Some(q) = &p.plan.quota {
-            call.arg(q.limit).arg(u8::from(q.shadow));
-        }
-    }
+    call.arg(packed);
     call
 }
 
-/// What the script needs to know of a window besides its counter.
+/// A counter a script call reads: a window's (named by its subject and length, see [`CounterKey`]) or a quota's.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+enum Counted<'a> {
+    Window(Subject, u32),
+    Quota(&'a str),
+}
+
+/// What the script needs to know of a limit besides its counter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct WindowKind {
+struct LimitSpec {
     limit: u64,
+    /// 0 for a monthly quota, which has no buckets.
     bucket_us: i64,
     shadow: bool,
 }
 
-impl WindowKind {
-    fn of(w: &WindowLimit) -> WindowKind {
-        WindowKind { limit: w.limit, bucket_us: Window::seconds(w.seconds).bucket_us, shadow: w.shadow }
+impl LimitSpec {
+    fn of(w: &WindowLimit) -> LimitSpec {
+        LimitSpec { limit: w.limit, bucket_us: Window::seconds(w.seconds).bucket_us, shadow: w.shadow }
+    }
+
+    fn of_quota(q: &QuotaLimit) -> LimitSpec {
+        LimitSpec { limit: q.limit, bucket_us: 0, shadow: q.shadow }
     }
 }
 
@@ -803,7 +828,7 @@ mod tests {
         let names: Vec<String> =
             [Subject::Key(ID), Subject::TierWindow(ID), Subject::TierBurst(ID), Subject::Org(ID), Subject::Ip(ip)]
                 .into_iter()
-                .map(|subject| CounterKey { prefix: "tg:", window: &window(subject, 10, false) }.to_string())
+                .map(|subject| CounterKey { prefix: "tg:", subject, seconds: 60 }.to_string())
                 .collect();
         let id = "0190a0b0-0000-7000-8000-000000000001";
         let expected = [
@@ -816,41 +841,61 @@ mod tests {
         assert_eq!(names, expected);
         // An IPv4 client seen through an IPv6 socket is the same client.
         let mapped = Plan::for_ip_failures("::ffff:192.0.2.7".parse().expect("ip"), 10);
-        assert_eq!(CounterKey { prefix: "tg:", window: &mapped.windows[0] }.to_string(), expected[4]);
+        let mapped = &mapped.windows[0];
+        assert_eq!(
+            CounterKey { prefix: "tg:", subject: mapped.subject, seconds: mapped.seconds }.to_string(),
+            expected[4]
+        );
     }
 
     #[test]
-    fn a_script_call_sends_each_window_kind_once() {
+    fn a_script_call_sends_each_counter_and_limit_kind_once() {
+        let quota = QuotaLimit { redis_key: "tg:quota:o".into(), limit: 50, reset_at_us: 0, shadow: false };
         let plan = |key: u128| {
             let key = Uuid::from_u128(key);
             Arc::new(Plan {
                 windows: vec![window(Subject::Key(key), 10, false), window(Subject::Org(ID), 100, true)],
-                quota: None,
+                quota: Some(quota.clone()),
             })
         };
-        let batch: Vec<Pending> = [(plan(1), 1), (plan(2), 3)]
+        let batch: Vec<Pending> = [(plan(1), 1), (plan(2), 300), (plan(1), 2)]
             .into_iter()
-            .map(|(plan, cost)| Pending { plan, cost, reply: oneshot::channel().0 })
+            .map(|(plan, cost)| Pending { plan, cost, since: Instant::now(), reply: oneshot::channel().0 })
             .collect();
         let script = redis::Script::new("return 1");
         let call = script_call(&script, "tg:", &batch);
-        let args: Vec<String> = call
+        let args: Vec<Vec<u8>> = call
             .args_iter()
             .filter_map(|arg| match arg {
-                redis::Arg::Simple(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+                redis::Arg::Simple(bytes) => Some(bytes.to_vec()),
                 redis::Arg::Cursor => None,
             })
             .collect();
+        let text = |arg: &[u8]| String::from_utf8_lossy(arg).into_owned();
+        // EVALSHA, sha, then 4 counters: key 1's, the organization's, the quota's, key 2's.
+        assert_eq!(text(&args[2]), "4");
+        let key = |n: u128| CounterKey { prefix: "tg:", subject: Subject::Key(Uuid::from_u128(n)), seconds: 60 };
+        let org = CounterKey { prefix: "tg:", subject: Subject::Org(ID), seconds: 60 }.to_string();
+        assert_eq!(
+            args[3..7].iter().map(|a| text(a)).collect::<Vec<_>>(),
+            [&key(1).to_string(), &org, "tg:quota:o", &key(2).to_string()]
+        );
+        // Buckets, 3 decisions, 3 kinds (limit, bucket, shadow each).
         let bucket_us = (60_000_000 / BUCKETS).to_string();
-        // EVALSHA, sha, 4 keys, the keys, then: buckets, 2 decisions, 2 kinds (limit, bucket, shadow each), then per
-        // decision its windows, cost, no quota and its windows' kinds.
-        let expected: Vec<String> = ["100", "2", "2", "10", &bucket_us, "0", "100", &bucket_us, "1"]
-            .into_iter()
-            .chain(["2", "1", "0", "1", "2", "2", "3", "0", "1", "2"])
-            .map(str::to_owned)
-            .collect();
-        assert_eq!(args[2], "4");
-        assert_eq!(args[7..], expected);
+        let kinds = ["100", "3", "3", "10", &bucket_us, "0", "100", &bucket_us, "1", "50", "0", "0"];
+        assert_eq!(args[7..19].iter().map(|a| text(a)).collect::<Vec<_>>(), kinds);
+        // Per decision: 2 windows, a quota, its cost, then (kind, counter) per limit.
+        let decision = |cost: u32, key: u16| {
+            let mut bytes = vec![2, 1];
+            bytes.extend(cost.to_le_bytes());
+            for (kind, counter) in [(1u16, key), (2, 2), (3, 3)] {
+                bytes.extend(kind.to_le_bytes());
+                bytes.extend(counter.to_le_bytes());
+            }
+            bytes
+        };
+        assert_eq!(args[19], [decision(1, 1), decision(300, 4), decision(2, 1)].concat());
+        assert_eq!(args.len(), 20);
     }
 
     #[test]

@@ -258,6 +258,43 @@ fn policy_args(policy: FailurePolicy) -> ValidatorArgs {
     args
 }
 
+/// A hung Redis (stopped, its connections still open) delays no decision beyond the timeout, counted from when the
+/// request began to wait, even for the requests queued behind the call that hangs.
+#[tokio::test]
+async fn a_hung_redis_delays_no_decision_beyond_the_timeout() {
+    let env = TestEnv::new().await;
+    let redis = PrivateRedis::start();
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    let mut args = policy_args(FailurePolicy::Open);
+    // Long enough that a request waiting for two calls in a row (a timeout counted from the call, not the request)
+    // stands out from scheduling noise.
+    let timeout = Duration::from_millis(500);
+    args.limits.redis_timeout = timeout;
+    let validator = env.start_validator_with(args, &redis.url()).await;
+    let client = reqwest::Client::new();
+    assert_eq!(auth(&client, &validator, &key).await.status(), StatusCode::OK);
+
+    redis.pause();
+    let requests = (0..40).map(|_| {
+        let (client, url, key) = (client.clone(), validator.url("/v1/auth"), key.clone());
+        async move {
+            let started = Instant::now();
+            let response = client.get(&url).bearer_auth(key.expose()).send().await.expect("request");
+            (response.status(), started.elapsed())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    redis.resume();
+    for (status, took) in answers {
+        assert_eq!(status, StatusCode::OK, "policy open allows");
+        assert!(took < timeout + Duration::from_millis(250), "a decision took {took:?} with a {timeout:?} timeout");
+    }
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automatic() {
     let metrics = tollgate_shared::metrics::install();
