@@ -186,7 +186,8 @@ pub struct ValidatorArgs {
 #[derive(clap::Args, Debug, Clone, PartialEq, Eq)]
 #[command(next_help_heading = "Rate limiting")]
 pub struct LimiterArgs {
-    /// Longest wait for the one Redis round trip of a decision before the failure policy decides instead.
+    /// Longest a decision waits for Redis, queueing for the next script call included, before the failure policy
+    /// decides instead.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", value_name = "TOLLGATE_REDIS_TIMEOUT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
