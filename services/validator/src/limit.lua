@@ -13,8 +13,8 @@
 --
 -- KEYS: every counter the batch's decisions use, each once (an organization's is shared by its keys' requests).
 -- ARGV: buckets per window, number of decisions, number of limit kinds, then per kind (the batch's limits share a
---       few): limit, bucket_us (0 for a quota), shadow (0/1); then the decisions, packed in one string (parsing
---       and interning an argument per number was a sixth of Redis's time): per decision its windows (1 byte),
+--       few): limit, bucket_us (0 for a quota), shadow (0/1); then the decisions, packed in one string (an argument
+--       per number, each made into a Lua string, cost an eighth of the call): per decision its windows (1 byte),
 --       whether it has a quota (1 byte) and its cost (4 bytes), then per limit, the quota last, its kind and its
 --       counter's index in KEYS (2 bytes each). Integers are little-endian and unsigned.
 -- Returns: now_us, then per decision: per window: used, at_us (-1 = none), then if has_quota: used; packed as
