@@ -269,7 +269,7 @@ async fn a_hung_redis_delays_no_decision_beyond_the_timeout() {
     let mut args = policy_args(FailurePolicy::Open);
     // Long enough that a request waiting for two calls in a row (a timeout counted from the call, not the request)
     // stands out from scheduling noise.
-    let timeout = Duration::from_millis(500);
+    let timeout = Duration::from_millis(800);
     args.limits.redis_timeout = timeout;
     let validator = env.start_validator_with(args, &redis.url()).await;
     let client = reqwest::Client::new();
@@ -288,7 +288,8 @@ async fn a_hung_redis_delays_no_decision_beyond_the_timeout() {
     redis.resume();
     for (status, took) in answers {
         assert_eq!(status, StatusCode::OK, "policy open allows");
-        assert!(took < timeout + Duration::from_millis(250), "a decision took {took:?} with a {timeout:?} timeout");
+        // Slack for 40 connections opening on a busy machine; a deadline counted from the call gives about 2 × 800 ms.
+        assert!(took < timeout + Duration::from_millis(400), "a decision took {took:?} with a {timeout:?} timeout");
     }
 
     validator.service.stop().await;
