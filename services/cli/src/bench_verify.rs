@@ -50,6 +50,10 @@ pub struct VerifyBenchArgs {
     /// difference from a run without this flag.
     #[arg(long)]
     pub without_limits: bool,
+    /// Tokio worker threads of the validator (set through `TOKIO_WORKER_THREADS`) [default: one per core, as the
+    /// trivial handler keeps].
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub validator_threads: Option<u16>,
 }
 
 #[derive(Serialize)]
@@ -68,6 +72,8 @@ struct Report {
     limits: bool,
     concurrency: usize,
     rounds: u32,
+    /// The validator's Tokio worker threads when set (`--validator-threads`); otherwise one per core.
+    validator_threads: Option<u16>,
     trivial_throughput: Phase,
     verify_throughput: Phase,
     latency_rate: u64,
@@ -93,7 +99,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     let validator_port = free_port()?;
     let trivial_port = free_port()?;
     let mut children = Children(Vec::new());
-    children.0.push(spawn_validator(servers, &database_url, &namespace, validator_port)?);
+    children.0.push(spawn_validator(servers, &database_url, &namespace, validator_port, args.validator_threads)?);
     children.0.push(spawn_trivial(trivial_port)?);
     let validator_pid = children.0[0].id();
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
@@ -131,6 +137,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
         limits: !args.without_limits,
         concurrency: args.concurrency,
         rounds: args.rounds,
+        validator_threads: args.validator_threads,
         throughput_ratio: verify_throughput.per_second / trivial_throughput.per_second,
         p99_ratio: verify_latency.p99_us as f64 / trivial_latency.p99_us.max(1) as f64,
         trivial_throughput,
@@ -164,11 +171,12 @@ fn render(r: &Report) -> String {
         ],
     );
     format!(
-        "{table}\n\nkeys {}{} · concurrency {} · {} rounds · verify/trivial throughput {:.1}% · \
+        "{table}\n\nkeys {}{} · concurrency {}{} · {} rounds · verify/trivial throughput {:.1}% · \
          p99 verify/trivial {:.2}× · validator RSS {:.1} MB",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
+        r.validator_threads.map(|n| format!(" · validator threads {n}")).unwrap_or_default(),
         r.rounds,
         r.throughput_ratio * 100.0,
         r.p99_ratio,
@@ -234,8 +242,13 @@ fn spawn_validator(
     database_url: &tollgate_shared::config::ServerUrl,
     namespace: &NamespaceArgs,
     port: u16,
+    threads: Option<u16>,
 ) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
+    let mut validator = Command::new(std::env::current_exe()?);
+    if let Some(threads) = threads {
+        validator.env("TOKIO_WORKER_THREADS", threads.to_string());
+    }
+    validator
         .arg("validator")
         .env("DATABASE_URL", database_url.expose())
         .env("NATS_URL", servers.nats_url.expose())
