@@ -1,10 +1,11 @@
 //! The JetStream topology: the usage stream, the dead-letter stream and the workers' consumer. Their definitions
 //! are data in `nats/*.json` (the NATS API's own JSON, usable with the `nats` CLI); this module only renames them
-//! for the configured stream and subject prefix and creates them idempotently, so any start order works.
+//! for the configured stream and subject prefix and creates them idempotently, so any start order works. It also
+//! removes a namespace (its streams and its Redis keys) when a bench or a test is done with it.
 
 use async_nats::jetstream::{self, consumer, stream};
 
-use crate::config::NamespaceArgs;
+use crate::config::{NamespaceArgs, ServerUrl};
 
 const USAGE_STREAM: &str = include_str!("../../nats/usage-stream.json");
 const DEAD_LETTER_STREAM: &str = include_str!("../../nats/dead-letter-stream.json");
@@ -102,6 +103,43 @@ impl Topology {
         let _ = js.delete_stream(&self.stream).await;
         let _ = js.delete_stream(self.dead_letter_stream()).await;
     }
+
+    /// Deletes every Redis key under the prefix, a batch at a time (`SCAN`, then `UNLINK`, which frees them in the
+    /// background), so that Redis does not block on a large namespace and nothing of it is left to expire later.
+    pub async fn delete_redis_keys(&self, redis_url: &ServerUrl) -> anyhow::Result<()> {
+        let redis = &mut crate::connect::redis(redis_url).await?;
+        let pattern = format!("{}*", glob_escape(&self.redis_prefix));
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(redis)
+                .await?;
+            if !keys.is_empty() {
+                let _: i64 = redis::cmd("UNLINK").arg(keys).query_async(redis).await?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+}
+
+/// `text` as a Redis glob pattern that matches only itself.
+fn glob_escape(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
 }
 
 async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, TopologyError> {
@@ -138,5 +176,11 @@ mod tests {
         assert_eq!(consumer.filter_subject, "it.x.usage.>");
         assert_eq!(topology.workers_consumer(), "tollgate-workers");
         assert!(topology.usage_subject().starts_with("it.x.usage."));
+    }
+
+    #[test]
+    fn a_prefix_is_escaped_to_match_only_itself() {
+        assert_eq!(glob_escape("bench:1a:"), "bench:1a:");
+        assert_eq!(glob_escape(r"a*b?[c]\d"), r"a\*b\?\[c\]\\d");
     }
 }

@@ -79,7 +79,7 @@ pub async fn pipeline(servers: &ServerArgs, json: bool, args: BenchPipelineArgs)
     let nats = connect::nats(&servers.nats_url).await?;
     eprintln!("bench: database {database}, stream {}", topology.stream);
     let result = run(servers, &database_url, &namespace, &topology, nats.clone(), &args).await;
-    cleanup(servers, &database, &namespace, &topology, nats).await;
+    cleanup(servers, &database, &topology, nats).await;
     let report = result?;
     print(json, &report, show)
 }
@@ -303,13 +303,7 @@ async fn copy_ceiling(
 }
 
 /// Removes the stream, the database and the Redis keys; reports what it could not remove.
-async fn cleanup(
-    servers: &ServerArgs,
-    database: &str,
-    namespace: &NamespaceArgs,
-    topology: &Topology,
-    nats: async_nats::Client,
-) {
+async fn cleanup(servers: &ServerArgs, database: &str, topology: &Topology, nats: async_nats::Client) {
     topology.delete(&jetstream::new(nats)).await;
     match connect::postgres(&servers.database_url.with_path("/postgres"), 1).await {
         Ok(admin) => {
@@ -320,12 +314,8 @@ async fn cleanup(
         }
         Err(e) => eprintln!("bench: cannot drop database {database}: {e}"),
     }
-    if let Ok(mut redis) = connect::redis(&servers.redis_url).await {
-        let pattern = format!("{}*", namespace.redis_prefix);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-        }
+    if let Err(e) = topology.delete_redis_keys(&servers.redis_url).await {
+        eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", topology.redis_prefix);
     }
 }
 

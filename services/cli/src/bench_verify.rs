@@ -427,9 +427,15 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
     Ok(kb / 1024.0)
 }
 
+/// Removes the stream, the Redis keys (left to expire, a run's 100 000 counters would linger for two minutes and
+/// be expired by Redis in the middle of the next run) and the database.
 async fn cleanup(servers: &ServerArgs, database_url: &tollgate_shared::config::ServerUrl, namespace: &NamespaceArgs) {
+    let topology = Topology::new(namespace);
     if let Ok(nats) = connect::nats(&servers.nats_url).await {
-        Topology::new(namespace).delete(&async_nats::jetstream::new(nats)).await;
+        topology.delete(&async_nats::jetstream::new(nats)).await;
+    }
+    if let Err(e) = topology.delete_redis_keys(&servers.redis_url).await {
+        eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", topology.redis_prefix);
     }
     let database = database_url.url().path().trim_start_matches('/').to_owned();
     if let Ok(admin) = connect::postgres(&servers.database_url.with_path("/postgres"), 1).await {

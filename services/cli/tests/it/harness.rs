@@ -383,12 +383,7 @@ impl TestEnv {
     }
 
     async fn delete_redis_keys(&self) {
-        let Ok(mut redis) = connect::redis(&REDIS_URL.parse().expect("url")).await else { return };
-        let pattern = format!("{}*", self.topology.redis_prefix);
-        let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query_async(&mut redis).await.unwrap_or_default();
-        if !keys.is_empty() {
-            let _: Result<i64, _> = redis::cmd("DEL").arg(keys).query_async(&mut redis).await;
-        }
+        let _ = self.topology.delete_redis_keys(&REDIS_URL.parse().expect("url")).await;
     }
 }
 

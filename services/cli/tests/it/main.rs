@@ -8,6 +8,7 @@ mod faults_publisher;
 mod faults_worker;
 mod gateways;
 mod harness;
+mod namespace;
 mod pipeline;
 mod private_servers;
 mod ratelimit;
