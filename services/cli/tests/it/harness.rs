@@ -208,7 +208,7 @@ impl TestEnv {
 
     pub async fn cleanup(self) {
         let _ = std::fs::remove_dir_all(self.spool_dir());
-        self.delete_redis_keys().await;
+        let _ = self.topology.delete_redis_keys(&REDIS_URL.parse().expect("url")).await;
         self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
         self.pool.close().await;
         let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)
@@ -380,10 +380,6 @@ impl TestEnv {
     pub async fn wait_for_count_at_least(&self, sql: &str, minimum: i64) {
         let last = wait_until(Duration::from_secs(45), || async { self.count(sql).await }, |n| *n >= minimum).await;
         assert!(last >= minimum, "{sql}: {last} < {minimum}");
-    }
-
-    async fn delete_redis_keys(&self) {
-        let _ = self.topology.delete_redis_keys(&REDIS_URL.parse().expect("url")).await;
     }
 }
 
