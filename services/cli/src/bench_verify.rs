@@ -5,7 +5,7 @@
 //! everything. It then drives both with the same client: first closed-loop (`--concurrency` connections, as fast as
 //! they go) for throughput, then open-loop at the same fixed rate for latency (measured from each request's
 //! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
-//! every key cached. The closed-loop phases alternate in rounds (trivial, verify, trivial, …), so that a machine whose
+//! every key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so that a machine whose
 //! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two
 //! applicable limits (the key's and the organization's per-minute limit, set high enough never to deny), event
 //! published to JetStream.
@@ -39,7 +39,7 @@ pub struct VerifyBenchArgs {
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Rounds the closed-loop phases are split into, alternating trivial and verify.
+    /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
@@ -124,9 +124,13 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     }
     let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
-    eprintln!("open loop at {rate}/s…");
-    let trivial_latency = open_loop(&client, &trivial, &keys, rate, args.duration).await;
-    let verify_latency = open_loop(&client, &validator, &keys, rate, args.duration).await;
+    eprintln!("open loop at {rate}/s, {:?} each, in {} alternating rounds…", args.duration, args.rounds);
+    let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
+    for _ in 0..args.rounds {
+        trivial_tally.add(open_loop(&client, &trivial, &keys, rate, round).await);
+        verify_tally.add(open_loop(&client, &validator, &keys, rate, round).await);
+    }
+    let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(validator_pid)?;
 
     drop(children);
@@ -305,7 +309,7 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// A closed-loop phase's requests, summed over its rounds.
+/// A phase's requests, summed over its rounds.
 struct Tally {
     histogram: Histogram<u64>,
     errors: u64,
@@ -385,7 +389,7 @@ async fn open_loop(
     keys: &Arc<Vec<String>>,
     rate: u64,
     duration: Duration,
-) -> Phase {
+) -> Tally {
     let results = Arc::new(Mutex::new((histogram(), 0u64)));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
@@ -412,8 +416,9 @@ async fn open_loop(
     }
     while tasks.join_next().await.is_some() {}
     stop.store(true, Ordering::Relaxed);
-    let results = results.lock().expect("no panics while holding the lock");
-    phase(&results.0, results.1, started.elapsed())
+    let mut results = results.lock().expect("no panics while holding the lock");
+    let (histogram, errors) = std::mem::replace(&mut *results, (histogram(), 0));
+    Tally { histogram, errors, elapsed: started.elapsed() }
 }
 
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
