@@ -30,6 +30,7 @@ use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::topology::Topology;
 
+use crate::bench_namespace::BenchNamespace;
 use crate::cli::BenchPipelineArgs;
 use crate::output::{fields, print};
 
@@ -67,19 +68,11 @@ pub struct PipelineReport {
 
 /// Runs the benchmark on a database, stream and Redis prefix of its own, and removes them afterwards.
 pub async fn pipeline(servers: &ServerArgs, json: bool, args: BenchPipelineArgs) -> anyhow::Result<()> {
-    let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let database = format!("tollgate_bench_{id}");
-    let database_url = servers.database_url.with_path(&format!("/{database}"));
-    let namespace = NamespaceArgs {
-        stream: format!("BENCH_{id}"),
-        subject_prefix: format!("bench{id}"),
-        redis_prefix: format!("bench:{id}:"),
-    };
-    let topology = Topology::new(&namespace);
+    let bench = BenchNamespace::new(servers);
     let nats = connect::nats(&servers.nats_url).await?;
-    eprintln!("bench: database {database}, stream {}", topology.stream);
-    let result = run(servers, &database_url, &namespace, &topology, nats.clone(), &args).await;
-    cleanup(servers, &database, &topology, nats).await;
+    eprintln!("bench: database {}, stream {}", bench.database, bench.topology.stream);
+    let result = run(servers, &bench.database_url, &bench.names, &bench.topology, nats, &args).await;
+    bench.remove(servers).await;
     let report = result?;
     print(json, &report, show)
 }
@@ -300,23 +293,6 @@ async fn copy_ceiling(
         task.await.context("a COPY task panicked")??;
     }
     Ok(rows as f64 / started.elapsed().as_secs_f64())
-}
-
-/// Removes the stream, the database and the Redis keys; reports what it could not remove.
-async fn cleanup(servers: &ServerArgs, database: &str, topology: &Topology, nats: async_nats::Client) {
-    topology.delete(&jetstream::new(nats)).await;
-    match connect::postgres(&servers.database_url.with_path("/postgres"), 1).await {
-        Ok(admin) => {
-            let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
-            if let Err(e) = sqlx::query(&drop).execute(&admin).await {
-                eprintln!("bench: cannot drop database {database}: {e}");
-            }
-        }
-        Err(e) => eprintln!("bench: cannot drop database {database}: {e}"),
-    }
-    if let Err(e) = topology.delete_redis_keys(&servers.redis_url).await {
-        eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", topology.redis_prefix);
-    }
 }
 
 fn show(report: &PipelineReport) -> String {

@@ -27,7 +27,8 @@ use tollgate_shared::config::{NamespaceArgs, ServerArgs};
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::metrics::RATELIMIT_DEGRADED;
-use tollgate_shared::topology::Topology;
+
+use crate::bench_namespace::BenchNamespace;
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyBenchArgs {
@@ -91,21 +92,15 @@ struct Report {
 }
 
 pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> anyhow::Result<()> {
-    let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
-    let database_url = servers.database_url.with_path(&format!("/tollgate_bench_{id}"));
-    let namespace = NamespaceArgs {
-        stream: format!("BENCH_{id}"),
-        subject_prefix: format!("bench{id}"),
-        redis_prefix: format!("bench:{id}:"),
-    };
-    let pool = connect::postgres_migrated(&database_url, 4).await?;
+    let bench = BenchNamespace::new(servers);
+    let pool = connect::postgres_migrated(&bench.database_url, 4).await?;
     eprintln!("creating {} keys…", args.keys);
     let keys = create_keys(&pool, args.keys, !args.without_limits).await?;
 
     let (validator_port, metrics_port, trivial_port) = (free_port()?, free_port()?, free_port()?);
     let mut children = Children(Vec::new());
     let ports = (validator_port, metrics_port);
-    children.0.push(spawn_validator(servers, &database_url, &namespace, ports, args.server_threads)?);
+    children.0.push(spawn_validator(servers, &bench.database_url, &bench.names, ports, args.server_threads)?);
     children.0.push(spawn_trivial(trivial_port, args.server_threads)?);
     let validator_pid = children.0[0].id();
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
@@ -149,7 +144,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     }
 
     drop(children);
-    cleanup(servers, &database_url, &namespace).await;
+    bench.remove(servers).await;
 
     let report = Report {
         keys: keys.len(),
@@ -458,22 +453,6 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
         .and_then(|v| v.parse().ok())
         .context("no VmRSS in /proc/PID/status")?;
     Ok(kb / 1024.0)
-}
-
-/// Removes the stream, the Redis keys (left to expire, a run's 100 000 counters would linger for two minutes and
-/// be expired by Redis in the middle of the next run) and the database.
-async fn cleanup(servers: &ServerArgs, database_url: &tollgate_shared::config::ServerUrl, namespace: &NamespaceArgs) {
-    let topology = Topology::new(namespace);
-    if let Ok(nats) = connect::nats(&servers.nats_url).await {
-        topology.delete(&async_nats::jetstream::new(nats)).await;
-    }
-    if let Err(e) = topology.delete_redis_keys(&servers.redis_url).await {
-        eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", topology.redis_prefix);
-    }
-    let database = database_url.url().path().trim_start_matches('/').to_owned();
-    if let Ok(admin) = connect::postgres(&servers.database_url.with_path("/postgres"), 1).await {
-        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)")).execute(&admin).await;
-    }
 }
 
 #[cfg(test)]

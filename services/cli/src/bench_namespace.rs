@@ -1,0 +1,54 @@
+//! The database, stream and Redis prefix a bench makes for itself on the configured servers, so that it can run
+//! beside anything else, and removes when it is done.
+
+use tollgate_shared::config::{NamespaceArgs, ServerArgs, ServerUrl};
+use tollgate_shared::connect;
+use tollgate_shared::topology::Topology;
+use uuid::Uuid;
+
+pub struct BenchNamespace {
+    /// The database's name.
+    pub database: String,
+    pub database_url: ServerUrl,
+    pub names: NamespaceArgs,
+    pub topology: Topology,
+}
+
+impl BenchNamespace {
+    /// Fresh names (nothing is created yet).
+    pub fn new(servers: &ServerArgs) -> BenchNamespace {
+        let id = Uuid::new_v4().simple().to_string()[..10].to_owned();
+        let database = format!("tollgate_bench_{id}");
+        let names = NamespaceArgs {
+            stream: format!("BENCH_{id}"),
+            subject_prefix: format!("bench{id}"),
+            redis_prefix: format!("bench:{id}:"),
+        };
+        BenchNamespace {
+            database_url: servers.database_url.with_path(&format!("/{database}")),
+            database,
+            topology: Topology::new(&names),
+            names,
+        }
+    }
+
+    /// Removes the streams, the Redis keys (left to expire, a run's counters would linger for minutes and be
+    /// expired by Redis in the middle of the next run) and the database; reports what it could not remove.
+    pub async fn remove(&self, servers: &ServerArgs) {
+        match connect::nats(&servers.nats_url).await {
+            Ok(nats) => self.topology.delete(&async_nats::jetstream::new(nats)).await,
+            Err(e) => eprintln!("bench: cannot delete stream {}: {e}", self.topology.stream),
+        }
+        if let Err(e) = self.topology.delete_redis_keys(&servers.redis_url).await {
+            eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", self.topology.redis_prefix);
+        }
+        let drop = async {
+            let admin = connect::postgres(&servers.database_url.with_path("/postgres"), 1).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)).execute(&admin).await?;
+            anyhow::Ok(())
+        };
+        if let Err(e) = drop.await {
+            eprintln!("bench: cannot drop database {}: {e:#}", self.database);
+        }
+    }
+}
