@@ -93,21 +93,30 @@ struct Report {
 
 pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> anyhow::Result<()> {
     let bench = BenchNamespace::new(servers);
+    // Removed however the measuring ends; its servers are stopped by then.
+    let report = measure(servers, &bench, &args).await;
+    bench.remove(servers).await;
+    crate::output::print(json, &report?, render)
+}
+
+async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenchArgs) -> anyhow::Result<Report> {
     let pool = connect::postgres_migrated(&bench.database_url, 4).await?;
     eprintln!("creating {} keys…", args.keys);
     let keys = create_keys(&pool, args.keys, !args.without_limits).await?;
 
-    let (validator_port, metrics_port, trivial_port) = (free_port()?, free_port()?, free_port()?);
-    let mut children = Children(Vec::new());
-    let ports = (validator_port, metrics_port);
-    children.0.push(spawn_validator(servers, &bench.database_url, &bench.names, ports, args.server_threads)?);
-    children.0.push(spawn_trivial(trivial_port, args.server_threads)?);
-    let validator_pid = children.0[0].id();
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
+    let mut children = Children(Vec::new());
+    let (validator_process, [validator_port, metrics_port]) = start_server(&client, |[port, metrics_port]| {
+        spawn_validator(servers, &bench.database_url, &bench.names, (port, metrics_port), args.server_threads)
+    })
+    .await?;
+    let validator_pid = validator_process.id();
+    children.0.push(validator_process);
+    let (trivial_process, [trivial_port]) =
+        start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
+    children.0.push(trivial_process);
     let validator = format!("http://127.0.0.1:{validator_port}/v1/auth");
     let trivial = format!("http://127.0.0.1:{trivial_port}/v1/auth");
-    wait_ready(&client, &format!("http://127.0.0.1:{validator_port}/healthz")).await?;
-    wait_ready(&client, &format!("http://127.0.0.1:{trivial_port}/healthz")).await?;
 
     eprintln!("warming the cache with every key…");
     warm(&client, &validator, &keys).await?;
@@ -143,10 +152,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
         );
     }
 
-    drop(children);
-    bench.remove(servers).await;
-
-    let report = Report {
+    Ok(Report {
         keys: keys.len(),
         limits: !args.without_limits,
         concurrency: args.concurrency,
@@ -161,8 +167,7 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
         verify_latency,
         validator_rss_mb,
         degraded,
-    };
-    crate::output::print(json, &report, render)
+    })
 }
 
 fn render(r: &Report) -> String {
@@ -293,10 +298,43 @@ pub async fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> 
     Ok(())
 }
 
-async fn wait_ready(client: &reqwest::Client, url: &str) -> anyhow::Result<()> {
+/// Times a child server is started on new ports after it exited before answering.
+const START_ATTEMPTS: usize = 3;
+
+/// Starts a child server on free ports and waits until it answers on the first. A port from [`free_port`] is free
+/// only until the child binds it, and another process can take it meanwhile: then the child exits, and it is started
+/// again on other ports.
+async fn start_server<const N: usize>(
+    client: &reqwest::Client,
+    spawn: impl Fn([u16; N]) -> anyhow::Result<Child>,
+) -> anyhow::Result<(Child, [u16; N])> {
+    for _ in 0..START_ATTEMPTS {
+        let mut ports = [0; N];
+        for port in &mut ports {
+            *port = free_port()?;
+        }
+        let mut child = spawn(ports)?;
+        match wait_ready(client, &format!("http://127.0.0.1:{}/healthz", ports[0]), &mut child).await {
+            Ok(true) => return Ok((child, ports)),
+            Ok(false) => continue,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        }
+    }
+    anyhow::bail!("a server the bench started exited before answering, {START_ATTEMPTS} times: see its errors above")
+}
+
+/// Waits until `url` answers 200 (true), or until `child` exits (false).
+async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Child) -> anyhow::Result<bool> {
     for _ in 0..200 {
+        if child.try_wait()?.is_some() {
+            return Ok(false);
+        }
         if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(());
+            return Ok(true);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -457,7 +495,23 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 
 #[cfg(test)]
 mod tests {
-    use super::counter_total;
+    use std::process::Command;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::{counter_total, start_server, START_ATTEMPTS};
+
+    #[tokio::test]
+    async fn a_server_that_exits_before_answering_is_started_again_then_reported() {
+        let started = AtomicUsize::new(0);
+        let client = reqwest::Client::new();
+        let result = start_server(&client, |_: [u16; 2]| {
+            started.fetch_add(1, Ordering::Relaxed);
+            Ok(Command::new("sh").args(["-c", "exit 1"]).spawn()?)
+        })
+        .await;
+        assert!(result.is_err());
+        assert_eq!(started.load(Ordering::Relaxed), START_ATTEMPTS);
+    }
 
     #[test]
     fn a_counter_total_sums_its_series_and_nothing_else() {
