@@ -105,16 +105,14 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let keys = create_keys(&pool, args.keys, !args.without_limits).await?;
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
-    let mut children = Children(Vec::new());
+    // Both run until this function returns, however it returns.
     let (validator_process, [validator_port, metrics_port]) = start_server(&client, |[port, metrics_port]| {
         spawn_validator(servers, &bench.database_url, &bench.names, (port, metrics_port), args.server_threads)
     })
     .await?;
-    let validator_pid = validator_process.id();
-    children.0.push(validator_process);
-    let (trivial_process, [trivial_port]) =
+    let validator_pid = validator_process.0.id();
+    let (_trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-    children.0.push(trivial_process);
     let validator = format!("http://127.0.0.1:{validator_port}/v1/auth");
     let trivial = format!("http://127.0.0.1:{trivial_port}/v1/auth");
 
@@ -246,15 +244,13 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// Kills the child processes when the bench ends, however it ends.
-struct Children(Vec<Child>);
+/// A child process, killed when this handle is dropped.
+struct ChildProcess(Child);
 
-impl Drop for Children {
+impl Drop for ChildProcess {
     fn drop(&mut self) {
-        for child in &mut self.0 {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -307,21 +303,15 @@ const START_ATTEMPTS: usize = 3;
 async fn start_server<const N: usize>(
     client: &reqwest::Client,
     spawn: impl Fn([u16; N]) -> anyhow::Result<Child>,
-) -> anyhow::Result<(Child, [u16; N])> {
+) -> anyhow::Result<(ChildProcess, [u16; N])> {
     for _ in 0..START_ATTEMPTS {
         let mut ports = [0; N];
         for port in &mut ports {
             *port = free_port()?;
         }
-        let mut child = spawn(ports)?;
-        match wait_ready(client, &format!("http://127.0.0.1:{}/healthz", ports[0]), &mut child).await {
-            Ok(true) => return Ok((child, ports)),
-            Ok(false) => continue,
-            Err(e) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(e);
-            }
+        let mut child = ChildProcess(spawn(ports)?);
+        if wait_ready(client, &format!("http://127.0.0.1:{}/healthz", ports[0]), &mut child.0).await? {
+            return Ok((child, ports));
         }
     }
     anyhow::bail!("a server the bench started exited before answering, {START_ATTEMPTS} times: see its errors above")
