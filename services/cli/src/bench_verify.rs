@@ -11,7 +11,8 @@
 //! published to JetStream. The bench reports how many measured decisions the validator made without Redis (by its
 //! failure policy, when a call failed or timed out): any such run measured less than full verification.
 //! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
-//! cost (a verify with no applicable limit makes no Redis call).
+//! cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in
+//! the validator's place: the ratios it gives are this machine's noise alone.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,8 +43,10 @@ pub struct VerifyBenchArgs {
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify
+    /// [default: enough to even out the machine's drifts: with the trivial handler on both sides (`--calibrate`), the
+    /// throughput ratio strayed from 100 % by at most 3 points in 20 rounds, and by up to 9 in 5].
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
     /// rate this machine's client can hold on schedule].
@@ -58,6 +61,11 @@ pub struct VerifyBenchArgs {
     /// than with one per core (BENCHMARKS.md); give the core count to compare.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub server_threads: u16,
+    /// Measure a second trivial handler where the validator would be, so that both sides are the same: the ratios
+    /// then show only this machine's noise (ideally 100 % and 1×), and so how far a real run's can stray by chance.
+    /// Give it a real run's `--rate` to calibrate the latency phase at the same load.
+    #[arg(long)]
+    pub calibrate: bool,
 }
 
 #[derive(Serialize)]
@@ -74,6 +82,8 @@ struct Phase {
 struct Report {
     keys: usize,
     limits: bool,
+    /// Whether a second trivial handler stood in for the validator (`--calibrate`).
+    calibrate: bool,
     concurrency: usize,
     rounds: u32,
     /// Tokio worker threads of each server.
@@ -85,6 +95,7 @@ struct Report {
     verify_latency: Phase,
     throughput_ratio: f64,
     p99_ratio: f64,
+    /// The second trivial handler's, with `--calibrate`.
     validator_rss_mb: f64,
     /// Decisions made without Redis while measuring, once per failure policy they followed (the bench's limits all
     /// follow the default, `local`): 0 in a valid run.
@@ -110,11 +121,19 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         spawn_validator(servers, &bench.database_url, &bench.names, (port, metrics_port), args.server_threads)
     })
     .await?;
-    let validator_pid = validator_process.0.id();
     let (_trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
     let validator = format!("http://127.0.0.1:{validator_port}/v1/auth");
     let trivial = format!("http://127.0.0.1:{trivial_port}/v1/auth");
+    // The server measured against the trivial handler: the validator, or with --calibrate another trivial handler
+    // (the validator still runs, warmed, so that the machine is as busy as in a real run).
+    let (_copy_process, measured, measured_pid) = if args.calibrate {
+        let (process, [port]) = start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
+        let pid = process.0.id();
+        (Some(process), format!("http://127.0.0.1:{port}/v1/auth"), pid)
+    } else {
+        (None, validator.clone(), validator_process.0.id())
+    };
 
     eprintln!("warming the cache with every key…");
     warm(&client, &validator, &keys).await?;
@@ -130,7 +149,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
         trivial_tally.add(closed_loop(&client, &trivial, &keys, args.concurrency, round).await);
-        verify_tally.add(closed_loop(&client, &validator, &keys, args.concurrency, round).await);
+        verify_tally.add(closed_loop(&client, &measured, &keys, args.concurrency, round).await);
     }
     let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
@@ -138,10 +157,10 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
         trivial_tally.add(open_loop(&client, &trivial, &keys, rate, round).await);
-        verify_tally.add(open_loop(&client, &validator, &keys, rate, round).await);
+        verify_tally.add(open_loop(&client, &measured, &keys, rate, round).await);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
-    let validator_rss_mb = rss_mb(validator_pid)?;
+    let validator_rss_mb = rss_mb(measured_pid)?;
     let degraded = degraded_decisions(&client, &metrics).await?.saturating_sub(degraded_before);
     if degraded > 0 {
         eprintln!(
@@ -153,6 +172,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     Ok(Report {
         keys: keys.len(),
         limits: !args.without_limits,
+        calibrate: args.calibrate,
         concurrency: args.concurrency,
         rounds: args.rounds,
         server_threads: args.server_threads,
@@ -169,6 +189,8 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
 }
 
 fn render(r: &Report) -> String {
+    // What stood against the trivial handler, in the measured phases and as a process.
+    let (measured, server) = if r.calibrate { ("copy", "copy") } else { ("verify", "validator") };
     let row = |name: &str, p: &Phase| {
         vec![
             name.to_owned(),
@@ -183,14 +205,14 @@ fn render(r: &Report) -> String {
         &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS"],
         vec![
             row("trivial, closed loop", &r.trivial_throughput),
-            row("verify, closed loop", &r.verify_throughput),
+            row(&format!("{measured}, closed loop"), &r.verify_throughput),
             row(&format!("trivial at {}/s", r.latency_rate), &r.trivial_latency),
-            row(&format!("verify at {}/s", r.latency_rate), &r.verify_latency),
+            row(&format!("{measured} at {}/s", r.latency_rate), &r.verify_latency),
         ],
     );
     format!(
-        "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · verify/trivial throughput {:.1}% · \
-         p99 verify/trivial {:.2}× · validator RSS {:.1} MB · decided without Redis {}",
+        "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · {measured}/trivial throughput {:.1}% · \
+         p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {}",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
