@@ -45,7 +45,8 @@ pub struct VerifyBenchArgs {
     pub duration: Duration,
     /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify
     /// [default: enough to even out the machine's drifts: with the trivial handler on both sides (`--calibrate`), the
-    /// throughput ratio strayed from 100 % by at most 3 points in 20 rounds, and by up to 9 in 5].
+    /// throughput ratio strayed from 100 % by 1.3 points on average and 4.7 at most with 20 rounds, against 3.4 and
+    /// 9.0 with 5 (BENCHMARKS.md)].
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
     /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
