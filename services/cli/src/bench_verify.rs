@@ -124,14 +124,14 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     .await?;
     let (_trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-    let validator = format!("http://127.0.0.1:{validator_port}/v1/auth");
-    let trivial = format!("http://127.0.0.1:{trivial_port}/v1/auth");
+    let validator = auth_url(validator_port);
+    let trivial = auth_url(trivial_port);
     // The server measured against the trivial handler: the validator, or with --calibrate another trivial handler
     // (the validator still runs, warmed, so that the machine is as busy as in a real run).
     let (_copy_process, measured, measured_pid) = if args.calibrate {
         let (process, [port]) = start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
         let pid = process.0.id();
-        (Some(process), format!("http://127.0.0.1:{port}/v1/auth"), pid)
+        (Some(process), auth_url(port), pid)
     } else {
         (None, validator.clone(), validator_process.0.id())
     };
@@ -261,6 +261,11 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize, limits: bool) -> anyhow:
         .await?;
     }
     Ok(keys.iter().map(|k| format!("Bearer {}", k.expose())).collect())
+}
+
+/// The endpoint the bench drives on a server it started.
+fn auth_url(port: u16) -> String {
+    format!("http://127.0.0.1:{port}/v1/auth")
 }
 
 fn free_port() -> anyhow::Result<u16> {

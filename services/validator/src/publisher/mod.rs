@@ -374,8 +374,8 @@ impl Publisher {
             if batch.len() == MAX_EVENTS_PER_MESSAGE || tokio::time::Instant::now() >= deadline {
                 return false;
             }
-            // One wake-up per message, where looking every millisecond cost five. A message that fills early
-            // waits out its linger; the next one then starts with what queued meanwhile.
+            // One wake-up per message, where looking every millisecond cost five. A message that fills during this
+            // sleep still waits out its linger; the next one then starts with what queued meanwhile.
             tokio::time::sleep_until(deadline).await;
         }
     }
