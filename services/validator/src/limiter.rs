@@ -103,7 +103,7 @@ impl WindowLimit {
     }
 }
 
-/// A window's Redis key, `{prefix}rate:{scope}:{id}:{seconds}`: the length is part of the name, since buckets of
+/// A window's Redis key, `{prefix}window:{scope}:{id}:{seconds}`: the length is part of the name, since buckets of
 /// another width would be misread. Written straight into the script call (no string per request).
 struct CounterKey<'a> {
     prefix: &'a str,
@@ -115,11 +115,11 @@ impl fmt::Display for CounterKey<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (prefix, seconds) = (self.prefix, self.seconds);
         match self.subject {
-            Subject::Key(id) => write!(f, "{prefix}rate:key:{id}:{seconds}"),
-            Subject::TierWindow(id) => write!(f, "{prefix}rate:tierw:{id}:{seconds}"),
-            Subject::TierBurst(id) => write!(f, "{prefix}rate:tierb:{id}:{seconds}"),
-            Subject::Org(id) => write!(f, "{prefix}rate:org:{id}:{seconds}"),
-            Subject::Ip(ip) => write!(f, "{prefix}rate:ip:{ip}:{seconds}"),
+            Subject::Key(id) => write!(f, "{prefix}window:key:{id}:{seconds}"),
+            Subject::TierWindow(id) => write!(f, "{prefix}window:tierw:{id}:{seconds}"),
+            Subject::TierBurst(id) => write!(f, "{prefix}window:tierb:{id}:{seconds}"),
+            Subject::Org(id) => write!(f, "{prefix}window:org:{id}:{seconds}"),
+            Subject::Ip(ip) => write!(f, "{prefix}window:ip:{ip}:{seconds}"),
         }
     }
 }
@@ -832,11 +832,11 @@ mod tests {
                 .collect();
         let id = "0190a0b0-0000-7000-8000-000000000001";
         let expected = [
-            format!("tg:rate:key:{id}:60"),
-            format!("tg:rate:tierw:{id}:60"),
-            format!("tg:rate:tierb:{id}:60"),
-            format!("tg:rate:org:{id}:60"),
-            "tg:rate:ip:192.0.2.7:60".to_owned(),
+            format!("tg:window:key:{id}:60"),
+            format!("tg:window:tierw:{id}:60"),
+            format!("tg:window:tierb:{id}:60"),
+            format!("tg:window:org:{id}:60"),
+            "tg:window:ip:192.0.2.7:60".to_owned(),
         ];
         assert_eq!(names, expected);
         // An IPv4 client seen through an IPv6 socket is the same client.

@@ -476,18 +476,23 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
     let client = reqwest::Client::new();
     assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "1");
 
-    let counter = format!("{}rate:key:{key_id}:60", env.topology.redis_prefix);
+    let counter = format!("{}window:key:{key_id}:60", env.topology.redis_prefix);
     let mut redis =
         redis::Client::open(REDIS_URL).expect("url").get_multiplexed_async_connection().await.expect("redis");
-    let _: () = redis::cmd("SET").arg(&counter).arg("x".repeat(40)).query_async(&mut redis).await.expect("set");
-    let answer = auth(&client, &validator, &key).await;
-    assert_eq!(answer.status(), StatusCode::OK);
-    assert_eq!(header(&answer, "x-ratelimit-used"), "1", "counting starts again from this request");
-    assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "2", "and goes on from there");
+    // Shorter than a counter's trailer, then long enough to hold one of nonsense.
+    for length in [40, 64] {
+        let _: () = redis::cmd("SET").arg(&counter).arg("x".repeat(length)).query_async(&mut redis).await.expect("set");
+        let answer = auth(&client, &validator, &key).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(header(&answer, "x-ratelimit-used"), "1", "{length} bytes: counting starts again");
+        assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "2", "and goes on from there");
+    }
     // Decided in Redis (not by the local fallback): the counter is one again, its total 2.
     let stored: Vec<u8> = redis::cmd("GET").arg(&counter).query_async(&mut redis).await.expect("get");
-    assert!(stored.len() >= 32, "{stored:?}");
-    assert_eq!(i64::from_le_bytes(stored[..8].try_into().expect("8 bytes")), 2);
+    // Its trailer (the last 48 bytes) starts with the total.
+    assert!(stored.len() >= 48, "{stored:?}");
+    let total = &stored[stored.len() - 48..stored.len() - 40];
+    assert_eq!(i64::from_le_bytes(total.try_into().expect("8 bytes")), 2);
 }
 
 #[tokio::test]
