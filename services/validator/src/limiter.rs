@@ -7,7 +7,8 @@
 //!
 //! Concurrent decisions share a script call: one call is in flight at a time, the requests that arrive meanwhile queue
 //! up, and the next call decides all of them, in order (still one round trip per request, at a fraction of the
-//! per-call cost). One call at a time gave larger batches and more throughput than two (`tollgate bench verify`).
+//! per-call cost), once the requests already readable have joined it ([`gather`]). One call at a time gave larger
+//! batches and more throughput than two (`tollgate bench verify`).
 //!
 //! Redis trouble never makes a request hang: each call has a tight timeout, and a circuit breaker stops calling
 //! after consecutive failures, lets one request probe after a cooldown and closes again when the probe succeeds.
@@ -37,6 +38,8 @@ use crate::window::{Counter, Window, BUCKETS};
 const SCRIPT: &str = include_str!("limit.lua");
 /// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile).
 const MAX_BATCH: usize = 64;
+/// Scheduler ticks a script call waits at most for more decisions to join it (see [`gather`]).
+const GATHER_YIELDS: usize = 8;
 /// Counters of the local fallback limiter kept before idle ones are swept.
 const LOCAL_SWEEP_AT: usize = 100_000;
 
@@ -469,6 +472,7 @@ async fn make_calls(
     let script = redis::Script::new(SCRIPT);
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        gather(&mut pending, &mut batch).await;
         let now = Instant::now();
         for late in batch.extract_if(.., |p| now >= p.since + timeout) {
             let _ = late.reply.send(Err(CallError::Timeout));
@@ -490,6 +494,28 @@ async fn make_calls(
             at += p.plan.reply_len();
             // A requester that timed out meanwhile is gone; nothing to tell it.
             let _ = p.reply.send(answer);
+        }
+    }
+}
+
+/// Lets the requests that are ready to be read join the batch before its call goes out: yields to the runtime (which
+/// then runs every other ready task and polls for I/O) as long as that brings more decisions, up to a few times.
+/// No timer, so a lone request waits only one scheduler tick. Under load a call carries more decisions, and Redis
+/// spends less per decision in a larger call (its fixed cost is several decisions' worth): with `tollgate bench
+/// verify` on a 2-core machine, 7.5–8.3 → 11.5–13.1 decisions per call, and 18–21 → 14–17 µs of script per decision.
+async fn gather(pending: &mut mpsc::Receiver<Pending>, batch: &mut Vec<Pending>) {
+    for _ in 0..GATHER_YIELDS {
+        if batch.len() >= MAX_BATCH {
+            return;
+        }
+        tokio::task::yield_now().await;
+        let before = batch.len();
+        while batch.len() < MAX_BATCH {
+            let Ok(p) = pending.try_recv() else { break };
+            batch.push(p);
+        }
+        if batch.len() == before {
+            return;
         }
     }
 }
@@ -896,6 +922,46 @@ mod tests {
         };
         assert_eq!(args[19], [decision(1, 1), decision(300, 4), decision(2, 1)].concat());
         assert_eq!(args.len(), 20);
+    }
+
+    fn pending(cost: u32) -> Pending {
+        Pending { plan: Arc::new(Plan::default()), cost, since: Instant::now(), reply: oneshot::channel().0 }
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_call_waits_for_the_decisions_of_tasks_already_ready_and_no_longer() {
+        let (calls, mut queue) = mpsc::channel(MAX_BATCH * 2);
+        calls.try_send(pending(1)).expect("room");
+        // Ready tasks that each queue a decision, one of them only after another yield of its own.
+        for cost in [2, 3] {
+            let calls = calls.clone();
+            tokio::spawn(async move { calls.try_send(pending(cost)).expect("room") });
+        }
+        let later = calls.clone();
+        tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            later.try_send(pending(4)).expect("room");
+        });
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, MAX_BATCH).await;
+        gather(&mut queue, &mut batch).await;
+        assert_eq!(batch.iter().map(|p| p.cost).collect::<Vec<_>>(), [1, 2, 3, 4]);
+
+        // Nothing else ready: one tick, and the call goes out with what it has.
+        calls.try_send(pending(5)).expect("room");
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, MAX_BATCH).await;
+        gather(&mut queue, &mut batch).await;
+        assert_eq!(batch.len(), 1);
+
+        // A full batch does not wait.
+        for cost in 0..MAX_BATCH as u32 + 1 {
+            calls.try_send(pending(cost)).expect("room");
+        }
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, MAX_BATCH).await;
+        gather(&mut queue, &mut batch).await;
+        assert_eq!((batch.len(), queue.len()), (MAX_BATCH, 1));
     }
 
     #[test]
