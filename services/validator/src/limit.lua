@@ -36,7 +36,7 @@ local BUCKET = 16 -- bytes: index, units
 
 -- Every counter this call reads, by its index k in KEYS, as 12 fields of one table from C[(k - 1) * 12]: one
 -- table rather than one per field or per counter, each of which Redis would allocate and collect on every call.
---   +1  width: its bucket width (false: not read yet)
+--   +1  width: its bucket width (nil: not read yet)
 --   +2  used: units in the window
 --   +3  oldest: its oldest bucket still counted (false: none)
 --   +4  target: the bucket this call counts in (the current one, or the newest if Redis time stepped back)
@@ -159,7 +159,7 @@ local function retry_at(k, b, limit, cost)
   return exit_at(C[b + 4], width)
 end
 
--- Per limit kind, 3 fields from K[(kind - 1) * 3]: limit, bucket width, shadow.
+-- Per limit kind, 3 fields from K[(kind - 1) * 3 + 1]: limit, bucket width, shadow.
 local K = {}
 local a = 3 -- ARGV consumed
 for kind = 1, tonumber(ARGV[3]) do
@@ -173,17 +173,24 @@ local out = { now, unpack({}, 1, (#packed - 6 * decisions) / 2) }
 local o = 1 -- values in out
 local admitting = {} -- per window of the current decision: its counter's offset in C if it admits, else false
 local p = 1 -- next byte of `packed`
+
+-- The next limit of a decision: where its kind ends in K (limit, width, shadow: K[kind - 2], K[kind - 1], K[kind]),
+-- its counter's index in KEYS, and where that counter starts in C.
+local function next_limit()
+  local k0, k1, i0, i1 = byte(packed, p, p + 3)
+  p = p + 4
+  local k = i0 + 256 * i1
+  return 3 * (k0 + 256 * k1), k, (k - 1) * 12
+end
+
 for _ = 1, decisions do
   local n, has_quota, c0, c1, c2, c3 = byte(packed, p, p + 5)
   local cost = c0 + 256 * (c1 + 256 * (c2 + 256 * c3))
   p = p + 6
   local denied = false
   for i = 1, n do
-    local k0, k1, i0, i1 = byte(packed, p, p + 3)
-    p = p + 4
-    local kind, k = 3 * (k0 + 256 * k1), i0 + 256 * i1
+    local kind, k, b = next_limit()
     local limit, width = K[kind - 2], K[kind - 1]
-    local b = (k - 1) * 12
     if not C[b + 1] then load(k, b, width) end
     local units = C[b + 2]
     local at = -1
@@ -199,11 +206,8 @@ for _ = 1, decisions do
     o = o + 2
   end
   if has_quota == 1 then
-    local k0, k1, i0, i1 = byte(packed, p, p + 3)
-    p = p + 4
-    local kind, k = 3 * (k0 + 256 * k1), i0 + 256 * i1
-    -- The workers write quota counters, never this script; each is read once per call, kept in its first field.
-    local b = (k - 1) * 12
+    local kind, k, b = next_limit()
+    -- The workers write quota counters, never this script; each is read once per call, kept as its `used`.
     local units = C[b + 2]
     if not units then
       units = tonumber(call('GET', KEYS[k]) or '0') or 0
