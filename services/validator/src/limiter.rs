@@ -954,7 +954,7 @@ mod tests {
         gather(&mut queue, &mut batch).await;
         assert_eq!(batch.len(), 1);
 
-        // A full batch does not wait.
+        // A batch never grows past its bound; the rest waits for the next call.
         for cost in 0..MAX_BATCH as u32 + 1 {
             calls.try_send(pending(cost)).expect("room");
         }
