@@ -9,7 +9,9 @@
 //! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two
 //! applicable limits (the key's and the organization's per-minute limit, set high enough never to deny), event
 //! published to JetStream. The bench reports how many measured decisions the validator made without Redis (by its
-//! failure policy, when a call failed or timed out): any such run measured less than full verification.
+//! failure policy, when a call failed or timed out): any such run measured less than full verification. It also
+//! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
+//! whichever server is being measured, which shows which side of a run's ratios it fell on.
 //! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
 //! cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in
 //! the validator's place: the ratios it gives are this machine's noise alone.
@@ -77,6 +79,9 @@ struct Phase {
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
+    /// CPU time the hypervisor took from the machine during the phase, all CPUs together (`steal` in `/proc/stat`;
+    /// none where that cannot be read).
+    stolen_ms: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -200,10 +205,11 @@ fn render(r: &Report) -> String {
             p.p99_us.to_string(),
             p.p999_us.to_string(),
             p.errors.to_string(),
+            p.stolen_ms.map_or("-".to_owned(), |ms| ms.to_string()),
         ]
     };
     let table = crate::output::table(
-        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS"],
+        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS", "STOLEN ms"],
         vec![
             row("trivial, closed loop", &r.trivial_throughput),
             row(&format!("{measured}, closed loop"), &r.verify_throughput),
@@ -393,11 +399,12 @@ struct Tally {
     histogram: Histogram<u64>,
     errors: u64,
     elapsed: Duration,
+    stolen: Option<Duration>,
 }
 
 impl Default for Tally {
     fn default() -> Tally {
-        Tally { histogram: histogram(), errors: 0, elapsed: Duration::ZERO }
+        Tally { histogram: histogram(), errors: 0, elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) }
     }
 }
 
@@ -406,14 +413,15 @@ impl Tally {
         let _ = self.histogram.add(&round.histogram);
         self.errors += round.errors;
         self.elapsed += round.elapsed;
+        self.stolen = self.stolen.zip(round.stolen).map(|(sum, more)| sum + more);
     }
 
     fn phase(&self) -> Phase {
-        phase(&self.histogram, self.errors, self.elapsed)
+        phase(&self.histogram, self.errors, self.elapsed, self.stolen)
     }
 }
 
-fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Phase {
+fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration, stolen: Option<Duration>) -> Phase {
     Phase {
         requests: histogram.len(),
         errors,
@@ -421,7 +429,26 @@ fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration) -> Phase {
         p50_us: histogram.value_at_quantile(0.5),
         p99_us: histogram.value_at_quantile(0.99),
         p999_us: histogram.value_at_quantile(0.999),
+        stolen_ms: stolen.map(|d| d.as_millis() as u64),
     }
+}
+
+/// CPU time the hypervisor has taken from this machine since boot, all CPUs together: the `steal` column of
+/// `/proc/stat` (none elsewhere).
+fn stolen() -> Option<Duration> {
+    steal_in(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// `cpu  user nice system idle iowait irq softirq steal …`, in USER_HZ: 100 per second on Linux.
+fn steal_in(stat: &str) -> Option<Duration> {
+    let mut fields = stat.lines().next()?.split_whitespace();
+    let ticks: u64 = fields.next().filter(|f| *f == "cpu").and(fields.nth(7))?.parse().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// What the hypervisor took from `before` until now.
+fn stolen_since(before: Option<Duration>) -> Option<Duration> {
+    stolen().zip(before).map(|(now, before)| now.saturating_sub(before))
 }
 
 /// `concurrency` loops each sending one request after another for `duration`.
@@ -432,7 +459,7 @@ async fn closed_loop(
     concurrency: usize,
     duration: Duration,
 ) -> Tally {
-    let started = Instant::now();
+    let (started, steal) = (Instant::now(), stolen());
     let loops = (0..concurrency).map(|n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
         tokio::spawn(async move {
@@ -454,9 +481,10 @@ async fn closed_loop(
     });
     let mut tally = Tally::default();
     for (histogram, errors) in futures::future::join_all(loops).await.into_iter().flatten() {
-        tally.add(Tally { histogram, errors, elapsed: Duration::ZERO });
+        tally.add(Tally { histogram, errors, elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) });
     }
     tally.elapsed = started.elapsed();
+    tally.stolen = stolen_since(steal);
     tally
 }
 
@@ -471,7 +499,7 @@ async fn open_loop(
 ) -> Tally {
     let results = Arc::new(Mutex::new((histogram(), 0u64)));
     let stop = Arc::new(AtomicBool::new(false));
-    let started = Instant::now();
+    let (started, steal) = (Instant::now(), stolen());
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as u64;
     let mut tasks = tokio::task::JoinSet::new();
@@ -497,7 +525,7 @@ async fn open_loop(
     stop.store(true, Ordering::Relaxed);
     let mut results = results.lock().expect("no panics while holding the lock");
     let (histogram, errors) = std::mem::replace(&mut *results, (histogram(), 0));
-    Tally { histogram, errors, elapsed: started.elapsed() }
+    Tally { histogram, errors, elapsed: started.elapsed(), stolen: stolen_since(steal) }
 }
 
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
@@ -515,8 +543,9 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 mod tests {
     use std::process::Command;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
 
-    use super::{counter_total, start_server, START_ATTEMPTS};
+    use super::{counter_total, start_server, steal_in, START_ATTEMPTS};
 
     #[tokio::test]
     async fn a_server_that_exits_before_answering_is_started_again_then_reported() {
@@ -529,6 +558,14 @@ mod tests {
         .await;
         assert!(result.is_err());
         assert_eq!(started.load(Ordering::Relaxed), START_ATTEMPTS);
+    }
+
+    #[test]
+    fn steal_is_the_eighth_number_of_the_cpu_line_in_hundredths_of_a_second() {
+        let stat = "cpu  267577 16968 64292 223355 3460 0 16377 3877 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        assert_eq!(steal_in(stat), Some(Duration::from_millis(38_770)));
+        assert_eq!(steal_in("cpu  1 2 3\n"), None, "a kernel too old to count steal");
+        assert_eq!(steal_in("intr 1 2 3 4 5 6 7 8 9\n"), None);
     }
 
     #[test]
