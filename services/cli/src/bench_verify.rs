@@ -481,7 +481,8 @@ async fn closed_loop(
     });
     let mut tally = Tally::default();
     for (histogram, errors) in futures::future::join_all(loops).await.into_iter().flatten() {
-        tally.add(Tally { histogram, errors, elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) });
+        let _ = tally.histogram.add(&histogram);
+        tally.errors += errors;
     }
     tally.elapsed = started.elapsed();
     tally.stolen = stolen_since(steal);

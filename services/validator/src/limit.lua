@@ -51,7 +51,7 @@ local BUCKET = 16 -- bytes: index, units
 local C = { unpack({}, 1, 12 * #KEYS) } -- sized once (a table grown from empty is rehashed at every power of two)
 local currents, ttls = {}, {} -- per bucket width: the current bucket, and a counter's expiry (ms, the SET argument)
 
--- Counter `k` as stored, all of it.
+-- Counter `k` (from `b` in C) as stored, all of it: read once per call.
 local function whole(k, b)
   local stored = C[b + 10]
   if not stored then
@@ -83,7 +83,7 @@ local function load(k, b, width)
     start = first_stored
     if older > 0 and first_stored < first then
       -- Older buckets left the window, and its total.
-      stored = call('GET', KEYS[k]) or ''
+      stored = whole(k, b)
       if #stored ~= older * BUCKET + 48 then
         total, since, older, stored, start = 0, false, 0, '', false
       else
