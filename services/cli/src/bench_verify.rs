@@ -1,24 +1,23 @@
 //! `tollgate bench verify`: how much of a bare HTTP handler's throughput and latency full verification keeps.
 //!
-//! The bench makes its own database, stream and prefixes on the configured servers, stores `--keys` keys, and
-//! starts two child processes from this same binary: a validator, and a trivial axum handler that answers 200 to
-//! everything. It then drives both with the same client: first closed-loop (`--concurrency` connections, as fast as
-//! they go) for throughput, then open-loop at the same fixed rate for latency (measured from each request's
-//! scheduled send time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with
-//! every key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so that a machine whose
-//! speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two
-//! applicable limits (the key's and the organization's per-minute limit, set high enough never to deny), event
-//! published to JetStream. The bench reports how many measured decisions the validator made without Redis (by its
-//! failure policy, when a call failed or timed out): any such run measured less than full verification. It also
-//! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
-//! whichever server is being measured, which shows which side of a run's ratios it fell on.
-//! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
-//! cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in
-//! the validator's place: the ratios it gives are this machine's noise alone.
+//! The bench makes its own database, stream and prefixes on the configured servers, stores `--keys` keys, and starts
+//! two child processes from this same binary: a validator, and a trivial axum handler that answers 200 to everything.
+//! It then drives both with the same client over `--concurrency` connections: first closed-loop (as fast as they go)
+//! for throughput, then open-loop at the same fixed rate for latency (a request held back by a slow answer counts from
+//! its scheduled time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with every
+//! key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so that a machine whose speed
+//! drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two applicable
+//! limits (the key's and the organization's per-minute limit, set high enough never to deny), event published to
+//! JetStream. The bench reports how many measured decisions the validator made without Redis (by its failure policy,
+//! when a call failed or timed out): any such run measured less than full verification. It also reports, per phase, the
+//! CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls whichever server is being
+//! measured, which shows which side of a run's ratios it fell on. `--without-limits` gives the keys and their
+//! organization no limit, so that the difference is the rate limiter's cost (a verify with no applicable limit makes no
+//! Redis call). `--calibrate` measures a second trivial handler in the validator's place: the ratios it gives are this
+//! machine's noise alone.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -38,8 +37,8 @@ pub struct VerifyBenchArgs {
     /// Keys to create and spread the load over (all are cached before measuring).
     #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
-    /// Concurrent connections of the closed-loop phase [default: enough to keep both servers busy: with 32, a
-    /// verify waiting on Redis left a fifth of this 2-core machine idle].
+    /// Connections of each phase [default: enough to keep both servers busy in the closed loop: with 32, a verify
+    /// waiting on Redis left a fifth of this 2-core machine idle].
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Length of each measured phase.
@@ -162,8 +161,8 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     eprintln!("open loop at {rate}/s, {:?} each, in {} alternating rounds…", args.duration, args.rounds);
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(open_loop(&client, &trivial, &keys, rate, round).await);
-        verify_tally.add(open_loop(&client, &measured, &keys, rate, round).await);
+        trivial_tally.add(open_loop(&client, &trivial, &keys, (rate, args.concurrency), round).await);
+        verify_tally.add(open_loop(&client, &measured, &keys, (rate, args.concurrency), round).await);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(measured_pid)?;
@@ -459,74 +458,101 @@ async fn closed_loop(
     concurrency: usize,
     duration: Duration,
 ) -> Tally {
-    let (started, steal) = (Instant::now(), stolen());
-    let loops = (0..concurrency).map(|n| {
+    let started = Instant::now();
+    run_loops(concurrency, |n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
-        tokio::spawn(async move {
-            let mut histogram = histogram();
-            let mut errors = 0;
+        async move {
+            let mut loop_tally = LoopTally::default();
             let mut i = n;
             while started.elapsed() < duration {
                 let sent = Instant::now();
-                let ok = client.get(&url).header("authorization", &keys[i % keys.len()]).send().await;
-                if ok.is_ok_and(|r| r.status().is_success()) {
-                    let _ = histogram.record(sent.elapsed().as_micros() as u64);
-                } else {
-                    errors += 1;
-                }
+                loop_tally.record(client.get(&url).header("authorization", &keys[i % keys.len()]).send().await, sent);
                 i += concurrency;
             }
-            (histogram, errors)
-        })
-    });
-    let mut tally = Tally::default();
-    for (histogram, errors) in futures::future::join_all(loops).await.into_iter().flatten() {
-        let _ = tally.histogram.add(&histogram);
-        tally.errors += errors;
-    }
-    tally.elapsed = started.elapsed();
-    tally.stolen = stolen_since(steal);
-    tally
+            loop_tally
+        }
+    })
+    .await
 }
 
-/// Sends `rate` requests per second on a fixed schedule, whatever the answers' speed; latency counts from each
-/// request's scheduled time.
+/// Sends `rate` requests per second on a fixed schedule, whatever the answers' speed, as wrk2 does: each of
+/// `connections` loops sends its share of the schedule, one request at a time. A request that an earlier answer on
+/// its connection held back past its time counts from that time (so a stall counts in full for every request it
+/// held back: no coordinated omission); any other counts from when it went. Counting every request from its time
+/// would also count the client's timer, which wakes up to a millisecond late: on this machine that added about
+/// 1.1 ms to the trivial handler's p50 and 2 ms to its p99, the same on both sides, which hid most of the difference
+/// in the p99 ratio (BENCHMARKS.md, 2026-11-30).
 async fn open_loop(
     client: &reqwest::Client,
     url: &str,
     keys: &Arc<Vec<String>>,
-    rate: u64,
+    (rate, connections): (u64, usize),
     duration: Duration,
 ) -> Tally {
-    let results = Arc::new(Mutex::new((histogram(), 0u64)));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (started, steal) = (Instant::now(), stolen());
+    let started = Instant::now();
     let interval = Duration::from_secs(1).div_f64(rate as f64);
-    let total = (duration.as_secs_f64() * rate as f64) as u64;
-    let mut tasks = tokio::task::JoinSet::new();
-    for n in 0..total {
-        let scheduled = started + interval.mul_f64(n as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
-        let (client, url, key) = (client.clone(), url.to_owned(), keys[n as usize % keys.len()].clone());
-        let (results, stop) = (results.clone(), stop.clone());
-        tasks.spawn(async move {
-            let ok = client.get(&url).header("authorization", key).send().await;
-            if stop.load(Ordering::Relaxed) {
-                return;
+    let total = (duration.as_secs_f64() * rate as f64) as usize;
+    run_loops(connections, |n| {
+        let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
+        async move {
+            let mut loop_tally = LoopTally::default();
+            let mut answered = started;
+            for i in (n..total).step_by(connections) {
+                let scheduled = started + interval.mul_f64(i as f64);
+                let since = if answered > scheduled {
+                    scheduled
+                } else {
+                    tokio::time::sleep_until(scheduled.into()).await;
+                    Instant::now()
+                };
+                let answer = client.get(&url).header("authorization", &keys[i % keys.len()]).send().await;
+                answered = Instant::now();
+                loop_tally.record(answer, since);
             }
-            let mut results = results.lock().expect("no panics while holding the lock");
-            if ok.is_ok_and(|r| r.status().is_success()) {
-                let _ = results.0.record(scheduled.elapsed().as_micros() as u64);
-            } else {
-                results.1 += 1;
-            }
-        });
+            loop_tally
+        }
+    })
+    .await
+}
+
+/// What one request loop saw.
+struct LoopTally {
+    histogram: Histogram<u64>,
+    errors: u64,
+}
+
+impl Default for LoopTally {
+    fn default() -> LoopTally {
+        LoopTally { histogram: histogram(), errors: 0 }
     }
-    while tasks.join_next().await.is_some() {}
-    stop.store(true, Ordering::Relaxed);
-    let mut results = results.lock().expect("no panics while holding the lock");
-    let (histogram, errors) = std::mem::replace(&mut *results, (histogram(), 0));
-    Tally { histogram, errors, elapsed: started.elapsed(), stolen: stolen_since(steal) }
+}
+
+impl LoopTally {
+    /// A success's latency from `since`, or an error.
+    fn record(&mut self, answer: reqwest::Result<reqwest::Response>, since: Instant) {
+        if answer.is_ok_and(|r| r.status().is_success()) {
+            let _ = self.histogram.record(since.elapsed().as_micros() as u64);
+        } else {
+            self.errors += 1;
+        }
+    }
+}
+
+/// Runs `count` request loops side by side until all end, and sums what they saw.
+async fn run_loops<F>(count: usize, request_loop: impl Fn(usize) -> F) -> Tally
+where
+    F: std::future::Future<Output = LoopTally> + Send + 'static,
+{
+    let (started, steal) = (Instant::now(), stolen());
+    let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
+    let mut tally = Tally::default();
+    for loop_tally in futures::future::join_all(loops).await.into_iter().flatten() {
+        let _ = tally.histogram.add(&loop_tally.histogram);
+        tally.errors += loop_tally.errors;
+    }
+    tally.elapsed = started.elapsed();
+    tally.stolen = stolen_since(steal);
+    tally
 }
 
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
@@ -544,9 +570,29 @@ fn rss_mb(pid: u32) -> anyhow::Result<f64> {
 mod tests {
     use std::process::Command;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, start_server, steal_in, START_ATTEMPTS};
+    use super::{counter_total, open_loop, start_server, steal_in, START_ATTEMPTS};
+
+    #[tokio::test]
+    async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
+        // One connection, a request due every millisecond, answers that take 20 ms: request i goes out about 20·i ms
+        // after its time, so the last ones count hundreds of milliseconds, not the 20 the server took for each.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/v1/auth", listener.local_addr().unwrap());
+        let slow = axum::Router::new().fallback(|| async {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            axum::http::StatusCode::OK
+        });
+        tokio::spawn(async move { axum::serve(listener, slow).await });
+        let keys = Arc::new(vec!["Bearer k".to_owned()]);
+
+        let tally = open_loop(&reqwest::Client::new(), &url, &keys, (1000, 1), Duration::from_millis(30)).await;
+
+        assert_eq!((tally.histogram.len(), tally.errors), (30, 0));
+        assert!(tally.histogram.max() >= 400_000, "the last request counted {} µs", tally.histogram.max());
+    }
 
     #[tokio::test]
     async fn a_server_that_exits_before_answering_is_started_again_then_reported() {
