@@ -459,7 +459,7 @@ async fn closed_loop(
     duration: Duration,
 ) -> Tally {
     let started = Instant::now();
-    run_loops(concurrency, |n| {
+    run_loops(started, concurrency, |n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
         async move {
             let mut loop_tally = LoopTally::default();
@@ -492,7 +492,7 @@ async fn open_loop(
     let started = Instant::now();
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as usize;
-    run_loops(connections, |n| {
+    run_loops(started, connections, |n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
         async move {
             let mut loop_tally = LoopTally::default();
@@ -538,12 +538,12 @@ impl LoopTally {
     }
 }
 
-/// Runs `count` request loops side by side until all end, and sums what they saw.
-async fn run_loops<F>(count: usize, request_loop: impl Fn(usize) -> F) -> Tally
+/// Runs `count` request loops side by side until all end, and sums what they saw since `started`.
+async fn run_loops<F>(started: Instant, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
 where
     F: std::future::Future<Output = LoopTally> + Send + 'static,
 {
-    let (started, steal) = (Instant::now(), stolen());
+    let steal = stolen();
     let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
     let mut tally = Tally::default();
     for loop_tally in futures::future::join_all(loops).await.into_iter().flatten() {
@@ -579,8 +579,8 @@ mod tests {
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
         // One connection, a request due every millisecond, answers that take 20 ms: request i goes out about 20·i ms
         // after its time, so the last ones count hundreds of milliseconds, not the 20 the server took for each.
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/v1/auth", listener.local_addr().unwrap());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port on loopback");
+        let url = format!("http://{}/v1/auth", listener.local_addr().expect("a bound listener has an address"));
         let slow = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             axum::http::StatusCode::OK
