@@ -493,6 +493,8 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
     assert!(stored.len() >= 48, "{stored:?}");
     let total = &stored[stored.len() - 48..stored.len() - 40];
     assert_eq!(i64::from_le_bytes(total.try_into().expect("8 bytes")), 2);
+    validator.service.stop().await;
+    env.cleanup().await;
 }
 
 #[tokio::test]
