@@ -395,40 +395,35 @@ fn histogram() -> Histogram<u64> {
 
 /// A phase's requests, summed over its rounds.
 struct Tally {
-    histogram: Histogram<u64>,
-    errors: u64,
+    seen: Seen,
     elapsed: Duration,
     stolen: Option<Duration>,
 }
 
 impl Default for Tally {
     fn default() -> Tally {
-        Tally { histogram: histogram(), errors: 0, elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) }
+        Tally { seen: Seen::default(), elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) }
     }
 }
 
 impl Tally {
     fn add(&mut self, round: Tally) {
-        let _ = self.histogram.add(&round.histogram);
-        self.errors += round.errors;
+        self.seen.add(&round.seen);
         self.elapsed += round.elapsed;
         self.stolen = self.stolen.zip(round.stolen).map(|(sum, more)| sum + more);
     }
 
     fn phase(&self) -> Phase {
-        phase(&self.histogram, self.errors, self.elapsed, self.stolen)
-    }
-}
-
-fn phase(histogram: &Histogram<u64>, errors: u64, elapsed: Duration, stolen: Option<Duration>) -> Phase {
-    Phase {
-        requests: histogram.len(),
-        errors,
-        per_second: histogram.len() as f64 / elapsed.as_secs_f64(),
-        p50_us: histogram.value_at_quantile(0.5),
-        p99_us: histogram.value_at_quantile(0.99),
-        p999_us: histogram.value_at_quantile(0.999),
-        stolen_ms: stolen.map(|d| d.as_millis() as u64),
+        let histogram = &self.seen.histogram;
+        Phase {
+            requests: histogram.len(),
+            errors: self.seen.errors,
+            per_second: histogram.len() as f64 / self.elapsed.as_secs_f64(),
+            p50_us: histogram.value_at_quantile(0.5),
+            p99_us: histogram.value_at_quantile(0.99),
+            p999_us: histogram.value_at_quantile(0.999),
+            stolen_ms: self.stolen.map(|d| d.as_millis() as u64),
+        }
     }
 }
 
@@ -462,14 +457,14 @@ async fn closed_loop(
     run_loops(started, concurrency, |n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
         async move {
-            let mut loop_tally = LoopTally::default();
+            let mut seen = Seen::default();
             let mut i = n;
             while started.elapsed() < duration {
                 let sent = Instant::now();
-                loop_tally.record(client.get(&url).header("authorization", &keys[i % keys.len()]).send().await, sent);
+                seen.record(client.get(&url).header("authorization", &keys[i % keys.len()]).send().await, sent);
                 i += concurrency;
             }
-            loop_tally
+            seen
         }
     })
     .await
@@ -495,7 +490,7 @@ async fn open_loop(
     run_loops(started, connections, |n| {
         let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
         async move {
-            let mut loop_tally = LoopTally::default();
+            let mut seen = Seen::default();
             let mut answered = started;
             for i in (n..total).step_by(connections) {
                 let scheduled = started + interval.mul_f64(i as f64);
@@ -507,27 +502,27 @@ async fn open_loop(
                 };
                 let answer = client.get(&url).header("authorization", &keys[i % keys.len()]).send().await;
                 answered = Instant::now();
-                loop_tally.record(answer, since);
+                seen.record(answer, since);
             }
-            loop_tally
+            seen
         }
     })
     .await
 }
 
-/// What one request loop saw.
-struct LoopTally {
+/// What request loops saw: each success's latency, and the errors.
+struct Seen {
     histogram: Histogram<u64>,
     errors: u64,
 }
 
-impl Default for LoopTally {
-    fn default() -> LoopTally {
-        LoopTally { histogram: histogram(), errors: 0 }
+impl Default for Seen {
+    fn default() -> Seen {
+        Seen { histogram: histogram(), errors: 0 }
     }
 }
 
-impl LoopTally {
+impl Seen {
     /// A success's latency from `since`, or an error.
     fn record(&mut self, answer: reqwest::Result<reqwest::Response>, since: Instant) {
         if answer.is_ok_and(|r| r.status().is_success()) {
@@ -536,19 +531,23 @@ impl LoopTally {
             self.errors += 1;
         }
     }
+
+    fn add(&mut self, other: &Seen) {
+        let _ = self.histogram.add(&other.histogram);
+        self.errors += other.errors;
+    }
 }
 
 /// Runs `count` request loops side by side until all end, and sums what they saw since `started`.
 async fn run_loops<F>(started: Instant, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
 where
-    F: std::future::Future<Output = LoopTally> + Send + 'static,
+    F: std::future::Future<Output = Seen> + Send + 'static,
 {
     let steal = stolen();
     let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
     let mut tally = Tally::default();
-    for loop_tally in futures::future::join_all(loops).await.into_iter().flatten() {
-        let _ = tally.histogram.add(&loop_tally.histogram);
-        tally.errors += loop_tally.errors;
+    for seen in futures::future::join_all(loops).await.into_iter().flatten() {
+        tally.seen.add(&seen);
     }
     tally.elapsed = started.elapsed();
     tally.stolen = stolen_since(steal);
@@ -590,8 +589,9 @@ mod tests {
 
         let tally = open_loop(&reqwest::Client::new(), &url, &keys, (1000, 1), Duration::from_millis(30)).await;
 
-        assert_eq!((tally.histogram.len(), tally.errors), (30, 0));
-        assert!(tally.histogram.max() >= 400_000, "the last request counted {} µs", tally.histogram.max());
+        assert_eq!((tally.seen.histogram.len(), tally.seen.errors), (30, 0));
+        let slowest = tally.seen.histogram.max();
+        assert!(slowest >= 400_000, "the last request counted {slowest} µs");
     }
 
     #[tokio::test]
