@@ -2,19 +2,19 @@
 //!
 //! The bench makes its own database, stream and prefixes on the configured servers, stores `--keys` keys, and starts
 //! two child processes from this same binary: a validator, and a trivial axum handler that answers 200 to everything.
-//! It then drives both with the same client over `--concurrency` connections: first closed-loop (as fast as they go)
-//! for throughput, then open-loop at the same fixed rate for latency (a request held back by a slow answer counts from
-//! its scheduled time, so a stall is not hidden by the client waiting). Finally it reads the validator's RSS with every
-//! key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so that a machine whose speed
-//! drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one: cached key, two applicable
-//! limits (the key's and the organization's per-minute limit, set high enough never to deny), event published to
-//! JetStream. The bench reports how many measured decisions the validator made without Redis (by its failure policy,
-//! when a call failed or timed out): any such run measured less than full verification. It also reports, per phase, the
-//! CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls whichever server is being
-//! measured, which shows which side of a run's ratios it fell on. `--without-limits` gives the keys and their
-//! organization no limit, so that the difference is the rate limiter's cost (a verify with no applicable limit makes no
-//! Redis call). `--calibrate` measures a second trivial handler in the validator's place: the ratios it gives are this
-//! machine's noise alone.
+//! It then drives both with the same lean client (`bench_client`) over `--concurrency` connections: first closed-loop
+//! (as fast as they go) for throughput, then open-loop at the same fixed rate for latency (a request held back by a
+//! slow answer counts from its scheduled time, so a stall is not hidden by the client waiting). Finally it reads the
+//! validator's RSS with every key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so
+//! that a machine whose speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one:
+//! cached key, two applicable limits (the key's and the organization's per-minute limit, set high enough never to
+//! deny), event published to JetStream. The bench reports how many measured decisions the validator made without Redis
+//! (by its failure policy, when a call failed or timed out): any such run measured less than full verification. It also
+//! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
+//! whichever server is being measured, which shows which side of a run's ratios it fell on. `--without-limits` gives
+//! the keys and their organization no limit, so that the difference is the rate limiter's cost (a verify with no
+//! applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in the validator's place: the
+//! ratios it gives are this machine's noise alone.
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,6 +30,7 @@ use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::metrics::RATELIMIT_DEGRADED;
 
+use crate::bench_client::{Connection, Target};
 use crate::bench_namespace::BenchNamespace;
 
 #[derive(clap::Args, Debug)]
@@ -128,20 +129,20 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     .await?;
     let (_trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-    let validator = auth_url(validator_port);
-    let trivial = auth_url(trivial_port);
+    let validator = Target::auth(validator_port);
+    let trivial = Target::auth(trivial_port);
     // The server measured against the trivial handler: the validator, or with --calibrate another trivial handler
     // (the validator still runs, warmed, so that the machine is as busy as in a real run).
     let (_copy_process, measured, measured_pid) = if args.calibrate {
         let (process, [port]) = start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
         let pid = process.0.id();
-        (Some(process), auth_url(port), pid)
+        (Some(process), Target::auth(port), pid)
     } else {
         (None, validator.clone(), validator_process.0.id())
     };
 
     eprintln!("warming the cache with every key…");
-    warm(&client, &validator, &keys).await?;
+    warm(&client, &auth_url(validator_port), &keys).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let degraded_before = degraded_decisions(&client, &metrics).await?;
@@ -153,16 +154,16 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let round = args.duration / args.rounds;
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(closed_loop(&client, &trivial, &keys, args.concurrency, round).await);
-        verify_tally.add(closed_loop(&client, &measured, &keys, args.concurrency, round).await);
+        trivial_tally.add(closed_loop(&trivial, &keys, args.concurrency, round).await);
+        verify_tally.add(closed_loop(&measured, &keys, args.concurrency, round).await);
     }
     let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
     eprintln!("open loop at {rate}/s, {:?} each, in {} alternating rounds…", args.duration, args.rounds);
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(open_loop(&client, &trivial, &keys, (rate, args.concurrency), round).await);
-        verify_tally.add(open_loop(&client, &measured, &keys, (rate, args.concurrency), round).await);
+        trivial_tally.add(open_loop(&trivial, &keys, (rate, args.concurrency), round).await);
+        verify_tally.add(open_loop(&measured, &keys, (rate, args.concurrency), round).await);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(measured_pid)?;
@@ -446,22 +447,16 @@ fn stolen_since(before: Option<Duration>) -> Option<Duration> {
 }
 
 /// `concurrency` loops each sending one request after another for `duration`.
-async fn closed_loop(
-    client: &reqwest::Client,
-    url: &str,
-    keys: &Arc<Vec<String>>,
-    concurrency: usize,
-    duration: Duration,
-) -> Tally {
+async fn closed_loop(target: &Target, keys: &Arc<Vec<String>>, concurrency: usize, duration: Duration) -> Tally {
     let started = Instant::now();
     run_loops(started, concurrency, |n| {
-        let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
+        let (mut connection, keys) = (Connection::new(target.clone()), keys.clone());
         async move {
             let mut seen = Seen::default();
             let mut i = n;
             while started.elapsed() < duration {
                 let sent = Instant::now();
-                seen.record(client.get(&url).header("authorization", &keys[i % keys.len()]).send().await, sent);
+                seen.record(connection.get(&keys[i % keys.len()]).await, sent);
                 i += concurrency;
             }
             seen
@@ -478,8 +473,7 @@ async fn closed_loop(
 /// 1.1 ms to the trivial handler's p50 and 2 ms to its p99, the same on both sides, which hid most of the difference
 /// in the p99 ratio (BENCHMARKS.md, 2026-11-30).
 async fn open_loop(
-    client: &reqwest::Client,
-    url: &str,
+    target: &Target,
     keys: &Arc<Vec<String>>,
     (rate, connections): (u64, usize),
     duration: Duration,
@@ -488,7 +482,7 @@ async fn open_loop(
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as usize;
     run_loops(started, connections, |n| {
-        let (client, url, keys) = (client.clone(), url.to_owned(), keys.clone());
+        let (mut connection, keys) = (Connection::new(target.clone()), keys.clone());
         async move {
             let mut seen = Seen::default();
             let mut answered = started;
@@ -500,7 +494,7 @@ async fn open_loop(
                     tokio::time::sleep_until(scheduled.into()).await;
                     Instant::now()
                 };
-                let answer = client.get(&url).header("authorization", &keys[i % keys.len()]).send().await;
+                let answer = connection.get(&keys[i % keys.len()]).await;
                 answered = Instant::now();
                 seen.record(answer, since);
             }
@@ -524,8 +518,8 @@ impl Default for Seen {
 
 impl Seen {
     /// A success's latency from `since`, or an error.
-    fn record(&mut self, answer: reqwest::Result<reqwest::Response>, since: Instant) {
-        if answer.is_ok_and(|r| r.status().is_success()) {
+    fn record(&mut self, answer: std::io::Result<u16>, since: Instant) {
+        if answer.is_ok_and(|status| (200..300).contains(&status)) {
             let _ = self.histogram.record(since.elapsed().as_micros() as u64);
         } else {
             self.errors += 1;
@@ -572,14 +566,17 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, open_loop, start_server, steal_in, START_ATTEMPTS};
+    use super::{counter_total, open_loop, start_server, steal_in, Target, START_ATTEMPTS};
 
     #[tokio::test]
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
         // One connection, a request due every millisecond, answers that take 20 ms: request i goes out about 20·i ms
         // after its time, so the last ones count hundreds of milliseconds, not the 20 the server took for each.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port on loopback");
-        let url = format!("http://{}/v1/auth", listener.local_addr().expect("a bound listener has an address"));
+        let target = Target {
+            addr: listener.local_addr().expect("a bound listener has an address"),
+            path: "/v1/auth".to_owned(),
+        };
         let slow = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             axum::http::StatusCode::OK
@@ -587,7 +584,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, slow).await });
         let keys = Arc::new(vec!["Bearer k".to_owned()]);
 
-        let tally = open_loop(&reqwest::Client::new(), &url, &keys, (1000, 1), Duration::from_millis(30)).await;
+        let tally = open_loop(&target, &keys, (1000, 1), Duration::from_millis(30)).await;
 
         assert_eq!((tally.seen.histogram.len(), tally.seen.errors), (30, 0));
         let slowest = tally.seen.histogram.max();

@@ -1,5 +1,6 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
+mod bench_client;
 mod bench_namespace;
 mod bench_pipeline;
 mod bench_verify;
