@@ -23,7 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use redis::aio::ConnectionManager;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
@@ -36,8 +36,17 @@ use crate::keys::KeyRecord;
 use crate::window::{Counter, Window, BUCKETS};
 
 const SCRIPT: &str = include_str!("limit.lua");
-/// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile).
-const MAX_BATCH: usize = 64;
+/// Decisions per script call at most: bounds the script's run time (Redis runs nothing else meanwhile), and splits a
+/// burst of requests into calls that Redis and the validator work on in turn (see [`CALLS_IN_FLIGHT`]).
+const MAX_BATCH: usize = 32;
+/// Script calls in flight at once. With one, the validator and Redis took turns under load: a burst of requests
+/// waited for one call deciding them all, and the validator then answered them all while Redis idled. With two, Redis
+/// runs one call while the validator answers the other's requests and reads new ones (`tollgate bench verify`: 41–42 %
+/// of the trivial handler's throughput with one, 48–49 % with two; BENCHMARKS.md, 2026-12-06).
+const CALLS_IN_FLIGHT: usize = 2;
+/// Decisions waiting for a call at most: past that, a decision follows its failure policy at once (overloaded) rather
+/// than wait out its timeout in the queue.
+const QUEUED_AT_MOST: usize = 1024;
 /// Scheduler ticks a script call waits at most for more decisions to join it (see [`gather`]).
 const GATHER_YIELDS: usize = 8;
 /// Counters of the local fallback limiter kept before idle ones are swept.
@@ -321,7 +330,7 @@ impl Limiter {
     /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
     /// `prefix` begins the name of every counter (see [`CounterKey`]).
     pub fn new(redis: ConnectionManager, args: &LimiterArgs, prefix: &str) -> Limiter {
-        let (calls, pending) = mpsc::channel(MAX_BATCH * 16);
+        let (calls, pending) = mpsc::channel(QUEUED_AT_MOST);
         tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned()));
         Limiter {
             calls,
@@ -460,41 +469,59 @@ impl Limiter {
     }
 }
 
-/// Makes script calls, one at a time: each decides every decision queued since this task's previous call went out.
-/// Every decision is answered within `timeout` of when it was queued: a call gets until its oldest decision's
-/// deadline, and a decision that waited that long in the queue is answered at once.
-async fn make_calls(
-    mut pending: mpsc::Receiver<Pending>,
-    mut redis: ConnectionManager,
-    timeout: Duration,
-    prefix: String,
-) {
-    let script = redis::Script::new(SCRIPT);
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while pending.recv_many(&mut batch, MAX_BATCH).await > 0 {
+/// Makes script calls, up to [`CALLS_IN_FLIGHT`] at a time: each decides the decisions queued since the previous one
+/// went out, [`MAX_BATCH`] at most. Redis runs the calls one after another, each atomically, so that a call's decisions
+/// see the counts of every call it ran after. Every decision is answered within `timeout` of when it was queued: a call
+/// gets until its oldest decision's deadline, and a decision that waited that long in the queue is answered at once.
+async fn make_calls(mut pending: mpsc::Receiver<Pending>, redis: ConnectionManager, timeout: Duration, prefix: String) {
+    let script = Arc::new(redis::Script::new(SCRIPT));
+    let prefix: Arc<str> = prefix.into();
+    let slots = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
+    // The semaphore is never closed: the loop ends when the limiter (every sender) is gone.
+    while let Ok(slot) = slots.clone().acquire_owned().await {
+        // A free slot first, so that while every call is in flight decisions queue up and fill the next one.
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        if pending.recv_many(&mut batch, MAX_BATCH).await == 0 {
+            return;
+        }
         gather(&mut pending, &mut batch).await;
-        let now = Instant::now();
-        for late in batch.extract_if(.., |p| now >= p.since + timeout) {
-            let _ = late.reply.send(Err(CallError::Timeout));
-        }
-        // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
-        batch.retain(|p| !p.reply.is_closed());
-        let Some(oldest) = batch.iter().map(|p| p.since).min() else { continue };
-        let call = script_call(&script, &prefix, &batch);
-        let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
-        let reply = match tokio::time::timeout_at((oldest + timeout).into(), run(&script, &call, &mut redis)).await {
-            Err(_) => Err(CallError::Timeout),
-            Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
-            Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
-            Ok(Ok(values)) => Ok(Arc::new(values)),
-        };
-        let mut at = 1;
-        for p in batch.drain(..) {
-            let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
-            at += p.plan.reply_len();
-            // A requester that timed out meanwhile is gone; nothing to tell it.
-            let _ = p.reply.send(answer);
-        }
+        let (script, prefix, mut redis) = (script.clone(), prefix.clone(), redis.clone());
+        tokio::spawn(async move {
+            decide_batch(&script, &prefix, &mut redis, batch, timeout).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Decides a batch in one script call and answers each of its decisions.
+async fn decide_batch(
+    script: &redis::Script,
+    prefix: &str,
+    redis: &mut ConnectionManager,
+    mut batch: Vec<Pending>,
+    timeout: Duration,
+) {
+    let now = Instant::now();
+    for late in batch.extract_if(.., |p| now >= p.since + timeout) {
+        let _ = late.reply.send(Err(CallError::Timeout));
+    }
+    // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
+    batch.retain(|p| !p.reply.is_closed());
+    let Some(oldest) = batch.iter().map(|p| p.since).min() else { return };
+    let call = script_call(script, prefix, &batch);
+    let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
+    let reply = match tokio::time::timeout_at((oldest + timeout).into(), run(script, &call, redis)).await {
+        Err(_) => Err(CallError::Timeout),
+        Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
+        Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
+        Ok(Ok(values)) => Ok(Arc::new(values)),
+    };
+    let mut at = 1;
+    for p in batch {
+        let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
+        at += p.plan.reply_len();
+        // A requester that timed out meanwhile is gone; nothing to tell it.
+        let _ = p.reply.send(answer);
     }
 }
 
