@@ -41,8 +41,9 @@ const SCRIPT: &str = include_str!("limit.lua");
 const MAX_BATCH: usize = 32;
 /// Script calls in flight at once. With one, the validator and Redis took turns under load: a burst of requests
 /// waited for one call deciding them all, and the validator then answered them all while Redis idled. With two, Redis
-/// runs one call while the validator answers the other's requests and reads new ones (`tollgate bench verify`: 41–42 %
-/// of the trivial handler's throughput with one, 48–49 % with two; BENCHMARKS.md, 2026-12-06).
+/// runs one call while the validator answers the other's requests and reads new ones (`tollgate bench verify`, in
+/// alternated runs: 38.7–42.0 % of the trivial handler's throughput with one, 43.3–49.2 % with two; BENCHMARKS.md,
+/// 2026-12-06).
 const CALLS_IN_FLIGHT: usize = 2;
 /// Decisions waiting for a call at most: past that, a decision follows its failure policy at once (overloaded) rather
 /// than wait out its timeout in the queue.
