@@ -1,7 +1,7 @@
 //! A real nginx in front of a tiny upstream, with Tollgate as its auth_request service, end to end:
 //! 200 (identity forwarded upstream), 401, 403 (missing scope), 429 with Retry-After (rate limit).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use axum::http::HeaderMap;
@@ -26,7 +26,7 @@ impl Drop for Nginx {
     }
 }
 
-fn start_nginx(tollgate: &str, upstream: &str) -> Nginx {
+fn start_nginx(binary: &Path, tollgate: &str, upstream: &str) -> Nginx {
     let dir = TempDir::new().expect("temp dir");
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
     let fill = |template: &str| {
@@ -38,7 +38,7 @@ fn start_nginx(tollgate: &str, upstream: &str) -> Nginx {
     };
     std::fs::write(dir.path().join("nginx.conf"), fill(NGINX_CONF)).expect("write nginx.conf");
     std::fs::write(dir.path().join("tollgate_protect.conf"), fill(PROTECT_CONF)).expect("write include");
-    let child = Command::new(nginx_binary())
+    let child = Command::new(binary)
         .args([
             "-p",
             &dir.path().display().to_string(),
@@ -49,7 +49,7 @@ fn start_nginx(tollgate: &str, upstream: &str) -> Nginx {
         ])
         .stdout(Stdio::null())
         .spawn()
-        .expect("start nginx (installed by .ci/run: apt-get install nginx-light)");
+        .expect("start nginx");
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(std::time::Instant::now() < deadline, "nginx did not start");
@@ -58,12 +58,13 @@ fn start_nginx(tollgate: &str, upstream: &str) -> Nginx {
     Nginx { port, child, _dir: dir }
 }
 
-fn nginx_binary() -> &'static str {
-    if Path::new("/usr/sbin/nginx").exists() {
-        "/usr/sbin/nginx"
-    } else {
-        "nginx"
-    }
+/// Debian's nginx, wherever it is (`/usr/sbin` is not on every user's PATH).
+fn nginx_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::iter::once(PathBuf::from("/usr/sbin"))
+        .chain(std::env::split_paths(&path))
+        .map(|dir| dir.join("nginx"))
+        .find(|p| p.is_file())
 }
 
 /// An upstream that answers with the Tollgate headers it received, as JSON.
@@ -84,13 +85,15 @@ async fn start_upstream() -> String {
 
 #[tokio::test]
 async fn nginx_auth_request_gives_200_401_403_and_429() {
+    // Looked for first, so that a machine without it fails here and leaves no test database behind.
+    let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (key_id, key) = env.key(&org).await;
     let (_, limited) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1)).await;
     let validator = env.start_validator().await;
     let upstream = start_upstream().await;
-    let nginx = start_nginx(&validator.address.to_string(), &upstream);
+    let nginx = start_nginx(&nginx, &validator.address.to_string(), &upstream);
     let client = reqwest::Client::new();
     let url = |path: &str| format!("http://127.0.0.1:{}{path}", nginx.port);
 
