@@ -20,14 +20,19 @@ const MAX_HEADERS: usize = 64;
 /// Where the request loops send their requests.
 #[derive(Debug, Clone)]
 pub struct Target {
-    pub addr: SocketAddr,
-    pub path: String,
+    addr: SocketAddr,
+    path: &'static str,
 }
 
 impl Target {
     /// The endpoint the bench drives on a server it started on loopback.
     pub fn auth(port: u16) -> Target {
-        Target { addr: SocketAddr::from(([127, 0, 0, 1], port)), path: "/v1/auth".to_owned() }
+        Target { addr: SocketAddr::from(([127, 0, 0, 1], port)), path: "/v1/auth" }
+    }
+
+    /// The same endpoint as a URL, for requests made with another client.
+    pub fn url(&self) -> String {
+        format!("http://{}{}", self.addr, self.path)
     }
 }
 
@@ -66,7 +71,7 @@ impl Connection {
         };
         self.request.clear();
         for part in
-            ["GET ", &self.target.path, " HTTP/1.1\r\nhost: tollgate\r\nauthorization: ", authorization, "\r\n\r\n"]
+            ["GET ", self.target.path, " HTTP/1.1\r\nhost: tollgate\r\nauthorization: ", authorization, "\r\n\r\n"]
         {
             self.request.extend_from_slice(part.as_bytes());
         }

@@ -142,7 +142,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     };
 
     eprintln!("warming the cache with every key…");
-    warm(&client, &auth_url(validator_port), &keys).await?;
+    warm(&client, &validator.url(), &keys).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let degraded_before = degraded_decisions(&client, &metrics).await?;
@@ -270,10 +270,6 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize, limits: bool) -> anyhow:
 }
 
 /// The endpoint the bench drives on a server it started.
-fn auth_url(port: u16) -> String {
-    format!("http://127.0.0.1:{port}/v1/auth")
-}
-
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
@@ -573,10 +569,7 @@ mod tests {
         // One connection, a request due every millisecond, answers that take 20 ms: request i goes out about 20·i ms
         // after its time, so the last ones count hundreds of milliseconds, not the 20 the server took for each.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port on loopback");
-        let target = Target {
-            addr: listener.local_addr().expect("a bound listener has an address"),
-            path: "/v1/auth".to_owned(),
-        };
+        let target = Target::auth(listener.local_addr().expect("a bound listener has an address").port());
         let slow = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             axum::http::StatusCode::OK
