@@ -16,6 +16,7 @@
 //! applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in the validator's place: the
 //! ratios it gives are this machine's noise alone.
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use uuid::Uuid;
 
-use tollgate_shared::config::{NamespaceArgs, ServerArgs};
+use tollgate_shared::config::{NamespaceArgs, ServerArgs, ServerUrl};
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::metrics::RATELIMIT_DEGRADED;
@@ -122,9 +123,12 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let keys = create_keys(&pool, args.keys, !args.without_limits).await?;
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(args.concurrency * 2).build()?;
+    // Its own, so that the bench runs beside any other validator; removed with it.
+    let spool = tempfile::tempdir().context("cannot make the bench validator's spool directory")?;
     // Both run until this function returns, however it returns.
     let (validator_process, [validator_port, metrics_port]) = start_server(&client, |[port, metrics_port]| {
-        spawn_validator(servers, &bench.database_url, &bench.names, (port, metrics_port), args.server_threads)
+        let own = (&bench.database_url, &bench.names, spool.path());
+        spawn_validator(servers, own, (port, metrics_port), args.server_threads)
     })
     .await?;
     let (_trivial_process, [trivial_port]) =
@@ -284,10 +288,10 @@ impl Drop for ChildProcess {
     }
 }
 
+/// Starts a validator on the bench's own database, names and spool directory.
 fn spawn_validator(
     servers: &ServerArgs,
-    database_url: &tollgate_shared::config::ServerUrl,
-    namespace: &NamespaceArgs,
+    (database_url, namespace, spool): (&ServerUrl, &NamespaceArgs, &Path),
     (port, metrics_port): (u16, u16),
     threads: u16,
 ) -> anyhow::Result<Child> {
@@ -295,6 +299,7 @@ fn spawn_validator(
         .arg("validator")
         .env("TOKIO_WORKER_THREADS", threads.to_string())
         .env("DATABASE_URL", database_url.expose())
+        .env("TOLLGATE_SPOOL_DIR", spool)
         .env("NATS_URL", servers.nats_url.expose())
         .env("REDIS_URL", servers.redis_url.expose())
         .env("TOLLGATE_STREAM", &namespace.stream)

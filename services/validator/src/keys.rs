@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use quick_cache::sync::Cache;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -59,6 +60,10 @@ const RECORD_TTL: Duration = Duration::from_secs(300);
 const NEGATIVE_CAPACITY: usize = 100_000;
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
 const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
+/// Changed records a refresh applies before it lets other tasks run. A bulk change (100 000 keys imported at once)
+/// read and applied in one go held the runtime for 40–60 ms at a time: long enough for requests' Redis calls to time
+/// out, open the breaker, and be decided by the failure policy.
+const APPLIED_PER_TURN: usize = 256;
 
 /// Both caches are plain concurrent maps with eviction (quick_cache: a lookup is a hash probe under a shard's read
 /// lock, with no per-read bookkeeping), so each entry carries the time it was stored and an entry past its TTL counts
@@ -189,16 +194,15 @@ impl KeyCache {
             "{RECORD_SELECT} WHERE k.updated_at > $1 UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 \
              UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1"
         );
-        let rows: Vec<(KeyRecord, Vec<u8>)> = sqlx::query_as::<_, ChangedRow>(&sql)
-            .bind(since)
-            .fetch_all(&self.pool)
-            .await?
-            .into_iter()
-            .map(|row| (row.record, row.key_hash))
-            .collect();
-        for (record, hash) in rows {
-            if let Ok(hash) = <[u8; 32]>::try_from(hash.as_slice()) {
-                self.apply(KeyHash(hash), record);
+        let mut rows = sqlx::query_as::<_, ChangedRow>(&sql).bind(since).fetch(&self.pool);
+        let mut applied = 0usize;
+        while let Some(row) = rows.try_next().await? {
+            if let Ok(hash) = <[u8; 32]>::try_from(row.key_hash.as_slice()) {
+                self.apply(KeyHash(hash), row.record);
+            }
+            applied += 1;
+            if applied.is_multiple_of(APPLIED_PER_TURN) {
+                tokio::task::yield_now().await;
             }
         }
         Ok(now - REFRESH_OVERLAP)
