@@ -191,7 +191,8 @@ pub struct LimiterArgs {
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", value_name = "TOLLGATE_REDIS_TIMEOUT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
-    /// Consecutive Redis failures that open the circuit breaker (no Redis calls until the cooldown has passed).
+    /// Consecutive failed Redis calls (each decides a batch of concurrent requests) that open the circuit breaker (no
+    /// Redis calls until the cooldown has passed).
     #[arg(long, env = "TOLLGATE_BREAKER_FAILURES", value_name = "TOLLGATE_BREAKER_FAILURES", default_value_t = 5,
           value_parser = clap::value_parser!(u32).range(1..))]
     pub breaker_failures: u32,

@@ -5,13 +5,13 @@
 //! (`EVALSHA`) that uses Redis's clock, so validators with skewed clocks agree, and that is all-or-nothing: a denied
 //! request consumes nothing. A plan with no limits makes no Redis call.
 //!
-//! Concurrent decisions share a script call: one call is in flight at a time, the requests that arrive meanwhile queue
-//! up, and the next call decides all of them, in order (still one round trip per request, at a fraction of the
-//! per-call cost), once the requests already readable have joined it ([`gather`]). One call at a time gave larger
-//! batches and more throughput than two (`tollgate bench verify`).
+//! Concurrent decisions share a script call: a few calls are in flight at a time ([`CALLS_IN_FLIGHT`]), the requests
+//! that arrive meanwhile queue up, and the next call decides up to [`MAX_BATCH`] of them, in order (still one round
+//! trip per request, at a fraction of the per-call cost), once the requests already readable have joined it
+//! ([`gather`]).
 //!
 //! Redis trouble never makes a request hang: each call has a tight timeout, and a circuit breaker stops calling
-//! after consecutive failures, lets one request probe after a cooldown and closes again when the probe succeeds.
+//! after consecutive failed calls, lets one request probe after a cooldown and closes again when the probe succeeds.
 //! Meanwhile each limit follows its failure policy: `open` allows, `closed` denies with 503, `local` enforces the
 //! limit ÷ replicas from an in-process limiter (the monthly quota has no local counterpart: `local` allows it).
 
@@ -279,7 +279,8 @@ pub struct Limiter {
     calls: mpsc::Sender<Pending>,
     policies: FailurePolicies,
     replicas: u64,
-    breaker: Breaker,
+    /// Shared with the task making the script calls, which tells it each call's outcome.
+    breaker: Arc<Breaker>,
     /// The fallback's counters, each with its window.
     local: Mutex<HashMap<(Subject, u32), (Window, Counter)>>,
     /// Decisions by the limit that decided and result.
@@ -332,12 +333,13 @@ impl Limiter {
     /// `prefix` begins the name of every counter (see [`CounterKey`]).
     pub fn new(redis: ConnectionManager, args: &LimiterArgs, prefix: &str) -> Limiter {
         let (calls, pending) = mpsc::channel(QUEUED_AT_MOST);
-        tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned()));
+        let breaker = Arc::new(Breaker::new(args.breaker_failures, args.breaker_cooldown));
+        tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned(), breaker.clone()));
         Limiter {
             calls,
             policies: args.failure_policy,
             replicas: u64::from(args.replicas.max(1)),
-            breaker: Breaker::new(args.breaker_failures, args.breaker_cooldown),
+            breaker,
             local: Mutex::new(HashMap::new()),
             decisions: LabeledCounter::new(RATELIMIT_DECISIONS, ["limit", "result"], expected_decisions()),
             redis_duration: metrics::histogram!(RATELIMIT_REDIS_DURATION),
@@ -363,18 +365,16 @@ impl Limiter {
             let started = Instant::now();
             match self.call(plan.clone(), cost, started).await {
                 Ok(reply) => {
-                    self.breaker.success();
                     self.redis_duration.record(started.elapsed().as_secs_f64());
                     interpret(&plan, cost, reply.now(), reply.own())
                 }
+                // Logged, and told to the breaker, once per call (see `decide_batch`), not once per decision.
                 Err(e) => {
                     let kind = match e {
                         CallError::Timeout | CallError::Overloaded => "timeout",
                         CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped => "error",
                     };
                     metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => kind).increment(1);
-                    tracing::warn!(error = %e, "rate limiter: Redis did not decide; following the failure policy");
-                    self.breaker.failure();
                     self.degraded(&plan, cost)
                 }
             }
@@ -474,7 +474,13 @@ impl Limiter {
 /// went out, [`MAX_BATCH`] at most. Redis runs the calls one after another, each atomically, so that a call's decisions
 /// see the counts of every call it ran after. Every decision is answered within `timeout` of when it was queued: a call
 /// gets until its oldest decision's deadline, and a decision that waited that long in the queue is answered at once.
-async fn make_calls(mut pending: mpsc::Receiver<Pending>, redis: ConnectionManager, timeout: Duration, prefix: String) {
+async fn make_calls(
+    mut pending: mpsc::Receiver<Pending>,
+    redis: ConnectionManager,
+    timeout: Duration,
+    prefix: String,
+    breaker: Arc<Breaker>,
+) {
     let script = Arc::new(redis::Script::new(SCRIPT));
     let prefix: Arc<str> = prefix.into();
     let slots = Arc::new(Semaphore::new(CALLS_IN_FLIGHT));
@@ -486,21 +492,23 @@ async fn make_calls(mut pending: mpsc::Receiver<Pending>, redis: ConnectionManag
             return;
         }
         gather(&mut pending, &mut batch).await;
-        let (script, prefix, mut redis) = (script.clone(), prefix.clone(), redis.clone());
+        let (script, prefix, mut redis, breaker) = (script.clone(), prefix.clone(), redis.clone(), breaker.clone());
         tokio::spawn(async move {
-            decide_batch(&script, &prefix, &mut redis, batch, timeout).await;
+            decide_batch(&script, &prefix, &mut redis, batch, (timeout, &breaker)).await;
             drop(slot);
         });
     }
 }
 
-/// Decides a batch in one script call and answers each of its decisions.
+/// Decides a batch in one script call, answers each of its decisions, and tells the breaker how the call went: one
+/// slow call is one failure, however many requests it carried (counted per decision, a single call that timed out
+/// opened the breaker and sent a whole cooldown of traffic to the failure policies).
 async fn decide_batch(
     script: &redis::Script,
     prefix: &str,
     redis: &mut ConnectionManager,
     mut batch: Vec<Pending>,
-    timeout: Duration,
+    (timeout, breaker): (Duration, &Breaker),
 ) {
     let now = Instant::now();
     for late in batch.extract_if(.., |p| now >= p.since + timeout) {
@@ -517,6 +525,13 @@ async fn decide_batch(
         Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
         Ok(Ok(values)) => Ok(Arc::new(values)),
     };
+    match &reply {
+        Ok(_) => breaker.success(),
+        Err(e) => {
+            tracing::warn!(error = %e, decisions = batch.len(), "rate limiter: a Redis call failed; its decisions follow the failure policy");
+            breaker.failure();
+        }
+    }
     let mut at = 1;
     for p in batch {
         let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
@@ -753,8 +768,11 @@ enum BreakerState {
     Open {
         until: Instant,
     },
-    /// One probe is in flight; everyone else stays degraded until it returns.
-    Probing,
+    /// One probe is in flight; everyone else stays degraded until it returns, or until `until`: a probe whose call
+    /// was never made (its request gave up waiting) reports nothing, and another may probe then.
+    Probing {
+        until: Instant,
+    },
 }
 
 impl Breaker {
@@ -776,11 +794,11 @@ impl Breaker {
         let mut state = self.lock();
         match *state {
             BreakerState::Closed { .. } => true,
-            BreakerState::Open { until } if Instant::now() >= until => {
-                *state = BreakerState::Probing;
+            BreakerState::Open { until } | BreakerState::Probing { until } if Instant::now() >= until => {
+                *state = BreakerState::Probing { until: Instant::now() + self.cooldown };
                 true
             }
-            BreakerState::Open { .. } | BreakerState::Probing => false,
+            BreakerState::Open { .. } | BreakerState::Probing { .. } => false,
         }
     }
 
@@ -871,7 +889,10 @@ mod tests {
         breaker.failure();
         assert!(!breaker.permit());
         std::thread::sleep(Duration::from_millis(40));
-        assert!(breaker.permit());
+        assert!(breaker.permit(), "a probe that never reports");
+        assert!(!breaker.permit());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(breaker.permit(), "lets another probe after the cooldown");
         breaker.success();
         assert!(breaker.is_closed() && breaker.permit());
     }

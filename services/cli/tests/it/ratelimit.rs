@@ -296,6 +296,41 @@ async fn a_hung_redis_delays_no_decision_beyond_the_timeout() {
     env.cleanup().await;
 }
 
+/// The breaker counts failed calls, not the decisions they carried: one hung call of many requests is one failure, so
+/// Redis decides again as soon as it answers, rather than after a cooldown of every request following the policy.
+#[tokio::test]
+async fn one_hung_call_of_many_requests_does_not_open_the_breaker() {
+    let env = TestEnv::new().await;
+    let redis = PrivateRedis::start();
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    let mut args = policy_args(FailurePolicy::Open);
+    args.limits.redis_timeout = Duration::from_millis(200);
+    // Counted per decision, the requests below are well over this; counted per call (at most two in flight, each
+    // carrying up to 32 of them), far under it.
+    args.limits.breaker_failures = 20;
+    args.limits.breaker_cooldown = Duration::from_secs(60);
+    let validator = env.start_validator_with(args, &redis.url()).await;
+    let client = reqwest::Client::new();
+    assert_eq!(auth(&client, &validator, &key).await.status(), StatusCode::OK);
+
+    redis.pause();
+    let requests = (0..40).map(|_| auth(&client, &validator, &key));
+    let answers = futures::future::join_all(requests).await;
+    redis.resume();
+    assert!(answers.iter().all(|a| a.status() == StatusCode::OK), "policy open allows");
+    assert!(answers.iter().all(|a| !a.headers().contains_key("x-ratelimit-limit")), "none was decided by Redis");
+
+    let after = auth(&client, &validator, &key).await;
+    assert_eq!(after.status(), StatusCode::OK);
+    assert!(after.headers().contains_key("x-ratelimit-limit"), "Redis decides again: the breaker stayed closed");
+    let ready: Value = client.get(validator.url("/readyz")).send().await.expect("readyz").json().await.expect("json");
+    assert_eq!(ready["ratelimit"], "ok", "{ready}");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automatic() {
     let metrics = tollgate_shared::metrics::install();
