@@ -117,7 +117,10 @@ fn describe() {
         "Rate-limit decisions taken without Redis (timeout, error or open breaker), by policy: open, closed, local."
     );
     describe_histogram!(RATELIMIT_REDIS_DURATION, Unit::Seconds, "Time of the one Redis round trip of a decision.");
-    describe_counter!(RATELIMIT_REDIS_ERRORS, "Rate-limit Redis calls that failed or timed out, by kind.");
+    describe_counter!(
+        RATELIMIT_REDIS_ERRORS,
+        "Rate-limit decisions Redis did not make (their call failed or timed out, or too many waited), by kind."
+    );
     describe_gauge!(RATELIMIT_BREAKER_OPEN, "1 while the rate limiter's Redis circuit breaker is open, else 0.");
     describe_counter!(IP_FAILURES_LIMITED, "Requests answered 429 because their client IP sent too many bad keys.");
 }
