@@ -494,7 +494,7 @@ async fn make_calls(
         gather(&mut pending, &mut batch).await;
         let (script, prefix, mut redis, breaker) = (script.clone(), prefix.clone(), redis.clone(), breaker.clone());
         tokio::spawn(async move {
-            decide_batch(&script, &prefix, &mut redis, batch, (timeout, &breaker)).await;
+            decide_batch(&script, &prefix, &mut redis, batch, timeout, &breaker).await;
             drop(slot);
         });
     }
@@ -508,7 +508,8 @@ async fn decide_batch(
     prefix: &str,
     redis: &mut ConnectionManager,
     mut batch: Vec<Pending>,
-    (timeout, breaker): (Duration, &Breaker),
+    timeout: Duration,
+    breaker: &Breaker,
 ) {
     let now = Instant::now();
     for late in batch.extract_if(.., |p| now >= p.since + timeout) {
@@ -528,7 +529,11 @@ async fn decide_batch(
     match &reply {
         Ok(_) => breaker.success(),
         Err(e) => {
-            tracing::warn!(error = %e, decisions = batch.len(), "rate limiter: a Redis call failed; its decisions follow the failure policy");
+            tracing::warn!(
+                error = %e,
+                decisions = batch.len(),
+                "rate limiter: a Redis call failed; its decisions follow the failure policy"
+            );
             breaker.failure();
         }
     }
