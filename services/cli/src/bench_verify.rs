@@ -273,7 +273,7 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize, limits: bool) -> anyhow:
     Ok(keys.iter().map(|k| format!("Bearer {}", k.expose())).collect())
 }
 
-/// The endpoint the bench drives on a server it started.
+/// A loopback port that is free now; another process may take it before a child binds it (see [`start_server`]).
 fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
