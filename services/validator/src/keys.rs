@@ -2,8 +2,8 @@
 //!
 //! Known keys are held by hash; unknown hashes are held in a bounded negative cache for a TTL, so a flood of
 //! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
-//! keys and organizations changed and applies those changes, so a revocation reaches the cache within about that
-//! long. [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change feed will use.
+//! keys, organizations and tiers changed and applies those changes, so a revocation reaches the cache within about
+//! that long. [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -186,26 +186,28 @@ impl KeyCache {
         self.unknown.clear();
     }
 
-    /// Applies every key, organization and tier change since `since`; returns the watermark for the next call.
-    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<DateTime<Utc>, sqlx::Error> {
+    /// Applies every key, organization and tier change since `since`.
+    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, sqlx::Error> {
         let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool).await?;
-        // Index scans per table rather than one OR, which would scan every key each time.
+        // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
+        // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
-            "{RECORD_SELECT} WHERE k.updated_at > $1 UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 \
-             UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1"
+            "{RECORD_SELECT} WHERE k.updated_at > $1 \
+             UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 AND k.updated_at <= $1 \
+             UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1 AND k.updated_at <= $1 AND o.updated_at <= $1"
         );
         let mut rows = sqlx::query_as::<_, ChangedRow>(&sql).bind(since).fetch(&self.pool);
-        let mut applied = 0usize;
+        let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
             if let Ok(hash) = <[u8; 32]>::try_from(row.key_hash.as_slice()) {
                 self.apply(KeyHash(hash), row.record);
             }
-            applied += 1;
-            if applied.is_multiple_of(APPLIED_PER_TURN) {
+            changed += 1;
+            if changed.is_multiple_of(APPLIED_PER_TURN) {
                 tokio::task::yield_now().await;
             }
         }
-        Ok(now - REFRESH_OVERLAP)
+        Ok(Refreshed { next_since: now - REFRESH_OVERLAP, changed })
     }
 
     /// Polls for changes every `interval` until `shutdown`.
@@ -219,11 +221,20 @@ impl KeyCache {
                 _ = ticker.tick() => {}
             }
             match self.refresh(since).await {
-                Ok(next) => since = next,
+                Ok(refreshed) => since = refreshed.next_since,
                 Err(e) => tracing::warn!(error = %e, "cannot refresh the key cache; will retry"),
             }
         }
     }
+}
+
+/// What one [`KeyCache::refresh`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refreshed {
+    /// Where the next refresh looks from.
+    pub next_since: DateTime<Utc>,
+    /// Changed keys read, each once whether the key, its organization or its tier changed (or all three).
+    pub changed: usize,
 }
 
 #[derive(sqlx::FromRow)]

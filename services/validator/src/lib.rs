@@ -22,7 +22,7 @@ use tollgate_shared::topology::Topology;
 
 use publisher::spool::{Spool, SpoolOptions};
 
-pub use keys::{KeyCache, KeyRecord};
+pub use keys::{KeyCache, KeyRecord, Refreshed};
 pub use limiter::quota_key;
 
 /// The servers the validator talks to.

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 use tollgate_shared::admin::{self, Actor};
 use tollgate_shared::key::{ApiKey, KeyEnv};
+use tollgate_validator::KeyCache;
 
 use crate::harness::{wait_until, TestEnv};
 
@@ -213,6 +214,42 @@ async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
 
     validator.service.stop().await;
     worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_changed() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    env.key(&org).await;
+    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1));
+    let changed = || async {
+        let since = Utc::now() - TimeDelta::seconds(5);
+        cache.refresh(since).await.expect("refresh").changed
+    };
+    let touch = |table: &'static str, ago: &'static str| {
+        let sql = format!("UPDATE {table} SET updated_at = now() - interval '{ago}'");
+        let pool = env.pool.clone();
+        async move { sqlx::query(&sql).execute(&pool).await.expect(table) }
+    };
+
+    // The key, its organization and its tier all changed within the look-back (each arm of the query matches it).
+    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
+        touch(table, "0 s").await;
+    }
+    assert_eq!(changed().await, 1);
+    // Nothing changed.
+    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
+        touch(table, "1 hour").await;
+    }
+    assert_eq!(changed().await, 0);
+    // Each alone.
+    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
+        touch(table, "0 s").await;
+        assert_eq!(changed().await, 1, "{table} changed");
+        touch(table, "1 hour").await;
+    }
+
     env.cleanup().await;
 }
 
