@@ -11,7 +11,10 @@
 //! deny), event published to JetStream. The bench reports how many measured decisions the validator made without Redis
 //! (by its failure policy, when a call failed or timed out): any such run measured less than full verification. It also
 //! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
-//! whichever server is being measured, which shows which side of a run's ratios it fell on. `--without-limits` gives
+//! whichever server is being measured, which shows which side of a run's ratios it fell on. And it reports the CPU
+//! time each server used per request: the validator's is what sizing a deployment needs, and since the client and the
+//! servers share the machine, the ratio of the two servers' CPU (with Redis's and NATS's share of a verify) bounds the
+//! throughput ratio. `--without-limits` gives
 //! the keys and their organization no limit, so that the difference is the rate limiter's cost (a verify with no
 //! applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in the validator's place: the
 //! ratios it gives are this machine's noise alone.
@@ -80,6 +83,9 @@ struct Phase {
     p50_us: u64,
     p99_us: u64,
     p999_us: u64,
+    /// CPU time the server used per answered request, user and system together (`/proc/PID/stat`; none where that
+    /// cannot be read).
+    server_cpu_us: Option<f64>,
     /// CPU time the hypervisor took from the machine during the phase, all CPUs together (`steal` in `/proc/stat`;
     /// none where that cannot be read).
     stolen_ms: Option<u64>,
@@ -131,22 +137,22 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         spawn_validator(servers, own, (port, metrics_port), args.server_threads)
     })
     .await?;
-    let (_trivial_process, [trivial_port]) =
+    let (trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-    let validator = Target::auth(validator_port);
-    let trivial = Target::auth(trivial_port);
+    let validator = Server { target: Target::auth(validator_port), pid: validator_process.0.id() };
+    let trivial = Server { target: Target::auth(trivial_port), pid: trivial_process.0.id() };
     // The server measured against the trivial handler: the validator, or with --calibrate another trivial handler
     // (the validator still runs, warmed, so that the machine is as busy as in a real run).
-    let (_copy_process, measured, measured_pid) = if args.calibrate {
+    let (_copy_process, measured) = if args.calibrate {
         let (process, [port]) = start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-        let pid = process.0.id();
-        (Some(process), Target::auth(port), pid)
+        let copy = Server { target: Target::auth(port), pid: process.0.id() };
+        (Some(process), copy)
     } else {
-        (None, validator.clone(), validator_process.0.id())
+        (None, validator.clone())
     };
 
     eprintln!("warming the cache with every key…");
-    warm(&client, &validator.url(), &keys).await?;
+    warm(&client, &validator.target.url(), &keys).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let degraded_before = degraded_decisions(&client, &metrics).await?;
@@ -170,7 +176,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         verify_tally.add(open_loop(&measured, &keys, (rate, args.concurrency), round).await);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
-    let validator_rss_mb = rss_mb(measured_pid)?;
+    let validator_rss_mb = rss_mb(measured.pid)?;
     let degraded = degraded_decisions(&client, &metrics).await?.saturating_sub(degraded_before);
     if degraded > 0 {
         eprintln!(
@@ -209,11 +215,12 @@ fn render(r: &Report) -> String {
             p.p99_us.to_string(),
             p.p999_us.to_string(),
             p.errors.to_string(),
+            p.server_cpu_us.map_or("-".to_owned(), |us| format!("{us:.1}")),
             p.stolen_ms.map_or("-".to_owned(), |ms| ms.to_string()),
         ]
     };
     let table = crate::output::table(
-        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS", "STOLEN ms"],
+        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS", "CPU µs/REQ", "STOLEN ms"],
         vec![
             row("trivial, closed loop", &r.trivial_throughput),
             row(&format!("{measured}, closed loop"), &r.verify_throughput),
@@ -395,16 +402,29 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
+/// A server the bench started: where to send requests, and its process.
+#[derive(Clone)]
+struct Server {
+    target: Target,
+    pid: u32,
+}
+
 /// A phase's requests, summed over its rounds.
 struct Tally {
     seen: Seen,
     elapsed: Duration,
+    server_cpu: Option<Duration>,
     stolen: Option<Duration>,
 }
 
 impl Default for Tally {
     fn default() -> Tally {
-        Tally { seen: Seen::default(), elapsed: Duration::ZERO, stolen: Some(Duration::ZERO) }
+        Tally {
+            seen: Seen::default(),
+            elapsed: Duration::ZERO,
+            server_cpu: Some(Duration::ZERO),
+            stolen: Some(Duration::ZERO),
+        }
     }
 }
 
@@ -412,6 +432,7 @@ impl Tally {
     fn add(&mut self, round: Tally) {
         self.seen.add(&round.seen);
         self.elapsed += round.elapsed;
+        self.server_cpu = self.server_cpu.zip(round.server_cpu).map(|(sum, more)| sum + more);
         self.stolen = self.stolen.zip(round.stolen).map(|(sum, more)| sum + more);
     }
 
@@ -424,6 +445,10 @@ impl Tally {
             p50_us: histogram.value_at_quantile(0.5),
             p99_us: histogram.value_at_quantile(0.99),
             p999_us: histogram.value_at_quantile(0.999),
+            server_cpu_us: self
+                .server_cpu
+                .filter(|_| !histogram.is_empty())
+                .map(|cpu| cpu.as_secs_f64() * 1e6 / histogram.len() as f64),
             stolen_ms: self.stolen.map(|d| d.as_millis() as u64),
         }
     }
@@ -442,16 +467,31 @@ fn steal_in(stat: &str) -> Option<Duration> {
     Some(Duration::from_millis(ticks * 10))
 }
 
-/// What the hypervisor took from `before` until now.
-fn stolen_since(before: Option<Duration>) -> Option<Duration> {
-    stolen().zip(before).map(|(now, before)| now.saturating_sub(before))
+/// CPU time process `pid` has used, user and system together: `utime` and `stime` in `/proc/PID/stat` (none
+/// elsewhere).
+fn cpu_of(pid: u32) -> Option<Duration> {
+    cpu_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// `pid (comm) state ppid … utime stime …`: the 14th and 15th fields, in USER_HZ. `comm` may hold spaces and
+/// parentheses, so the fields are counted from its last closing one.
+fn cpu_in(stat: &str) -> Option<Duration> {
+    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
+    let user: u64 = fields.next()?.parse().ok()?;
+    let system: u64 = fields.next()?.parse().ok()?;
+    Some(Duration::from_millis((user + system) * 10))
+}
+
+/// How much a cumulative time read `before` has grown by `now`.
+fn growth(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
+    now.zip(before).map(|(now, before)| now.saturating_sub(before))
 }
 
 /// `concurrency` loops each sending one request after another for `duration`.
-async fn closed_loop(target: &Target, keys: &Arc<Vec<String>>, concurrency: usize, duration: Duration) -> Tally {
+async fn closed_loop(server: &Server, keys: &Arc<Vec<String>>, concurrency: usize, duration: Duration) -> Tally {
     let started = Instant::now();
-    run_loops(started, concurrency, |n| {
-        let (mut connection, keys) = (Connection::new(target.clone()), keys.clone());
+    run_loops(started, server.pid, concurrency, |n| {
+        let (mut connection, keys) = (Connection::new(server.target.clone()), keys.clone());
         async move {
             let mut seen = Seen::default();
             let mut i = n;
@@ -474,7 +514,7 @@ async fn closed_loop(target: &Target, keys: &Arc<Vec<String>>, concurrency: usiz
 /// 1.1 ms to the trivial handler's p50 and 2 ms to its p99, the same on both sides, which hid most of the difference
 /// in the p99 ratio (BENCHMARKS.md, 2026-11-30).
 async fn open_loop(
-    target: &Target,
+    server: &Server,
     keys: &Arc<Vec<String>>,
     (rate, connections): (u64, usize),
     duration: Duration,
@@ -482,8 +522,8 @@ async fn open_loop(
     let started = Instant::now();
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as usize;
-    run_loops(started, connections, |n| {
-        let (mut connection, keys) = (Connection::new(target.clone()), keys.clone());
+    run_loops(started, server.pid, connections, |n| {
+        let (mut connection, keys) = (Connection::new(server.target.clone()), keys.clone());
         async move {
             let mut seen = Seen::default();
             let mut answered = started;
@@ -533,19 +573,21 @@ impl Seen {
     }
 }
 
-/// Runs `count` request loops side by side until all end, and sums what they saw since `started`.
-async fn run_loops<F>(started: Instant, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
+/// Runs `count` request loops side by side until all end, and sums what they saw since `started`, with the CPU time
+/// the server (process `pid`) used meanwhile.
+async fn run_loops<F>(started: Instant, pid: u32, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
 where
     F: std::future::Future<Output = Seen> + Send + 'static,
 {
-    let steal = stolen();
+    let (cpu, steal) = (cpu_of(pid), stolen());
     let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
     let mut tally = Tally::default();
     for seen in futures::future::join_all(loops).await.into_iter().flatten() {
         tally.seen.add(&seen);
     }
     tally.elapsed = started.elapsed();
-    tally.stolen = stolen_since(steal);
+    tally.server_cpu = growth(cpu, cpu_of(pid));
+    tally.stolen = growth(steal, stolen());
     tally
 }
 
@@ -567,14 +609,16 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, open_loop, start_server, steal_in, Target, START_ATTEMPTS};
+    use super::{counter_total, cpu_in, open_loop, start_server, steal_in, Server, Target, START_ATTEMPTS};
 
     #[tokio::test]
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
         // One connection, a request due every millisecond, answers that take 20 ms: request i goes out about 20·i ms
         // after its time, so the last ones count hundreds of milliseconds, not the 20 the server took for each.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port on loopback");
-        let target = Target::auth(listener.local_addr().expect("a bound listener has an address").port());
+        let port = listener.local_addr().expect("a bound listener has an address").port();
+        // The server runs in this process.
+        let server = Server { target: Target::auth(port), pid: std::process::id() };
         let slow = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             axum::http::StatusCode::OK
@@ -582,11 +626,12 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, slow).await });
         let keys = Arc::new(vec!["Bearer k".to_owned()]);
 
-        let tally = open_loop(&target, &keys, (1000, 1), Duration::from_millis(30)).await;
+        let tally = open_loop(&server, &keys, (1000, 1), Duration::from_millis(30)).await;
 
         assert_eq!((tally.seen.histogram.len(), tally.seen.errors), (30, 0));
         let slowest = tally.seen.histogram.max();
         assert!(slowest >= 400_000, "the last request counted {slowest} µs");
+        assert!(tally.server_cpu.is_some(), "the server's CPU time is read from /proc");
     }
 
     #[tokio::test]
@@ -608,6 +653,16 @@ mod tests {
         assert_eq!(steal_in(stat), Some(Duration::from_millis(38_770)));
         assert_eq!(steal_in("cpu  1 2 3\n"), None, "a kernel too old to count steal");
         assert_eq!(steal_in("intr 1 2 3 4 5 6 7 8 9\n"), None);
+    }
+
+    #[test]
+    fn a_process_cpu_time_is_its_user_and_system_time_in_hundredths_of_a_second() {
+        // The fields after `comm`: state, ppid, pgrp, session, tty, tpgid, flags, minflt, cminflt, majflt, cmajflt,
+        // then utime and stime.
+        let stat = "4242 (tokio-rt) (x) y) S 1 4242 4242 0 -1 4194560 2310 0 0 0 731 269 0 0 20 0 2 0 1234 ...";
+        assert_eq!(cpu_in(stat), Some(Duration::from_millis(10_000)));
+        assert_eq!(cpu_in("4242 (tollgate) S 1 2 3"), None, "cut short");
+        assert_eq!(cpu_in("no parenthesis 1 2 3 4 5 6 7 8 9 10 11 12 13 14"), None);
     }
 
     #[test]
