@@ -460,11 +460,16 @@ fn stolen() -> Option<Duration> {
     steal_in(&std::fs::read_to_string("/proc/stat").ok()?)
 }
 
-/// `cpu  user nice system idle iowait irq softirq steal …`, in USER_HZ: 100 per second on Linux.
+/// `cpu  user nice system idle iowait irq softirq steal …`, in ticks.
 fn steal_in(stat: &str) -> Option<Duration> {
     let mut fields = stat.lines().next()?.split_whitespace();
     let ticks: u64 = fields.next().filter(|f| *f == "cpu").and(fields.nth(7))?.parse().ok()?;
-    Some(Duration::from_millis(ticks * 10))
+    Some(from_ticks(ticks))
+}
+
+/// `/proc`'s CPU times are in ticks of USER_HZ: 100 per second on Linux.
+fn from_ticks(ticks: u64) -> Duration {
+    Duration::from_millis(ticks * 10)
 }
 
 /// CPU time process `pid` has used, user and system together: `utime` and `stime` in `/proc/PID/stat` (none
@@ -473,13 +478,13 @@ fn cpu_of(pid: u32) -> Option<Duration> {
     cpu_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
-/// `pid (comm) state ppid … utime stime …`: the 14th and 15th fields, in USER_HZ. `comm` may hold spaces and
+/// `pid (comm) state ppid … utime stime …`: the 14th and 15th fields, in ticks. `comm` may hold spaces and
 /// parentheses, so the fields are counted from its last closing one.
 fn cpu_in(stat: &str) -> Option<Duration> {
     let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
-    Some(Duration::from_millis((user + system) * 10))
+    Some(from_ticks(user + system))
 }
 
 /// How much a cumulative time read `before` has grown by `now`.
