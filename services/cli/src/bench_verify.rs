@@ -85,6 +85,10 @@ struct Phase {
     /// CPU time the server used per answered request, user and system together (`/proc/PID/stat`; none where that
     /// cannot be read).
     server_cpu_us: Option<f64>,
+    /// CPU time the whole machine used per answered request: the client, the server, Redis, NATS and anything else
+    /// (`/proc/stat`; none where that cannot be read). What bounds the throughput ratio: with no idle time on either
+    /// side, the ratio is the trivial handler's figure over verify's.
+    machine_cpu_us: Option<f64>,
     /// CPU time the hypervisor took from the machine during the phase, all CPUs together (`steal` in `/proc/stat`;
     /// none where that cannot be read).
     stolen_ms: Option<u64>,
@@ -106,6 +110,9 @@ struct Report {
     trivial_latency: Phase,
     verify_latency: Phase,
     throughput_ratio: f64,
+    /// The trivial handler's machine CPU per request over verify's, in the closed loops: the throughput ratio a
+    /// machine with no idle time would give.
+    cpu_ratio: Option<f64>,
     p99_ratio: f64,
     /// The second trivial handler's, with `--calibrate`.
     validator_rss_mb: f64,
@@ -192,6 +199,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         rounds: args.rounds,
         server_threads: args.server_threads,
         throughput_ratio: verify_throughput.per_second / trivial_throughput.per_second,
+        cpu_ratio: trivial_throughput.machine_cpu_us.zip(verify_throughput.machine_cpu_us).map(|(t, v)| t / v),
         p99_ratio: verify_latency.p99_us as f64 / trivial_latency.p99_us.max(1) as f64,
         trivial_throughput,
         verify_throughput,
@@ -215,11 +223,12 @@ fn render(r: &Report) -> String {
             p.p999_us.to_string(),
             p.errors.to_string(),
             p.server_cpu_us.map_or("-".to_owned(), |us| format!("{us:.1}")),
+            p.machine_cpu_us.map_or("-".to_owned(), |us| format!("{us:.1}")),
             p.stolen_ms.map_or("-".to_owned(), |ms| ms.to_string()),
         ]
     };
     let table = crate::output::table(
-        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS", "CPU µs/REQ", "STOLEN ms"],
+        &["PHASE", "REQ/S", "P50 µs", "P99 µs", "P99.9 µs", "ERRORS", "CPU µs/REQ", "MACHINE µs/REQ", "STOLEN ms"],
         vec![
             row("trivial, closed loop", &r.trivial_throughput),
             row(&format!("{measured}, closed loop"), &r.verify_throughput),
@@ -228,14 +237,15 @@ fn render(r: &Report) -> String {
         ],
     );
     format!(
-        "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · {measured}/trivial throughput {:.1}% · \
-         p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {}",
+        "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · {measured}/trivial throughput {:.1}% \
+         (CPU per request allows {}) · p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {}",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
         r.server_threads,
         r.rounds,
         r.throughput_ratio * 100.0,
+        r.cpu_ratio.map_or("-".to_owned(), |ratio| format!("{:.1}%", ratio * 100.0)),
         r.p99_ratio,
         r.validator_rss_mb,
         r.degraded
@@ -413,7 +423,7 @@ struct Tally {
     seen: Seen,
     elapsed: Duration,
     server_cpu: Option<Duration>,
-    stolen: Option<Duration>,
+    machine: Option<MachineCpu>,
 }
 
 impl Default for Tally {
@@ -422,7 +432,7 @@ impl Default for Tally {
             seen: Seen::default(),
             elapsed: Duration::ZERO,
             server_cpu: Some(Duration::ZERO),
-            stolen: Some(Duration::ZERO),
+            machine: Some(MachineCpu::default()),
         }
     }
 }
@@ -432,11 +442,13 @@ impl Tally {
         self.seen.add(&round.seen);
         self.elapsed += round.elapsed;
         self.server_cpu = self.server_cpu.zip(round.server_cpu).map(|(sum, more)| sum + more);
-        self.stolen = self.stolen.zip(round.stolen).map(|(sum, more)| sum + more);
+        self.machine = self.machine.zip(round.machine).map(|(sum, more)| sum.plus(more));
     }
 
     fn phase(&self) -> Phase {
         let histogram = &self.seen.histogram;
+        let per_request =
+            |cpu: Duration| (!histogram.is_empty()).then(|| cpu.as_secs_f64() * 1e6 / histogram.len() as f64);
         Phase {
             requests: histogram.len(),
             errors: self.seen.errors,
@@ -444,26 +456,45 @@ impl Tally {
             p50_us: histogram.value_at_quantile(0.5),
             p99_us: histogram.value_at_quantile(0.99),
             p999_us: histogram.value_at_quantile(0.999),
-            server_cpu_us: self
-                .server_cpu
-                .filter(|_| !histogram.is_empty())
-                .map(|cpu| cpu.as_secs_f64() * 1e6 / histogram.len() as f64),
-            stolen_ms: self.stolen.map(|d| d.as_millis() as u64),
+            server_cpu_us: self.server_cpu.and_then(per_request),
+            machine_cpu_us: self.machine.and_then(|m| per_request(m.busy)),
+            stolen_ms: self.machine.map(|m| m.stolen.as_millis() as u64),
         }
     }
 }
 
-/// CPU time the hypervisor has taken from this machine since boot, all CPUs together: the `steal` column of
-/// `/proc/stat` (none elsewhere).
-fn stolen() -> Option<Duration> {
-    steal_in(&std::fs::read_to_string("/proc/stat").ok()?)
+/// The whole machine's CPU time since boot, all CPUs together.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+struct MachineCpu {
+    /// Running anything: user, nice, system, irq and softirq time.
+    busy: Duration,
+    /// Taken by the hypervisor (`steal`).
+    stolen: Duration,
 }
 
-/// `cpu  user nice system idle iowait irq softirq steal …`, in ticks.
-fn steal_in(stat: &str) -> Option<Duration> {
-    let mut fields = stat.lines().next()?.split_whitespace();
-    let ticks: u64 = fields.next().filter(|f| *f == "cpu").and(fields.nth(7))?.parse().ok()?;
-    Some(from_ticks(ticks))
+impl MachineCpu {
+    /// Read from `/proc/stat` (none elsewhere).
+    fn now() -> Option<MachineCpu> {
+        MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    /// `cpu  user nice system idle iowait irq softirq steal …`, in ticks.
+    fn parse(stat: &str) -> Option<MachineCpu> {
+        let mut fields = stat.lines().next()?.split_whitespace();
+        fields.next().filter(|f| *f == "cpu")?;
+        let ticks: Vec<u64> = fields.take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
+        let &[user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks.as_slice() else { return None };
+        Some(MachineCpu { busy: from_ticks(user + nice + system + irq + softirq), stolen: from_ticks(steal) })
+    }
+
+    fn plus(self, more: MachineCpu) -> MachineCpu {
+        MachineCpu { busy: self.busy + more.busy, stolen: self.stolen + more.stolen }
+    }
+
+    /// How much it has grown since `before`.
+    fn since(self, before: MachineCpu) -> MachineCpu {
+        MachineCpu { busy: self.busy.saturating_sub(before.busy), stolen: self.stolen.saturating_sub(before.stolen) }
+    }
 }
 
 /// `/proc`'s CPU times are in ticks of USER_HZ: 100 per second on Linux.
@@ -484,11 +515,6 @@ fn cpu_in(stat: &str) -> Option<Duration> {
     let user: u64 = fields.next()?.parse().ok()?;
     let system: u64 = fields.next()?.parse().ok()?;
     Some(from_ticks(user + system))
-}
-
-/// How much a cumulative time read `before` has grown by `now`.
-fn growth(before: Option<Duration>, now: Option<Duration>) -> Option<Duration> {
-    now.zip(before).map(|(now, before)| now.saturating_sub(before))
 }
 
 /// `concurrency` loops each sending one request after another for `duration`.
@@ -578,20 +604,20 @@ impl Seen {
 }
 
 /// Runs `count` request loops side by side until all end, and sums what they saw since `started`, with the CPU time
-/// the server (process `pid`) used meanwhile.
+/// the server (process `pid`) and the whole machine used meanwhile.
 async fn run_loops<F>(started: Instant, pid: u32, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
 where
     F: std::future::Future<Output = Seen> + Send + 'static,
 {
-    let (cpu, steal) = (cpu_of(pid), stolen());
+    let (cpu, machine) = (cpu_of(pid), MachineCpu::now());
     let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
     let mut tally = Tally::default();
     for seen in futures::future::join_all(loops).await.into_iter().flatten() {
         tally.seen.add(&seen);
     }
     tally.elapsed = started.elapsed();
-    tally.server_cpu = growth(cpu, cpu_of(pid));
-    tally.stolen = growth(steal, stolen());
+    tally.server_cpu = cpu_of(pid).zip(cpu).map(|(now, before)| now.saturating_sub(before));
+    tally.machine = MachineCpu::now().zip(machine).map(|(now, before)| now.since(before));
     tally
 }
 
@@ -613,7 +639,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, cpu_in, open_loop, start_server, steal_in, Server, Target, START_ATTEMPTS};
+    use super::{counter_total, cpu_in, open_loop, start_server, MachineCpu, Server, Target, START_ATTEMPTS};
 
     #[tokio::test]
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
@@ -636,6 +662,7 @@ mod tests {
         let slowest = tally.seen.histogram.max();
         assert!(slowest >= 400_000, "the last request counted {slowest} µs");
         assert!(tally.server_cpu.is_some(), "the server's CPU time is read from /proc");
+        assert!(tally.machine.is_some(), "the machine's CPU time is read from /proc");
     }
 
     #[tokio::test]
@@ -652,11 +679,12 @@ mod tests {
     }
 
     #[test]
-    fn steal_is_the_eighth_number_of_the_cpu_line_in_hundredths_of_a_second() {
-        let stat = "cpu  267577 16968 64292 223355 3460 0 16377 3877 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
-        assert_eq!(steal_in(stat), Some(Duration::from_millis(38_770)));
-        assert_eq!(steal_in("cpu  1 2 3\n"), None, "a kernel too old to count steal");
-        assert_eq!(steal_in("intr 1 2 3 4 5 6 7 8 9\n"), None);
+    fn the_machine_is_busy_outside_idle_iowait_and_steal_which_is_the_eighth_number() {
+        let stat = "cpu  267577 16968 64292 223355 3460 10 16377 3877 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
+        let busy = Duration::from_millis((267_577 + 16_968 + 64_292 + 10 + 16_377) * 10);
+        assert_eq!(MachineCpu::parse(stat), Some(MachineCpu { busy, stolen: Duration::from_millis(38_770) }));
+        assert_eq!(MachineCpu::parse("cpu  1 2 3\n"), None, "a kernel too old to count steal");
+        assert_eq!(MachineCpu::parse("intr 1 2 3 4 5 6 7 8 9\n"), None);
     }
 
     #[test]
