@@ -12,11 +12,12 @@
 //! (by its failure policy, when a call failed or timed out): any such run measured less than full verification. It also
 //! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
 //! whichever server is being measured, which shows which side of a run's ratios it fell on. And it reports the CPU
-//! time each server used per request: the validator's is what sizing a deployment needs, and since every process
-//! shares the same cores, CPU per request (the client's, Redis's and NATS's with the server's) is what bounds the
-//! throughput ratio (BENCHMARKS.md, 2026-12-07). `--without-limits` gives the keys and their organization no limit,
-//! so that the difference is the rate limiter's cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in the validator's place: the
-//! ratios it gives are this machine's noise alone.
+//! time per request of the measured server (the validator's is what sizing a deployment needs) and of the whole
+//! machine: every process shares the same cores, so the machine's CPU per request (the client's, Redis's and NATS's
+//! with the server's) bounds the throughput ratio, and the summary prints that bound (BENCHMARKS.md, 2026-12-07).
+//! `--without-limits` gives the keys and their organization no limit, so that the difference is the rate limiter's
+//! cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in
+//! the validator's place: the ratios it gives are this machine's noise alone.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
