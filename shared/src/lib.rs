@@ -1,6 +1,6 @@
 //! What the validator, the workers and the CLI share: the domain vocabulary, the key format, the usage event and
-//! its codec, configuration, connections, the JetStream topology, metrics, and the operations on keys and
-//! organizations.
+//! its codec, configuration, connections, listening sockets, the JetStream topology, metrics, and the operations on
+//! keys and organizations.
 
 pub mod admin;
 pub mod codec;
@@ -9,6 +9,7 @@ pub mod connect;
 pub mod domain;
 pub mod event;
 pub mod key;
+pub mod listen;
 pub mod metrics;
 pub mod quota_counter;
 pub mod topology;

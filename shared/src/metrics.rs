@@ -179,9 +179,8 @@ pub async fn serve(
 }
 
 /// Binds the metrics listener, with an error that names the variable.
-pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr)
-        .await
+pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    crate::listen::bind(addr)
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for metrics (TOLLGATE_METRICS_LISTEN): {e}"))
 }
 

@@ -342,7 +342,7 @@ fn spawn_trivial(port: u16, threads: u16) -> anyhow::Result<Child> {
 /// The baseline: the same HTTP stack answering 200 without doing anything.
 pub async fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
     let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
-    axum::serve(tokio::net::TcpListener::bind(listen).await?, app).await?;
+    axum::serve(tollgate_shared::listen::bind(listen)?, app).await?;
     Ok(())
 }
 

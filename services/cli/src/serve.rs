@@ -7,10 +7,10 @@ use tokio_util::sync::CancellationToken;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
-use tollgate_shared::connect;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::key::KeyEnv;
 use tollgate_shared::topology::Topology;
+use tollgate_shared::{connect, listen};
 
 /// How often a worker process compares this month's quota counters with PostgreSQL (`tollgate_quota_drift_units`).
 const DRIFT_CHECK: std::time::Duration = std::time::Duration::from_secs(60);
@@ -40,7 +40,7 @@ pub async fn serve(
     };
     let topology = Topology::new(namespace);
     let shutdown = CancellationToken::new();
-    let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen).await?;
+    let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
     let mut tasks = tokio::task::JoinSet::new();
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
@@ -66,8 +66,7 @@ pub async fn serve(
         }
     }
     if let Some(validator) = roles.validator {
-        let listener = TcpListener::bind(validator.listen)
-            .await
+        let listener = listen::bind(validator.listen)
             .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", validator.listen))?;
         let address = listener.local_addr()?;
         let redis = connect::redis(&servers.redis_url).await?;

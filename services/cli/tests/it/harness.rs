@@ -7,7 +7,6 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
-use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -16,12 +15,12 @@ use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{
     FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
 };
-use tollgate_shared::connect;
 use tollgate_shared::domain::Outcome;
 use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::topology::Topology;
+use tollgate_shared::{connect, listen};
 
 pub const DATABASE_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
@@ -124,7 +123,7 @@ impl TestEnv {
 
     /// A validator with these settings, on this Redis (its own connection, as a separate process would have).
     pub async fn start_validator_with(&self, args: ValidatorArgs, redis_url: &str) -> RunningValidator {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = listen::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let address = listener.local_addr().expect("address");
         let connections = tollgate_validator::Connections {
             pool: self.pool.clone(),
