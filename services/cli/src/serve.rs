@@ -28,6 +28,7 @@ pub async fn serve(
     metrics: &MetricsArgs,
     roles: Roles,
 ) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let pool = connect::postgres_migrated(&servers.database_url, 16).await?;
     let nats = match connect::nats(&servers.nats_url).await {
         Ok(nats) => nats,
@@ -87,6 +88,18 @@ pub async fn serve(
         finished.context("a service panicked")??;
     }
     Ok(())
+}
+
+/// Every connection is an open file: takes the hard limit as the soft one, as Go's runtime does, so that a soft limit of
+/// 1024 (systemd's default) does not cap the connections a validator can hold from its gateways.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        if let Err(e) = setrlimit(Resource::Nofile, Rlimit { current: limit.maximum, ..limit }) {
+            tracing::warn!(error = %e, soft = ?limit.current, "cannot raise the open-files limit: raise it with ulimit -n");
+        }
+    }
 }
 
 async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {

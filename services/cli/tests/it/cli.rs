@@ -2,10 +2,11 @@
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::TestEnv;
+use crate::harness::{wait_until, TestEnv, NATS_URL, REDIS_URL};
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -139,5 +140,51 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         .await
         .expect("query");
     assert_eq!(hashed, 1, "the key is stored as its SHA-256");
+    env.cleanup().await;
+}
+
+/// The soft and hard limits on open files in a `/proc/PID/limits`.
+fn open_files_limits(limits: &str) -> Option<(String, String)> {
+    let line = std::fs::read_to_string(limits).ok()?.lines().find(|l| l.starts_with("Max open files"))?.to_owned();
+    let mut values = line.split_whitespace().skip(3);
+    Some((values.next()?.to_owned(), values.next()?.to_owned()))
+}
+
+#[tokio::test]
+async fn a_validator_started_with_a_low_soft_open_files_limit_takes_the_hard_one() {
+    let (_, hard) = open_files_limits("/proc/self/limits").expect("this process's limits");
+    assert_ne!(hard, "256", "the hard limit must be above the soft one this test sets");
+    let env = TestEnv::new().await;
+    let mut validator = Command::new("prlimit")
+        .arg("--nofile=256:") // the soft limit only, as a systemd unit's default 1024 would be
+        .arg(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("validator")
+        .env("DATABASE_URL", env.database_url.expose())
+        .env("NATS_URL", NATS_URL)
+        .env("REDIS_URL", REDIS_URL)
+        .env("TOLLGATE_STREAM", &env.topology.stream)
+        .env("TOLLGATE_SUBJECT_PREFIX", &env.topology.subject_prefix)
+        .env("TOLLGATE_REDIS_PREFIX", &env.topology.redis_prefix)
+        .env("TOLLGATE_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("prlimit, which execs tollgate validator");
+    let proc = format!("/proc/{}", validator.id());
+    // Read once prlimit has set the soft limit and become tollgate (until then it holds this process's limits).
+    let seen = wait_until(
+        Duration::from_secs(10),
+        || async {
+            let command = std::fs::read_to_string(format!("{proc}/comm")).unwrap_or_default();
+            (command.trim() == "tollgate").then(|| open_files_limits(&format!("{proc}/limits"))).flatten()
+        },
+        |seen| seen.as_ref().is_some_and(|(soft, _)| *soft == hard),
+    )
+    .await;
+    let _ = validator.kill();
+    let _ = validator.wait();
+    assert_eq!(seen, Some((hard.clone(), hard)), "the validator's soft and hard open-files limits");
     env.cleanup().await;
 }
