@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::harness::{wait_until, TestEnv, NATS_URL, REDIS_URL};
+use crate::harness::{wait_until, TestEnv, NATS_URL};
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -155,20 +155,13 @@ async fn a_validator_started_with_a_low_soft_open_files_limit_takes_the_hard_one
     let (_, hard) = open_files_limits("/proc/self/limits").expect("this process's limits");
     assert_ne!(hard, "256", "the hard limit must be above the soft one this test sets");
     let env = TestEnv::new().await;
-    let mut validator = Command::new("prlimit")
-        .arg("--nofile=256:") // the soft limit only, as a systemd unit's default 1024 would be
-        .arg(env!("CARGO_BIN_EXE_tollgate"))
-        .arg("validator")
-        .env("DATABASE_URL", env.database_url.expose())
-        .env("NATS_URL", NATS_URL)
-        .env("REDIS_URL", REDIS_URL)
-        .env("TOLLGATE_STREAM", &env.topology.stream)
-        .env("TOLLGATE_SUBJECT_PREFIX", &env.topology.subject_prefix)
-        .env("TOLLGATE_REDIS_PREFIX", &env.topology.redis_prefix)
+    // The soft limit only, as a systemd unit's default of 1024 would be.
+    let mut prlimit = Command::new("prlimit");
+    prlimit.args(["--nofile=256:", env!("CARGO_BIN_EXE_tollgate"), "validator"]);
+    let mut validator = env
+        .servers_and_namespace(&mut prlimit, NATS_URL)
         .env("TOLLGATE_LISTEN", "127.0.0.1:0")
-        .env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0")
         .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
-        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .spawn()
         .expect("prlimit, which execs tollgate validator");

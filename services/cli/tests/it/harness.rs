@@ -304,10 +304,13 @@ impl Load {
 }
 
 impl TestEnv {
-    /// Starts `tollgate worker` as a child process on this environment's database, stream and prefixes.
-    pub fn spawn_worker_process(&self, nats_url: &str) -> WorkerProcess {
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-            .arg("worker")
+    /// Points a `tollgate` process at this environment's database, stream and prefixes, with its metrics on a free port.
+    pub fn servers_and_namespace<'c>(
+        &self,
+        command: &'c mut std::process::Command,
+        nats_url: &str,
+    ) -> &'c mut std::process::Command {
+        command
             .env("DATABASE_URL", self.database_url.expose())
             .env("NATS_URL", nats_url)
             .env("REDIS_URL", REDIS_URL)
@@ -315,8 +318,14 @@ impl TestEnv {
             .env("TOLLGATE_SUBJECT_PREFIX", &self.topology.subject_prefix)
             .env("TOLLGATE_REDIS_PREFIX", &self.topology.redis_prefix)
             .env("TOLLGATE_METRICS_LISTEN", "127.0.0.1:0")
-            .env("TOLLGATE_BATCH_WAIT", "20ms")
             .env("RUST_LOG", "warn")
+    }
+
+    /// Starts `tollgate worker` as a child process on this environment's database, stream and prefixes.
+    pub fn spawn_worker_process(&self, nats_url: &str) -> WorkerProcess {
+        let child = self
+            .servers_and_namespace(std::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("worker"), nats_url)
+            .env("TOLLGATE_BATCH_WAIT", "20ms")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
