@@ -22,7 +22,7 @@ use crate::servers::PrivateNats;
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn args(env: &TestEnv) -> ValidatorArgs {
-    ValidatorArgs { spool_dir: env.spool_dir(), publish_timeout: PUBLISH_TIMEOUT, ..TestEnv::validator_args() }
+    ValidatorArgs { spool_dir: env.spool_dir(), publish_timeout: PUBLISH_TIMEOUT, ..env.validator_args() }
 }
 
 fn spooled_segments(dir: &Path) -> usize {

@@ -88,7 +88,9 @@ impl TestEnv {
         TestEnv { database, database_url, pool, nats, topology }
     }
 
-    pub fn validator_args() -> ValidatorArgs {
+    /// A validator's settings for tests, with a spool of its own (the lock refuses sharing) inside this test's spool
+    /// directory, which `cleanup` removes.
+    pub fn validator_args(&self) -> ValidatorArgs {
         ValidatorArgs {
             listen: "127.0.0.1:0".parse().expect("addr"),
             trusted_proxies: vec!["127.0.0.0/8".parse().expect("net")],
@@ -97,8 +99,7 @@ impl TestEnv {
             negative_cache_ttl: Duration::from_secs(30),
             key_refresh: Duration::from_millis(200),
             limits: LimiterArgs::defaults(),
-            // Unique, so that validators of parallel tests never share a spool (the lock would refuse them).
-            spool_dir: std::env::temp_dir().join("tollgate-it-spool").join(Uuid::new_v4().simple().to_string()),
+            spool_dir: self.spool_dir().join(Uuid::new_v4().simple().to_string()),
             spool_fsync: FsyncPolicy::Always,
             spool_max_bytes: 64 << 20,
             spool_full: SpoolFullPolicy::Block,
@@ -116,9 +117,7 @@ impl TestEnv {
     }
 
     pub async fn start_validator(&self) -> RunningValidator {
-        // Each validator has a spool of its own (the lock refuses sharing), inside the test's spool directory.
-        let spool_dir = self.spool_dir().join(Uuid::new_v4().simple().to_string());
-        self.start_validator_with(ValidatorArgs { spool_dir, ..Self::validator_args() }, REDIS_URL).await
+        self.start_validator_with(self.validator_args(), REDIS_URL).await
     }
 
     /// A validator with these settings, on this Redis (its own connection, as a separate process would have).

@@ -203,7 +203,7 @@ async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
         .await;
     let free_org = env.org().await;
     let (_, free) = env.key(&free_org).await;
-    let validator = env.start_validator_with(TestEnv::validator_args(), &redis.url()).await;
+    let validator = env.start_validator_with(env.validator_args(), &redis.url()).await;
     let client = reqwest::Client::new();
     // The first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA); every later one is a single EVALSHA.
     assert_eq!(auth(&client, &validator, &limited).await.status(), StatusCode::OK);
@@ -251,8 +251,8 @@ async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
     env.cleanup().await;
 }
 
-fn policy_args(policy: FailurePolicy) -> ValidatorArgs {
-    let mut args = TestEnv::validator_args();
+fn policy_args(env: &TestEnv, policy: FailurePolicy) -> ValidatorArgs {
+    let mut args = env.validator_args();
     args.limits.failure_policy = FailurePolicies::all(policy);
     args.limits.breaker_cooldown = Duration::from_millis(200);
     args
@@ -266,7 +266,7 @@ async fn a_hung_redis_delays_no_decision_beyond_the_timeout() {
     let redis = PrivateRedis::start();
     let org = env.org().await;
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
-    let mut args = policy_args(FailurePolicy::Open);
+    let mut args = policy_args(&env, FailurePolicy::Open);
     // Long enough that a request waiting for two calls in a row (a timeout counted from the call, not the request)
     // stands out from scheduling noise.
     let timeout = Duration::from_millis(800);
@@ -304,7 +304,7 @@ async fn one_hung_call_of_many_requests_does_not_open_the_breaker() {
     let redis = PrivateRedis::start();
     let org = env.org().await;
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
-    let mut args = policy_args(FailurePolicy::Open);
+    let mut args = policy_args(&env, FailurePolicy::Open);
     args.limits.redis_timeout = Duration::from_millis(200);
     // Counted per decision, the requests below are well over this; counted per call (at most two in flight, each
     // carrying up to 32 of them), far under it.
@@ -338,9 +338,9 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
     let mut redis = PrivateRedis::start();
     let org = env.org().await;
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(3)).await;
-    let open = env.start_validator_with(policy_args(FailurePolicy::Open), &redis.url()).await;
-    let closed = env.start_validator_with(policy_args(FailurePolicy::Closed), &redis.url()).await;
-    let local = env.start_validator_with(policy_args(FailurePolicy::Local), &redis.url()).await;
+    let open = env.start_validator_with(policy_args(&env, FailurePolicy::Open), &redis.url()).await;
+    let closed = env.start_validator_with(policy_args(&env, FailurePolicy::Closed), &redis.url()).await;
+    let local = env.start_validator_with(policy_args(&env, FailurePolicy::Local), &redis.url()).await;
     let client = reqwest::Client::new();
     for validator in [&open, &closed, &local] {
         assert_eq!(auth(&client, validator, &key).await.status(), StatusCode::OK);
@@ -638,7 +638,7 @@ async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (_, good) = env.key_with(&org, |k| k.scopes = vec!["read".into()]).await;
-    let mut args = TestEnv::validator_args();
+    let mut args = env.validator_args();
     args.limits.ip_failures_per_minute = 5;
     let validator = env.start_validator_with(args, REDIS_URL).await;
     let client = reqwest::Client::new();
