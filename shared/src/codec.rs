@@ -38,6 +38,10 @@ pub enum CodecError {
 }
 
 impl CodecError {
+    /// Every value of [`CodecError::kind`].
+    pub const KINDS: [&'static str; 5] =
+        ["empty", "unknown_version", "malformed", "trailing_bytes", "impossible_value"];
+
     /// A short, bounded label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -183,6 +187,18 @@ fn outcome_tag(outcome: Outcome) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_kind_is_listed() {
+        let errors = [
+            CodecError::Empty,
+            CodecError::UnknownVersion(9),
+            CodecError::Malformed(String::new()),
+            CodecError::TrailingBytes(1),
+            CodecError::Impossible(""),
+        ];
+        assert_eq!(errors.map(|e| e.kind()), CodecError::KINDS);
+    }
 
     fn sample(outcome: Outcome) -> UsageEvent {
         UsageEvent {

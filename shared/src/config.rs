@@ -250,6 +250,8 @@ pub enum FailurePolicy {
 }
 
 impl FailurePolicy {
+    pub const ALL: [FailurePolicy; 3] = [FailurePolicy::Open, FailurePolicy::Closed, FailurePolicy::Local];
+
     pub fn as_str(self) -> &'static str {
         match self {
             FailurePolicy::Open => "open",

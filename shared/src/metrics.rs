@@ -158,6 +158,21 @@ fn labeled<const N: usize>(labels: [&'static str; N], values: [&'static str; N])
     labels.into_iter().zip(values).map(|(label, value)| Label::from_static_parts(label, value)).collect()
 }
 
+/// Starts counters at zero, so that each one's series exists before its first event: a dashboard shows 0 rather than
+/// "No data", and `increase()` counts that first event. For counters with a label, see [`start_labeled_at_zero`].
+pub fn start_at_zero(names: &[&'static str]) {
+    for &name in names {
+        metrics::counter!(name).increment(0);
+    }
+}
+
+/// Like [`start_at_zero`], one series per value of `label`.
+pub fn start_labeled_at_zero(name: &'static str, label: &'static str, values: impl IntoIterator<Item = &'static str>) {
+    for value in values {
+        metrics::counter!(name, label => value).increment(0);
+    }
+}
+
 /// Serves Prometheus text at `/metrics` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,

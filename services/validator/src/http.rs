@@ -25,7 +25,7 @@ use uuid::Uuid;
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::{Outcome, Role};
 use tollgate_shared::event::UsageEvent;
-use tollgate_shared::metrics::{LabeledCounter, IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
+use tollgate_shared::metrics::{start_at_zero, LabeledCounter, IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
 
 use crate::decision::{decide, Requirement};
 use crate::keys::{KeyCache, KeyRecord};
@@ -79,6 +79,7 @@ pub struct RequestMetrics {
 impl RequestMetrics {
     pub fn new() -> RequestMetrics {
         let outcomes = Outcome::ALL.iter().map(|o| o.as_str()).chain(Verdict::UNDECIDED_LABELS);
+        start_at_zero(&[IP_FAILURES_LIMITED]);
         RequestMetrics {
             requests: LabeledCounter::new(VERIFY_REQUESTS, ["outcome"], outcomes.map(|o| [o])),
             duration: metrics::histogram!(VERIFY_DURATION),

@@ -28,8 +28,8 @@ use uuid::Uuid;
 
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
 use tollgate_shared::metrics::{
-    LabeledCounter, RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED, RATELIMIT_REDIS_DURATION,
-    RATELIMIT_REDIS_ERRORS, RATELIMIT_SHADOW_DENIALS,
+    start_labeled_at_zero, LabeledCounter, RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED,
+    RATELIMIT_REDIS_DURATION, RATELIMIT_REDIS_ERRORS, RATELIMIT_SHADOW_DENIALS,
 };
 
 use crate::keys::KeyRecord;
@@ -303,6 +303,19 @@ enum CallError {
     Stopped,
 }
 
+impl CallError {
+    /// Every value of [`CallError::label`].
+    const LABELS: [&'static str; 2] = ["timeout", "error"];
+
+    /// Its `kind` label on the Redis errors counter.
+    fn label(&self) -> &'static str {
+        match self {
+            CallError::Timeout | CallError::Overloaded => "timeout",
+            CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped => "error",
+        }
+    }
+}
+
 /// One decision waiting for the next script call.
 struct Pending {
     plan: Arc<Plan>,
@@ -335,6 +348,7 @@ impl Limiter {
         let (calls, pending) = mpsc::channel(QUEUED_AT_MOST);
         let breaker = Arc::new(Breaker::new(args.breaker_failures, args.breaker_cooldown));
         tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned(), breaker.clone()));
+        start_rare_series_at_zero();
         Limiter {
             calls,
             policies: args.failure_policy,
@@ -370,11 +384,7 @@ impl Limiter {
                 }
                 // Logged, and told to the breaker, once per call (see `decide_batch`), not once per decision.
                 Err(e) => {
-                    let kind = match e {
-                        CallError::Timeout | CallError::Overloaded => "timeout",
-                        CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped => "error",
-                    };
-                    metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => kind).increment(1);
+                    metrics::counter!(RATELIMIT_REDIS_ERRORS, "kind" => e.label()).increment(1);
                     self.degraded(&plan, cost)
                 }
             }
@@ -664,6 +674,16 @@ fn now_us() -> i64 {
 }
 
 /// The label pairs of `tollgate_ratelimit_decisions_total` (see [`Limiter::record`]).
+/// The counters of rare events start at zero (see [`start_labeled_at_zero`]); so does the breaker's gauge.
+fn start_rare_series_at_zero() {
+    start_labeled_at_zero(RATELIMIT_DEGRADED, "policy", FailurePolicy::ALL.map(FailurePolicy::as_str));
+    start_labeled_at_zero(RATELIMIT_REDIS_ERRORS, "kind", CallError::LABELS);
+    // The limits that can be in shadow mode: a tier's, and an organization's.
+    let shadowed = [LimitKind::Tier, LimitKind::Org, LimitKind::Quota];
+    start_labeled_at_zero(RATELIMIT_SHADOW_DENIALS, "limit", shadowed.map(LimitKind::as_str));
+    metrics::gauge!(RATELIMIT_BREAKER_OPEN).set(0.0);
+}
+
 fn expected_decisions() -> impl Iterator<Item = [&'static str; 2]> {
     let limits = LimitKind::ALL.into_iter().map(LimitKind::as_str).chain(["none"]);
     limits.flat_map(|limit| [[limit, "allowed"], [limit, "denied"]]).chain([["none", "unavailable"]])

@@ -23,8 +23,8 @@ use tollgate_shared::codec::{self, CodecError};
 use tollgate_shared::config::WorkerArgs;
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
-    CONSUMER_ACK_PENDING, CONSUMER_PENDING, QUOTA_COUNTER_ERRORS, USAGE_DUPLICATES, USAGE_ROWS_WRITTEN,
-    WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS, WORKER_BATCH_SIZE, WORKER_LAG,
+    start_at_zero, start_labeled_at_zero, CONSUMER_ACK_PENDING, CONSUMER_PENDING, DEAD_LETTERS, QUOTA_COUNTER_ERRORS,
+    USAGE_DUPLICATES, USAGE_ROWS_WRITTEN, WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS, WORKER_BATCH_SIZE, WORKER_LAG,
 };
 use tollgate_shared::topology::Topology;
 
@@ -104,6 +104,8 @@ impl Worker {
         topology: &Topology,
         quota: Option<QuotaCounters>,
     ) -> Worker {
+        start_at_zero(&[USAGE_ROWS_WRITTEN, USAGE_DUPLICATES, WORKER_BATCH_ERRORS, QUOTA_COUNTER_ERRORS]);
+        start_labeled_at_zero(DEAD_LETTERS, "reason", CodecError::KINDS);
         Worker {
             store: UsageStore::new(pool),
             jetstream,

@@ -235,12 +235,13 @@ where
     }
 }
 
-/// A worker run as a separate `tollgate worker` process, so a test can kill it with SIGKILL. Killed on drop.
-pub struct WorkerProcess {
+/// A `tollgate` service run as a child process, so that a test can kill it with SIGKILL or read what the whole process
+/// exports. Killed on drop.
+pub struct ServiceProcess {
     child: Option<std::process::Child>,
 }
 
-impl WorkerProcess {
+impl ServiceProcess {
     /// SIGKILL: no shutdown, no flush, no ack.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -250,7 +251,7 @@ impl WorkerProcess {
     }
 }
 
-impl Drop for WorkerProcess {
+impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
     }
@@ -321,15 +322,21 @@ impl TestEnv {
     }
 
     /// Starts `tollgate worker` as a child process on this environment's database, stream and prefixes.
-    pub fn spawn_worker_process(&self, nats_url: &str) -> WorkerProcess {
+    pub fn spawn_worker_process(&self, nats_url: &str) -> ServiceProcess {
+        self.spawn_service("worker", nats_url, &[("TOLLGATE_BATCH_WAIT", "20ms".into())])
+    }
+
+    /// Starts `tollgate SERVICE` as a child process on this environment's servers and namespace, with `settings`
+    /// (environment variables) on top.
+    pub fn spawn_service(&self, service: &str, nats_url: &str, settings: &[(&str, String)]) -> ServiceProcess {
         let child = self
-            .servers_and_namespace(std::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("worker"), nats_url)
-            .env("TOLLGATE_BATCH_WAIT", "20ms")
+            .servers_and_namespace(std::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg(service), nats_url)
+            .envs(settings.iter().map(|(name, value)| (name, value)))
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("start tollgate worker");
-        WorkerProcess { child: Some(child) }
+            .unwrap_or_else(|e| panic!("start tollgate {service}: {e}"));
+        ServiceProcess { child: Some(child) }
     }
 
     /// Creates the usage stream and the workers' consumer with a short ack wait, so that what a killed worker held

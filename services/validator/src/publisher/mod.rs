@@ -33,8 +33,8 @@ use tollgate_shared::codec;
 use tollgate_shared::config::{FsyncPolicy, SpoolFullPolicy};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
-    EVENTS_DROPPED, EVENTS_PUBLISHED, EVENTS_PUBLISH_ERRORS, EVENTS_REJECTED, EVENTS_REPLAYED, EVENTS_SPOOLED,
-    EVENT_QUEUE_DEPTH, EVENT_QUEUE_FULL, PUBLISH_DURATION, PUBLISH_RETRIES,
+    start_at_zero, EVENTS_DROPPED, EVENTS_PUBLISHED, EVENTS_PUBLISH_ERRORS, EVENTS_REJECTED, EVENTS_REPLAYED,
+    EVENTS_SPOOLED, EVENT_QUEUE_DEPTH, EVENT_QUEUE_FULL, PUBLISH_DURATION, PUBLISH_RETRIES,
 };
 
 use spool::{Spool, SpoolError, SpooledMessage};
@@ -129,6 +129,16 @@ pub fn channel(
     spool: Spool,
     settings: Settings,
 ) -> (EventQueue, Publisher) {
+    start_at_zero(&[
+        EVENTS_PUBLISHED,
+        EVENTS_PUBLISH_ERRORS,
+        PUBLISH_RETRIES,
+        EVENTS_SPOOLED,
+        EVENTS_REPLAYED,
+        EVENTS_DROPPED,
+        EVENTS_REJECTED,
+        EVENT_QUEUE_FULL,
+    ]);
     let (sender, queue) = mpsc::channel(capacity);
     let (spool_full, full) = watch::channel(false);
     let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
