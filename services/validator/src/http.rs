@@ -268,17 +268,23 @@ fn denial_outcome(kind: LimitKind) -> Outcome {
 /// Why a request's parameters were refused: the field and the message for the 400 body.
 type BadParameter = (&'static str, String);
 
-/// The cost in `X-Tollgate-Cost` (default 1).
+/// The cost in `X-Tollgate-Cost` (default 1). Of several values (the header repeated, or values joined with commas
+/// by a proxy) the largest counts: a gateway that appends its route's cost to a client's own header, as Envoy's
+/// `request_headers_to_add` does by default, must not be undercut by the client.
 fn cost_header(headers: &HeaderMap) -> Result<u32, BadParameter> {
-    match headers.get(X_TOLLGATE_COST) {
-        None => Ok(1),
-        Some(value) => value
-            .to_str()
-            .ok()
-            .and_then(|v| v.trim().parse::<u32>().ok())
-            .filter(|c| (1..=MAX_COST).contains(c))
-            .ok_or_else(|| ("X-Tollgate-Cost", format!("must be a number between 1 and {MAX_COST}"))),
+    let mut cost = None;
+    for value in headers.get_all(X_TOLLGATE_COST) {
+        for text in value.to_str().unwrap_or("").split(',') {
+            let one = text
+                .trim()
+                .parse::<u32>()
+                .ok()
+                .filter(|c| (1..=MAX_COST).contains(c))
+                .ok_or_else(|| ("X-Tollgate-Cost", format!("must be a number between 1 and {MAX_COST}")))?;
+            cost = cost.max(Some(one));
+        }
     }
+    Ok(cost.unwrap_or(1))
 }
 
 /// Scopes and role a route requires, from the query (`scope=a,b&role=admin`) and from
@@ -685,6 +691,22 @@ mod tests {
         assert_eq!(cost_header(&HeaderMap::new()), Ok(1));
         assert_eq!(cost(" 7 "), Ok(7));
         assert!(cost("0").is_err() && cost("1001").is_err() && cost("-1").is_err() && cost("x").is_err());
+        assert!(cost("").is_err() && cost("2,").is_err());
+    }
+
+    #[test]
+    fn of_several_costs_the_largest_counts_so_a_client_cannot_undercut_its_gateway() {
+        let costs = |values: &[&'static str]| {
+            let mut headers = HeaderMap::new();
+            for v in values {
+                headers.append("x-tollgate-cost", HeaderValue::from_static(v));
+            }
+            cost_header(&headers)
+        };
+        assert_eq!(costs(&["1", "10"]), Ok(10));
+        assert_eq!(costs(&["10", "1"]), Ok(10));
+        assert_eq!(costs(&["1, 10"]), Ok(10));
+        assert!(costs(&["10", "0"]).is_err() && costs(&["1", "x"]).is_err());
     }
 
     #[test]
