@@ -4,6 +4,7 @@
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
@@ -53,7 +54,7 @@ pub async fn serve(
             watch.await;
             Ok(())
         });
-        for _ in 0..worker.worker_tasks {
+        for task in 0..worker.worker_tasks {
             let connections =
                 tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
             let run = tollgate_worker::run(
@@ -63,7 +64,8 @@ pub async fn serve(
                 connections,
                 shutdown.clone(),
             );
-            tasks.spawn(run);
+            // Each task's log lines say which one it is.
+            tasks.spawn(run.instrument(tracing::info_span!("worker", task)));
         }
     }
     if let Some(validator) = roles.validator {
