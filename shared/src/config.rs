@@ -159,6 +159,12 @@ pub struct ValidatorArgs {
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
           default_value = "1s", value_parser = humantime::parse_duration)]
     pub key_refresh: Duration,
+    /// How old a cached key record may get before a request that uses it has it read again, in the background (no
+    /// answer waits for it, and while PostgreSQL is away the record keeps deciding): a safety net for changes the
+    /// refresher cannot see, such as a key row deleted outright.
+    #[arg(long, env = "TOLLGATE_KEY_RECHECK", value_name = "TOLLGATE_KEY_RECHECK",
+          default_value = "5m", value_parser = humantime::parse_duration)]
+    pub key_recheck: Duration,
     /// Where usage messages wait on disk while NATS is unreachable or slow (relative paths are from the working
     /// directory). One validator per directory: a lock file refuses a second one.
     #[arg(long, env = "TOLLGATE_SPOOL_DIR", value_name = "TOLLGATE_SPOOL_DIR", default_value = ".tollgate/spool")]

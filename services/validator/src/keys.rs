@@ -3,7 +3,9 @@
 //! Known keys are held by hash; unknown hashes are held in a bounded negative cache for a TTL, so a flood of
 //! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
 //! keys, organizations and tiers changed and applies those changes, so a revocation reaches the cache within about
-//! that long. [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change feed will use.
+//! that long. A record older than `key_recheck` is read again in the background while it keeps deciding, so that no
+//! answer waits for PostgreSQL, and an outage of PostgreSQL fails no key the cache holds. [`KeyCache::apply`] and
+//! [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -55,9 +57,11 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
         t.burst_limit AS tier_burst_limit, t.burst_seconds AS tier_burst_seconds, t.shadow AS tier_shadow, k.key_hash
     FROM api_keys k JOIN organizations o ON o.id = k.org_id JOIN rate_limit_tiers t ON t.name = k.rate_limit_tier";
 
-/// Even without a change feed, no cached record is older than this (a safety net for missed changes).
-const RECORD_TTL: Duration = Duration::from_secs(300);
 const NEGATIVE_CAPACITY: usize = 100_000;
+/// Stale records read again at once, at most (more wait their turn: their requests do not).
+const RELOADING_CAPACITY: usize = 10_000;
+/// How long a stale record waits before it is read again after a failed attempt (PostgreSQL away).
+const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
 const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 /// Changed records a refresh applies before it lets other tasks run. A bulk change (100 000 keys imported at once)
@@ -65,15 +69,19 @@ const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 /// out, open the breaker, and be decided by the failure policy.
 const APPLIED_PER_TURN: usize = 256;
 
-/// Both caches are plain concurrent maps with eviction (quick_cache: a lookup is a hash probe under a shard's read
-/// lock, with no per-read bookkeeping), so each entry carries the time it was stored and an entry past its TTL counts
-/// as a miss.
+/// The caches are plain concurrent maps with eviction (quick_cache: a lookup is a hash probe under a shard's read
+/// lock, with no per-read bookkeeping), so each entry carries the time it was stored.
 #[derive(Clone)]
 pub struct KeyCache {
     known: Arc<Cache<KeyHash, Cached>>,
     /// Hashes no key has, with when that was found.
     unknown: Arc<Cache<KeyHash, Instant>>,
     negative_ttl: Duration,
+    /// Age past which a known record is read again.
+    recheck: Duration,
+    /// Stale records being read again, with when the last attempt began: one attempt per key at a time, and while
+    /// PostgreSQL is away one per key per [`RELOAD_RETRY`].
+    reloading: Arc<Cache<KeyHash, Instant>>,
     pool: PgPool,
     /// Lookups by where the answer came from.
     lookups: Arc<LabeledCounter<1>>,
@@ -102,12 +110,14 @@ enum Miss {
 }
 
 impl KeyCache {
-    pub fn new(pool: PgPool, capacity: u64, negative_ttl: Duration) -> KeyCache {
+    pub fn new(pool: PgPool, capacity: u64, negative_ttl: Duration, recheck: Duration) -> KeyCache {
         let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
         KeyCache {
             known: Arc::new(Cache::new(capacity)),
             unknown: Arc::new(Cache::new(NEGATIVE_CAPACITY)),
             negative_ttl,
+            recheck,
+            reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
             pool,
             lookups: Arc::new(LabeledCounter::new(
                 KEY_LOOKUPS,
@@ -120,11 +130,11 @@ impl KeyCache {
     /// The record for a key hash, or `None` if no such key exists. Concurrent misses on one hash share one query.
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
         if let Some(cached) = self.known.get(&hash) {
-            if cached.stored.elapsed() < RECORD_TTL {
-                self.lookups.increment(["cache"]);
-                return Ok(Some(cached.record));
+            self.lookups.increment(["cache"]);
+            if cached.stored.elapsed() >= self.recheck {
+                self.reload_in_background(hash);
             }
-            self.known.remove(&hash);
+            return Ok(Some(cached.record));
         }
         if self.is_known_unknown(&hash) {
             self.lookups.increment(["negative_cache"]);
@@ -138,14 +148,7 @@ impl KeyCache {
                 if self.is_known_unknown(&hash) {
                     return Err(Miss::Unknown);
                 }
-                self.lookups.increment(["database"]);
-                let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
-                let record: Option<KeyRecord> = sqlx::query_as(&sql)
-                    .bind(hash.as_bytes())
-                    .fetch_optional(&self.pool)
-                    .await
-                    .map_err(Miss::Database)?;
-                match record {
+                match self.read(hash).await.map_err(Miss::Database)? {
                     Some(record) => Ok(Cached::new(Arc::new(record))),
                     None => {
                         self.unknown.insert(hash, Instant::now());
@@ -159,6 +162,40 @@ impl KeyCache {
             Err(Miss::Database(e)) => Err(LookupError(e.to_string())),
             Err(Miss::Unknown) => Ok(None),
         }
+    }
+
+    /// The key's record as PostgreSQL has it now, or `None` if no key has this hash.
+    async fn read(&self, hash: KeyHash) -> Result<Option<KeyRecord>, sqlx::Error> {
+        self.lookups.increment(["database"]);
+        let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
+        sqlx::query_as(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool).await
+    }
+
+    /// Reads a stale record again without making its request wait. Until that succeeds, the stale record keeps
+    /// deciding (the refresher still applies every change it sees); a key whose row is gone becomes unknown.
+    fn reload_in_background(&self, hash: KeyHash) {
+        if self.reloading.get(&hash).is_some_and(|began| began.elapsed() < RELOAD_RETRY) {
+            return;
+        }
+        self.reloading.insert(hash, Instant::now());
+        let cache = self.clone();
+        tokio::spawn(async move {
+            match cache.read(hash).await {
+                Ok(Some(record)) => {
+                    // Not cached any more (evicted): nothing to refresh.
+                    let _ = cache.known.replace(hash, Cached::new(Arc::new(record)), true);
+                }
+                Ok(None) => {
+                    cache.known.remove(&hash);
+                    cache.unknown.insert(hash, Instant::now());
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read a stale key record again; it keeps deciding meanwhile");
+                    return;
+                }
+            }
+            cache.reloading.remove(&hash);
+        });
     }
 
     /// Whether `hash` was found to be no key's within the negative-cache TTL.

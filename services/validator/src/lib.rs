@@ -61,7 +61,7 @@ pub async fn run(
 
     // Before the key cache, the limiter and the handlers take their metric handles: one taken earlier counts nowhere.
     tollgate_shared::metrics::install();
-    let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl);
+    let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck);
     let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, shutdown.clone()));
 
     let state = Arc::new(http::AppState {

@@ -1,6 +1,6 @@
 //! A key verified over HTTP becomes exactly one usage row; bad keys get a uniform 401.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{TimeDelta, Utc};
 use reqwest::header::HeaderValue;
@@ -8,10 +8,12 @@ use reqwest::StatusCode;
 use serde_json::{json, Value};
 
 use tollgate_shared::admin::{self, Actor};
+use tollgate_shared::config::ValidatorArgs;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_validator::KeyCache;
 
-use crate::harness::{wait_until, TestEnv};
+use crate::harness::{wait_until, TestEnv, REDIS_URL};
+use crate::servers::PrivatePostgres;
 
 #[tokio::test]
 async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
@@ -222,7 +224,7 @@ async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_ch
     let env = TestEnv::new().await;
     let org = env.org().await;
     env.key(&org).await;
-    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1));
+    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
     let changed = || async {
         let since = Utc::now() - TimeDelta::seconds(5);
         cache.refresh(since).await.expect("refresh").changed
@@ -250,6 +252,45 @@ async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_ch
         touch(table, "1 hour").await;
     }
 
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn cached_keys_keep_deciding_while_postgresql_is_away_and_a_deleted_key_goes_at_its_recheck() {
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let recheck = Duration::from_millis(300);
+    let validator =
+        env.start_validator_with(ValidatorArgs { key_recheck: recheck, ..env.validator_args() }, REDIS_URL).await;
+    let client = reqwest::Client::new();
+    let auth = || async {
+        let started = Instant::now();
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("auth");
+        (response.status(), started.elapsed())
+    };
+    assert_eq!(auth().await.0, StatusCode::OK);
+
+    postgres.stop();
+    // Past the recheck age, several times over: each answer comes from the cache at once, not after the pool's
+    // wait for a connection, and not as a 503.
+    for _ in 0..4 {
+        tokio::time::sleep(recheck * 2).await;
+        let (status, took) = auth().await;
+        assert_eq!(status, StatusCode::OK, "a cached key while PostgreSQL is away");
+        assert!(took < Duration::from_millis(500), "answered in {took:?}");
+    }
+
+    postgres.restart();
+    // A key row deleted outright is a change the refresher cannot see: its recheck finds it gone.
+    sqlx::query("DELETE FROM key_audit WHERE key_id = $1").bind(key_id).execute(&env.pool).await.expect("audit");
+    sqlx::query("DELETE FROM api_keys WHERE id = $1").bind(key_id).execute(&env.pool).await.expect("delete");
+    let (status, _) =
+        wait_until(Duration::from_secs(30), auth, |(status, _)| *status == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "a deleted key after its recheck");
+
+    validator.service.stop().await;
     env.cleanup().await;
 }
 

@@ -98,6 +98,7 @@ impl TestEnv {
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),
             key_refresh: Duration::from_millis(200),
+            key_recheck: Duration::from_secs(300),
             limits: LimiterArgs::defaults(),
             spool_dir: self.spool_dir().join(Uuid::new_v4().simple().to_string()),
             spool_fsync: FsyncPolicy::Always,
