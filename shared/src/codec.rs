@@ -246,6 +246,21 @@ mod tests {
     }
 
     #[test]
+    fn any_byte_changed_anywhere_is_rejected_or_decodes_to_valid_events_without_a_panic() {
+        let bytes = encode_batch(vec![sample(Outcome::Allowed), sample(Outcome::Revoked)]);
+        for at in 0..bytes.len() {
+            // Besides small and large values, bincode's markers of a wider integer (0xfb..=0xfe).
+            for value in [0x00, 0x01, 0x7f, 0x80, 0xfb, 0xfc, 0xfd, 0xfe, 0xff, bytes[at] ^ 0x01] {
+                let mut mutated = bytes.clone();
+                mutated[at] = value;
+                if let Ok(events) = decode_batch(&mutated) {
+                    assert_eq!(decode_batch(&encode_batch(events.clone())), Ok(events), "byte {at} set to {value}");
+                }
+            }
+        }
+    }
+
+    #[test]
     fn garbage_unknown_versions_and_trailing_bytes_are_rejected() {
         assert_eq!(decode_batch(b""), Err(CodecError::Empty));
         assert_eq!(decode_batch(b"\x09abc"), Err(CodecError::UnknownVersion(9)));
