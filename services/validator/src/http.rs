@@ -570,6 +570,10 @@ async fn verify(
     let started = Instant::now();
     let body: VerifyBody = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body)) {
         Ok(body) => body,
+        // serde's words for a body that is no object ("expected struct VerifyBody") would name our type, not the mistake.
+        Err(e) if e.inner().is_data() && body.trim_ascii_start().first() != Some(&b'{') => {
+            return bad_request(".", "the body must be a JSON object, such as {\"key\": \"tg_live_…\"}")
+        }
         Err(e) => return bad_request(&e.path().to_string(), &e.inner().to_string()),
     };
     if body.cost == 0 || body.cost > MAX_COST {

@@ -41,7 +41,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // First, so that a second validator on the same spool directory stops before it touches anything else.
+    // Before anything registers a metric or takes a handle on one: either would count nowhere.
+    tollgate_shared::metrics::install();
+    // Then, so that a second validator on the same spool directory stops before it touches anything else.
     let spool = open_spool(&args).await?;
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
     if connections.nats.connection_state() == async_nats::connection::State::Connected {
@@ -59,8 +61,6 @@ pub async fn run(
         publisher::channel(args.event_queue, jetstream, topology.usage_subject(), spool, settings);
     let publishing = tokio::spawn(publisher.run());
 
-    // Before the key cache, the limiter and the handlers take their metric handles: one taken earlier counts nowhere.
-    tollgate_shared::metrics::install();
     let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck);
     let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, shutdown.clone()));
 

@@ -198,6 +198,8 @@ pub async fn run_observed(
     observer: Option<CommitObserver>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    // Before anything registers a metric: it would count nowhere.
+    tollgate_shared::metrics::install();
     let Connections { pool, nats, redis } = connections;
     let jetstream = jetstream::new(nats.clone());
     let consumer = topology.ensure_worker_side(&jetstream).await?;

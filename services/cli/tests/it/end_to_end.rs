@@ -334,6 +334,11 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
     let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
+    for not_an_object in [json!([]), json!("tg_live_x"), json!(null)] {
+        let (status, body) = verify(not_an_object).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(body["message"].as_str().expect("message").contains("must be a JSON object"), "{body}");
+    }
 
     env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
     env.wait_for_count("SELECT sum(units) FROM usage_hourly", 3).await;
