@@ -28,7 +28,7 @@ use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{start_at_zero, LabeledCounter, IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
 
 use crate::decision::{decide, Requirement};
-use crate::keys::{KeyCache, KeyRecord};
+use crate::keys::{KeyCache, KeyRecord, LookupError};
 use crate::limiter::{Decision, Health, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{self, Credential, TrustedProxies};
@@ -193,6 +193,8 @@ impl AppState {
         let record = match self.keys.lookup(key.hash()).await {
             Ok(Some(record)) => record,
             Ok(None) => return Verdict::Unidentified("unknown"),
+            // The refresher logs this once per attempt, not once per request.
+            Err(LookupError::DatabaseAway) => return Verdict::Unavailable,
             Err(e) => {
                 tracing::error!(error = %e, "cannot look up a key that is not cached");
                 return Verdict::Unavailable;

@@ -7,6 +7,7 @@
 //! answer waits for PostgreSQL, and an outage of PostgreSQL fails no key the cache holds. [`KeyCache::apply`] and
 //! [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,6 +61,8 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
 const NEGATIVE_CAPACITY: usize = 100_000;
 /// Stale records read again at once, at most (more wait their turn: their requests do not).
 const RELOADING_CAPACITY: usize = 10_000;
+/// How long a refresh waits for PostgreSQL's first answer before it counts PostgreSQL as away.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a stale record waits before it is read again after a failed attempt (PostgreSQL away).
 const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
@@ -79,6 +82,8 @@ pub struct KeyCache {
     negative_ttl: Duration,
     /// Age past which a known record is read again.
     recheck: Duration,
+    /// Whether the refresher's last query failed.
+    database_away: Arc<AtomicBool>,
     /// Stale records being read again, with when the last attempt began: one attempt per key at a time, and while
     /// PostgreSQL is away one per key per [`RELOAD_RETRY`].
     reloading: Arc<Cache<KeyHash, Instant>>,
@@ -100,8 +105,13 @@ impl Cached {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("key lookup failed: {0}")]
-pub struct LookupError(String);
+pub enum LookupError {
+    /// Not asked: the refresher's last query failed, so this one would wait out the pool's timeout for nothing.
+    #[error("PostgreSQL does not answer (the key cache's last refresh failed)")]
+    DatabaseAway,
+    #[error("key lookup failed: {0}")]
+    Query(String),
+}
 
 /// Why a cache miss produced no record.
 enum Miss {
@@ -117,6 +127,7 @@ impl KeyCache {
             unknown: Arc::new(Cache::new(NEGATIVE_CAPACITY)),
             negative_ttl,
             recheck,
+            database_away: Arc::new(AtomicBool::new(false)),
             reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
             pool,
             lookups: Arc::new(LabeledCounter::new(
@@ -140,6 +151,11 @@ impl KeyCache {
             self.lookups.increment(["negative_cache"]);
             return Ok(None);
         }
+        // Answered at once rather than after the pool's wait for a connection: a flood of new or made-up keys during
+        // an outage would otherwise hold a task and a waiting request each for that long.
+        if self.database_away.load(Ordering::Relaxed) {
+            return Err(LookupError::DatabaseAway);
+        }
         let loaded = self
             .known
             .get_or_insert_async(&hash, async {
@@ -159,7 +175,7 @@ impl KeyCache {
             .await;
         match loaded {
             Ok(cached) => Ok(Some(cached.record)),
-            Err(Miss::Database(e)) => Err(LookupError(e.to_string())),
+            Err(Miss::Database(e)) => Err(LookupError::Query(e.to_string())),
             Err(Miss::Unknown) => Ok(None),
         }
     }
@@ -174,7 +190,9 @@ impl KeyCache {
     /// Reads a stale record again without making its request wait. Until that succeeds, the stale record keeps
     /// deciding (the refresher still applies every change it sees); a key whose row is gone becomes unknown.
     fn reload_in_background(&self, hash: KeyHash) {
-        if self.reloading.get(&hash).is_some_and(|began| began.elapsed() < RELOAD_RETRY) {
+        if self.database_away.load(Ordering::Relaxed)
+            || self.reloading.get(&hash).is_some_and(|began| began.elapsed() < RELOAD_RETRY)
+        {
             return;
         }
         self.reloading.insert(hash, Instant::now());
@@ -225,7 +243,10 @@ impl KeyCache {
 
     /// Applies every key, organization and tier change since `since`.
     pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, sqlx::Error> {
-        let now: DateTime<Utc> = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool).await?;
+        // Bounded, unlike the changes' query (a bulk change takes as long as it takes): an outage shows within it.
+        let probe = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool);
+        let now: DateTime<Utc> =
+            tokio::time::timeout(PROBE_TIMEOUT, probe).await.map_err(|_| sqlx::Error::PoolTimedOut)??;
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
@@ -258,8 +279,14 @@ impl KeyCache {
                 _ = ticker.tick() => {}
             }
             match self.refresh(since).await {
-                Ok(refreshed) => since = refreshed.next_since,
-                Err(e) => tracing::warn!(error = %e, "cannot refresh the key cache; will retry"),
+                Ok(refreshed) => {
+                    since = refreshed.next_since;
+                    self.database_away.store(false, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot refresh the key cache; keys not cached get 503 until it can");
+                    self.database_away.store(true, Ordering::Relaxed);
+                }
             }
         }
     }

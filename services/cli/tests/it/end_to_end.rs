@@ -256,7 +256,7 @@ async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_ch
 }
 
 #[tokio::test]
-async fn cached_keys_keep_deciding_while_postgresql_is_away_and_a_deleted_key_goes_at_its_recheck() {
+async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_once_and_deleted_ones_go() {
     let postgres = PrivatePostgres::start();
     let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
     let org = env.org().await;
@@ -281,6 +281,21 @@ async fn cached_keys_keep_deciding_while_postgresql_is_away_and_a_deleted_key_go
         assert_eq!(status, StatusCode::OK, "a cached key while PostgreSQL is away");
         assert!(took < Duration::from_millis(500), "answered in {took:?}");
     }
+
+    // Once the refresher has found PostgreSQL away, a key the cache has not seen gets 503 at once, not after the
+    // pool's wait for a connection.
+    let unseen = || async {
+        let started = Instant::now();
+        let key = ApiKey::generate(KeyEnv::Test);
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("auth");
+        (response.status(), started.elapsed())
+    };
+    let (status, took) = wait_until(Duration::from_secs(15), unseen, |(status, took)| {
+        *status == StatusCode::SERVICE_UNAVAILABLE && *took < Duration::from_millis(500)
+    })
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "an unseen key while PostgreSQL is away");
+    assert!(took < Duration::from_millis(500), "answered in {took:?}");
 
     postgres.restart();
     // A key row deleted outright is a change the refresher cannot see: its recheck finds it gone.
