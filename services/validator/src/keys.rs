@@ -59,7 +59,7 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
     FROM api_keys k JOIN organizations o ON o.id = k.org_id JOIN rate_limit_tiers t ON t.name = k.rate_limit_tier";
 
 const NEGATIVE_CAPACITY: usize = 100_000;
-/// Stale records read again at once, at most (more wait their turn: their requests do not).
+/// Stale records remembered as being read again (past this many, one may be read twice: no harm).
 const RELOADING_CAPACITY: usize = 10_000;
 /// How long a refresh waits for PostgreSQL's first answer before it counts PostgreSQL as away.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -82,10 +82,10 @@ pub struct KeyCache {
     negative_ttl: Duration,
     /// Age past which a known record is read again.
     recheck: Duration,
-    /// Whether the refresher's last query failed.
+    /// Whether the refresher's last attempt failed: then nothing else asks PostgreSQL.
     database_away: Arc<AtomicBool>,
-    /// Stale records being read again, with when the last attempt began: one attempt per key at a time, and while
-    /// PostgreSQL is away one per key per [`RELOAD_RETRY`].
+    /// Stale records being read again, with when the attempt began: one attempt per key at a time, and none for
+    /// [`RELOAD_RETRY`] after a failed one.
     reloading: Arc<Cache<KeyHash, Instant>>,
     pool: PgPool,
     /// Lookups by where the answer came from.

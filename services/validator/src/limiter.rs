@@ -673,17 +673,17 @@ fn now_us() -> i64 {
     i64::try_from(since.as_micros()).unwrap_or(i64::MAX)
 }
 
-/// The label pairs of `tollgate_ratelimit_decisions_total` (see [`Limiter::record`]).
 /// The counters of rare events start at zero (see [`start_labeled_at_zero`]); so does the breaker's gauge.
 fn start_rare_series_at_zero() {
     start_labeled_at_zero(RATELIMIT_DEGRADED, "policy", FailurePolicy::ALL.map(FailurePolicy::as_str));
     start_labeled_at_zero(RATELIMIT_REDIS_ERRORS, "kind", CallError::LABELS);
-    // The limits that can be in shadow mode: a tier's, and an organization's.
+    // The limits that can be in shadow mode: a tier's, and an organization's rate and quota.
     let shadowed = [LimitKind::Tier, LimitKind::Org, LimitKind::Quota];
     start_labeled_at_zero(RATELIMIT_SHADOW_DENIALS, "limit", shadowed.map(LimitKind::as_str));
     metrics::gauge!(RATELIMIT_BREAKER_OPEN).set(0.0);
 }
 
+/// The label pairs of `tollgate_ratelimit_decisions_total` (see [`Limiter::record`]).
 fn expected_decisions() -> impl Iterator<Item = [&'static str; 2]> {
     let limits = LimitKind::ALL.into_iter().map(LimitKind::as_str).chain(["none"]);
     limits.flat_map(|limit| [[limit, "allowed"], [limit, "denied"]]).chain([["none", "unavailable"]])
