@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 pub const VERIFY_REQUESTS: &str = "tollgate_verify_requests_total";
 pub const VERIFY_DURATION: &str = "tollgate_verify_duration_seconds";
 pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
+pub const KEY_REFRESH_AGE: &str = "tollgate_key_refresh_age_seconds";
 pub const EVENTS_PUBLISHED: &str = "tollgate_events_published_total";
 pub const EVENTS_PUBLISH_ERRORS: &str = "tollgate_events_publish_errors_total";
 pub const EVENT_QUEUE_DEPTH: &str = "tollgate_event_queue_depth";
@@ -81,6 +82,11 @@ fn describe() {
     describe_counter!(VERIFY_REQUESTS, "Verify decisions, by outcome (including missing/malformed/unknown keys).");
     describe_histogram!(VERIFY_DURATION, Unit::Seconds, "Time to decide a verify request.");
     describe_counter!(KEY_LOOKUPS, "Key lookups, by source: cache, negative_cache, database.");
+    describe_gauge!(
+        KEY_REFRESH_AGE,
+        Unit::Seconds,
+        "Time since the key cache's refresher last heard from PostgreSQL (while it fails, keys not cached get 503)."
+    );
     describe_counter!(EVENTS_PUBLISHED, "Usage events acknowledged by JetStream.");
     describe_counter!(EVENTS_PUBLISH_ERRORS, "Failed publish attempts of usage batches (each is retried).");
     describe_gauge!(EVENT_QUEUE_DEPTH, "Usage events waiting in the validator's queue for the publisher.");

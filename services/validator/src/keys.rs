@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use tollgate_shared::domain::{RateLimitTier, Role};
 use tollgate_shared::key::KeyHash;
-use tollgate_shared::metrics::{LabeledCounter, KEY_LOOKUPS};
+use tollgate_shared::metrics::{LabeledCounter, KEY_LOOKUPS, KEY_REFRESH_AGE};
 
 /// What the validator needs to decide on a key: the key's own settings and its organization's.
 #[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
@@ -271,6 +271,9 @@ impl KeyCache {
     /// Polls for changes every `interval` until `shutdown`.
     pub async fn keep_fresh(self, interval: Duration, shutdown: CancellationToken) {
         let mut since = Utc::now() - REFRESH_OVERLAP;
+        let mut heard = Instant::now();
+        let age = metrics::gauge!(KEY_REFRESH_AGE);
+        age.set(0.0);
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -281,6 +284,7 @@ impl KeyCache {
             match self.refresh(since).await {
                 Ok(refreshed) => {
                     since = refreshed.next_since;
+                    heard = Instant::now();
                     self.database_away.store(false, Ordering::Relaxed);
                 }
                 Err(e) => {
@@ -288,6 +292,7 @@ impl KeyCache {
                     self.database_away.store(true, Ordering::Relaxed);
                 }
             }
+            age.set(heard.elapsed().as_secs_f64());
         }
     }
 }
