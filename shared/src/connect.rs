@@ -1,6 +1,7 @@
 //! Connections to the three servers, with errors that name the server and the URL tried (never a password).
 
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -12,6 +13,8 @@ use crate::config::ServerUrl;
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often a connection made in the background is tried while its server does not answer.
+const BACKGROUND_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
@@ -93,6 +96,50 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
         .await
         .map_err(|_| unreachable("Redis", url, "REDIS_URL", "timed out"))?
         .map_err(|e| unreachable("Redis", url, "REDIS_URL", e))
+}
+
+/// A Redis connection that may not be made yet: the validator starts while Redis is away (its rate limits follow
+/// their failure policies meanwhile), so its first connection may come later, from the background. Once made, it
+/// reconnects by itself.
+#[derive(Clone)]
+pub struct BackgroundRedis(Arc<OnceLock<redis::aio::ConnectionManager>>);
+
+impl BackgroundRedis {
+    /// The connection, once made.
+    pub fn get(&self) -> Option<redis::aio::ConnectionManager> {
+        self.0.get().cloned()
+    }
+}
+
+impl From<redis::aio::ConnectionManager> for BackgroundRedis {
+    fn from(connection: redis::aio::ConnectionManager) -> BackgroundRedis {
+        BackgroundRedis(Arc::new(OnceLock::from(connection)))
+    }
+}
+
+/// Like [`redis`], but when Redis does not answer, warns and keeps trying in the background instead of failing (a
+/// malformed URL still fails).
+pub async fn redis_in_background(url: &ServerUrl) -> Result<BackgroundRedis, ConnectError> {
+    redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
+    let e = match redis(url).await {
+        Ok(connection) => return Ok(connection.into()),
+        Err(e) => e,
+    };
+    tracing::warn!(error = %e, "starting anyway: rate limits follow their failure policies until Redis answers");
+    let later = BackgroundRedis(Arc::new(OnceLock::new()));
+    let (cell, url) = (later.0.clone(), url.clone());
+    tokio::spawn(async move {
+        // Until it connects, or nobody holds the connection-to-be any more.
+        while Arc::strong_count(&cell) > 1 {
+            tokio::time::sleep(BACKGROUND_RETRY).await;
+            if let Ok(connection) = redis(&url).await {
+                let _ = cell.set(connection);
+                tracing::info!("Redis answers: rate limits are decided in Redis");
+                return;
+            }
+        }
+    });
+    Ok(later)
 }
 
 /// A NATS client that reconnects by itself after the first connection.

@@ -72,7 +72,8 @@ pub async fn serve(
         let listener = listen::bind(validator.listen)
             .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", validator.listen))?;
         let address = listener.local_addr()?;
-        let redis = connect::redis(&servers.redis_url).await?;
+        // Like NATS, Redis may be away when a validator starts: it serves meanwhile.
+        let redis = connect::redis_in_background(&servers.redis_url).await?;
         let connections = tollgate_validator::Connections { pool: pool.clone(), redis, nats: nats.clone() };
         if roles.demo {
             print_demo(&pool, address).await?;

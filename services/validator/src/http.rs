@@ -61,7 +61,7 @@ pub struct AppState {
     pub events: EventQueue,
     pub proxies: TrustedProxies,
     pub pool: sqlx::PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: tollgate_shared::connect::BackgroundRedis,
     pub nats: async_nats::Client,
     pub limiter: Limiter,
     pub redis_prefix: String,
@@ -643,7 +643,7 @@ fn bad_request(field: &str, message: &str) -> Response {
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
     let redis = async {
-        let mut redis = state.redis.clone();
+        let Some(mut redis) = state.redis.get() else { return false };
         redis::cmd("PING").query_async::<String>(&mut redis).await.is_ok()
     };
     let nats = async { state.nats.flush().await.is_ok() };

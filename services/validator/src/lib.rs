@@ -28,7 +28,7 @@ pub use limiter::quota_key;
 /// The servers the validator talks to.
 pub struct Connections {
     pub pool: sqlx::PgPool,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: tollgate_shared::connect::BackgroundRedis,
     pub nats: async_nats::Client,
 }
 

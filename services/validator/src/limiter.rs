@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use uuid::Uuid;
 
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
+use tollgate_shared::connect::BackgroundRedis;
 use tollgate_shared::metrics::{
     start_labeled_at_zero, LabeledCounter, RATELIMIT_BREAKER_OPEN, RATELIMIT_DECISIONS, RATELIMIT_DEGRADED,
     RATELIMIT_REDIS_DURATION, RATELIMIT_REDIS_ERRORS, RATELIMIT_SHADOW_DENIALS,
@@ -301,6 +302,8 @@ enum CallError {
     Reply(usize),
     #[error("the task making the script calls has stopped")]
     Stopped,
+    #[error("not connected to Redis yet")]
+    NotConnected,
 }
 
 impl CallError {
@@ -311,7 +314,7 @@ impl CallError {
     fn label(&self) -> &'static str {
         match self {
             CallError::Timeout | CallError::Overloaded => "timeout",
-            CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped => "error",
+            CallError::Redis(_) | CallError::Reply(_) | CallError::Stopped | CallError::NotConnected => "error",
         }
     }
 }
@@ -344,7 +347,7 @@ impl Reply {
 impl Limiter {
     /// Must be called within the Tokio runtime: it starts the task that makes the script calls.
     /// `prefix` begins the name of every counter (see [`CounterKey`]).
-    pub fn new(redis: ConnectionManager, args: &LimiterArgs, prefix: &str) -> Limiter {
+    pub fn new(redis: BackgroundRedis, args: &LimiterArgs, prefix: &str) -> Limiter {
         let (calls, pending) = mpsc::channel(QUEUED_AT_MOST);
         let breaker = Arc::new(Breaker::new(args.breaker_failures, args.breaker_cooldown));
         tokio::spawn(make_calls(pending, redis, args.redis_timeout, prefix.to_owned(), breaker.clone()));
@@ -486,7 +489,7 @@ impl Limiter {
 /// gets until its oldest decision's deadline, and a decision that waited that long in the queue is answered at once.
 async fn make_calls(
     mut pending: mpsc::Receiver<Pending>,
-    redis: ConnectionManager,
+    redis: BackgroundRedis,
     timeout: Duration,
     prefix: String,
     breaker: Arc<Breaker>,
@@ -502,9 +505,9 @@ async fn make_calls(
             return;
         }
         gather(&mut pending, &mut batch).await;
-        let (script, prefix, mut redis, breaker) = (script.clone(), prefix.clone(), redis.clone(), breaker.clone());
+        let (script, prefix, redis, breaker) = (script.clone(), prefix.clone(), redis.get(), breaker.clone());
         tokio::spawn(async move {
-            decide_batch(&script, &prefix, &mut redis, batch, timeout, &breaker).await;
+            decide_batch(&script, &prefix, redis, batch, timeout, &breaker).await;
             drop(slot);
         });
     }
@@ -516,7 +519,7 @@ async fn make_calls(
 async fn decide_batch(
     script: &redis::Script,
     prefix: &str,
-    redis: &mut ConnectionManager,
+    redis: Option<ConnectionManager>,
     mut batch: Vec<Pending>,
     timeout: Duration,
     breaker: &Breaker,
@@ -530,11 +533,16 @@ async fn decide_batch(
     let Some(oldest) = batch.iter().map(|p| p.since).min() else { return };
     let call = script_call(script, prefix, &batch);
     let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
-    let reply = match tokio::time::timeout_at((oldest + timeout).into(), run(script, &call, redis)).await {
-        Err(_) => Err(CallError::Timeout),
-        Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
-        Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
-        Ok(Ok(values)) => Ok(Arc::new(values)),
+    let reply = match redis {
+        None => Err(CallError::NotConnected),
+        Some(mut redis) => {
+            match tokio::time::timeout_at((oldest + timeout).into(), run(script, &call, &mut redis)).await {
+                Err(_) => Err(CallError::Timeout),
+                Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
+                Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
+                Ok(Ok(values)) => Ok(Arc::new(values)),
+            }
+        }
     };
     match &reply {
         Ok(_) => breaker.success(),

@@ -127,7 +127,7 @@ impl TestEnv {
         let address = listener.local_addr().expect("address");
         let connections = tollgate_validator::Connections {
             pool: self.pool.clone(),
-            redis: connect::redis(&redis_url.parse().expect("url")).await.expect("redis"),
+            redis: connect::redis(&redis_url.parse().expect("url")).await.expect("redis").into(),
             nats: self.nats.clone(),
         };
         let shutdown = CancellationToken::new();

@@ -14,8 +14,8 @@ use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
 use tollgate_shared::domain::{LimitSetting, RateLimitTier, Role};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
-use crate::harness::{wait_until, RunningValidator, TestEnv, REDIS_URL};
-use crate::servers::PrivateRedis;
+use crate::harness::{wait_until, RunningValidator, TestEnv, NATS_URL, REDIS_URL};
+use crate::servers::{free_port, PrivateRedis};
 
 /// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
 async fn set_tier(env: &TestEnv, tier: RateLimitTier, limit: i64, seconds: i32, shadow: bool) {
@@ -399,6 +399,61 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
     for validator in [open, closed, local] {
         validator.service.stop().await;
     }
+    env.cleanup().await;
+}
+
+/// A validator started while Redis is away serves (its limits follow their failure policy) and says why on `/readyz`,
+/// then decides in Redis once Redis answers, without a restart: a validator restarted during a Redis outage must not
+/// turn it into a total one.
+#[tokio::test]
+async fn a_validator_started_while_redis_is_away_serves_by_policy_and_uses_redis_once_it_answers() {
+    let env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start();
+    redis.stop();
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(3)).await;
+    let listen = free_port();
+    let _validator = env.spawn_service(
+        "validator",
+        NATS_URL,
+        &[
+            ("REDIS_URL", redis.url()),
+            ("TOLLGATE_LISTEN", format!("127.0.0.1:{listen}")),
+            ("TOLLGATE_SPOOL_DIR", env.spool_dir().display().to_string()),
+            ("TOLLGATE_BREAKER_COOLDOWN", "200ms".into()),
+        ],
+    );
+    let url = |path: &str| format!("http://127.0.0.1:{listen}{path}");
+    let client = reqwest::Client::new();
+    let readyz = || async {
+        let response = client.get(url("/readyz")).send().await.ok()?;
+        Some((response.status(), response.json::<Value>().await.ok()?))
+    };
+    let auth = || async {
+        let response = client.get(url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        (response.status(), header(&response, "x-ratelimit-remaining"))
+    };
+
+    let ready = wait_until(Duration::from_secs(20), readyz, Option::is_some).await.expect("the validator serves");
+    assert_eq!(ready.0, StatusCode::SERVICE_UNAVAILABLE, "not ready while Redis is away: {ready:?}");
+    assert_eq!((ready.1["redis"].clone(), ready.1["ratelimit"].clone()), (json!("unavailable"), json!("degraded")));
+    // The default `local` policy: this process's own count, limit 3 ÷ 1 replica.
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        seen.push(auth().await.0.as_u16());
+    }
+    assert_eq!(seen, [200, 200, 200, 429]);
+
+    redis.restart();
+    // Decided in Redis, whose count starts empty: 2 of 3 left after the first.
+    let recovered =
+        wait_until(Duration::from_secs(15), auth, |(status, remaining)| *status == StatusCode::OK && remaining == "2")
+            .await;
+    assert_eq!(recovered, (StatusCode::OK, "2".to_owned()), "decided in Redis once it answers");
+    let ready = readyz().await.expect("readyz");
+    assert_eq!(ready.0, StatusCode::OK, "ready again: {ready:?}");
+    assert_eq!((ready.1["redis"].clone(), ready.1["ratelimit"].clone()), (json!("ok"), json!("ok")));
+
     env.cleanup().await;
 }
 
