@@ -117,15 +117,15 @@ impl From<redis::aio::ConnectionManager> for BackgroundRedis {
     }
 }
 
-/// Like [`redis`], but when Redis does not answer, warns and keeps trying in the background instead of failing (a
-/// malformed URL still fails).
-pub async fn redis_in_background(url: &ServerUrl) -> Result<BackgroundRedis, ConnectError> {
+/// Like [`redis`], but when Redis does not answer, warns (saying what happens `meanwhile`) and keeps trying in the
+/// background instead of failing (a malformed URL still fails).
+pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Result<BackgroundRedis, ConnectError> {
     redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
     let e = match redis(url).await {
         Ok(connection) => return Ok(connection.into()),
         Err(e) => e,
     };
-    tracing::warn!(error = %e, "starting anyway: rate limits follow their failure policies until Redis answers");
+    tracing::warn!(error = %e, "starting anyway; until Redis answers, {meanwhile}");
     let later = BackgroundRedis(Arc::new(OnceLock::new()));
     let (cell, url) = (later.0.clone(), url.clone());
     tokio::spawn(async move {
@@ -134,7 +134,7 @@ pub async fn redis_in_background(url: &ServerUrl) -> Result<BackgroundRedis, Con
             tokio::time::sleep(BACKGROUND_RETRY).await;
             if let Ok(connection) = redis(&url).await {
                 let _ = cell.set(connection);
-                tracing::info!("Redis answers: rate limits are decided in Redis");
+                tracing::info!(url = %url, "Redis answers");
                 return;
             }
         }

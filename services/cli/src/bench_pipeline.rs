@@ -110,7 +110,8 @@ async fn run(
     let mut workers = Vec::new();
     let redis = connect::redis(&servers.redis_url).await?;
     for _ in 0..args.worker.worker_tasks {
-        let connections = tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
+        let connections =
+            tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone().into() };
         workers.push(tokio::spawn(tollgate_worker::run_observed(
             args.worker.clone(),
             topology.clone(),

@@ -47,7 +47,8 @@ pub async fn serve(
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
-        let redis = connect::redis(&servers.redis_url).await?;
+        // Redis holds only the quota counters, which the next batch repairs: no reason to wait for it.
+        let redis = connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?;
         let quota = tollgate_worker::QuotaCounters::new(redis.clone(), namespace.redis_prefix.clone());
         let watch = tollgate_worker::reconcile::watch_counter_drift(pool.clone(), quota, DRIFT_CHECK, shutdown.clone());
         tasks.spawn(async move {
@@ -73,7 +74,8 @@ pub async fn serve(
             .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", validator.listen))?;
         let address = listener.local_addr()?;
         // Like NATS, Redis may be away when a validator starts: it serves meanwhile.
-        let redis = connect::redis_in_background(&servers.redis_url).await?;
+        let meanwhile = "every rate limit follows its failure policy";
+        let redis = connect::redis_in_background(&servers.redis_url, meanwhile).await?;
         let connections = tollgate_validator::Connections { pool: pool.clone(), redis, nats: nats.clone() };
         if roles.demo {
             print_demo(&pool, address).await?;

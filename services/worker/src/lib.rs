@@ -84,7 +84,7 @@ impl Delivery {
 pub struct Connections {
     pub pool: sqlx::PgPool,
     pub nats: async_nats::Client,
-    pub redis: redis::aio::ConnectionManager,
+    pub redis: tollgate_shared::connect::BackgroundRedis,
 }
 
 /// One worker's state: the store, where dead letters go, the quota counters and an optional commit observer.

@@ -5,10 +5,12 @@
 //! a "set if greater" script: concurrent workers, replays and late retries can never move a counter backwards, a
 //! counter lost in a Redis flush or restart is rebuilt by the next batch of that organization, and a counter is
 //! never ahead of PostgreSQL (it only ever holds values PostgreSQL has committed). Redis being away does not hold
-//! up the batch: PostgreSQL is the truth, and the next batch (or `tollgate usage reconcile`) repairs the counter.
+//! up the batch, nor a worker's start: PostgreSQL is the truth, and the next batch (or `tollgate usage reconcile`)
+//! repairs the counter.
 
 use redis::aio::ConnectionManager;
 
+use tollgate_shared::connect::BackgroundRedis;
 use tollgate_shared::quota_counter;
 
 use crate::store::PeriodTotal;
@@ -43,7 +45,7 @@ return 0";
 /// The quota counters of one deployment (one Redis prefix).
 #[derive(Clone)]
 pub struct QuotaCounters {
-    redis: ConnectionManager,
+    redis: BackgroundRedis,
     prefix: String,
     raise: redis::Script,
     replace_if: redis::Script,
@@ -51,13 +53,18 @@ pub struct QuotaCounters {
 
 impl QuotaCounters {
     /// Counters under `prefix` (the deployment's `TOLLGATE_REDIS_PREFIX`).
-    pub fn new(redis: ConnectionManager, prefix: impl Into<String>) -> QuotaCounters {
+    pub fn new(redis: impl Into<BackgroundRedis>, prefix: impl Into<String>) -> QuotaCounters {
         QuotaCounters {
-            redis,
+            redis: redis.into(),
             prefix: prefix.into(),
             raise: redis::Script::new(RAISE),
             replace_if: redis::Script::new(REPLACE_IF),
         }
+    }
+
+    /// The connection, or an error until it is made (the worker started while Redis was away).
+    fn connection(&self) -> redis::RedisResult<ConnectionManager> {
+        self.redis.get().ok_or_else(|| (redis::ErrorKind::IoError, "not connected to Redis yet").into())
     }
 
     /// The Redis key of `total`'s organization and month.
@@ -75,7 +82,7 @@ impl QuotaCounters {
             invocation.key(self.key(total)).arg(total.units);
         }
         invocation.arg(COUNTER_TTL_SECONDS);
-        let _: i64 = invocation.invoke_async(&mut self.redis).await?;
+        let _: i64 = invocation.invoke_async(&mut self.connection()?).await?;
         Ok(())
     }
 
@@ -85,7 +92,7 @@ impl QuotaCounters {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = totals.iter().map(|t| self.key(t)).collect();
-        redis::cmd("MGET").arg(keys).query_async(&mut self.redis).await
+        redis::cmd("MGET").arg(keys).query_async(&mut self.connection()?).await
     }
 
     /// Sets the counter to `total.units` if it still holds `observed`; true if it did.
@@ -97,7 +104,7 @@ impl QuotaCounters {
             .arg(observed)
             .arg(total.units)
             .arg(COUNTER_TTL_SECONDS)
-            .invoke_async(&mut self.redis)
+            .invoke_async(&mut self.connection()?)
             .await?;
         Ok(replaced == 1)
     }

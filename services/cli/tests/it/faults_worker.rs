@@ -11,10 +11,11 @@ use uuid::Uuid;
 use tollgate_shared::codec;
 use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
+use tollgate_shared::quota_counter;
 
 use crate::harness::usage_event;
-use crate::harness::{Load, TestEnv, NATS_URL};
-use crate::servers::PrivatePostgres;
+use crate::harness::{wait_until, Load, TestEnv, NATS_URL};
+use crate::servers::{PrivatePostgres, PrivateRedis};
 
 /// Re-delivery of what a killed worker held comes after this long.
 const TEST_ACK_WAIT: Duration = Duration::from_secs(2);
@@ -153,5 +154,58 @@ async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once()
     let worker = env.start_worker().await;
     env.assert_exactly_once(200).await;
     worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A worker started while Redis is away writes usage to PostgreSQL all the same (Redis holds only the quota counters),
+/// and brings its organization's counter up to PostgreSQL's total with its first batch after Redis answers.
+#[tokio::test]
+async fn a_worker_started_while_redis_is_away_writes_usage_and_raises_the_quota_once_redis_answers() {
+    let env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start();
+    redis.stop();
+    let slug = env.org().await;
+    let (key_id, _) = env.key(&slug).await;
+    let org_id: Uuid = sqlx::query_scalar("SELECT org_id FROM api_keys WHERE id = $1")
+        .bind(key_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the key's organization");
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let _worker =
+        env.spawn_service("worker", NATS_URL, &[("REDIS_URL", redis.url()), ("TOLLGATE_BATCH_WAIT", "20ms".into())]);
+    let subject = env.topology.usage_subject();
+
+    publish(&js, &subject, "m1".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 3)]).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+
+    redis.restart();
+    // Each batch raises the counter to PostgreSQL's total: the first one after the worker has connected does.
+    let counter = quota_counter::key_at(&env.topology.redis_prefix, org_id, chrono::Utc::now());
+    let client = redis::Client::open(redis.url()).expect("url");
+    let mut sent = 1;
+    let (units, total) = wait_until(
+        Duration::from_secs(30),
+        || {
+            sent += 1;
+            let (js, subject, client, counter) = (js.clone(), subject.clone(), client.clone(), counter.clone());
+            let env = &env;
+            async move {
+                let event = usage_event(org_id, key_id, Outcome::Allowed, 1);
+                publish(&js, &subject, format!("m{sent}"), vec![event]).await;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let units = match client.get_multiplexed_async_connection().await {
+                    Ok(mut connection) => redis::cmd("GET").arg(&counter).query_async(&mut connection).await.ok(),
+                    Err(_) => None,
+                };
+                (units.flatten(), env.count("SELECT sum(units) FROM billing_periods").await)
+            }
+        },
+        |(units, total)| *units == Some(*total),
+    )
+    .await;
+    assert_eq!(units, Some(total), "the counter holds PostgreSQL's total");
+    assert!(total >= 4, "the 3 units written while Redis was away are in it: {total}");
     env.cleanup().await;
 }

@@ -140,7 +140,7 @@ impl TestEnv {
         let connections = tollgate_worker::Connections {
             pool: self.pool.clone(),
             nats: self.nats.clone(),
-            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis"),
+            redis: connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis").into(),
         };
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(tollgate_worker::run(
