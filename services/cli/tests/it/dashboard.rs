@@ -17,16 +17,8 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
-    let (listen, validator_metrics, worker_metrics) = (free_port(), free_port(), free_port());
-    let _validator = env.spawn_service(
-        "validator",
-        NATS_URL,
-        &[
-            ("TOLLGATE_LISTEN", format!("127.0.0.1:{listen}")),
-            ("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{validator_metrics}")),
-            ("TOLLGATE_SPOOL_DIR", env.spool_dir().display().to_string()),
-        ],
-    );
+    let validator = env.spawn_validator_process(&[]);
+    let worker_metrics = free_port();
     let _worker = env.spawn_service(
         "worker",
         NATS_URL,
@@ -34,7 +26,7 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
     );
 
     let client = reqwest::Client::new();
-    let auth = client.get(format!("http://127.0.0.1:{listen}/v1/auth")).bearer_auth(key.expose());
+    let auth = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
     let status = wait_until(
         Duration::from_secs(20),
         || async { auth.try_clone().expect("clones").send().await.map(|r| r.status().as_u16()).ok() },
@@ -45,8 +37,8 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
 
     let mut exported = HashMap::new();
-    for port in [validator_metrics, worker_metrics] {
-        let text = client.get(format!("http://127.0.0.1:{port}/metrics")).send().await.expect("scrape");
+    for url in [validator.metrics_url(), format!("http://127.0.0.1:{worker_metrics}/metrics")] {
+        let text = client.get(url).send().await.expect("scrape");
         for (name, labels) in series(&text.text().await.expect("exposition")) {
             exported.entry(name).or_insert_with(BTreeSet::new).extend(labels);
         }

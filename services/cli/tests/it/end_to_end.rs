@@ -11,8 +11,8 @@ use tollgate_shared::admin::{self, Actor};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_validator::KeyCache;
 
-use crate::harness::{wait_until, TestEnv, NATS_URL};
-use crate::servers::{free_port, PrivatePostgres};
+use crate::harness::{wait_until, TestEnv};
+use crate::servers::PrivatePostgres;
 
 #[tokio::test]
 async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
@@ -261,22 +261,14 @@ async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_onc
     let org = env.org().await;
     let (key_id, key) = env.key(&org).await;
     let recheck = Duration::from_millis(300);
-    let (listen, metrics_port) = (free_port(), free_port());
     // A process of its own, so that the metrics read below are this validator's alone.
-    let _validator = env.spawn_service(
-        "validator",
-        NATS_URL,
-        &[
-            ("TOLLGATE_LISTEN", format!("127.0.0.1:{listen}")),
-            ("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}")),
-            ("TOLLGATE_SPOOL_DIR", env.spool_dir().display().to_string()),
-            ("TOLLGATE_KEY_REFRESH", "200ms".into()),
-            ("TOLLGATE_KEY_RECHECK", format!("{}ms", recheck.as_millis())),
-        ],
-    );
+    let validator = env.spawn_validator_process(&[
+        ("TOLLGATE_KEY_REFRESH", "200ms".into()),
+        ("TOLLGATE_KEY_RECHECK", format!("{}ms", recheck.as_millis())),
+    ]);
     let client = reqwest::Client::new();
     let auth_with = |key: ApiKey| {
-        let request = client.get(format!("http://127.0.0.1:{listen}/v1/auth")).bearer_auth(key.expose());
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
         async move {
             let started = Instant::now();
             let status = request.send().await.map(|response| response.status()).ok();
@@ -307,7 +299,7 @@ async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_onc
     assert_eq!(status, Some(StatusCode::SERVICE_UNAVAILABLE), "an unseen key while PostgreSQL is away");
     assert!(took < Duration::from_millis(500), "answered in {took:?}");
     // And the dashboards see how long it has been.
-    let exposition = client.get(format!("http://127.0.0.1:{metrics_port}/metrics")).send().await.expect("scrape");
+    let exposition = client.get(validator.metrics_url()).send().await.expect("scrape");
     let exposition = exposition.text().await.expect("metrics");
     let age = exposition.lines().find_map(|line| line.strip_prefix("tollgate_key_refresh_age_seconds "));
     let age: f64 = age.expect("the refresh age gauge").parse().expect("a number");

@@ -22,6 +22,8 @@ use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::topology::Topology;
 use tollgate_shared::{connect, listen};
 
+use crate::servers::free_port;
+
 pub const DATABASE_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 pub const NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const REDIS_URL: &str = "redis://127.0.0.1:6379";
@@ -258,6 +260,23 @@ impl Drop for ServiceProcess {
     }
 }
 
+/// A `tollgate validator` child process (see [`TestEnv::spawn_validator_process`]). Killed on drop.
+pub struct ValidatorProcess {
+    pub port: u16,
+    pub metrics_port: u16,
+    _process: ServiceProcess,
+}
+
+impl ValidatorProcess {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+}
+
 /// Verifies sent in a loop by a few clients until stopped; counts the 200s they saw.
 pub struct Load {
     stop: CancellationToken,
@@ -325,6 +344,19 @@ impl TestEnv {
     /// Starts `tollgate worker` as a child process on this environment's database, stream and prefixes.
     pub fn spawn_worker_process(&self, nats_url: &str) -> ServiceProcess {
         self.spawn_service("worker", nats_url, &[("TOLLGATE_BATCH_WAIT", "20ms".into())])
+    }
+
+    /// Starts `tollgate validator` as a child process on this environment's servers and namespace: its API and its
+    /// metrics on free ports, its spool in this test's directory, with `settings` (environment variables) on top.
+    pub fn spawn_validator_process(&self, settings: &[(&str, String)]) -> ValidatorProcess {
+        let (port, metrics_port) = (free_port(), free_port());
+        let mut all = vec![
+            ("TOLLGATE_LISTEN", format!("127.0.0.1:{port}")),
+            ("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}")),
+            ("TOLLGATE_SPOOL_DIR", self.spool_dir().display().to_string()),
+        ];
+        all.extend_from_slice(settings);
+        ValidatorProcess { port, metrics_port, _process: self.spawn_service("validator", NATS_URL, &all) }
     }
 
     /// Starts `tollgate SERVICE` as a child process on this environment's servers and namespace, with `settings`

@@ -14,8 +14,8 @@ use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
 use tollgate_shared::domain::{LimitSetting, RateLimitTier, Role};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
-use crate::harness::{wait_until, RunningValidator, TestEnv, NATS_URL, REDIS_URL};
-use crate::servers::{free_port, PrivateRedis};
+use crate::harness::{wait_until, RunningValidator, TestEnv, REDIS_URL};
+use crate::servers::PrivateRedis;
 
 /// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
 async fn set_tier(env: &TestEnv, tier: RateLimitTier, limit: i64, seconds: i32, shadow: bool) {
@@ -412,25 +412,15 @@ async fn a_validator_started_while_redis_is_away_serves_by_policy_and_uses_redis
     redis.stop();
     let org = env.org().await;
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(3)).await;
-    let listen = free_port();
-    let _validator = env.spawn_service(
-        "validator",
-        NATS_URL,
-        &[
-            ("REDIS_URL", redis.url()),
-            ("TOLLGATE_LISTEN", format!("127.0.0.1:{listen}")),
-            ("TOLLGATE_SPOOL_DIR", env.spool_dir().display().to_string()),
-            ("TOLLGATE_BREAKER_COOLDOWN", "200ms".into()),
-        ],
-    );
-    let url = |path: &str| format!("http://127.0.0.1:{listen}{path}");
+    let validator =
+        env.spawn_validator_process(&[("REDIS_URL", redis.url()), ("TOLLGATE_BREAKER_COOLDOWN", "200ms".into())]);
     let client = reqwest::Client::new();
     let readyz = || async {
-        let response = client.get(url("/readyz")).send().await.ok()?;
+        let response = client.get(validator.url("/readyz")).send().await.ok()?;
         Some((response.status(), response.json::<Value>().await.ok()?))
     };
     let auth = || async {
-        let response = client.get(url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
         (response.status(), header(&response, "x-ratelimit-remaining"))
     };
 
