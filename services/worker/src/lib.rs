@@ -93,6 +93,8 @@ pub struct Worker {
     jetstream: jetstream::Context,
     dead_letter_subject: String,
     quota: Option<QuotaCounters>,
+    /// Whether the last update of the quota counters failed: logged once per outage, not once per batch.
+    quota_failing: bool,
     observer: Option<CommitObserver>,
 }
 
@@ -111,6 +113,7 @@ impl Worker {
             jetstream,
             dead_letter_subject: topology.dead_letter_subject(),
             quota,
+            quota_failing: false,
             observer: None,
         }
     }
@@ -152,9 +155,18 @@ impl Worker {
             }
         }
         if let Some(quota) = &mut self.quota {
-            if let Err(e) = quota.raise(&written.totals).await {
-                metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
-                tracing::warn!(error = %e, "cannot update the Redis quota counters; the next batch will");
+            match quota.raise(&written.totals).await {
+                Ok(()) if self.quota_failing => {
+                    self.quota_failing = false;
+                    tracing::info!("the Redis quota counters are updated again");
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
+                    if !std::mem::replace(&mut self.quota_failing, true) {
+                        tracing::warn!(error = %e, "cannot update the Redis quota counters; each batch will try again");
+                    }
+                }
             }
         }
         let lag = metrics::histogram!(WORKER_LAG);
