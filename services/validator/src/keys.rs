@@ -208,7 +208,7 @@ impl KeyCache {
                     cache.unknown.insert(hash, Instant::now());
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "cannot read a stale key record again; it keeps deciding meanwhile");
+                    tracing::warn!(error = %e, "cannot read a stale key record again; it keeps deciding meanwhile");
                     return;
                 }
             }
