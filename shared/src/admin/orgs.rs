@@ -125,15 +125,37 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
         .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))
 }
 
-/// Turns a CHECK violation into a message that says which value was refused.
+/// Turns a CHECK violation into a message that says which value was refused and what it may be. The database
+/// stays the one place that decides; this only words its answer.
 pub(super) fn check_violation(e: sqlx::Error) -> Result<AdminError, sqlx::Error> {
     match e.as_database_error() {
-        Some(d) if d.code().is_some_and(|c| c == "23514") => Ok(AdminError::Invalid(format!(
-            "value refused by the database ({}): check names, slugs (a-z, 0-9, '-') and positive numbers",
-            d.constraint().unwrap_or("check")
-        ))),
+        Some(d) if d.code().is_some_and(|c| c == "23514") => {
+            let constraint = d.constraint().unwrap_or("check");
+            Ok(AdminError::Invalid(match refused_value(constraint) {
+                Some(rule) => rule.to_owned(),
+                None => format!("value refused by the database ({constraint})"),
+            }))
+        }
         _ => Err(e),
     }
+}
+
+/// What a value an operator gives must be, by the CHECK constraint that refused it.
+fn refused_value(constraint: &str) -> Option<&'static str> {
+    Some(match constraint {
+        "organizations_name_check" | "api_keys_name_check" => "a name must be 1 to 200 characters",
+        "organizations_slug_check" => "a slug must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'",
+        "organizations_rate_limit_per_minute_check"
+        | "organizations_monthly_request_limit_check"
+        | "organizations_max_api_keys_check"
+        | "api_keys_custom_rate_limit_per_minute_check"
+        | "rate_limit_tiers_window_limit_check"
+        | "rate_limit_tiers_burst_limit_check" => "a limit must be a positive number",
+        "rate_limit_tiers_window_seconds_check" | "rate_limit_tiers_burst_seconds_check" => {
+            "a window must be 1 second to 24 hours"
+        }
+        _ => return None,
+    })
 }
 
 pub(super) fn to_i32(value: Option<i64>, what: &str) -> Result<Option<i32>, AdminError> {

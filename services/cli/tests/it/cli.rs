@@ -88,6 +88,15 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
     assert_eq!(org["slug"], "acme-corp");
     assert_eq!(org["rate_limit_per_minute"], 60);
     assert_eq!(org["monthly_request_limit"], Value::Null);
+    // A value the database refuses is named, with what it may be.
+    for (args, says) in [
+        (&["org", "create", "--name", ""][..], "a name must be 1 to 200 characters"),
+        (&["org", "create", "--name", "x", "--slug=-x"], "a slug must be 1 to 63 of a-z, 0-9 and '-'"),
+    ] {
+        let refused = tollgate(&env, args, None);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+    }
 
     let created = json_of(&tollgate(
         &env,
