@@ -199,10 +199,7 @@ impl KeyCache {
         let cache = self.clone();
         tokio::spawn(async move {
             match cache.read(hash).await {
-                Ok(Some(record)) => {
-                    // Not cached any more (evicted): nothing to refresh.
-                    let _ = cache.known.replace(hash, Cached::new(Arc::new(record)), true);
-                }
+                Ok(Some(record)) => cache.apply(hash, record),
                 Ok(None) => {
                     cache.known.remove(&hash);
                     cache.unknown.insert(hash, Instant::now());
