@@ -7,7 +7,6 @@ mod keys;
 mod limiter;
 mod publisher;
 mod request;
-mod window;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,120 @@
+//! From where each limit stands to one decision: the same rules whether Redis or the local fallback counted.
+
+use super::plan::{LimitKind, Plan, QuotaLimit, WindowLimit};
+use super::window::Window;
+use super::{Decision, Usage};
+
+/// Where one window stands for a decision: its count before it, whether the cost fits, and when its oldest
+/// counted unit leaves (none: nothing counted).
+#[derive(Debug, Clone, Copy)]
+pub struct WindowReply {
+    pub used: u64,
+    pub fits: bool,
+    pub at_us: Option<i64>,
+}
+
+/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (the quota first,
+/// then the window that frees up last); otherwise the most restrictive limit is reported.
+pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota: Option<(u64, bool)>) -> Decision {
+    let window_usage = |w: &WindowLimit, r: &WindowReply, admitted: bool| {
+        let geometry = Window::seconds(w.seconds);
+        let reset_at_us = match (admitted, r.at_us) {
+            (_, Some(at)) => at,
+            // Nothing counted before: this request's own bucket is the oldest.
+            (true, None) => (now.div_euclid(geometry.bucket_us) + 1) * geometry.bucket_us + geometry.length_us,
+            // Its cost exceeds the limit: it never fits; report the window's end.
+            (false, None) => now + geometry.length_us,
+        };
+        let used = if admitted { r.used + cost } else { r.used };
+        Usage { kind: w.kind(), limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us, now_us: now }
+    };
+    let quota_usage = |q: &QuotaLimit, used: u64, admitted: bool| Usage {
+        kind: LimitKind::Quota,
+        limit: q.limit,
+        used: if admitted { used + cost } else { used },
+        window_seconds: u64::try_from((q.reset_at_us - now) / 1_000_000).unwrap_or(0),
+        reset_at_us: q.reset_at_us,
+        now_us: now,
+    };
+
+    if let (Some(q), Some((used, false))) = (&plan.quota, quota) {
+        if !q.shadow {
+            return Decision::Denied { usage: quota_usage(q, used, false), now_us: now };
+        }
+    }
+    let denied = plan
+        .windows
+        .iter()
+        .zip(windows)
+        .filter(|(w, r)| !r.fits && !w.shadow)
+        .map(|(w, r)| window_usage(w, r, false))
+        .max_by_key(|u| u.reset_at_us);
+    if let Some(usage) = denied {
+        return Decision::Denied { usage, now_us: now };
+    }
+
+    let mut shadow = None;
+    let mut candidates = Vec::new();
+    for (w, r) in plan.windows.iter().zip(windows) {
+        if !r.fits {
+            shadow = shadow.or(Some(w.kind()));
+        } else if !w.shadow {
+            candidates.push(window_usage(w, r, true));
+        }
+    }
+    if let (Some(q), Some((used, fits))) = (&plan.quota, quota) {
+        if !fits {
+            shadow = shadow.or(Some(LimitKind::Quota));
+        } else if !q.shadow {
+            candidates.push(quota_usage(q, used, true));
+        }
+    }
+    let usage = candidates.into_iter().min_by_key(|u| (u.remaining(), u.window_seconds));
+    Decision::Allowed { usage, shadow, now_us: now }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::limiter::plan::Subject;
+    use uuid::Uuid;
+
+    const ID: Uuid = Uuid::from_u128(0x0190a0b0_0000_7000_8000_000000000001);
+
+    fn window(subject: Subject, limit: u64, shadow: bool) -> WindowLimit {
+        WindowLimit { subject, limit, seconds: 60, shadow }
+    }
+
+    fn reply(used: u64, fits: bool, at_us: Option<i64>) -> WindowReply {
+        WindowReply { used, fits, at_us }
+    }
+
+    #[test]
+    fn the_most_restrictive_limit_is_reported_and_denials_pick_the_latest_retry() {
+        let plan = Plan {
+            windows: vec![window(Subject::Key(ID), 10, false), window(Subject::Org(ID), 100, false)],
+            quota: None,
+        };
+        let allowed = decide_from(&plan, 1, 0, &[reply(8, true, Some(5)), reply(10, true, Some(7))], None);
+        let Decision::Allowed { usage: Some(usage), shadow: None, .. } = allowed else { panic!("{allowed:?}") };
+        assert_eq!((usage.kind, usage.used, usage.remaining(), usage.reset_at_us), (LimitKind::Key, 9, 1, 5));
+        let denied = decide_from(&plan, 1, 0, &[reply(10, false, Some(5)), reply(100, false, Some(9))], None);
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.used, usage.reset_at_us), (LimitKind::Org, 100, 9));
+    }
+
+    #[test]
+    fn shadow_limits_are_reported_but_never_deny_and_the_quota_denies_first() {
+        let quota = QuotaLimit { redis_key: "q".into(), limit: 5, reset_at_us: 1_000_000_000, shadow: false };
+        let plan = Plan { windows: vec![window(Subject::TierWindow(ID), 10, true)], quota: Some(quota.clone()) };
+        let allowed = decide_from(&plan, 1, 0, &[reply(10, false, Some(5))], Some((1, true)));
+        let Decision::Allowed { usage: Some(usage), shadow, .. } = allowed else { panic!("{allowed:?}") };
+        assert_eq!((usage.kind, usage.used, shadow), (LimitKind::Quota, 2, Some(LimitKind::Tier)));
+        let over = decide_from(&plan, 1, 0, &[reply(1, true, None)], Some((5, false)));
+        let Decision::Denied { usage, .. } = over else { panic!("{over:?}") };
+        assert_eq!((usage.kind, usage.reset_at_us), (LimitKind::Quota, 1_000_000_000));
+        let shadow_quota = Plan { quota: Some(QuotaLimit { shadow: true, ..quota }), ..plan };
+        let allowed = decide_from(&shadow_quota, 1, 0, &[reply(1, true, None)], Some((5, false)));
+        assert!(matches!(allowed, Decision::Allowed { shadow: Some(LimitKind::Quota), .. }), "{allowed:?}");
+    }
+}
