@@ -1,0 +1,249 @@
+//! The HTTP API: `/v1/auth` for gateways, `/v1/verify` for services, and the health probes.
+//!
+//! Both endpoints share one decision path ([`AppState::decide`]): the key's own state, then what the route requires
+//! (scopes, role), then every rate limit and the quota in one limiter call; bad-key answers are limited per client
+//! IP.
+//!
+//! - `auth.rs`, `verify.rs`: the two endpoints, each reading its request into an [`Attempt`];
+//! - `params.rs`: a request's cost and the scopes and role its route requires;
+//! - `answers.rs`: the rate-limit headers and the bodies of refusals;
+//! - `probes.rs`: `/readyz` (`/healthz` is the router's one line).
+
+mod answers;
+mod auth;
+mod params;
+mod probes;
+mod verify;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::routing::{any, get, post};
+use axum::Router;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use tollgate_shared::domain::Outcome;
+use tollgate_shared::event::UsageEvent;
+use tollgate_shared::metrics::{start_at_zero, LabeledCounter, IP_FAILURES_LIMITED, VERIFY_DURATION, VERIFY_REQUESTS};
+
+use crate::decision::{decide, Requirement};
+use crate::keys::{KeyCache, KeyRecord, LookupError};
+use crate::limiter::{Decision, LimitKind, Limiter, Plan, Usage};
+use crate::publisher::EventQueue;
+use crate::request::{Credential, TrustedProxies};
+
+/// Largest `/v1/verify` body; a request is a key and a few short fields.
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+pub struct AppState {
+    pub keys: KeyCache,
+    pub events: EventQueue,
+    pub proxies: TrustedProxies,
+    pub pool: sqlx::PgPool,
+    pub redis: tollgate_shared::connect::BackgroundRedis,
+    pub nats: async_nats::Client,
+    pub limiter: Limiter,
+    pub redis_prefix: String,
+    /// 401s per client IP per minute before 429; 0 = no limit.
+    pub ip_failures_per_minute: u32,
+    pub metrics: RequestMetrics,
+}
+
+/// Handles of the metrics every request updates, taken once (see [`LabeledCounter`]).
+pub struct RequestMetrics {
+    requests: LabeledCounter<1>,
+    duration: metrics::Histogram,
+}
+
+impl RequestMetrics {
+    pub fn new() -> RequestMetrics {
+        let outcomes = Outcome::ALL.iter().map(|o| o.as_str()).chain(Verdict::UNDECIDED_LABELS);
+        start_at_zero(&[IP_FAILURES_LIMITED]);
+        RequestMetrics {
+            requests: LabeledCounter::new(VERIFY_REQUESTS, ["outcome"], outcomes.map(|o| [o])),
+            duration: metrics::histogram!(VERIFY_DURATION),
+        }
+    }
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/auth", any(auth::auth))
+        // Envoy's HTTP ext_authz appends the original path to its path prefix.
+        .route("/v1/auth/{*original_path}", any(auth::auth))
+        .route("/v1/verify", post(verify::verify))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(probes::readyz))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// One verify request, whichever endpoint it came through.
+struct Attempt {
+    started: Instant,
+    credential: Credential,
+    method: String,
+    path: String,
+    client_ip: IpAddr,
+    user_agent: Option<String>,
+    request_id: Option<String>,
+    cost: u32,
+    requirement: Requirement,
+}
+
+enum Verdict {
+    /// No key we know: missing, malformed or unknown. Recorded in metrics only.
+    Unidentified(&'static str),
+    Decided {
+        outcome: Outcome,
+        record: Arc<KeyRecord>,
+        event_id: Uuid,
+        /// The most restrictive limit (allowed) or the one that denied; `None` when no limit applies or the key
+        /// was refused before limits were looked at.
+        usage: Option<Usage>,
+    },
+    /// The client IP sent too many bad keys: 429 instead of 401.
+    IpLimited(Usage),
+    /// The key is not cached and PostgreSQL did not answer.
+    Unavailable,
+    /// Redis cannot decide and the limit's failure policy is `closed`.
+    LimiterUnavailable,
+}
+
+impl Verdict {
+    /// The metric labels of verdicts that are not a key's outcome (see [`Verdict::label`]).
+    const UNDECIDED_LABELS: [&'static str; 6] =
+        ["missing", "malformed", "unknown", "ip_limited", "unavailable", "limiter_unavailable"];
+
+    /// The `outcome` label of `tollgate_verify_requests_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            Verdict::Unidentified(reason) => reason,
+            Verdict::Decided { outcome, .. } => outcome.as_str(),
+            Verdict::IpLimited(_) => "ip_limited",
+            Verdict::Unavailable => "unavailable",
+            Verdict::LimiterUnavailable => "limiter_unavailable",
+        }
+    }
+
+    /// Whether the caller is told their key is bad (401): what the per-IP limiter counts.
+    fn is_unauthorized(&self) -> bool {
+        match self {
+            Verdict::Unidentified(_) => true,
+            Verdict::Decided { outcome, .. } => {
+                matches!(outcome, Outcome::Revoked | Outcome::Expired | Outcome::Disabled)
+            }
+            _ => false,
+        }
+    }
+}
+
+impl AppState {
+    async fn decide(&self, attempt: Attempt) -> Verdict {
+        let client_ip = attempt.client_ip;
+        let started = attempt.started;
+        let verdict = self.decide_key(attempt).await;
+        let verdict = if verdict.is_unauthorized() { self.count_failure(client_ip, verdict).await } else { verdict };
+        self.finish(started, verdict)
+    }
+
+    /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429. A valid key is never
+    /// counted, so it is never blocked by this.
+    async fn count_failure(&self, ip: IpAddr, verdict: Verdict) -> Verdict {
+        if self.ip_failures_per_minute == 0 {
+            return verdict;
+        }
+        let plan = Plan::for_ip_failures(ip, self.ip_failures_per_minute);
+        match self.limiter.decide(plan, 1).await {
+            Decision::Denied { usage, .. } => {
+                metrics::counter!(IP_FAILURES_LIMITED).increment(1);
+                Verdict::IpLimited(usage)
+            }
+            Decision::Allowed { .. } | Decision::Unavailable => verdict,
+        }
+    }
+
+    async fn decide_key(&self, attempt: Attempt) -> Verdict {
+        let key = match attempt.credential {
+            Credential::Missing => return Verdict::Unidentified("missing"),
+            Credential::Malformed(_) => return Verdict::Unidentified("malformed"),
+            Credential::Key(key) => key,
+        };
+        let record = match self.keys.lookup(key.hash()).await {
+            Ok(Some(record)) => record,
+            Ok(None) => return Verdict::Unidentified("unknown"),
+            // The refresher logs this once per attempt, not once per request.
+            Err(LookupError::DatabaseAway) => return Verdict::Unavailable,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot look up a key that is not cached");
+                return Verdict::Unavailable;
+            }
+        };
+        let mut now = Utc::now();
+        let mut outcome = decide(&record, now);
+        if outcome == Outcome::Allowed && !attempt.requirement.is_met_by(&record) {
+            outcome = Outcome::InsufficientScope;
+        }
+        let mut usage = None;
+        let mut shadow_outcome = None;
+        if outcome == Outcome::Allowed {
+            let plan = Plan::for_key(&record, &self.redis_prefix, now);
+            match self.limiter.decide(plan, attempt.cost).await {
+                Decision::Allowed { usage: u, shadow, now_us } => {
+                    usage = u;
+                    shadow_outcome = shadow.map(denial_outcome);
+                    // The limiter's clock (Redis's, shared by every validator) stamps the event when it decided.
+                    now = DateTime::from_timestamp_micros(now_us).unwrap_or(now);
+                }
+                Decision::Denied { usage: u, now_us } => {
+                    outcome = denial_outcome(u.kind);
+                    usage = Some(u);
+                    now = DateTime::from_timestamp_micros(now_us).unwrap_or(now);
+                }
+                Decision::Unavailable => return Verdict::LimiterUnavailable,
+            }
+        }
+        let event_id = Uuid::now_v7();
+        let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
+        let queued = self
+            .events
+            .push(UsageEvent {
+                event_id,
+                ts: now,
+                org_id: record.org_id,
+                key_id: record.id,
+                outcome,
+                method: attempt.method,
+                path: attempt.path,
+                client_ip: Some(attempt.client_ip),
+                user_agent: attempt.user_agent,
+                request_id: attempt.request_id,
+                units: attempt.cost,
+                latency_us,
+                shadow_outcome,
+            })
+            .await;
+        // The spool is full (policy `block`): an event that cannot be recorded must not be a decision either.
+        if queued.is_err() {
+            return Verdict::Unavailable;
+        }
+        Verdict::Decided { outcome, record, event_id, usage }
+    }
+
+    fn finish(&self, started: Instant, verdict: Verdict) -> Verdict {
+        self.metrics.requests.increment([verdict.label()]);
+        self.metrics.duration.record(started.elapsed().as_secs_f64());
+        verdict
+    }
+}
+
+/// The outcome of a request a limit denies.
+fn denial_outcome(kind: LimitKind) -> Outcome {
+    if kind == LimitKind::Quota {
+        Outcome::QuotaExceeded
+    } else {
+        Outcome::RateLimited
+    }
+}

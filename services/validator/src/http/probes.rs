@@ -1,0 +1,47 @@
+//! `/readyz`: whether the servers answer, for alerts (load balancers check `/healthz`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+
+use super::AppState;
+use crate::limiter::Health;
+
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// 200 when PostgreSQL, Redis and NATS all answer; otherwise 503. The body gives each one's status, and `ratelimit`
+/// how the limiter decides (`degraded`: by the failure policies). The validator keeps answering meanwhile, so this is
+/// for alerts; load balancers check `/healthz`, since every replica shares the same servers.
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
+    let redis = async {
+        let Some(mut redis) = state.redis.get() else { return false };
+        redis::cmd("PING").query_async::<String>(&mut redis).await.is_ok()
+    };
+    let nats = async { state.nats.flush().await.is_ok() };
+    let within = |ok: Option<bool>| if ok == Some(true) { "ok" } else { "unavailable" };
+    let (postgres, redis, nats) = tokio::join!(
+        tokio::time::timeout(PROBE_TIMEOUT, postgres),
+        tokio::time::timeout(PROBE_TIMEOUT, redis),
+        tokio::time::timeout(PROBE_TIMEOUT, nats),
+    );
+    let redis_ok = redis.as_ref().ok() == Some(&true);
+    let limiter = match (state.limiter.health(), redis_ok) {
+        (Health::Ok, true) => "ok",
+        _ => "degraded",
+    };
+    let status = json!({
+        "postgres": within(postgres.ok()),
+        "redis": within(redis.ok()),
+        "nats": within(nats.ok()),
+        "ratelimit": limiter,
+    });
+    let ready = ["postgres", "redis", "nats"].iter().all(|server| status[*server] == "ok");
+    let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(status)).into_response()
+}
