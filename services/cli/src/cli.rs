@@ -105,7 +105,7 @@ pub enum BenchCommand {
     /// report committed rows/s, lag p50/p99, the raw binary-COPY ceiling and bytes per row.
     Pipeline(BenchPipelineArgs),
     /// Full verification over HTTP against a trivial handler on the same machine.
-    Verify(crate::bench_verify::VerifyBenchArgs),
+    Verify(crate::bench::verify::VerifyBenchArgs),
     /// The trivial handler `bench verify` compares against (started by it).
     #[command(hide = true)]
     TrivialServer {

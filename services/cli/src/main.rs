@@ -1,9 +1,6 @@
 //! The `tollgate` binary: one executable for every role and every operator command.
 
-mod bench_client;
-mod bench_namespace;
-mod bench_pipeline;
-mod bench_verify;
+mod bench;
 mod cli;
 mod dlq;
 mod manage;
@@ -69,8 +66,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tier(command) => {
             manage::tier(&connect::postgres(&servers.database_url, 2).await?, json, command).await
         }
-        Command::Bench(BenchCommand::Verify(args)) => bench_verify::run(&servers, args, json).await,
-        Command::Bench(BenchCommand::TrivialServer { listen }) => bench_verify::trivial_server(listen).await,
+        Command::Bench(BenchCommand::Verify(args)) => bench::verify::run(&servers, args, json).await,
+        Command::Bench(BenchCommand::TrivialServer { listen }) => bench::trivial_server(listen).await,
         Command::Usage(command) => {
             let pool = connect::postgres(&servers.database_url, 2).await?;
             let redis = connect::redis(&servers.redis_url).await?;
@@ -81,6 +78,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let nats = connect::nats(&servers.nats_url).await?;
             dlq::dlq(nats, &tollgate_shared::topology::Topology::new(&namespace), json, command).await
         }
-        Command::Bench(BenchCommand::Pipeline(args)) => bench_pipeline::pipeline(&servers, json, args).await,
+        Command::Bench(BenchCommand::Pipeline(args)) => bench::pipeline::pipeline(&servers, json, args).await,
     }
 }

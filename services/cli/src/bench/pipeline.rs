@@ -30,7 +30,7 @@ use tollgate_shared::domain::Outcome;
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::topology::Topology;
 
-use crate::bench_namespace::BenchNamespace;
+use super::namespace::BenchNamespace;
 use crate::cli::BenchPipelineArgs;
 use crate::output::{fields, print};
 

@@ -2,7 +2,7 @@
 //!
 //! The bench makes its own database, stream and prefixes on the configured servers, stores `--keys` keys, and starts
 //! two child processes from this same binary: a validator, and a trivial axum handler that answers 200 to everything.
-//! It then drives both with the same lean client (`bench_client`) over `--concurrency` connections: first closed-loop
+//! It then drives both with the same lean client (`client.rs`) over `--concurrency` connections: first closed-loop
 //! (as fast as they go) for throughput, then open-loop at the same fixed rate for latency (a request held back by a
 //! slow answer counts from its scheduled time, so a stall is not hidden by the client waiting). Finally it reads the
 //! validator's RSS with every key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so
@@ -19,8 +19,6 @@
 //! cost (a verify with no applicable limit makes no Redis call). `--calibrate` measures a second trivial handler in
 //! the validator's place: the ratios it gives are this machine's noise alone.
 
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -29,13 +27,15 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use uuid::Uuid;
 
-use tollgate_shared::config::{NamespaceArgs, ServerArgs, ServerUrl};
+use tollgate_shared::config::ServerArgs;
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::metrics::RATELIMIT_DEGRADED;
 
-use crate::bench_client::{Connection, Target};
-use crate::bench_namespace::BenchNamespace;
+use super::client::{Connection, Target};
+use super::cpu::{cpu_of, rss_mb, MachineCpu};
+use super::namespace::BenchNamespace;
+use super::processes::{spawn_trivial, spawn_validator, start_server};
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyBenchArgs {
@@ -290,99 +290,6 @@ async fn create_keys(pool: &sqlx::PgPool, count: usize, limits: bool) -> anyhow:
     Ok(keys.iter().map(|k| format!("Bearer {}", k.expose())).collect())
 }
 
-/// A loopback port that is free now; another process may take it before a child binds it (see [`start_server`]).
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// A child process, killed when this handle is dropped.
-struct ChildProcess(Child);
-
-impl Drop for ChildProcess {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Starts a validator on the bench's own database, names and spool directory.
-fn spawn_validator(
-    servers: &ServerArgs,
-    (database_url, namespace, spool): (&ServerUrl, &NamespaceArgs, &Path),
-    (port, metrics_port): (u16, u16),
-    threads: u16,
-) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .arg("validator")
-        .env("TOKIO_WORKER_THREADS", threads.to_string())
-        .env("DATABASE_URL", database_url.expose())
-        .env("TOLLGATE_SPOOL_DIR", spool)
-        .env("NATS_URL", servers.nats_url.expose())
-        .env("REDIS_URL", servers.redis_url.expose())
-        .env("TOLLGATE_STREAM", &namespace.stream)
-        .env("TOLLGATE_SUBJECT_PREFIX", &namespace.subject_prefix)
-        .env("TOLLGATE_REDIS_PREFIX", &namespace.redis_prefix)
-        .env("TOLLGATE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the validator")
-}
-
-fn spawn_trivial(port: u16, threads: u16) -> anyhow::Result<Child> {
-    Command::new(std::env::current_exe()?)
-        .args(["bench", "trivial-server", "--listen", &format!("127.0.0.1:{port}")])
-        .env("TOKIO_WORKER_THREADS", threads.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .context("cannot start the trivial server")
-}
-
-/// The baseline: the same HTTP stack answering 200 without doing anything.
-pub async fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
-    let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
-    axum::serve(tollgate_shared::listen::bind(listen)?, app).await?;
-    Ok(())
-}
-
-/// Times a child server is started on new ports after it exited before answering.
-const START_ATTEMPTS: usize = 3;
-
-/// Starts a child server on free ports and waits until it answers on the first. A port from [`free_port`] is free
-/// only until the child binds it, and another process can take it meanwhile: then the child exits, and it is started
-/// again on other ports.
-async fn start_server<const N: usize>(
-    client: &reqwest::Client,
-    spawn: impl Fn([u16; N]) -> anyhow::Result<Child>,
-) -> anyhow::Result<(ChildProcess, [u16; N])> {
-    for _ in 0..START_ATTEMPTS {
-        let mut ports = [0; N];
-        for port in &mut ports {
-            *port = free_port()?;
-        }
-        let mut child = ChildProcess(spawn(ports)?);
-        if wait_ready(client, &format!("http://127.0.0.1:{}/healthz", ports[0]), &mut child.0).await? {
-            return Ok((child, ports));
-        }
-    }
-    anyhow::bail!("a server the bench started exited before answering, {START_ATTEMPTS} times: see its errors above")
-}
-
-/// Waits until `url` answers 200 (true), or until `child` exits (false).
-async fn wait_ready(client: &reqwest::Client, url: &str, child: &mut Child) -> anyhow::Result<bool> {
-    for _ in 0..200 {
-        if child.try_wait()?.is_some() {
-            return Ok(false);
-        }
-        if client.get(url).send().await.is_ok_and(|r| r.status().is_success()) {
-            return Ok(true);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    anyhow::bail!("{url} did not become ready")
-}
-
 async fn warm(client: &reqwest::Client, url: &str, keys: &[String]) -> anyhow::Result<()> {
     use futures::StreamExt;
     let statuses: Vec<_> = futures::stream::iter(keys)
@@ -462,60 +369,6 @@ impl Tally {
             stolen_ms: self.machine.map(|m| m.stolen.as_millis() as u64),
         }
     }
-}
-
-/// The whole machine's CPU time since boot, all CPUs together.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-struct MachineCpu {
-    /// Running anything: user, nice, system, irq and softirq time.
-    busy: Duration,
-    /// Taken by the hypervisor (`steal`).
-    stolen: Duration,
-}
-
-impl MachineCpu {
-    /// Read from `/proc/stat` (none elsewhere).
-    fn now() -> Option<MachineCpu> {
-        MachineCpu::parse(&std::fs::read_to_string("/proc/stat").ok()?)
-    }
-
-    /// `cpu  user nice system idle iowait irq softirq steal …`, in ticks.
-    fn parse(stat: &str) -> Option<MachineCpu> {
-        let mut fields = stat.lines().next()?.split_whitespace();
-        fields.next().filter(|f| *f == "cpu")?;
-        let ticks: Vec<u64> = fields.take(8).map(str::parse).collect::<Result<_, _>>().ok()?;
-        let &[user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks.as_slice() else { return None };
-        Some(MachineCpu { busy: from_ticks(user + nice + system + irq + softirq), stolen: from_ticks(steal) })
-    }
-
-    fn plus(self, more: MachineCpu) -> MachineCpu {
-        MachineCpu { busy: self.busy + more.busy, stolen: self.stolen + more.stolen }
-    }
-
-    /// How much it has grown since `before`.
-    fn since(self, before: MachineCpu) -> MachineCpu {
-        MachineCpu { busy: self.busy.saturating_sub(before.busy), stolen: self.stolen.saturating_sub(before.stolen) }
-    }
-}
-
-/// `/proc`'s CPU times are in ticks of USER_HZ: 100 per second on Linux.
-fn from_ticks(ticks: u64) -> Duration {
-    Duration::from_millis(ticks * 10)
-}
-
-/// CPU time process `pid` has used, user and system together: `utime` and `stime` in `/proc/PID/stat` (none
-/// elsewhere).
-fn cpu_of(pid: u32) -> Option<Duration> {
-    cpu_in(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-/// `pid (comm) state ppid … utime stime …`: the 14th and 15th fields, in ticks. `comm` may hold spaces and
-/// parentheses, so the fields are counted from its last closing one.
-fn cpu_in(stat: &str) -> Option<Duration> {
-    let mut fields = stat.get(stat.rfind(')')? + 1..)?.split_whitespace().skip(11);
-    let user: u64 = fields.next()?.parse().ok()?;
-    let system: u64 = fields.next()?.parse().ok()?;
-    Some(from_ticks(user + system))
 }
 
 /// `concurrency` loops each sending one request after another for `duration`.
@@ -622,25 +475,12 @@ where
     tally
 }
 
-fn rss_mb(pid: u32) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kb: f64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .context("no VmRSS in /proc/PID/status")?;
-    Ok(kb / 1024.0)
-}
-
 #[cfg(test)]
 mod tests {
-    use std::process::Command;
-    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, cpu_in, open_loop, start_server, MachineCpu, Server, Target, START_ATTEMPTS};
+    use super::{counter_total, open_loop, Server, Target};
 
     #[tokio::test]
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
@@ -664,38 +504,6 @@ mod tests {
         assert!(slowest >= 400_000, "the last request counted {slowest} µs");
         assert!(tally.server_cpu.is_some(), "the server's CPU time is read from /proc");
         assert!(tally.machine.is_some(), "the machine's CPU time is read from /proc");
-    }
-
-    #[tokio::test]
-    async fn a_server_that_exits_before_answering_is_started_again_then_reported() {
-        let started = AtomicUsize::new(0);
-        let client = reqwest::Client::new();
-        let result = start_server(&client, |_: [u16; 2]| {
-            started.fetch_add(1, Ordering::Relaxed);
-            Ok(Command::new("sh").args(["-c", "exit 1"]).spawn()?)
-        })
-        .await;
-        assert!(result.is_err());
-        assert_eq!(started.load(Ordering::Relaxed), START_ATTEMPTS);
-    }
-
-    #[test]
-    fn the_machine_is_busy_outside_idle_iowait_and_steal_which_is_the_eighth_number() {
-        let stat = "cpu  267577 16968 64292 223355 3460 10 16377 3877 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n";
-        let busy = Duration::from_millis((267_577 + 16_968 + 64_292 + 10 + 16_377) * 10);
-        assert_eq!(MachineCpu::parse(stat), Some(MachineCpu { busy, stolen: Duration::from_millis(38_770) }));
-        assert_eq!(MachineCpu::parse("cpu  1 2 3\n"), None, "a kernel too old to count steal");
-        assert_eq!(MachineCpu::parse("intr 1 2 3 4 5 6 7 8 9\n"), None);
-    }
-
-    #[test]
-    fn a_process_cpu_time_is_its_user_and_system_time_in_hundredths_of_a_second() {
-        // The fields after `comm`: state, ppid, pgrp, session, tty, tpgid, flags, minflt, cminflt, majflt, cmajflt,
-        // then utime and stime.
-        let stat = "4242 (tokio-rt) (x) y) S 1 4242 4242 0 -1 4194560 2310 0 0 0 731 269 0 0 20 0 2 0 1234 ...";
-        assert_eq!(cpu_in(stat), Some(Duration::from_millis(10_000)));
-        assert_eq!(cpu_in("4242 (tollgate) S 1 2 3"), None, "cut short");
-        assert_eq!(cpu_in("no parenthesis 1 2 3 4 5 6 7 8 9 10 11 12 13 14"), None);
     }
 
     #[test]
