@@ -125,6 +125,65 @@ async fn bad_credentials_get_a_uniform_401_and_no_row() {
     env.cleanup().await;
 }
 
+/// What a caller presents never reaches a log line, at any level, from Tollgate or the libraries it logs through: a
+/// good key in each header and in a JSON body, a typo of it, a made-up key, a key of another format, a revoked key,
+/// and keys in bodies that are refused.
+#[tokio::test]
+async fn no_presented_key_reaches_the_log_even_at_trace_level() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, good) = env.key(&org).await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    admin::revoke_key(&env.pool, &Actor("test".into()), revoked_id, None).await.expect("revoke");
+    let mut typo = good.expose().to_owned();
+    typo.replace_range(20..21, if &typo[20..21] == "a" { "b" } else { "a" });
+    let made_up = ApiKey::generate(KeyEnv::Live).expose().to_owned();
+    let foreign = "sk_prod_9f8e7d6c5b4a39281706f5e4d3c2b1a0".to_owned();
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let validator = env.spawn_validator_process_logging(
+        &[("RUST_LOG", "trace".into())],
+        log.reopen().expect("the log file, to write").into(),
+    );
+    let client = reqwest::Client::new();
+    wait_until(Duration::from_secs(20), || client.get(validator.url("/healthz")).send(), |r| r.is_ok()).await.ok();
+
+    let secrets = [good.expose().to_owned(), revoked.expose().to_owned(), typo, made_up, foreign];
+    let mut statuses = Vec::new();
+    for secret in &secrets {
+        for header in ["authorization", "x-api-key", "x-service-key"] {
+            let value = if header == "authorization" { format!("Bearer {secret}") } else { secret.clone() };
+            let request = client.get(validator.url("/v1/auth?scope=read")).header(header, value);
+            statuses.push(request.send().await.expect("auth").status().as_u16());
+        }
+        for body in [
+            json!({ "key": secret }).to_string(),
+            json!({ "key": secret, "cost": "many" }).to_string(),
+            format!("{{\"key\": \"{secret}\""),
+            format!("[\"{secret}\"]"),
+        ] {
+            let request = client.post(validator.url("/v1/verify")).body(body);
+            statuses.push(request.send().await.expect("verify").status().as_u16());
+        }
+    }
+    // The good key passes in each header and in a body (bad keys get `200` with `valid: false` there); bodies that
+    // are not a valid request get 400 whatever key they hold.
+    let good_key = [200, 200, 200, 200, 400, 400, 400];
+    let bad_key = [401, 401, 401, 200, 400, 400, 400];
+    assert_eq!(statuses, [good_key, bad_key, bad_key, bad_key, bad_key].concat());
+    // Time for every line about these requests (and the events they made) to be written.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(validator);
+
+    let written = std::fs::read_to_string(log.path()).expect("the log");
+    assert!(written.contains("TRACE"), "the validator logs at trace level: {written}");
+    for secret in &secrets {
+        // The random part alone, too: a key logged cut, quoted or escaped still leaks it.
+        let tail = &secret[secret.len() - 24..];
+        assert!(!written.contains(tail), "a presented key is in the log: …{tail}");
+    }
+    env.cleanup().await;
+}
+
 /// The promise: an unknown-key flood costs one PostgreSQL query per key, then none within the negative-cache
 /// TTL. Counted by PostgreSQL itself: the scans of the key-hash index in this test's own database.
 #[tokio::test]
@@ -356,7 +415,7 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
     let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
-    for not_an_object in [json!([]), json!("tg_live_x"), json!(null)] {
+    for not_an_object in [json!([]), json!(["tg_live_x", 1]), json!("tg_live_x"), json!(null)] {
         let (status, body) = verify(not_an_object).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert!(body["message"].as_str().expect("message").contains("must be a JSON object"), "{body}");

@@ -349,6 +349,15 @@ impl TestEnv {
     /// Starts `tollgate validator` as a child process on this environment's servers and namespace: its API and its
     /// metrics on free ports, its spool in this test's directory, with `settings` (environment variables) on top.
     pub fn spawn_validator_process(&self, settings: &[(&str, String)]) -> ValidatorProcess {
+        self.spawn_validator_process_logging(settings, std::process::Stdio::null())
+    }
+
+    /// [`TestEnv::spawn_validator_process`], with its log lines (stderr) going to `log`.
+    pub fn spawn_validator_process_logging(
+        &self,
+        settings: &[(&str, String)],
+        log: std::process::Stdio,
+    ) -> ValidatorProcess {
         let (port, metrics_port) = (free_port(), free_port());
         let mut all = vec![
             ("TOLLGATE_LISTEN", format!("127.0.0.1:{port}")),
@@ -356,17 +365,28 @@ impl TestEnv {
             ("TOLLGATE_SPOOL_DIR", self.spool_dir().display().to_string()),
         ];
         all.extend_from_slice(settings);
-        ValidatorProcess { port, metrics_port, _process: self.spawn_service("validator", NATS_URL, &all) }
+        let process = self.spawn_service_logging("validator", NATS_URL, &all, log);
+        ValidatorProcess { port, metrics_port, _process: process }
     }
 
     /// Starts `tollgate SERVICE` as a child process on this environment's servers and namespace, with `settings`
     /// (environment variables) on top.
     pub fn spawn_service(&self, service: &str, nats_url: &str, settings: &[(&str, String)]) -> ServiceProcess {
+        self.spawn_service_logging(service, nats_url, settings, std::process::Stdio::null())
+    }
+
+    fn spawn_service_logging(
+        &self,
+        service: &str,
+        nats_url: &str,
+        settings: &[(&str, String)],
+        log: std::process::Stdio,
+    ) -> ServiceProcess {
         let child = self
             .servers_and_namespace(std::process::Command::new(env!("CARGO_BIN_EXE_tollgate")).arg(service), nats_url)
             .envs(settings.iter().map(|(name, value)| (name, value)))
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
+            .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("start tollgate {service}: {e}"));
         ServiceProcess { child: Some(child) }
