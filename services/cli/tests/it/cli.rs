@@ -126,9 +126,14 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         Some("sk_prod_0123456789abcdef\n"),
     ));
     assert_eq!(imported["prefix"], "sk_prod_");
-    let again =
-        tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "legacy"], Some("sk_prod_0123456789abcdef"));
-    assert!(!again.status.success(), "the same key imported twice");
+    // Refused imports (the same key twice, a mistyped Tollgate key) say why without echoing the key.
+    let mistyped = "tg_live_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGabcdef";
+    for presented in ["sk_prod_0123456789abcdef", mistyped] {
+        let refused = tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "legacy"], Some(presented));
+        let said = format!("{}{}", String::from_utf8_lossy(&refused.stdout), String::from_utf8_lossy(&refused.stderr));
+        assert!(!refused.status.success() && said.contains("error"), "{presented}: {said}");
+        assert!(!said.contains(&presented[8..]), "the refused key was echoed: {said}");
+    }
 
     let listing = tollgate(&env, &["key", "list", "--org", "acme-corp"], None);
     let text = String::from_utf8_lossy(&listing.stdout);
