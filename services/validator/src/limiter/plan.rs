@@ -1,5 +1,5 @@
 //! The limits that apply to a request: a key's own, its tier's and its organization's windows, and the
-//! organization's monthly quota, read off its cached record.
+//! organization's monthly quota, read off its cached record; or a client IP's limit on bad keys.
 
 use std::net::IpAddr;
 
