@@ -415,6 +415,10 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
     let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
+    // Past the 64 KiB a request needs: 413, with the same JSON as any refused request.
+    let oversized = json!({ "key": key.expose(), "path": "p".repeat(100_000) });
+    let (status, body) = verify(oversized).await;
+    assert_eq!((status, body["error"].clone()), (StatusCode::PAYLOAD_TOO_LARGE, json!("invalid_request")), "{body}");
     for not_an_object in [json!([]), json!(["tg_live_x", 1]), json!("tg_live_x"), json!(null)] {
         let (status, body) = verify(not_an_object).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);

@@ -104,10 +104,16 @@ pub fn unavailable() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
 }
 
+/// 400 naming the field at fault (`.`: the body as a whole).
 pub fn bad_request(field: &str, message: &str) -> Response {
+    refused_request(StatusCode::BAD_REQUEST, field, message)
+}
+
+/// `{"error": "invalid_request", "field", "message"}` with `status`: every refused request's answer.
+pub fn refused_request(status: StatusCode, field: &str, message: &str) -> Response {
     let field = (field != ".").then_some(field);
     let body = json!({ "error": "invalid_request", "field": field, "message": message });
-    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+    (status, Json(body)).into_response()
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,8 @@ use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::Role;
 
 use super::answers::{
-    bad_request, limit_headers, limiter_unavailable, reset_at, seconds_until, unavailable, HeaderValues,
+    bad_request, limit_headers, limiter_unavailable, refused_request, reset_at, seconds_until, unavailable,
+    HeaderValues,
 };
 use super::params::{requirement_from, MAX_COST};
 use super::{AppState, Attempt, Verdict};
@@ -118,9 +120,14 @@ pub async fn verify(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let started = Instant::now();
+    let body = match body {
+        Ok(body) => body,
+        // Larger than a request can be (413), or cut off: the same JSON as any refused request, not axum's plain text.
+        Err(rejection) => return refused_request(rejection.status(), ".", &rejection.body_text()),
+    };
     // Checked first: serde would also read a struct from an array, by position (`["tg_live_…", 2]`), and its words for
     // any other value ("expected struct VerifyBody") would name our type, not the mistake.
     if body.trim_ascii_start().first() != Some(&b'{') {
