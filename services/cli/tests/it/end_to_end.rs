@@ -425,6 +425,17 @@ async fn verify_answers_json_and_names_the_bad_field() {
         assert!(body["message"].as_str().expect("message").contains("must be a JSON object"), "{body}");
     }
 
+    // A wrong method or path, as a misconfigured gateway sends: JSON saying what there is.
+    let wrong_method = client.get(validator.url("/v1/verify")).send().await.expect("request");
+    assert_eq!(wrong_method.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(wrong_method.headers()["allow"], "POST");
+    let wrong_path = client.get(validator.url("/v2/auth")).send().await.expect("request");
+    assert_eq!(wrong_path.status(), StatusCode::NOT_FOUND);
+    for answer in [wrong_method, wrong_path] {
+        let body: Value = answer.json().await.expect("a JSON body");
+        assert!(body["message"].as_str().expect("message").contains("POST /v1/verify"), "{body}");
+    }
+
     env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
     env.wait_for_count("SELECT sum(units) FROM usage_hourly", 3).await;
 

@@ -93,6 +93,21 @@ pub fn limiter_unavailable() -> Response {
     (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
 }
 
+/// What the API has, for a caller at the wrong path or with the wrong method: most often a gateway misconfigured.
+const ENDPOINTS: &str = "Tollgate answers /v1/auth (any method, for gateways), POST /v1/verify (JSON), GET /healthz \
+                         and GET /readyz";
+
+/// 404 for any other path.
+pub async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(json!({ "error": "not_found", "message": ENDPOINTS }))).into_response()
+}
+
+/// 405 for a path with a method it does not take (`GET /v1/verify`).
+pub async fn method_not_allowed() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, Json(json!({ "error": "method_not_allowed", "message": ENDPOINTS })))
+        .into_response()
+}
+
 /// The same answer for every kind of bad key: the reason goes to the event and to metrics, not to the caller.
 pub fn unauthorized() -> Response {
     let body = Json(json!({ "error": "unauthorized", "message": "a valid API key is required" }));

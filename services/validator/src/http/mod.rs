@@ -76,6 +76,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/verify", post(verify::verify))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(probes::readyz))
+        .fallback(answers::not_found)
+        .method_not_allowed_fallback(answers::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
