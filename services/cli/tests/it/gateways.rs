@@ -1,5 +1,6 @@
 //! A real nginx in front of a tiny upstream, with Tollgate as its auth_request service, end to end:
-//! 200 (identity forwarded upstream), 401, 403 (missing scope), 429 with Retry-After (rate limit).
+//! 200 (identity forwarded upstream), 401, 403 (missing scope), 429 with Retry-After (rate limit), and 503 with
+//! Retry-After when no validator answers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -122,4 +123,36 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     drop(nginx);
     validator.service.stop().await;
     env.cleanup().await;
+}
+
+/// A validator that is down, or hung, costs the client a 503 with Retry-After within nginx's short timeouts, not a
+/// 500 after a minute.
+#[tokio::test]
+async fn nginx_answers_503_when_no_validator_answers() {
+    let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
+    let upstream = start_upstream().await;
+    // Down: nothing listens. Hung: a listener that accepts and never answers.
+    let down = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string();
+    let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let hung_address = hung.local_addr().expect("addr").to_string();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((connection, _)) = hung.accept().await {
+            held.push(connection);
+        }
+    });
+    let client = reqwest::Client::new();
+    for (what, tollgate) in [("down", down), ("hung", hung_address)] {
+        let nginx = start_nginx(&nginx, &tollgate, &upstream);
+        let started = std::time::Instant::now();
+        let answer = client
+            .get(format!("http://127.0.0.1:{}/orders/1", nginx.port))
+            .bearer_auth("tg_live_any")
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE, "{what}");
+        assert_eq!(answer.headers()["retry-after"], "1", "{what}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5), "{what}: {:?}", started.elapsed());
+    }
 }
