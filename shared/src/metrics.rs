@@ -79,7 +79,10 @@ pub fn install() -> PrometheusHandle {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
-    describe_counter!(VERIFY_REQUESTS, "Verify decisions, by outcome (including missing/malformed/unknown keys).");
+    describe_counter!(
+        VERIFY_REQUESTS,
+        "Verify requests, by outcome (including missing/malformed/unknown keys, and invalid_request: refused unread)."
+    );
     describe_histogram!(VERIFY_DURATION, Unit::Seconds, "Time to decide a verify request.");
     describe_counter!(KEY_LOOKUPS, "Key lookups, by source: cache, negative_cache, database.");
     describe_gauge!(

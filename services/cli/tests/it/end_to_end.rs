@@ -184,6 +184,35 @@ async fn no_presented_key_reaches_the_log_even_at_trace_level() {
     env.cleanup().await;
 }
 
+/// Requests refused before any decision (a bad cost header, a body that is no request, one too large) are counted as
+/// `invalid_request`, so that a misconfigured gateway or client shows on the dashboards.
+#[tokio::test]
+async fn requests_refused_before_a_decision_are_counted() {
+    let env = TestEnv::new().await;
+    let validator = env.spawn_validator_process(&[]);
+    let client = reqwest::Client::new();
+    wait_until(Duration::from_secs(20), || client.get(validator.url("/healthz")).send(), |r| r.is_ok()).await.ok();
+    let refused = || async {
+        let exposition = client.get(validator.metrics_url()).send().await.expect("scrape");
+        let exposition = exposition.text().await.expect("metrics");
+        let line = r#"tollgate_verify_requests_total{outcome="invalid_request"} "#;
+        let count = exposition.lines().find_map(|l| l.strip_prefix(line)).expect("the series, from the start");
+        count.parse::<f64>().expect("a number")
+    };
+    assert_eq!(refused().await, 0.0);
+
+    let bad_cost = client.get(validator.url("/v1/auth")).header("x-tollgate-cost", "0").send();
+    let no_request = client.post(validator.url("/v1/verify")).body("[]").send();
+    let too_large = client.post(validator.url("/v1/verify")).body("{".repeat(100_000)).send();
+    let mut statuses = Vec::new();
+    for request in [bad_cost, no_request, too_large] {
+        statuses.push(request.await.expect("request").status().as_u16());
+    }
+    assert_eq!(statuses, [400, 400, 413]);
+    assert_eq!(refused().await, 3.0);
+    env.cleanup().await;
+}
+
 /// The issue's promise: an unknown-key flood costs one PostgreSQL query per key, then none within the negative-cache
 /// TTL. Counted by PostgreSQL itself: the scans of the key-hash index in this test's own database.
 #[tokio::test]

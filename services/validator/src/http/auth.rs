@@ -36,7 +36,7 @@ pub async fn auth(
     let (Parts { method, uri, headers, .. }, _) = request.into_parts();
     let (cost, requirement) = match (cost_header(&headers), requirement(uri.query(), &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
-        (Err((field, message)), _) | (_, Err((field, message))) => return bad_request(field, &message),
+        (Err((field, message)), _) | (_, Err((field, message))) => return state.refused(bad_request(field, &message)),
     };
     let attempt = Attempt {
         started,

@@ -19,6 +19,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
 use chrono::{DateTime, Utc};
@@ -34,6 +35,9 @@ use crate::limiter::{Decision, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{Credential, TrustedProxies};
 
+/// The `outcome` label of a request refused before any decision (400, 413): what a gateway or client sent could not
+/// be read.
+const INVALID_REQUEST: &str = "invalid_request";
 /// Largest `/v1/verify` body; a request is a key and a few short fields.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
@@ -59,7 +63,8 @@ pub struct RequestMetrics {
 
 impl RequestMetrics {
     pub fn new() -> RequestMetrics {
-        let outcomes = Outcome::ALL.iter().map(|o| o.as_str()).chain(Verdict::UNDECIDED_LABELS);
+        let outcomes =
+            Outcome::ALL.iter().map(|o| o.as_str()).chain(Verdict::UNDECIDED_LABELS).chain([INVALID_REQUEST]);
         start_at_zero(&[IP_FAILURES_LIMITED]);
         RequestMetrics {
             requests: LabeledCounter::new(VERIFY_REQUESTS, ["outcome"], outcomes.map(|o| [o])),
@@ -232,6 +237,12 @@ impl AppState {
             return Verdict::Unavailable;
         }
         Verdict::Decided { outcome, record, event_id, usage }
+    }
+
+    /// Counts a request refused before any decision, and gives its answer back.
+    fn refused(&self, answer: Response) -> Response {
+        self.metrics.requests.increment([INVALID_REQUEST]);
+        answer
     }
 
     fn finish(&self, started: Instant, verdict: Verdict) -> Verdict {

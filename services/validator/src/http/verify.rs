@@ -126,24 +126,24 @@ pub async fn verify(
     let body = match body {
         Ok(body) => body,
         // Larger than a request can be (413), or cut off: the same JSON as any refused request, not axum's plain text.
-        Err(rejection) => return refused_request(rejection.status(), ".", &rejection.body_text()),
+        Err(rejection) => return state.refused(refused_request(rejection.status(), ".", &rejection.body_text())),
     };
     // Checked first: serde would also read a struct from an array, by position (`["tg_live_…", 2]`), and its words for
     // any other value ("expected struct VerifyBody") would name our type, not the mistake.
     if body.trim_ascii_start().first() != Some(&b'{') {
-        return bad_request(".", "the body must be a JSON object, such as {\"key\": \"tg_live_…\"}");
+        return state.refused(bad_request(".", "the body must be a JSON object, such as {\"key\": \"tg_live_…\"}"));
     }
     let body: VerifyBody = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body)) {
         Ok(body) => body,
-        Err(e) => return bad_request(&e.path().to_string(), &e.inner().to_string()),
+        Err(e) => return state.refused(bad_request(&e.path().to_string(), &e.inner().to_string())),
     };
     if body.cost == 0 || body.cost > MAX_COST {
-        return bad_request("cost", &format!("must be between 1 and {MAX_COST}"));
+        return state.refused(bad_request("cost", &format!("must be between 1 and {MAX_COST}")));
     }
     let roles: Vec<String> = body.role.iter().map(|r| r.as_str().to_owned()).collect();
     let requirement = match requirement_from(body.scope.as_slice(), &roles) {
         Ok(requirement) => requirement,
-        Err((field, message)) => return bad_request(field, &message),
+        Err((field, message)) => return state.refused(bad_request(field, &message)),
     };
     let attempt = Attempt {
         started,
