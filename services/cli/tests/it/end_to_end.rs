@@ -144,8 +144,8 @@ async fn no_presented_key_reaches_the_log_even_at_trace_level() {
         &[("RUST_LOG", "trace".into())],
         log.reopen().expect("the log file, to write").into(),
     );
+    validator.answering().await;
     let client = reqwest::Client::new();
-    wait_until(Duration::from_secs(20), || client.get(validator.url("/healthz")).send(), |r| r.is_ok()).await.ok();
 
     let secrets = [good.expose().to_owned(), revoked.expose().to_owned(), typo, made_up, foreign];
     let mut statuses = Vec::new();
@@ -190,16 +190,10 @@ async fn no_presented_key_reaches_the_log_even_at_trace_level() {
 async fn requests_refused_before_a_decision_are_counted() {
     let env = TestEnv::new().await;
     let validator = env.spawn_validator_process(&[]);
+    validator.answering().await;
     let client = reqwest::Client::new();
-    wait_until(Duration::from_secs(20), || client.get(validator.url("/healthz")).send(), |r| r.is_ok()).await.ok();
-    let refused = || async {
-        let exposition = client.get(validator.metrics_url()).send().await.expect("scrape");
-        let exposition = exposition.text().await.expect("metrics");
-        let line = r#"tollgate_verify_requests_total{outcome="invalid_request"} "#;
-        let count = exposition.lines().find_map(|l| l.strip_prefix(line)).expect("the series, from the start");
-        count.parse::<f64>().expect("a number")
-    };
-    assert_eq!(refused().await, 0.0);
+    let refused = r#"tollgate_verify_requests_total{outcome="invalid_request"}"#;
+    assert_eq!(validator.metric(refused).await, Some(0.0), "the series, from the start");
 
     let bad_cost = client.get(validator.url("/v1/auth")).header("x-tollgate-cost", "0").send();
     let no_request = client.post(validator.url("/v1/verify")).body("[]").send();
@@ -209,7 +203,7 @@ async fn requests_refused_before_a_decision_are_counted() {
         statuses.push(request.await.expect("request").status().as_u16());
     }
     assert_eq!(statuses, [400, 400, 413]);
-    assert_eq!(refused().await, 3.0);
+    assert_eq!(validator.metric(refused).await, Some(3.0));
     env.cleanup().await;
 }
 
@@ -387,10 +381,7 @@ async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_onc
     assert_eq!(status, Some(StatusCode::SERVICE_UNAVAILABLE), "an unseen key while PostgreSQL is away");
     assert!(took < Duration::from_millis(500), "answered in {took:?}");
     // And the dashboards see how long it has been.
-    let exposition = client.get(validator.metrics_url()).send().await.expect("scrape");
-    let exposition = exposition.text().await.expect("metrics");
-    let age = exposition.lines().find_map(|line| line.strip_prefix("tollgate_key_refresh_age_seconds "));
-    let age: f64 = age.expect("the refresh age gauge").parse().expect("a number");
+    let age = validator.metric("tollgate_key_refresh_age_seconds").await.expect("the refresh age gauge");
     assert!(age > 1.0, "seconds since the refresher last heard from PostgreSQL: {age}");
 
     postgres.restart();

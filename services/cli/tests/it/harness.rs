@@ -275,6 +275,20 @@ impl ValidatorProcess {
     pub fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
+
+    /// Waits until it answers HTTP: it binds its port only after connecting to its servers.
+    pub async fn answering(&self) {
+        let client = reqwest::Client::new();
+        let health = || client.get(self.url("/healthz")).send();
+        wait_until(Duration::from_secs(20), health, |r| r.is_ok()).await.expect("the validator answers");
+    }
+
+    /// The value of one series (`name` or `name{labels}`, as exported) on its metrics endpoint, if it is exported.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        let exposition = reqwest::get(self.metrics_url()).await.expect("scrape").text().await.expect("exposition");
+        let value = exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?;
+        Some(value.parse().expect("a number"))
+    }
 }
 
 /// Verifies sent in a loop by a few clients until stopped; counts the 200s they saw.
