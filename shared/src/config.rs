@@ -117,6 +117,7 @@ pub struct NamespaceArgs {
 
 /// The Prometheus endpoint every process serves.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Metrics")]
 pub struct MetricsArgs {
     /// Address of the Prometheus endpoint (`/metrics`).
     #[arg(
@@ -131,6 +132,7 @@ pub struct MetricsArgs {
 
 /// The validator's HTTP API and hot path.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Validator")]
 pub struct ValidatorArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "TOLLGATE_LISTEN", value_name = "TOLLGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -356,6 +358,7 @@ pub enum SpoolFullPolicy {
 
 /// The workers' batching.
 #[derive(clap::Args, Debug, Clone)]
+#[command(next_help_heading = "Workers")]
 pub struct WorkerArgs {
     /// Most NATS messages per batch (each message carries up to 1000 events).
     #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 50)]

@@ -20,7 +20,7 @@ pub struct Cli {
     #[command(flatten)]
     pub namespace: NamespaceArgs,
     /// Print machine-readable JSON instead of text.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Output")]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
@@ -329,5 +329,39 @@ fn parse_expiry(s: &str) -> Result<Expiry, String> {
         Ok(Expiry(None))
     } else {
         parse_time(s).map(|t| Expiry(Some(t)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cli;
+    use clap::CommandFactory;
+
+    /// The heading `--help` shows a flag under, in a subcommand.
+    fn heading(path: &[&str], flag: &str) -> Option<String> {
+        let mut command = Cli::command();
+        command.build();
+        let command = path.iter().fold(&command, |c, name| c.find_subcommand(name).expect("subcommand"));
+        let arg = command.get_arguments().find(|a| a.get_long() == Some(flag)).expect("flag");
+        arg.get_help_heading().map(str::to_owned)
+    }
+
+    #[test]
+    fn each_flag_is_listed_under_the_part_it_configures() {
+        for (path, flag, expected) in [
+            (&["up"][..], "listen", "Validator"),
+            (&["up"], "redis-timeout", "Rate limiting"),
+            (&["up"], "batch-wait", "Workers"),
+            (&["up"], "metrics-listen", "Metrics"),
+            (&["validator"], "metrics-listen", "Metrics"),
+            (&["worker"], "batch-events", "Workers"),
+            (&["worker"], "metrics-listen", "Metrics"),
+            (&["key", "create"], "database-url", "Servers"),
+            (&["key", "create"], "redis-prefix", "Namespace"),
+            (&["key", "create"], "json", "Output"),
+        ] {
+            assert_eq!(heading(path, flag).as_deref(), Some(expected), "{path:?} --{flag}");
+        }
+        assert_eq!(heading(&["up"], "demo"), None, "`up --demo` is the command's own option");
     }
 }
