@@ -433,6 +433,11 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert!(body["message"].as_str().expect("message").contains("key"), "{body}");
     let (status, body) = verify(json!({ "key": key.expose(), "cost": 0 })).await;
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
+    // A NUL could never be written to PostgreSQL, and would take the other events of its message with it.
+    for field in ["method", "path", "request_id"] {
+        let (status, body) = verify(json!({ "key": key.expose(), field: "a\u{0}b" })).await;
+        assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!(field)), "{body}");
+    }
     let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
     // Past the 64 KiB a request needs: 413, with the same JSON as any refused request.

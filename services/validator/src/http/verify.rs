@@ -140,6 +140,12 @@ pub async fn verify(
     if body.cost == 0 || body.cost > MAX_COST {
         return state.refused(bad_request("cost", &format!("must be between 1 and {MAX_COST}")));
     }
+    // PostgreSQL text cannot hold a NUL: the event could never be written, and the workers would set aside the whole
+    // message it shares with other requests' events.
+    let texts = [("method", &body.method), ("path", &body.path), ("request_id", &body.request_id)];
+    if let Some((field, _)) = texts.into_iter().find(|(_, text)| text.as_deref().is_some_and(|t| t.contains('\0'))) {
+        return state.refused(bad_request(field, "must not contain a NUL character"));
+    }
     let roles: Vec<String> = body.role.iter().map(|r| r.as_str().to_owned()).collect();
     let requirement = match requirement_from(body.scope.as_slice(), &roles) {
         Ok(requirement) => requirement,
