@@ -1,7 +1,7 @@
 //! Reading a verify request from a gateway's headers: the credential, the original request and the client.
 //! Nothing here fails: whatever a header holds becomes a missing or malformed credential, or is left out.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use axum::http::{HeaderMap, HeaderName};
 use ipnet::IpNet;
@@ -111,21 +111,36 @@ impl TrustedProxies {
             return peer;
         }
         if let Some(stated) = stated {
-            return stated;
+            return stated.to_canonical();
         }
-        let forwarded: Vec<IpAddr> = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|part| part.trim().parse::<IpAddr>().ok())
-            .collect();
-        // Walk from the nearest hop outwards; the first address we do not trust is the client.
-        if let Some(ip) = forwarded.iter().rev().find(|ip| !self.trusts(**ip)).or(forwarded.first()) {
-            return *ip;
+        let forwarded: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+        if forwarded.is_empty() {
+            return headers.get(X_REAL_IP).and_then(|v| forwarded_address(v.to_str().ok()?)).unwrap_or(peer);
         }
-        headers.get(X_REAL_IP).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse().ok()).unwrap_or(peer)
+        // Walk from the nearest hop outwards; the first address we do not trust is the client. An entry that is not
+        // an address ends the walk at the last hop we trust: whatever lies beyond it may be the client's own words,
+        // and skipping it would let a client pick the address it is limited by.
+        let mut nearest = peer;
+        for value in forwarded.iter().rev() {
+            let Ok(value) = value.to_str() else { return nearest };
+            for entry in value.rsplit(',') {
+                match forwarded_address(entry) {
+                    Some(ip) if self.trusts(ip) => nearest = ip,
+                    Some(ip) => return ip,
+                    None => return nearest,
+                }
+            }
+        }
+        nearest
     }
+}
+
+/// An address as proxies write it in `X-Forwarded-For`: `203.0.113.5`, `2001:db8::1`, or either with a port
+/// (`203.0.113.5:4711`, `[2001:db8::1]:443`).
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let entry = entry.trim();
+    let ip = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
 }
 
 #[cfg(test)]
@@ -181,6 +196,29 @@ mod tests {
         assert_eq!(trusted.client_ip(proxy, &HeaderMap::new(), None), proxy);
         let mapped: IpAddr = "::ffff:127.0.0.1".parse().expect("ip");
         assert!(trusted.trusts(mapped));
+    }
+
+    #[test]
+    fn a_client_cannot_choose_its_address_past_an_entry_that_is_not_one() {
+        let trusted =
+            TrustedProxies::new(vec!["127.0.0.0/8".parse().expect("net"), "10.0.0.0/8".parse().expect("net")]);
+        let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
+        let ip = |text: &str| text.parse::<IpAddr>().expect("ip");
+        let client_ip = |pairs: &[(&'static str, &str)]| trusted.client_ip(proxy, &headers(pairs), None);
+        // Ports, as some proxies write them, are read.
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, 203.0.113.5:4711")]), ip("203.0.113.5"));
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, [2001:db8::1]:443")]), ip("2001:db8::1"));
+        assert_eq!(client_ip(&[("x-forwarded-for", "::ffff:203.0.113.5")]), ip("203.0.113.5"));
+        // Anything else ends the walk at the last trusted hop, never at an address the client wrote further out.
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, unknown")]), proxy);
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, unknown, 10.0.0.2")]), ip("10.0.0.2"));
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1,"), ("x-real-ip", "192.0.2.9")]), proxy);
+        // Several header lines are one list, the last line nearest.
+        let lines = [("x-forwarded-for", "198.51.100.1"), ("x-forwarded-for", "203.0.113.5, 10.0.0.2")];
+        assert_eq!(client_ip(&lines), ip("203.0.113.5"));
+        let mut unreadable = headers(&[("x-forwarded-for", "198.51.100.1")]);
+        unreadable.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff").expect("obs-text"));
+        assert_eq!(trusted.client_ip(proxy, &unreadable, None), proxy);
     }
 
     #[test]

@@ -722,6 +722,20 @@ async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     }
     assert_eq!(from(neighbour, made_up.expose()).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
 
+    // The blocked client cannot get out by writing an address of its choice before the one its proxy wrote (with a
+    // port, as some proxies write it).
+    let spoofed = from("192.0.2.1, 203.0.113.50:4711", made_up.expose()).send().await.expect("request");
+    assert_eq!(spoofed.status(), StatusCode::TOO_MANY_REQUESTS);
+    // An IPv6 client is its /64, whichever of its addresses it sends from.
+    for i in 1..=5 {
+        let status = from(&format!("2001:db8:5:6::{i}"), made_up.expose()).send().await.expect("request").status();
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    let rotated = from("2001:db8:5:6:ffff::1", made_up.expose()).send().await.expect("request");
+    assert_eq!(rotated.status(), StatusCode::TOO_MANY_REQUESTS);
+    let next_block = from("2001:db8:5:7::1", made_up.expose()).send().await.expect("request");
+    assert_eq!(next_block.status(), StatusCode::UNAUTHORIZED);
+
     validator.service.stop().await;
     env.cleanup().await;
 }

@@ -1,7 +1,7 @@
 //! The limits that apply to a request: a key's own, its tier's and its organization's windows, and the
 //! organization's monthly quota, read off its cached record; or a client IP's limit on bad keys.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr};
 
 use chrono::{DateTime, Datelike, TimeZone, Utc};
 use uuid::Uuid;
@@ -137,9 +137,8 @@ impl Plan {
 
     /// The bad-key limit of one client IP.
     pub fn for_ip_failures(ip: IpAddr, per_minute: u32) -> Plan {
-        // An IPv4 client seen through an IPv6 socket is the same client.
         let limit = WindowLimit {
-            subject: Subject::Ip(ip.to_canonical()),
+            subject: Subject::Ip(client_network(ip)),
             limit: u64::from(per_minute),
             seconds: 60,
             shadow: false,
@@ -154,6 +153,15 @@ impl Plan {
     /// Values of this plan's part of the script's reply: per window used and at, then the quota's used.
     pub(super) fn reply_len(&self) -> usize {
         2 * self.windows.len() + usize::from(self.quota.is_some())
+    }
+}
+
+/// The addresses counted as one client: an IPv4 address (one seen through an IPv6 socket too), or an IPv6 /64, the
+/// block one subscriber is usually given and can pick any address of.
+fn client_network(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
+        v4 => v4,
     }
 }
 
@@ -173,5 +181,15 @@ mod tests {
         let at = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).single().expect("time");
         assert_eq!(quota_key("tg:", ID, at), "tg:quota:0190a0b0-0000-7000-8000-000000000001:2026-12");
         assert_eq!(next_month(at), Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).single().expect("time"));
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_block() {
+        let network = |text: &str| client_network(text.parse().expect("ip")).to_string();
+        assert_eq!(network("2001:db8:1:2:aaaa::1"), "2001:db8:1:2::");
+        assert_eq!(network("2001:db8:1:2:ffff:ffff:ffff:ffff"), "2001:db8:1:2::");
+        assert_eq!(network("2001:db8:1:3::1"), "2001:db8:1:3::");
+        assert_eq!(network("203.0.113.5"), "203.0.113.5");
+        assert_eq!(network("::ffff:203.0.113.5"), "203.0.113.5");
     }
 }
