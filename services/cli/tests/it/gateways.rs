@@ -1,6 +1,6 @@
 //! A real nginx in front of a tiny upstream, with Tollgate as its auth_request service, end to end:
-//! 200 (identity forwarded upstream), 401, 403 (missing scope), 429 with Retry-After (rate limit), and 503 with
-//! Retry-After when no validator answers.
+//! 200 (identity and rate-limit headers forwarded upstream, the route's cost counted), 401, 403 (missing scope), 429
+//! with Retry-After (rate limit, monthly quota), and 503 with Retry-After when no validator answers.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -9,7 +9,10 @@ use axum::http::HeaderMap;
 use reqwest::StatusCode;
 use tempfile::TempDir;
 
-use crate::harness::TestEnv;
+use tollgate_shared::admin::{self, OrgChanges};
+use tollgate_shared::domain::LimitSetting;
+
+use crate::harness::{TestEnv, REDIS_URL};
 
 const NGINX_CONF: &str = include_str!("../../../../gateways/nginx/nginx.conf");
 const PROTECT_CONF: &str = include_str!("../../../../gateways/nginx/tollgate_protect.conf");
@@ -75,7 +78,11 @@ async fn start_upstream() -> String {
     let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
         let seen: serde_json::Map<String, serde_json::Value> = headers
             .iter()
-            .filter(|(name, _)| name.as_str().starts_with("x-tollgate-") || name.as_str() == "authorization")
+            .filter(|(name, _)| {
+                let name = name.as_str();
+                ["x-tollgate-", "x-ratelimit-", "ratelimit"].iter().any(|p| name.starts_with(p))
+                    || name == "authorization"
+            })
             .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").into()))
             .collect();
         axum::Json(seen)
@@ -90,8 +97,12 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
     let env = TestEnv::new().await;
     let org = env.org().await;
-    let (key_id, key) = env.key(&org).await;
+    let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
     let (_, limited) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1)).await;
+    let over_quota_org = env.org().await;
+    let limits = OrgChanges { monthly_request_limit: Some(LimitSetting::Max(100)), ..OrgChanges::default() };
+    let over_quota_org_id = admin::update_org(&env.pool, &over_quota_org, limits).await.expect("org").id;
+    let (_, over_quota) = env.key(&over_quota_org).await;
     let validator = env.start_validator().await;
     let upstream = start_upstream().await;
     let nginx = start_nginx(&nginx, &validator.address.to_string(), &upstream);
@@ -104,6 +115,21 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     assert_eq!(seen["x-tollgate-key-id"], key_id.to_string());
     assert_eq!(seen["x-tollgate-role"], "user");
     assert!(seen.get("authorization").is_none_or(|v| v == ""), "the key reached the upstream: {seen}");
+    // The upstream sees every rate-limit header (of the key's 1000 per minute, its only limit).
+    assert_eq!((seen["x-ratelimit-limit"].as_str(), seen["x-ratelimit-used"].as_str()), (Some("1000"), Some("1")));
+    assert!(seen["x-ratelimit-reset"].as_str().is_some_and(|s| s.parse::<i64>().is_ok()), "{seen}");
+    assert_eq!(seen["ratelimit-policy"], "\"key\";q=1000;w=60");
+    assert!(seen["ratelimit"].as_str().is_some_and(|s| s.starts_with("\"key\";r=999;t=")), "{seen}");
+    // A route's cost is the gateway's to set: the client's own X-Tollgate-Cost does not reach Tollgate.
+    let used = |response: reqwest::Response| async move {
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen: serde_json::Value = response.json().await.expect("upstream echo");
+        seen["x-ratelimit-used"].as_str().expect("used").to_owned()
+    };
+    let own_cost = client.get(url("/orders/1")).bearer_auth(key.expose()).header("X-Tollgate-Cost", "50");
+    assert_eq!(used(own_cost.send().await.expect("request")).await, "2");
+    let report = client.get(url("/reports/1")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(used(report).await, "7");
 
     let missing = client.get(url("/orders/1")).send().await.expect("request");
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
@@ -119,6 +145,22 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     let retry_after: u64 = second.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
     // A 1-per-minute limit: the request leaves the counted span about a minute (plus a bucket) later.
     assert!((55..=62).contains(&retry_after), "Retry-After {retry_after}");
+    assert_eq!(second.headers()["x-ratelimit-used"], "1");
+    assert_eq!(second.headers()["ratelimit-policy"], "\"key\";q=1;w=60");
+    assert_eq!(second.headers()["content-type"], "application/json");
+    let body: serde_json::Value = second.json().await.expect("a JSON body");
+    assert_eq!((body["error"].as_str(), body["limit"].as_u64()), (Some("rate_limited"), Some(1)), "{body}");
+
+    // The monthly quota, used up (the workers' counter, set here by hand): 429 saying so.
+    let quota_key = tollgate_validator::quota_key(&env.topology.redis_prefix, over_quota_org_id, chrono::Utc::now());
+    let mut redis =
+        redis::Client::open(REDIS_URL).expect("url").get_multiplexed_async_connection().await.expect("redis");
+    let _: () = redis::cmd("SET").arg(&quota_key).arg(100).query_async(&mut redis).await.expect("set");
+    let over = client.get(url("/orders/1")).bearer_auth(over_quota.expose()).send().await.expect("request");
+    assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(over.headers().contains_key("retry-after"));
+    let body: serde_json::Value = over.json().await.expect("a JSON body");
+    assert_eq!((body["error"].as_str(), body["limit"].as_u64()), (Some("quota_exceeded"), Some(100)), "{body}");
 
     drop(nginx);
     validator.service.stop().await;
