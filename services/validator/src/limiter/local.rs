@@ -9,14 +9,21 @@ use super::verdict::{decide_from, WindowReply};
 use super::window::{Counter, Window};
 use super::Decision;
 
-/// Counters kept before idle ones are swept.
+/// Counters kept before idle ones are first swept.
 const SWEEP_AT: usize = 100_000;
 
 /// This process's counters, one per subject and window length.
 #[derive(Default)]
 pub struct LocalLimiter {
+    counters: Mutex<Counters>,
+}
+
+#[derive(Default)]
+struct Counters {
     /// Each counter with its window.
-    counters: Mutex<HashMap<(Subject, u32), (Window, Counter)>>,
+    by_subject: HashMap<(Subject, u32), (Window, Counter)>,
+    /// How many counters the next sweep waits for (0: `SWEEP_AT`).
+    sweep_at: usize,
 }
 
 impl LocalLimiter {
@@ -24,9 +31,12 @@ impl LocalLimiter {
     pub fn decide(&self, windows: &[WindowLimit], cost: u32, now: i64) -> Decision {
         let cost = u64::from(cost);
         // A poisoned lock only means another request panicked mid-update; the counters are still usable.
-        let mut counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
-        if counters.len() >= SWEEP_AT {
+        let Counters { by_subject: counters, sweep_at } = &mut *self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        if counters.len() >= (*sweep_at).max(SWEEP_AT) {
             counters.retain(|_, (window, counter)| !counter.is_idle(*window, now));
+            // The next sweep waits until the map has doubled: with that many counters still in their windows, a
+            // sweep at every decision would make each one scan them all.
+            *sweep_at = 2 * counters.len();
         }
         let mut checks = Vec::with_capacity(windows.len());
         for w in windows {
@@ -48,5 +58,48 @@ impl LocalLimiter {
             }
         }
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::*;
+
+    fn one_per_key(key: u128) -> [WindowLimit; 1] {
+        [WindowLimit { subject: Subject::Key(Uuid::from_u128(key)), limit: 10, seconds: 60, shadow: false }]
+    }
+
+    fn counters(limiter: &LocalLimiter) -> (usize, usize) {
+        let counters = limiter.counters.lock().expect("lock");
+        (counters.by_subject.len(), counters.sweep_at)
+    }
+
+    #[test]
+    fn counters_in_their_window_are_swept_once_per_doubling_and_idle_ones_go() {
+        let limiter = LocalLimiter::default();
+        let now = 1_800_000_000_000_000;
+        let count = SWEEP_AT as u128;
+        for key in 0..count {
+            assert!(matches!(limiter.decide(&one_per_key(key), 1, now), Decision::Allowed { .. }));
+        }
+        // All still in their window: one sweep keeps them, and the next waits for twice as many.
+        limiter.decide(&one_per_key(count), 1, now + 1);
+        assert_eq!(counters(&limiter), (SWEEP_AT + 1, 2 * SWEEP_AT));
+        // Counted on: a kept counter still holds its request.
+        let used = |decision| match decision {
+            Decision::Allowed { usage: Some(usage), .. } => usage.used,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(used(limiter.decide(&one_per_key(0), 1, now + 2)), 2);
+        // Two windows later every counter is idle: the sweep due at 2 × SWEEP_AT removes them all.
+        let later = now + 120_000_000;
+        for key in count + 1..2 * count {
+            limiter.decide(&one_per_key(key), 1, later);
+        }
+        assert_eq!(counters(&limiter).0, 2 * SWEEP_AT);
+        limiter.decide(&one_per_key(2 * count), 1, later);
+        assert_eq!(counters(&limiter), (SWEEP_AT, 2 * (SWEEP_AT - 1)), "only the counters of `later` are kept");
     }
 }
