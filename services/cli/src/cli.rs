@@ -11,7 +11,7 @@ use tollgate_shared::key::KeyEnv;
 /// Tollgate: API-key checking, rate limiting and usage metering for high-traffic APIs.
 ///
 /// Start everything with `tollgate up --demo`, then manage organizations and keys with `tollgate org` and
-/// `tollgate key`. Every flag can also be set with the environment variable shown in its help.
+/// `tollgate key`. Every server setting can also be set with the environment variable shown in its help.
 #[derive(Parser, Debug)]
 #[command(name = "tollgate", version, propagate_version = true)]
 pub struct Cli {
@@ -70,7 +70,8 @@ pub enum Command {
 #[derive(Subcommand, Debug)]
 pub enum UsageCommand {
     /// Check that billing = hourly rollup = usage rows for every organization and month, and compare the Redis
-    /// quota counters with PostgreSQL. Exits non-zero when the counts disagree.
+    /// quota counters with PostgreSQL. Exits non-zero when billing, rollup and usage rows disagree (a drifting quota
+    /// counter is reported, and repaired with --fix, but does not fail the check).
     Reconcile {
         /// Only this organization (id or slug).
         #[arg(long)]
@@ -86,7 +87,7 @@ pub enum UsageCommand {
 
 #[derive(Subcommand, Debug)]
 pub enum DlqCommand {
-    /// List dead letters: sequence, time, reason, size.
+    /// List dead letters: sequence, time, size, reason.
     List,
     /// Republish dead letters to the usage stream, then delete them from the dead-letter stream.
     Replay {
@@ -146,20 +147,20 @@ pub enum TierCommand {
         /// unlimited, premium, standard or limited.
         #[arg(value_enum)]
         name: RateLimitTier,
-        /// The main limit as requests per hour, or `none`.
+        /// The main limit as units per hour (a request weighs its cost, 1 by default), or `none`.
         #[arg(long, value_name = "N|none", conflicts_with_all = ["limit", "window"])]
         per_hour: Option<LimitSetting>,
         /// The main limit with a window of your choice (with --window), or `none`.
-        #[arg(long, value_name = "N|none")]
+        #[arg(long, value_name = "N|none", requires = "window")]
         limit: Option<LimitSetting>,
         /// The main limit's window (whole seconds, 1s to 24h), e.g. 10s, 1h.
         #[arg(long, value_parser = parse_window, requires = "limit")]
         window: Option<i32>,
-        /// The burst limit as requests per minute, or `none`.
+        /// The burst limit as units per minute, or `none`.
         #[arg(long, value_name = "N|none", conflicts_with_all = ["burst_limit", "burst_window"])]
         per_minute: Option<LimitSetting>,
         /// The burst limit with a window of your choice (with --burst-window), or `none`.
-        #[arg(long, value_name = "N|none")]
+        #[arg(long, value_name = "N|none", requires = "burst_window")]
         burst_limit: Option<LimitSetting>,
         /// The burst limit's window (whole seconds, 1s to 24h).
         #[arg(long, value_parser = parse_window, requires = "burst_limit")]
@@ -194,8 +195,9 @@ pub struct UpArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum OrgCommand {
-    /// Create an organization.
+    /// Create an organization (plan free, 60 units per minute, no monthly limit and 100 keys unless given).
     Create {
+        /// Display name.
         #[arg(long)]
         name: String,
         /// URL-safe identifier (a-z, 0-9, '-'); derived from the name when omitted.
@@ -210,6 +212,7 @@ pub enum OrgCommand {
     Update {
         /// The organization's id or slug.
         org: String,
+        /// New display name.
         #[arg(long)]
         name: Option<String>,
         #[command(flatten)]
@@ -226,16 +229,16 @@ pub enum OrgCommand {
 
 #[derive(Args, Debug)]
 pub struct OrgSettings {
-    /// Commercial plan [default on create: free].
+    /// Commercial plan.
     #[arg(long, value_enum)]
     pub plan: Option<Plan>,
-    /// Requests per minute shared by all the organization's keys, or `none` [default on create: 60].
+    /// Units per minute shared by all the organization's keys (a request weighs its cost, 1 by default), or `none`.
     #[arg(long, value_name = "N|none")]
     pub rate_limit_per_minute: Option<LimitSetting>,
-    /// Requests per calendar month (UTC), or `none` [default on create: none].
+    /// Units per calendar month (UTC), or `none`.
     #[arg(long, value_name = "N|none")]
     pub monthly_limit: Option<LimitSetting>,
-    /// Most keys the organization may hold [default on create: 100].
+    /// Most keys the organization may hold.
     #[arg(long, value_name = "N")]
     pub max_keys: Option<i32>,
 }
@@ -262,9 +265,13 @@ pub enum KeyCommand {
         org: String,
     },
     /// Show one key.
-    Show { id: Uuid },
+    Show {
+        /// The key's id (from `key list`).
+        id: Uuid,
+    },
     /// Revoke a key for good.
     Revoke {
+        /// The key's id (from `key list`).
         id: Uuid,
         /// Why, for the audit trail.
         #[arg(long)]
@@ -272,7 +279,9 @@ pub enum KeyCommand {
     },
     /// Change a key's settings.
     Update {
+        /// The key's id (from `key list`).
         id: Uuid,
+        /// Rate-limit tier (see `tier list`).
         #[arg(long, value_enum)]
         tier: Option<RateLimitTier>,
         /// Comma-separated scopes, replacing the current ones (`--scopes ""` removes all).
@@ -284,6 +293,7 @@ pub enum KeyCommand {
         /// RFC 3339 time, or `none` for no expiry.
         #[arg(long, value_name = "RFC3339|none", value_parser = parse_expiry)]
         expires_at: Option<Expiry>,
+        /// Disable (false) or enable again (true); a revoked key stays revoked.
         #[arg(long)]
         active: Option<bool>,
     },
@@ -294,16 +304,19 @@ pub struct KeySpec {
     /// The organization's id or slug.
     #[arg(long)]
     pub org: String,
+    /// Display name (shown to the API as X-Tollgate-Key-Name).
     #[arg(long)]
     pub name: String,
+    /// What the key may do (routes can require a role).
     #[arg(long, value_enum, default_value = "user")]
     pub role: Role,
+    /// Rate-limit tier (see `tier list`).
     #[arg(long, value_enum, default_value = "standard")]
     pub tier: RateLimitTier,
     /// Comma-separated scopes.
     #[arg(long, value_delimiter = ',')]
     pub scopes: Vec<String>,
-    /// The key's own per-minute limit.
+    /// The key's own limit in units per minute.
     #[arg(long, value_name = "N")]
     pub rate_limit_per_minute: Option<u32>,
     /// Expire after this long (e.g. 30d, 12h).
@@ -335,7 +348,7 @@ fn parse_expiry(s: &str) -> Result<Expiry, String> {
 #[cfg(test)]
 mod tests {
     use super::Cli;
-    use clap::CommandFactory;
+    use clap::{CommandFactory, Parser};
 
     /// The heading `--help` shows a flag under, in a subcommand.
     fn heading(path: &[&str], flag: &str) -> Option<String> {
@@ -363,5 +376,16 @@ mod tests {
             assert_eq!(heading(path, flag).as_deref(), Some(expected), "{path:?} --{flag}");
         }
         assert_eq!(heading(&["up"], "demo"), None, "`up --demo` is the command's own option");
+    }
+
+    #[test]
+    fn a_tier_limit_of_a_chosen_window_needs_the_window() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["tollgate", "tier", "set", "limited"], args].concat());
+        for (args, missing) in [(&["--limit", "20"][..], "--window"), (&["--burst-limit", "5"], "--burst-window")] {
+            let error = parse(args).expect_err("a limit without its window").to_string();
+            assert!(error.contains(missing), "{error}");
+        }
+        assert!(parse(&["--limit", "20", "--window", "10s", "--burst-limit", "5", "--burst-window", "1s"]).is_ok());
+        assert!(parse(&["--per-hour", "none", "--per-minute", "50"]).is_ok());
     }
 }

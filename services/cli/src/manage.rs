@@ -159,11 +159,12 @@ pub async fn tier(pool: &PgPool, json: bool, command: TierCommand) -> anyhow::Re
             })
         }
         TierCommand::Set { name, per_hour, limit, window, per_minute, burst_limit, burst_window, shadow } => {
-            let setting =
-                |limit: Option<LimitSetting>, seconds: i32| limit.map(|limit| WindowSetting { limit, seconds });
+            let setting = |limit: Option<LimitSetting>, seconds: Option<i32>| {
+                limit.zip(seconds).map(|(limit, seconds)| WindowSetting { limit, seconds })
+            };
             let changes = TierChanges {
-                window: setting(per_hour, 3600).or_else(|| setting(limit, window.unwrap_or(3600))),
-                burst: setting(per_minute, 60).or_else(|| setting(burst_limit, burst_window.unwrap_or(60))),
+                window: setting(per_hour, Some(3600)).or_else(|| setting(limit, window)),
+                burst: setting(per_minute, Some(60)).or_else(|| setting(burst_limit, burst_window)),
                 shadow,
             };
             let tier = admin::set_tier(pool, name.as_str(), changes).await?;

@@ -166,9 +166,10 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         validate_scopes(scopes)?;
     }
     let mut tx = pool.begin().await?;
+    let revoked = || AdminError::Invalid(format!("key {id} is revoked; create a new key instead"));
     let current = show_key(pool, id).await?;
     if changes.active == Some(true) && current.revoked_at.is_some() {
-        return Err(AdminError::Invalid(format!("key {id} is revoked; create a new key instead")));
+        return Err(revoked());
     }
     let sql = format!(
         "UPDATE api_keys SET
@@ -180,8 +181,9 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
             deactivated_reason = CASE WHEN $8 IS NULL THEN deactivated_reason
                                       WHEN $8 THEN NULL ELSE 'disabled' END,
             updated_at = now()
-         WHERE id = $1 RETURNING {COLUMNS}"
+         WHERE id = $1 AND NOT ($8 IS TRUE AND revoked_at IS NOT NULL) RETURNING {COLUMNS}"
     );
+    // The condition again in the statement: a revocation that commits after the check above must still win.
     let info: KeyInfo = sqlx::query_as(&sql)
         .bind(id)
         .bind(changes.tier.map(RateLimitTier::as_str))
@@ -191,9 +193,10 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         .bind(changes.expires_at.is_some())
         .bind(changes.expires_at.flatten())
         .bind(changes.active)
-        .fetch_one(&mut *tx)
+        .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?;
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?
+        .ok_or_else(revoked)?;
     let details = serde_json::json!({
         "tier": changes.tier,
         "scopes": changes.scopes,

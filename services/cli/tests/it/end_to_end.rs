@@ -301,6 +301,40 @@ async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
 }
 
 #[tokio::test]
+async fn a_key_revoked_while_it_is_being_enabled_stays_revoked() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (id, _) = env.key(&org).await;
+    let change = |active| admin::KeyChanges { active: Some(active), ..Default::default() };
+    admin::update_key(&env.pool, &Actor("test".into()), id, change(false)).await.expect("disable");
+
+    // A revocation under way (its row locked, not yet committed) when the enabling reads the key, which is not
+    // revoked yet: the enabling then waits for the row, and must not undo the revocation once it gets it.
+    let mut revoking = env.pool.begin().await.expect("begin");
+    sqlx::query("UPDATE api_keys SET active = false, revoked_at = now() WHERE id = $1")
+        .bind(id)
+        .execute(&mut *revoking)
+        .await
+        .expect("revoke");
+    let pool = env.pool.clone();
+    let enabling = tokio::spawn(async move { admin::update_key(&pool, &Actor("test".into()), id, change(true)).await });
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    env.wait_for_count(waiting, 1).await;
+    revoking.commit().await.expect("commit");
+
+    let refused = enabling.await.expect("task").expect_err("enabling a revoked key");
+    assert!(refused.to_string().contains("revoked"), "{refused}");
+    let state: (bool, bool) = sqlx::query_as("SELECT active, revoked_at IS NOT NULL FROM api_keys WHERE id = $1")
+        .bind(id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("key");
+    assert_eq!(state, (false, true), "(active, revoked)");
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_changed() {
     let env = TestEnv::new().await;
     let org = env.org().await;
