@@ -118,7 +118,7 @@ fn describe() {
     describe_counter!(
         RATELIMIT_DECISIONS,
         "Rate-limit decisions by the limit that decided (key, tier, org, quota, ip; none when no limit applies) \
-         and result (allowed, denied)."
+         and result (allowed, denied; unavailable when Redis could not decide and a limit's policy is closed)."
     );
     describe_counter!(RATELIMIT_SHADOW_DENIALS, "Requests a shadow-mode limit would have denied, by limit kind.");
     describe_counter!(

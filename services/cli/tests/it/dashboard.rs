@@ -11,6 +11,7 @@ use crate::harness::{wait_until, TestEnv, NATS_URL};
 use crate::servers::free_port;
 
 const DASHBOARD: &str = include_str!("../../../../grafana/dashboards/operations.json");
+const CATALOG: &str = include_str!("../../../../shared/src/metrics.rs");
 
 #[tokio::test]
 async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_export() {
@@ -60,6 +61,16 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
         }
     }
     assert!(missing.is_empty(), "queried but not exported:\n{}", missing.join("\n"));
+    // Every counter of the catalog is there from the start, at 0 if nothing happened yet: a rare event's counter
+    // that appears only when it first happens cannot be alerted on with rate() or increase().
+    let counters: Vec<&str> = CATALOG
+        .lines()
+        .filter_map(|line| line.strip_prefix("pub const ")?.split('"').nth(1))
+        .filter(|name| name.ends_with("_total"))
+        .collect();
+    assert!(counters.len() >= 15, "the catalog's counters: {counters:?}");
+    let absent: Vec<&&str> = counters.iter().filter(|name| !exported.contains_key(**name)).collect();
+    assert!(absent.is_empty(), "counters not exported by a fresh validator and worker: {absent:?}");
     env.cleanup().await;
 }
 

@@ -34,7 +34,7 @@ use tollgate_shared::config::{FsyncPolicy, SpoolFullPolicy};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
     start_at_zero, EVENTS_DROPPED, EVENTS_PUBLISHED, EVENTS_PUBLISH_ERRORS, EVENTS_REJECTED, EVENTS_REPLAYED,
-    EVENTS_SPOOLED, EVENT_QUEUE_DEPTH, EVENT_QUEUE_FULL, PUBLISH_DURATION, PUBLISH_RETRIES,
+    EVENTS_SPOOLED, EVENT_QUEUE_DEPTH, EVENT_QUEUE_FULL, PUBLISH_DURATION, PUBLISH_RETRIES, SPOOL_CORRUPT_RECORDS,
 };
 
 use spool::{Spool, SpoolError, SpooledMessage};
@@ -138,6 +138,7 @@ pub fn channel(
         EVENTS_DROPPED,
         EVENTS_REJECTED,
         EVENT_QUEUE_FULL,
+        SPOOL_CORRUPT_RECORDS,
     ]);
     let (sender, queue) = mpsc::channel(capacity);
     let (spool_full, full) = watch::channel(false);
