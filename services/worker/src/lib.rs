@@ -9,9 +9,11 @@ pub mod reconcile;
 mod store;
 mod user_agents;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, consumer::pull, Message};
 use async_nats::StatusCode;
 use chrono::{DateTime, Utc};
@@ -214,19 +216,27 @@ pub async fn run_observed(
     tollgate_shared::metrics::install();
     let Connections { pool, nats, redis } = connections;
     let jetstream = jetstream::new(nats.clone());
-    let consumer = topology.ensure_worker_side(&jetstream).await?;
+    let mut consumer = topology.ensure_worker_side(&jetstream).await?;
     let mut fetcher = Fetcher::new(&args, &nats, jetstream.clone()).await?;
     let quota = QuotaCounters::new(redis, redis_prefix);
-    let mut worker = Worker::new(pool, jetstream, &topology, Some(quota));
+    let mut worker = Worker::new(pool, jetstream.clone(), &topology, Some(quota));
     if let Some(observer) = observer {
         worker.observe_commits(observer);
     }
-    let pending = tokio::spawn(report_pending(consumer.clone()));
+    // JetStream does not answer a pull for a consumer that is gone: the consumer's regular reading finds out.
+    let consumer_gone = Arc::new(AtomicBool::new(false));
+    let pending = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
         let deliveries = fetcher.fetch(&consumer).await;
+        if consumer_gone.swap(false, Ordering::Relaxed) {
+            match recreate_consumer(&topology, &jetstream, &shutdown).await {
+                Some(recreated) => consumer = recreated,
+                None => break,
+            }
+        }
         if deliveries.is_empty() {
             continue;
         }
@@ -263,13 +273,43 @@ pub async fn run_observed(
     Ok(())
 }
 
-/// Reads the consumer's pending counts into gauges every few seconds.
-async fn report_pending(mut consumer: jetstream::consumer::Consumer<pull::Config>) {
+/// Creates the streams and the consumer again after they went (deleted by hand, or NATS restarted without its
+/// storage), retrying until NATS takes them; None on shutdown. The stream keeps every unacknowledged message, and
+/// one already written is skipped by its event id, so nothing is lost or doubled.
+async fn recreate_consumer(
+    topology: &Topology,
+    jetstream: &jetstream::Context,
+    shutdown: &CancellationToken,
+) -> Option<jetstream::consumer::Consumer<pull::Config>> {
+    let mut delay = BACKOFF_FIRST;
+    loop {
+        match topology.ensure_worker_side(jetstream).await {
+            Ok(consumer) => {
+                tracing::info!(consumer = %topology.workers_consumer(), "workers' consumer created again");
+                return Some(consumer);
+            }
+            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot create the workers' consumer again"),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            _ = tokio::time::sleep(full_jitter(delay)) => {}
+        }
+        delay = (delay * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Reads the consumer's pending counts into gauges every few seconds, and sets `gone` when the consumer or its
+/// stream no longer exists.
+async fn watch_consumer(mut consumer: jetstream::consumer::Consumer<pull::Config>, gone: Arc<AtomicBool>) {
     loop {
         match consumer.info().await {
             Ok(info) => {
                 metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
                 metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
+            }
+            Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound) => {
+                tracing::warn!(error = %e, "the workers' consumer is gone; creating it again");
+                gone.store(true, Ordering::Relaxed);
             }
             Err(e) => tracing::debug!(error = %e, "cannot read the consumer's pending counts"),
         }

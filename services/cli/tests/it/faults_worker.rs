@@ -45,6 +45,31 @@ async fn a_worker_killed_mid_batch_and_restarted_loses_and_doubles_nothing() {
 }
 
 #[tokio::test]
+async fn a_deleted_consumer_is_created_again_and_nothing_is_lost_or_doubled() {
+    let env = TestEnv::new().await;
+    env.short_ack_wait(TEST_ACK_WAIT).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let load = Load::start(&validator, &key, 4);
+
+    // An operator's mistake, or NATS restarted without its storage: the consumer is gone under load.
+    env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 300).await;
+    let js = jetstream::new(env.nats.clone());
+    let stream = js.get_stream(&env.topology.stream).await.expect("usage stream");
+    stream.delete_consumer(&env.topology.workers_consumer()).await.expect("delete the consumer");
+    let written = env.count("SELECT count(*) FROM api_usage").await;
+    env.wait_for_count_at_least("SELECT count(*) FROM api_usage", written + 300).await;
+    let allowed = load.stop().await;
+
+    env.assert_exactly_once(allowed).await;
+    worker.stop().await;
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn two_workers_share_the_consumer_and_one_is_killed() {
     let env = TestEnv::new().await;
     env.short_ack_wait(TEST_ACK_WAIT).await;
