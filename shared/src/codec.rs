@@ -21,6 +21,8 @@ const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
 /// Field bounds; the validator truncates to these before it publishes.
 pub const MAX_METHOD_LEN: usize = 16;
 pub const MAX_TEXT_LEN: usize = 2048;
+/// Largest `units` of one event: a request's cost, which the validator bounds by this.
+pub const MAX_UNITS: u32 = 1000;
 
 /// Why a message could not be decoded. The worker puts this reason on the dead-lettered message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -141,8 +143,8 @@ fn from_wire(w: WireEventV1, shadow_outcome: Option<u8>) -> Result<UsageEvent, C
         .ok_or(CodecError::Impossible("timestamp out of range"))?;
     let outcome = outcome_from_tag(w.outcome)?;
     let shadow_outcome = shadow_outcome.map(outcome_from_tag).transpose()?;
-    if w.units == 0 {
-        return Err(CodecError::Impossible("zero units"));
+    if w.units == 0 || w.units > MAX_UNITS {
+        return Err(CodecError::Impossible("units out of range"));
     }
     let too_long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_TEXT_LEN);
     if w.method.len() > MAX_METHOD_LEN
@@ -276,7 +278,14 @@ mod tests {
     fn impossible_values_are_rejected() {
         let mut e = sample(Outcome::Allowed);
         e.units = 0;
-        assert_eq!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible("zero units")));
+        assert_eq!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible("units out of range")));
+        // More than a request can cost: it would be billed for more than its usage row can record.
+        let mut e = sample(Outcome::Allowed);
+        e.units = 3_000_000_000;
+        assert_eq!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible("units out of range")));
+        let mut e = sample(Outcome::Allowed);
+        e.units = MAX_UNITS;
+        assert!(decode_batch(&encode_batch(vec![e])).is_ok());
         let mut e = sample(Outcome::Allowed);
         e.event_id = Uuid::new_v4();
         assert!(matches!(decode_batch(&encode_batch(vec![e])), Err(CodecError::Impossible(_))));

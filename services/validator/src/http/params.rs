@@ -2,12 +2,14 @@
 
 use axum::http::{HeaderMap, HeaderName};
 
+use tollgate_shared::codec::MAX_UNITS;
 use tollgate_shared::domain::Role;
 
 use crate::decision::Requirement;
 
-/// Largest cost of one request: bounded so one request cannot drain a limit an operator sized for many.
-pub const MAX_COST: u32 = 1000;
+/// Largest cost of one request: bounded so one request cannot drain a limit an operator sized for many. The cost is
+/// the event's units, which the workers refuse past this.
+pub const MAX_COST: u32 = MAX_UNITS;
 
 const X_TOLLGATE_COST: HeaderName = HeaderName::from_static("x-tollgate-cost");
 const X_TOLLGATE_REQUIRE_SCOPE: HeaderName = HeaderName::from_static("x-tollgate-require-scope");
