@@ -42,21 +42,21 @@ pub struct VerifyBenchArgs {
     /// Keys to create and spread the load over (all are cached before measuring).
     #[arg(long, default_value_t = 100_000)]
     pub keys: usize,
-    /// Connections of each phase [default: enough to keep both servers busy in the closed loop: with 32, a verify
-    /// waiting on Redis left a fifth of this 2-core machine idle].
+    /// Connections of each phase (the default is enough to keep both servers busy in the closed loop: with 32, a
+    /// verify waiting on Redis left a fifth of this 2-core machine idle).
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
     /// Length of each measured phase.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify
-    /// [default: enough to even out the machine's drifts: with the trivial handler on both sides (`--calibrate`), the
+    /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify (the
+    /// default is enough to even out the machine's drifts: with the trivial handler on both sides, `--calibrate`, the
     /// throughput ratio strayed from 100 % by 1.3 points on average and 4.7 at most with 20 rounds, against 3.4 and
-    /// 9.0 with 5 (BENCHMARKS.md)].
+    /// 9.0 with 5; BENCHMARKS.md).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub rounds: u32,
-    /// Requests per second of the latency phase [default: a quarter of the validator's closed-loop throughput, a
-    /// rate this machine's client can hold on schedule].
+    /// Requests per second of the latency phase (by default a quarter of the validator's closed-loop throughput, a
+    /// rate this machine's client can hold on schedule).
     #[arg(long)]
     pub rate: Option<u64>,
     /// Give the keys and their organization no rate limit (no Redis call): the rate limiter's cost is the
