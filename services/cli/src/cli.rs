@@ -69,8 +69,8 @@ pub enum Command {
 
 #[derive(Subcommand, Debug)]
 pub enum UsageCommand {
-    /// Check that billing = hourly rollup = usage rows for every organization and month, and compare the Redis
-    /// quota counters with PostgreSQL. Exits non-zero when billing, rollup and usage rows disagree (a drifting quota
+    /// Check that billing = hourly rollup = usage rows for every organization and month, and compare this month's
+    /// Redis quota counters with PostgreSQL. Exits non-zero when billing, rollup and usage rows disagree (a drifting quota
     /// counter is reported, and repaired with --fix, but does not fail the check).
     Reconcile {
         /// Only this organization (id or slug).

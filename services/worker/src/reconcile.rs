@@ -35,7 +35,7 @@ pub struct PeriodCheck {
     pub billing_units: i64,
     pub hourly_units: i64,
     pub rows_units: i64,
-    /// The Redis counter (None when missing or Redis could not be read).
+    /// The Redis counter (None when missing, or for a past month, whose counter is not compared).
     pub counter: Option<i64>,
     /// Counter minus committed units (0 when they agree).
     pub drift: i64,
@@ -110,10 +110,20 @@ pub async fn reconcile(
     repair: bool,
 ) -> Result<Report, ReconcileError> {
     let rows: Vec<CheckRow> = sqlx::query_as(CHECK).bind(filter.org_id).bind(filter.month).fetch_all(pool).await?;
-    let totals: Vec<PeriodTotal> = rows.iter().map(|r| PeriodTotal { org_id: r.0, month: r.1, units: r.5 }).collect();
-    let counters = quota.read(&totals).await?;
+    // Only this month's counters are read by the validators: a past month's expires some days after the month, and
+    // comparing with one that is gone would report drift that nothing needs repaired.
+    let today = chrono::Utc::now().date_naive();
+    let this_month = today.with_day(1).unwrap_or(today);
+    let totals: Vec<PeriodTotal> = rows
+        .iter()
+        .filter(|r| r.1 == this_month)
+        .map(|r| PeriodTotal { org_id: r.0, month: r.1, units: r.5 })
+        .collect();
+    let mut counters = quota.read(&totals).await?.into_iter();
     let mut periods = Vec::with_capacity(rows.len());
-    for (row, counter) in rows.into_iter().zip(counters) {
+    for row in rows {
+        let counted = row.1 == this_month;
+        let counter = if counted { counters.next().flatten() } else { None };
         let (org_id, month, billing_requests, hourly_allowed, rows_allowed, billing_units, hourly_units, rows_units) =
             row;
         let mut check = PeriodCheck {
@@ -129,7 +139,7 @@ pub async fn reconcile(
             drift: 0,
             repaired: false,
         };
-        if counter != Some(billing_units) {
+        if counted && counter != Some(billing_units) {
             let committed = committed_units(pool, org_id, month).await?;
             check.drift = counter.unwrap_or(0) - committed;
             if repair && counter != Some(committed) {

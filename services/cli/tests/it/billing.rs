@@ -3,7 +3,7 @@
 use std::process::{Command, Output};
 
 use async_nats::jetstream;
-use chrono::{Datelike, NaiveDate, Utc};
+use chrono::{Datelike, NaiveDate, TimeDelta, Utc};
 use serde_json::Value;
 use uuid::Uuid;
 
@@ -116,10 +116,16 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
         (0..7).map(|_| usage_event(org, key_id, Outcome::Allowed, 1)).collect(),
     )
     .await;
+    // And a past month's, whose counter has long expired: no drift, nothing to repair.
+    let past = |_| UsageEvent { ts: Utc::now() - TimeDelta::days(95), ..usage_event(org, key_id, Outcome::Allowed, 1) };
+    publish(&js, &env.topology.usage_subject(), (0..5).map(past).collect()).await;
     let worker = env.start_worker().await;
-    env.assert_exactly_once(7).await;
+    env.assert_exactly_once(12).await;
     worker.stop().await;
 
+    // The past month's counter expired, as it does 40 days after its last event.
+    let past_month = (Utc::now() - TimeDelta::days(95)).date_naive().with_day(1).expect("first day");
+    delete(&quota_counter::key(&env.topology.redis_prefix, org, past_month)).await;
     // Redis flushed: the counter is gone, reconcile sees the drift and --fix rebuilds it.
     let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
     delete(&key).await;
