@@ -94,9 +94,7 @@ pub struct Worker {
     store: UsageStore,
     jetstream: jetstream::Context,
     dead_letter_subject: String,
-    quota: Option<QuotaCounters>,
-    /// Whether the last update of the quota counters failed: logged once per outage, not once per batch.
-    quota_failing: bool,
+    quota: Option<quota::CounterRaiser>,
     observer: Option<CommitObserver>,
 }
 
@@ -114,8 +112,7 @@ impl Worker {
             store: UsageStore::new(pool),
             jetstream,
             dead_letter_subject: topology.dead_letter_subject(),
-            quota,
-            quota_failing: false,
+            quota: quota.map(quota::CounterRaiser::spawn),
             observer: None,
         }
     }
@@ -156,20 +153,8 @@ impl Worker {
                 tracing::warn!(error = %e, "ack failed; the message will be re-delivered and skipped");
             }
         }
-        if let Some(quota) = &mut self.quota {
-            match quota.raise(&written.totals).await {
-                Ok(()) if self.quota_failing => {
-                    self.quota_failing = false;
-                    tracing::info!("the Redis quota counters are updated again");
-                }
-                Ok(()) => {}
-                Err(e) => {
-                    metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
-                    if !std::mem::replace(&mut self.quota_failing, true) {
-                        tracing::warn!(error = %e, "cannot update the Redis quota counters; each batch will try again");
-                    }
-                }
-            }
+        if let Some(quota) = &self.quota {
+            quota.raise(written.totals);
         }
         let lag = metrics::histogram!(WORKER_LAG);
         for event in &events {

@@ -4,11 +4,19 @@
 //! After each commit a worker *raises* each touched counter to the total PostgreSQL returned in that commit, with
 //! a "set if greater" script: concurrent workers, replays and late retries can never move a counter backwards, a
 //! counter lost in a Redis flush or restart is rebuilt by the next batch of that organization, and a counter is
-//! never ahead of PostgreSQL (it only ever holds values PostgreSQL has committed). Redis being away does not hold
-//! up the batch, nor a worker's start: PostgreSQL is the truth, and the next batch (or `tollgate usage reconcile`)
-//! repairs the counter.
+//! never ahead of PostgreSQL (it only ever holds values PostgreSQL has committed). Redis being away or hung does not
+//! hold up the batch, nor a worker's start: a [`CounterRaiser`] raises the counters in a task of its own, keeping
+//! the newest totals until Redis takes them (PostgreSQL is the truth; `tollgate usage reconcile` repairs too).
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use chrono::NaiveDate;
 use redis::aio::ConnectionManager;
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use tollgate_shared::metrics::QUOTA_COUNTER_ERRORS;
 
 use tollgate_shared::connect::BackgroundRedis;
 use tollgate_shared::quota_counter;
@@ -107,5 +115,75 @@ impl QuotaCounters {
             .invoke_async(&mut self.connection()?)
             .await?;
         Ok(replaced == 1)
+    }
+}
+
+/// First and longest wait before raising again after Redis failed.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Hands each commit's totals to a task that raises the counters, so that a slow or hung Redis (each call may wait
+/// out the connection's response timeout) never holds up a batch. The task keeps the highest total per counter
+/// until Redis takes them, and ends once every handle is dropped.
+#[derive(Clone)]
+pub struct CounterRaiser(mpsc::UnboundedSender<Vec<PeriodTotal>>);
+
+impl CounterRaiser {
+    pub fn spawn(quota: QuotaCounters) -> CounterRaiser {
+        let (sender, totals) = mpsc::unbounded_channel();
+        tokio::spawn(raise_counters(totals, quota));
+        CounterRaiser(sender)
+    }
+
+    /// The totals of one commit, to raise the counters to.
+    pub fn raise(&self, totals: Vec<PeriodTotal>) {
+        if !totals.is_empty() {
+            // Only fails once the task has ended, which it does only when no handle is left.
+            let _ = self.0.send(totals);
+        }
+    }
+}
+
+/// Keeps the highest total of each counter.
+fn take(pending: &mut HashMap<(Uuid, NaiveDate), i64>, totals: Vec<PeriodTotal>) {
+    for total in totals {
+        let units = pending.entry((total.org_id, total.month)).or_insert(total.units);
+        *units = (*units).max(total.units);
+    }
+}
+
+async fn raise_counters(mut commits: mpsc::UnboundedReceiver<Vec<PeriodTotal>>, mut quota: QuotaCounters) {
+    let mut pending = HashMap::new();
+    let (mut failing, mut delay) = (false, RETRY_FIRST);
+    loop {
+        if pending.is_empty() {
+            match commits.recv().await {
+                Some(totals) => take(&mut pending, totals),
+                None => return,
+            }
+        }
+        // What came in meanwhile (many commits while Redis was slow) goes in the same call.
+        while let Ok(totals) = commits.try_recv() {
+            take(&mut pending, totals);
+        }
+        let totals: Vec<PeriodTotal> =
+            pending.iter().map(|(&(org_id, month), &units)| PeriodTotal { org_id, month, units }).collect();
+        match quota.raise(&totals).await {
+            Ok(()) => {
+                pending.clear();
+                if std::mem::take(&mut failing) {
+                    tracing::info!("the Redis quota counters are updated again");
+                }
+                delay = RETRY_FIRST;
+            }
+            Err(e) => {
+                metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
+                if !std::mem::replace(&mut failing, true) {
+                    tracing::warn!(error = %e, "cannot update the Redis quota counters; retrying until Redis answers");
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(RETRY_MAX);
+            }
+        }
     }
 }

@@ -182,6 +182,58 @@ async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once()
     env.cleanup().await;
 }
 
+/// A hung Redis (connections open, nothing answered) holds up no batch, and the quota counter catches up as soon as
+/// a Redis answers again (here a new one, which lost every counter), with no batch after it.
+#[tokio::test]
+async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_own() {
+    let env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start();
+    let slug = env.org().await;
+    let (key_id, _) = env.key(&slug).await;
+    let org_id: Uuid = sqlx::query_scalar("SELECT org_id FROM api_keys WHERE id = $1")
+        .bind(key_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the key's organization");
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    // One message a batch and one loop, so that a batch held up by Redis holds up all the others.
+    let settings = [
+        ("REDIS_URL", redis.url()),
+        ("TOLLGATE_BATCH_WAIT", "20ms".into()),
+        ("TOLLGATE_BATCH_MESSAGES", "1".into()),
+        ("TOLLGATE_WORKER_TASKS", "1".into()),
+    ];
+    let _worker = env.spawn_service("worker", NATS_URL, &settings);
+    let subject = env.topology.usage_subject();
+    let event = || vec![usage_event(org_id, key_id, Outcome::Allowed, 1)];
+    let counter = quota_counter::key_at(&env.topology.redis_prefix, org_id, chrono::Utc::now());
+    let client = redis::Client::open(redis.url()).expect("url");
+    let units = || async {
+        let mut connection = client.get_multiplexed_async_connection().await.expect("redis");
+        redis::cmd("GET").arg(&counter).query_async::<Option<i64>>(&mut connection).await.expect("GET")
+    };
+    publish(&js, &subject, "m0".into(), event()).await;
+    wait_until(Duration::from_secs(20), units, |units| *units == Some(1)).await;
+
+    redis.pause();
+    // Twenty commits, each a batch of its own: when each waited out Redis's response timeout (1 s) they took 20 s.
+    let started = std::time::Instant::now();
+    for i in 1..=20 {
+        publish(&js, &subject, format!("m{i}"), event()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    env.wait_for_count("SELECT count(*) FROM api_usage", 21).await;
+    assert!(started.elapsed() < Duration::from_secs(8), "21 rows took {:?}", started.elapsed());
+
+    // What the hung server held is lost with it; the new one starts empty.
+    redis.stop();
+    redis.restart();
+    let caught_up = wait_until(Duration::from_secs(15), units, |units| *units == Some(21)).await;
+    assert_eq!(caught_up, Some(21), "the counter once Redis answered again, with no batch since");
+    env.cleanup().await;
+}
+
 /// A worker started while Redis is away writes usage to PostgreSQL all the same (Redis holds only the quota counters),
 /// and brings its organization's counter up to PostgreSQL's total with its first batch after Redis answers.
 #[tokio::test]
