@@ -119,6 +119,17 @@ async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
     drop(postgres);
 }
 
+/// A key of a new organization: (organization id, key id).
+async fn key_of_new_org(env: &TestEnv) -> (Uuid, Uuid) {
+    let (key_id, _) = env.key(&env.org().await).await;
+    let org_id = sqlx::query_scalar("SELECT org_id FROM api_keys WHERE id = $1")
+        .bind(key_id)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the key's organization");
+    (org_id, key_id)
+}
+
 async fn publish(js: &jetstream::Context, subject: &str, message_id: String, events: Vec<UsageEvent>) {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(async_nats::header::NATS_MESSAGE_ID, message_id.as_str());
@@ -188,13 +199,7 @@ async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once()
 async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_own() {
     let env = TestEnv::new().await;
     let mut redis = PrivateRedis::start();
-    let slug = env.org().await;
-    let (key_id, _) = env.key(&slug).await;
-    let org_id: Uuid = sqlx::query_scalar("SELECT org_id FROM api_keys WHERE id = $1")
-        .bind(key_id)
-        .fetch_one(&env.pool)
-        .await
-        .expect("the key's organization");
+    let (org_id, key_id) = key_of_new_org(&env).await;
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
     // One message a batch and one loop, so that a batch held up by Redis holds up all the others.
@@ -235,19 +240,13 @@ async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_
 }
 
 /// A worker started while Redis is away writes usage to PostgreSQL all the same (Redis holds only the quota counters),
-/// and brings its organization's counter up to PostgreSQL's total with its first batch after Redis answers.
+/// and brings its organization's counter up to PostgreSQL's total once Redis answers.
 #[tokio::test]
 async fn a_worker_started_while_redis_is_away_writes_usage_and_raises_the_quota_once_redis_answers() {
     let env = TestEnv::new().await;
     let mut redis = PrivateRedis::start();
     redis.stop();
-    let slug = env.org().await;
-    let (key_id, _) = env.key(&slug).await;
-    let org_id: Uuid = sqlx::query_scalar("SELECT org_id FROM api_keys WHERE id = $1")
-        .bind(key_id)
-        .fetch_one(&env.pool)
-        .await
-        .expect("the key's organization");
+    let (org_id, key_id) = key_of_new_org(&env).await;
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
     let _worker =
