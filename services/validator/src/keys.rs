@@ -138,11 +138,6 @@ impl KeyCache {
         }
     }
 
-    /// Whether the record of a key hash is cached (without asking PostgreSQL or counting a lookup).
-    pub fn is_cached(&self, hash: &KeyHash) -> bool {
-        self.known.get(hash).is_some()
-    }
-
     /// The record for a key hash, or `None` if no such key exists. Concurrent misses on one hash share one query.
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
         if let Some(cached) = self.known.get(&hash) {

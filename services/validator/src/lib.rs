@@ -73,7 +73,6 @@ pub async fn run(
         nats: connections.nats,
         redis_prefix: topology.redis_prefix.clone(),
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
-        blocked_ips: http::BlockedIps::new(),
         metrics: http::RequestMetrics::new(),
     });
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();

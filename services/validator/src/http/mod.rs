@@ -7,17 +7,13 @@
 //! - `auth.rs`, `verify.rs`: the two endpoints, each reading its request into an [`Attempt`];
 //! - `params.rs`: a request's cost and the scopes and role its route requires;
 //! - `answers.rs`: the rate-limit headers and the bodies of refusals;
-//! - `blocked.rs`: the client addresses past their bad-key limit, so that their made-up keys cost no query;
 //! - `probes.rs`: `/readyz` (`/healthz` is the router's one line).
 
 mod answers;
 mod auth;
-mod blocked;
 mod params;
 mod probes;
 mod verify;
-
-pub use blocked::BlockedIps;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -56,7 +52,6 @@ pub struct AppState {
     pub redis_prefix: String,
     /// 401s per client IP per minute before 429; 0 = no limit.
     pub ip_failures_per_minute: u32,
-    pub blocked_ips: BlockedIps,
     pub metrics: RequestMetrics,
 }
 
@@ -156,27 +151,9 @@ impl AppState {
     async fn decide(&self, attempt: Attempt) -> Verdict {
         let client_ip = attempt.client_ip;
         let started = attempt.started;
-        let verdict = match self.blocked_ips.get(client_ip) {
-            // An address past its bad-key limit is answered 429 at once unless its key is one the cache holds: a
-            // flood of made-up keys from it reaches neither PostgreSQL nor Redis.
-            Some(usage) if !self.is_cached(&attempt.credential) => {
-                metrics::counter!(IP_FAILURES_LIMITED).increment(1);
-                Verdict::IpLimited(usage)
-            }
-            _ => {
-                let verdict = self.decide_key(attempt).await;
-                if verdict.is_unauthorized() {
-                    self.count_failure(client_ip, verdict).await
-                } else {
-                    verdict
-                }
-            }
-        };
+        let verdict = self.decide_key(attempt).await;
+        let verdict = if verdict.is_unauthorized() { self.count_failure(client_ip, verdict).await } else { verdict };
         self.finish(started, verdict)
-    }
-
-    fn is_cached(&self, credential: &Credential) -> bool {
-        matches!(credential, Credential::Key(key) if self.keys.is_cached(&key.hash()))
     }
 
     /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429. A valid key is never
@@ -189,7 +166,6 @@ impl AppState {
         match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
-                self.blocked_ips.block(ip, usage);
                 Verdict::IpLimited(usage)
             }
             Decision::Allowed { .. } | Decision::Unavailable => verdict,
