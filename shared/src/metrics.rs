@@ -103,7 +103,10 @@ fn describe() {
     describe_histogram!(WORKER_LAG, Unit::Seconds, "Time from an event's decision to the commit of its batch.");
     describe_gauge!(CONSUMER_PENDING, "Messages in the usage stream not yet delivered to any worker.");
     describe_gauge!(CONSUMER_ACK_PENDING, "Messages delivered to workers and not yet acknowledged.");
-    describe_counter!(QUOTA_COUNTER_ERRORS, "Failed updates of the Redis quota counters (repaired by the next batch).");
+    describe_counter!(
+        QUOTA_COUNTER_ERRORS,
+        "Failed attempts to raise the Redis quota counters (retried until Redis answers)."
+    );
     describe_gauge!(QUOTA_DRIFT, "Units by which the Redis quota counters differ from PostgreSQL (last reconcile).");
     describe_gauge!(BILLING_INVARIANT_VIOLATIONS, "Organization-months whose billing, hourly and row counts differ.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");

@@ -117,6 +117,13 @@ impl Worker {
         }
     }
 
+    /// Lets the quota counters catch up with what this worker committed (briefly: Redis may be away).
+    pub async fn finish(self) {
+        if let Some(quota) = self.quota {
+            quota.finish().await;
+        }
+    }
+
     /// Calls `observer` after every commit from now on.
     pub fn observe_commits(&mut self, observer: CommitObserver) {
         self.observer = Some(observer);
@@ -212,7 +219,7 @@ pub async fn run_observed(
     let consumer_gone = Arc::new(AtomicBool::new(false));
     let pending = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
-    while !shutdown.is_cancelled() {
+    'consume: while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
         let deliveries = fetcher.fetch(&consumer).await;
@@ -234,18 +241,14 @@ pub async fn run_observed(
                     tracing::warn!(error = %e, retry_in = ?delay, "batch failed; retrying");
                     if shutdown.is_cancelled() {
                         // Not acked: JetStream re-delivers these to the next worker.
-                        pending.abort();
-                        return Ok(());
+                        break 'consume;
                     }
                     for delivery in &deliveries {
                         // Resets the ack timer so JetStream does not hand the batch to another worker meanwhile.
                         let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
                     }
                     tokio::select! {
-                        _ = shutdown.cancelled() => {
-                            pending.abort();
-                            return Ok(());
-                        }
+                        _ = shutdown.cancelled() => break 'consume,
                         _ = tokio::time::sleep(full_jitter(delay)) => {}
                     }
                     delay = (delay * 2).min(BACKOFF_MAX);
@@ -254,6 +257,7 @@ pub async fn run_observed(
         }
     }
     pending.abort();
+    worker.finish().await;
     tracing::info!("worker stopped");
     Ok(())
 }

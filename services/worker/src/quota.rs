@@ -14,6 +14,8 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::Instrument;
 use uuid::Uuid;
 
 use tollgate_shared::metrics::QUOTA_COUNTER_ERRORS;
@@ -121,25 +123,42 @@ impl QuotaCounters {
 /// First and longest wait before raising again after Redis failed.
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// Longest a stopping worker waits for the counters it still holds to be raised.
+const FINISH_WAIT: Duration = Duration::from_secs(2);
 
 /// Hands each commit's totals to a task that raises the counters, so that a slow or hung Redis (each call may wait
 /// out the connection's response timeout) never holds up a batch. The task keeps the highest total per counter
-/// until Redis takes them, and ends once every handle is dropped.
-#[derive(Clone)]
-pub struct CounterRaiser(mpsc::UnboundedSender<Vec<PeriodTotal>>);
+/// until Redis takes them.
+pub struct CounterRaiser {
+    commits: mpsc::UnboundedSender<Vec<PeriodTotal>>,
+    task: JoinHandle<()>,
+}
 
 impl CounterRaiser {
     pub fn spawn(quota: QuotaCounters) -> CounterRaiser {
-        let (sender, totals) = mpsc::unbounded_channel();
-        tokio::spawn(raise_counters(totals, quota));
-        CounterRaiser(sender)
+        let (commits, totals) = mpsc::unbounded_channel();
+        let task = tokio::spawn(raise_counters(totals, quota).in_current_span());
+        CounterRaiser { commits, task }
     }
 
     /// The totals of one commit, to raise the counters to.
     pub fn raise(&self, totals: Vec<PeriodTotal>) {
         if !totals.is_empty() {
-            // Only fails once the task has ended, which it does only when no handle is left.
-            let _ = self.0.send(totals);
+            // The task ends only after `finish`, which takes `self`.
+            let _ = self.commits.send(totals);
+        }
+    }
+
+    /// Raises what is still held, waiting at most `FINISH_WAIT` for Redis.
+    pub async fn finish(self) {
+        let CounterRaiser { commits, mut task } = self;
+        drop(commits);
+        if tokio::time::timeout(FINISH_WAIT, &mut task).await.is_err() {
+            task.abort();
+            tracing::warn!(
+                "stopped before Redis took the latest quota totals; the next batch of each organization, \
+                            or `tollgate usage reconcile --fix`, repairs the counters"
+            );
         }
     }
 }
@@ -180,6 +199,10 @@ async fn raise_counters(mut commits: mpsc::UnboundedReceiver<Vec<PeriodTotal>>, 
                 metrics::counter!(QUOTA_COUNTER_ERRORS).increment(1);
                 if !std::mem::replace(&mut failing, true) {
                     tracing::warn!(error = %e, "cannot update the Redis quota counters; retrying until Redis answers");
+                }
+                if commits.is_closed() {
+                    // The worker is stopping: the next batch of each organization repairs its counter.
+                    return;
                 }
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(RETRY_MAX);

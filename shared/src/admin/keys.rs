@@ -166,11 +166,9 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         validate_scopes(scopes)?;
     }
     let mut tx = pool.begin().await?;
-    let revoked = || AdminError::Invalid(format!("key {id} is revoked; create a new key instead"));
-    let current = show_key(pool, id).await?;
-    if changes.active == Some(true) && current.revoked_at.is_some() {
-        return Err(revoked());
-    }
+    // A missing key is "not found" here; a revoked one is refused by the statement itself, so that a revocation
+    // that commits meanwhile still wins.
+    show_key(pool, id).await?;
     let sql = format!(
         "UPDATE api_keys SET
             rate_limit_tier = COALESCE($2, rate_limit_tier),
@@ -183,7 +181,6 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
             updated_at = now()
          WHERE id = $1 AND NOT ($8 IS TRUE AND revoked_at IS NOT NULL) RETURNING {COLUMNS}"
     );
-    // The condition again in the statement: a revocation that commits after the check above must still win.
     let info: KeyInfo = sqlx::query_as(&sql)
         .bind(id)
         .bind(changes.tier.map(RateLimitTier::as_str))
@@ -196,7 +193,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         .fetch_optional(&mut *tx)
         .await
         .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?
-        .ok_or_else(revoked)?;
+        .ok_or_else(|| AdminError::Invalid(format!("key {id} is revoked; create a new key instead")))?;
     let details = serde_json::json!({
         "tier": changes.tier,
         "scopes": changes.scopes,

@@ -331,6 +331,9 @@ async fn a_key_revoked_while_it_is_being_enabled_stays_revoked() {
         .await
         .expect("key");
     assert_eq!(state, (false, true), "(active, revoked)");
+    // And once revoked, plainly.
+    let refused = admin::update_key(&env.pool, &Actor("test".into()), id, change(true)).await.expect_err("enabling");
+    assert!(refused.to_string().contains("revoked"), "{refused}");
     env.cleanup().await;
 }
 
