@@ -129,8 +129,9 @@ impl Worker {
         self.observer = Some(observer);
     }
 
-    /// One step: dead-letter what cannot be decoded, write the rest in one transaction, then ack everything.
-    /// On error nothing is acked, so every message will be delivered again.
+    /// One step: write what was decoded in one transaction, dead-letter what was not, then ack everything. On error
+    /// nothing is acked, so every message will be delivered again; dead-lettering only after the write means a batch
+    /// retried while PostgreSQL is away does not copy its bad messages again at every attempt.
     pub async fn process_batch(&mut self, messages: &[Message]) -> Result<BatchOutcome, BatchError> {
         let deliveries: Vec<Delivery> = messages.iter().cloned().map(Delivery::decode).collect();
         self.process_deliveries(&deliveries).await
@@ -139,21 +140,19 @@ impl Worker {
     /// [`Worker::process_batch`] on messages already decoded.
     pub async fn process_deliveries(&mut self, deliveries: &[Delivery]) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
-        let mut events = Vec::with_capacity(deliveries.iter().map(|d| d.events.as_ref().map_or(0, Vec::len)).sum());
-        let mut dead_lettered = 0;
-        for delivery in deliveries {
-            match &delivery.events {
-                Ok(batch) => events.extend_from_slice(batch),
-                Err(e) => {
-                    dead_letter::dead_letter(&self.jetstream, &self.dead_letter_subject, &delivery.message, e)
-                        .await
-                        .map_err(BatchError::DeadLetter)?;
-                    dead_lettered += 1;
-                }
-            }
-        }
+        let events: Vec<UsageEvent> =
+            deliveries.iter().filter_map(|d| d.events.as_ref().ok()).flatten().cloned().collect();
         let written = self.store.write(&events).await?;
         let committed_at = Utc::now();
+        let mut dead_lettered = 0;
+        for delivery in deliveries {
+            if let Err(e) = &delivery.events {
+                dead_letter::dead_letter(&self.jetstream, &self.dead_letter_subject, &delivery.message, e)
+                    .await
+                    .map_err(BatchError::DeadLetter)?;
+                dead_lettered += 1;
+            }
+        }
         for delivery in deliveries {
             // A lost ack only means a re-delivery, which the write above makes harmless.
             if let Err(e) = delivery.message.ack().await {

@@ -93,17 +93,27 @@ async fn two_workers_share_the_consumer_and_one_is_killed() {
 }
 
 #[tokio::test]
-async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
+async fn postgres_down_for_10_seconds_then_back_loses_nothing_and_copies_no_dead_letter_twice() {
     let postgres = PrivatePostgres::start();
     let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
     let validator = env.start_validator().await;
+    // JetStream drops a dead letter published again only within the stream's duplicate window: a short one shows
+    // whether a batch retried through the outage copies its bad message again.
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let mut dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dead-letter stream");
+    let mut config = dead_letters.info().await.expect("info").config.clone();
+    config.duplicate_window = Duration::from_secs(1);
+    js.update_stream(config).await.expect("a short duplicate window");
     let worker = env.start_worker().await;
     let load = Load::start(&validator, &key, 2);
 
     env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 100).await;
     postgres.stop();
+    let garbage = bytes::Bytes::from_static(b"\x02not a usage batch");
+    js.publish(env.topology.usage_subject(), garbage).await.expect("publish").await.expect("stored");
     // Verifies go on (cached key); the worker holds its batch, retrying with backoff and in-progress acks.
     tokio::time::sleep(Duration::from_secs(10)).await;
     postgres.restart();
@@ -113,6 +123,8 @@ async fn postgres_down_for_10_seconds_then_back_loses_nothing() {
     // The backoff is at most 10 s, so the last retry may come that long after the restart.
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", allowed).await;
     env.assert_exactly_once(allowed).await;
+    let copies = dead_letters.info().await.expect("info").state.messages;
+    assert_eq!(copies, 1, "copies of the one bad message in the dead-letter stream");
     worker.stop().await;
     validator.service.stop().await;
     env.cleanup().await;
