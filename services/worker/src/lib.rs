@@ -216,7 +216,7 @@ pub async fn run_observed(
     }
     // JetStream does not answer a pull for a consumer that is gone: the consumer's regular reading finds out.
     let consumer_gone = Arc::new(AtomicBool::new(false));
-    let pending = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone()));
+    let watcher = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     'consume: while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
@@ -255,7 +255,7 @@ pub async fn run_observed(
             }
         }
     }
-    pending.abort();
+    watcher.abort();
     worker.finish().await;
     tracing::info!("worker stopped");
     Ok(())
