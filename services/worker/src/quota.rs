@@ -155,10 +155,7 @@ impl CounterRaiser {
         drop(commits);
         if tokio::time::timeout(FINISH_WAIT, &mut task).await.is_err() {
             task.abort();
-            tracing::warn!(
-                "stopped before Redis took the latest quota totals; the next batch of each organization, \
-                            or `tollgate usage reconcile --fix`, repairs the counters"
-            );
+            tracing::warn!("stopped before Redis took the latest quota totals; the next batches repair the counters");
         }
     }
 }
