@@ -47,7 +47,7 @@ pub async fn serve(
 
     tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
-        // Redis holds only the quota counters, which the next batch repairs: no reason to wait for it.
+        // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.
         let redis = connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?;
         let quota = tollgate_worker::QuotaCounters::new(redis.clone(), namespace.redis_prefix.clone());
         let watch = tollgate_worker::reconcile::watch_counter_drift(pool.clone(), quota, DRIFT_CHECK, shutdown.clone());

@@ -101,6 +101,12 @@ ORDER BY month, org_id";
 
 type CheckRow = (Uuid, NaiveDate, i64, i64, i64, i64, i64, i64);
 
+/// The first day of the current month (UTC): the month whose counters validators read.
+fn this_month() -> NaiveDate {
+    let today = chrono::Utc::now().date_naive();
+    today.with_day(1).unwrap_or(today)
+}
+
 /// Checks the invariant and the counters; with `repair`, sets missing or drifting counters to PostgreSQL's total.
 /// Exports the drift and the violations as gauges.
 pub async fn reconcile(
@@ -112,8 +118,7 @@ pub async fn reconcile(
     let rows: Vec<CheckRow> = sqlx::query_as(CHECK).bind(filter.org_id).bind(filter.month).fetch_all(pool).await?;
     // Only this month's counters are read by the validators: a past month's expires some days after the month, and
     // comparing with one that is gone would report drift that nothing needs repaired.
-    let today = chrono::Utc::now().date_naive();
-    let this_month = today.with_day(1).unwrap_or(today);
+    let this_month = this_month();
     let totals: Vec<PeriodTotal> = rows
         .iter()
         .filter(|r| r.1 == this_month)
@@ -203,9 +208,7 @@ pub async fn watch_counter_drift(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let today = chrono::Utc::now().date_naive();
-        let month = today.with_day(1).unwrap_or(today);
-        match counter_drift(&pool, &mut quota, month).await {
+        match counter_drift(&pool, &mut quota, this_month()).await {
             Ok(0) => {}
             Ok(drift) => tracing::info!(drift, "quota counters differ from PostgreSQL (a lagging or lost counter)"),
             Err(e) => tracing::warn!(error = %e, "cannot compare the quota counters with PostgreSQL"),

@@ -269,7 +269,7 @@ async fn a_worker_started_while_redis_is_away_writes_usage_and_raises_the_quota_
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
 
     redis.restart();
-    // Each batch raises the counter to PostgreSQL's total: the first one after the worker has connected does.
+    // The counter reaches PostgreSQL's total once the worker has connected (more events keep it moving).
     let counter = quota_counter::key_at(&env.topology.redis_prefix, org_id, chrono::Utc::now());
     let client = redis::Client::open(redis.url()).expect("url");
     let mut sent = 1;
