@@ -82,13 +82,18 @@ impl Topology {
         ensure_stream(js, self.usage_stream_config()).await
     }
 
+    /// Creates the dead-letter stream if missing.
+    pub async fn ensure_dead_letter_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, TopologyError> {
+        ensure_stream(js, self.dead_letter_stream_config()).await
+    }
+
     /// Creates both streams and the workers' consumer if missing (what a worker needs).
     pub async fn ensure_worker_side(
         &self,
         js: &jetstream::Context,
     ) -> Result<consumer::Consumer<consumer::pull::Config>, TopologyError> {
         let usage = self.ensure_usage_stream(js).await?;
-        ensure_stream(js, self.dead_letter_stream_config()).await?;
+        self.ensure_dead_letter_stream(js).await?;
         let config = self.workers_consumer_config();
         let name = self.workers_consumer();
         usage.get_or_create_consumer(&name, config).await.map_err(|e| TopologyError::Consumer {

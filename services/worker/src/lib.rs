@@ -31,6 +31,7 @@ use tollgate_shared::metrics::{
 use tollgate_shared::topology::Topology;
 
 pub use copy::CopyEncoder;
+use dead_letter::DeadLetters;
 pub use dead_letter::{REASON_HEADER, SUBJECT_HEADER};
 pub use quota::QuotaCounters;
 pub use store::{copy_statement, encode, PeriodTotal, UsageStore, Written};
@@ -92,8 +93,7 @@ pub struct Connections {
 /// One worker's state: the store, where dead letters go, the quota counters and an optional commit observer.
 pub struct Worker {
     store: UsageStore,
-    jetstream: jetstream::Context,
-    dead_letter_subject: String,
+    dead_letters: DeadLetters,
     quota: Option<quota::CounterRaiser>,
     observer: Option<CommitObserver>,
 }
@@ -110,8 +110,7 @@ impl Worker {
         start_labeled_at_zero(DEAD_LETTERS, "reason", CodecError::KINDS);
         Worker {
             store: UsageStore::new(pool),
-            jetstream,
-            dead_letter_subject: topology.dead_letter_subject(),
+            dead_letters: DeadLetters::new(jetstream, topology),
             quota: quota.map(quota::CounterRaiser::spawn),
             observer: None,
         }
@@ -147,9 +146,7 @@ impl Worker {
         let mut dead_lettered = 0;
         for delivery in deliveries {
             if let Err(e) = &delivery.events {
-                dead_letter::dead_letter(&self.jetstream, &self.dead_letter_subject, &delivery.message, e)
-                    .await
-                    .map_err(BatchError::DeadLetter)?;
+                self.dead_letters.store(&delivery.message, e).await.map_err(BatchError::DeadLetter)?;
                 dead_lettered += 1;
             }
         }

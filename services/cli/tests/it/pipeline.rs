@@ -82,6 +82,50 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
 }
 
 #[tokio::test]
+async fn a_deleted_dead_letter_stream_is_created_again_and_holds_up_nothing() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let worker = env.start_worker().await;
+    let subject = env.topology.usage_subject();
+    let event = || usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+    publish(&js, &subject, "before", codec::encode_batch(vec![event()])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+
+    // Deleted by hand (or NATS restarted without its storage) while the worker runs.
+    js.delete_stream(env.topology.dead_letter_stream()).await.expect("delete the dead-letter stream");
+    publish(&js, &subject, "garbage", b"\x01this is not bincode".to_vec()).await;
+    publish(&js, &subject, "after", codec::encode_batch(vec![event()])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
+    let dead_letters = crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async {
+            match js.get_stream(env.topology.dead_letter_stream()).await {
+                Ok(stream) => stream.cached_info().state.messages,
+                Err(_) => 0,
+            }
+        },
+        |n| *n == 1,
+    )
+    .await;
+    assert_eq!(dead_letters, 1, "the garbage is in the dead-letter stream again");
+    // Nothing is held: the stream drains, and a later event is written at once.
+    publish(&js, &subject, "later", codec::encode_batch(vec![event()])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    let stream = js.get_stream(&env.topology.stream).await.expect("usage stream");
+    let left = crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async { stream.clone().info().await.map(|i| i.state.messages).unwrap_or(u64::MAX) },
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(left, 0, "every message was acked");
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_outcome_enum_in_postgresql_lists_every_outcome_the_code_has() {
     let env = TestEnv::new().await;
     let labels: Vec<String> = sqlx::query_scalar("SELECT unnest(enum_range(NULL::usage_outcome))::text")
