@@ -138,6 +138,13 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     let forbidden = client.get(url("/admin/users")).bearer_auth(key.expose()).send().await.expect("request");
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
 
+    // A route that weighs more than the key's whole limit: 429 with no Retry-After, since no wait helps.
+    let never = client.get(url("/reports/1")).bearer_auth(limited.expose()).send().await.expect("request");
+    assert_eq!(never.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(never.headers().get("retry-after").is_none(), "{:?}", never.headers());
+    let body: serde_json::Value = never.json().await.expect("a JSON body");
+    assert_eq!((body["limit"].as_u64(), body["retry_after"].clone()), (Some(1), serde_json::Value::Null), "{body}");
+
     let first = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");
     assert_eq!(first.status(), StatusCode::OK);
     let second = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");

@@ -481,7 +481,25 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     assert_eq!(body["error"], "rate_limited");
     assert_eq!(body["limit"], 5);
     assert!(chrono::DateTime::parse_from_rfc3339(body["reset_at"].as_str().expect("reset_at")).is_ok(), "{body}");
-    // The denial consumed nothing: 2 more still fit.
+    // A request heavier than the whole limit is denied without a Retry-After that no wait would honour.
+    let never = with_cost(6).send().await.expect("request");
+    assert_eq!(never.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(never.headers().get("retry-after").is_none(), "{:?}", never.headers());
+    let body: Value = never.json().await.expect("json");
+    assert_eq!((body["error"].as_str(), body["retry_after"].clone()), (Some("rate_limited"), Value::Null), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("weighs 6")), "{body}");
+    let verify: Value = client
+        .post(validator.url("/v1/verify"))
+        .json(&json!({ "key": key.expose(), "cost": 6 }))
+        .send()
+        .await
+        .expect("verify")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(verify["code"], "RATE_LIMITED", "{verify}");
+    assert!(verify.get("retry_after").is_none() && verify["message"].is_string(), "{verify}");
+    // The denials consumed nothing: 2 more still fit.
     assert_eq!(with_cost(2).send().await.expect("request").status(), StatusCode::OK);
     let verify: Value = client
         .post(validator.url("/v1/verify"))
@@ -533,7 +551,7 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'quota_exceeded'", 2).await;
     env.wait_for_count(
         &format!("SELECT count(*) FROM api_usage WHERE key_id = '{key_id}' AND outcome = 'rate_limited'"),
-        2,
+        4,
     )
     .await;
     env.wait_for_count(

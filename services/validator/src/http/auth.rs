@@ -72,11 +72,14 @@ pub async fn auth(
             response
         }
         Verdict::Decided { outcome: Outcome::InsufficientScope, .. } => forbidden(),
-        Verdict::Decided { outcome: Outcome::RateLimited, usage: Some(usage), .. } => too_many("rate_limited", &usage),
-        Verdict::Decided { outcome: Outcome::QuotaExceeded, usage: Some(usage), .. } => {
-            too_many("quota_exceeded", &usage)
+        Verdict::Decided { outcome: Outcome::RateLimited, usage: Some(usage), .. } => {
+            too_many("rate_limited", &usage, cost)
         }
-        Verdict::IpLimited(usage) => too_many("rate_limited", &usage),
+        Verdict::Decided { outcome: Outcome::QuotaExceeded, usage: Some(usage), .. } => {
+            too_many("quota_exceeded", &usage, cost)
+        }
+        // The bad-key limit counts each failure as 1.
+        Verdict::IpLimited(usage) => too_many("rate_limited", &usage, 1),
         Verdict::Decided { .. } | Verdict::Unidentified(_) => unauthorized(),
         Verdict::Unavailable => unavailable(),
         Verdict::LimiterUnavailable => limiter_unavailable(),

@@ -18,7 +18,7 @@ use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::Role;
 
 use super::answers::{
-    bad_request, limit_headers, limiter_unavailable, refused_request, reset_at, seconds_until, unavailable,
+    bad_request, limit_headers, limiter_unavailable, never_fits, refused_request, reset_at, retry_after, unavailable,
     HeaderValues,
 };
 use super::params::{requirement_from, MAX_COST};
@@ -78,9 +78,12 @@ struct VerifyAnswer {
     used: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     reset_at: Option<String>,
-    /// Seconds to wait before retrying (denied requests only).
+    /// Seconds to wait before retrying (denied requests only, unless no wait helps).
     #[serde(skip_serializing_if = "Option::is_none")]
     retry_after: Option<i64>,
+    /// Why no wait helps a denied request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    message: Option<String>,
 }
 
 impl VerifyAnswer {
@@ -100,16 +103,19 @@ impl VerifyAnswer {
             used: None,
             reset_at: None,
             retry_after: None,
+            message: None,
         }
     }
 
-    fn with_usage(mut self, usage: &Usage, denied: bool) -> VerifyAnswer {
+    /// The limit's numbers; for a request of `cost` it denied, when to retry or why no wait helps.
+    fn with_usage(mut self, usage: &Usage, denied_cost: Option<u32>) -> VerifyAnswer {
         self.limit = Some(usage.limit);
         self.remaining = Some(usage.remaining());
         self.used = Some(usage.used);
         self.reset_at = Some(reset_at(usage));
-        if denied {
-            self.retry_after = Some(seconds_until(usage).max(1));
+        if let Some(cost) = denied_cost {
+            self.retry_after = retry_after(usage, cost);
+            self.message = self.retry_after.is_none().then(|| never_fits(usage, cost));
         }
         self
     }
@@ -151,6 +157,7 @@ pub async fn verify(
         Ok(requirement) => requirement,
         Err((field, message)) => return state.refused(bad_request(field, &message)),
     };
+    let cost = body.cost;
     let attempt = Attempt {
         started,
         credential: Credential::from_text(&body.key),
@@ -159,7 +166,7 @@ pub async fn verify(
         client_ip: state.proxies.client_ip(peer.ip(), &headers, body.ip),
         user_agent: request::user_agent(&headers),
         request_id: body.request_id.map(|id| request::truncate(&id, MAX_TEXT_LEN)),
-        cost: body.cost,
+        cost,
         requirement,
     };
     let (answer, usage) = match state.decide(attempt).await {
@@ -177,11 +184,15 @@ pub async fn verify(
                 ..VerifyAnswer::invalid("")
             };
             match usage {
-                Some(usage) => (answer.with_usage(&usage, !outcome.is_allowed()), Some(usage)),
+                Some(usage) => {
+                    let denied_cost = (!outcome.is_allowed()).then_some(cost);
+                    (answer.with_usage(&usage, denied_cost), Some(usage))
+                }
                 None => (answer, None),
             }
         }
-        Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, true), Some(usage)),
+        // The bad-key limit counts each failure as 1.
+        Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, Some(1)), Some(usage)),
         Verdict::Unidentified(_) => (VerifyAnswer::invalid("INVALID"), None),
         Verdict::Unavailable => return unavailable(),
         Verdict::LimiterUnavailable => return limiter_unavailable(),
