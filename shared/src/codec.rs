@@ -83,11 +83,37 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
-/// Encodes a batch in the current version.
+/// Encodes a batch in the current version, as one message.
 pub fn encode_batch(events: Vec<UsageEvent>) -> Vec<u8> {
     let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
+    encode_wire(&wire)
+}
+
+/// Encodes a batch in the current version as messages of at most `max_bytes` each, in order, each with its number of
+/// events: one message when the batch fits, else its halves, each split again as needed (an event alone that is
+/// larger still gets a message of its own).
+pub fn encode_batches(events: Vec<UsageEvent>, max_bytes: usize) -> Vec<(Vec<u8>, usize)> {
+    let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
+    let mut messages = Vec::with_capacity(1);
+    encode_within(&wire, max_bytes, &mut messages);
+    messages
+}
+
+fn encode_within(wire: &[WireEventV2], max_bytes: usize, messages: &mut Vec<(Vec<u8>, usize)>) {
+    let message = encode_wire(wire);
+    if message.len() <= max_bytes || wire.len() <= 1 {
+        messages.push((message, wire.len()));
+        return;
+    }
+    let (first, second) = wire.split_at(wire.len() / 2);
+    encode_within(first, max_bytes, messages);
+    encode_within(second, max_bytes, messages);
+}
+
+/// A slice encodes as a `Vec` does: the length, then the events.
+fn encode_wire(wire: &[WireEventV2]) -> Vec<u8> {
     let mut out = vec![CURRENT_VERSION];
-    bincode::encode_into_std_write(&wire, &mut out, config())
+    bincode::encode_into_std_write(wire, &mut out, config())
         .expect("encoding into a Vec cannot fail and the events are within the size limit");
     out
 }
@@ -226,6 +252,35 @@ mod tests {
         let bytes = encode_batch(events.clone());
         assert_eq!(bytes[0], CURRENT_VERSION);
         assert_eq!(decode_batch(&bytes), Ok(events));
+    }
+
+    #[test]
+    fn a_batch_too_large_for_one_message_becomes_several_within_the_bound_in_order() {
+        // Events as large as the validator lets them be: three texts of MAX_TEXT_LEN each.
+        let long = "x".repeat(MAX_TEXT_LEN);
+        let large = |_| UsageEvent {
+            path: long.clone(),
+            user_agent: Some(long.clone()),
+            request_id: Some(long.clone()),
+            ..sample(Outcome::Allowed)
+        };
+        let events: Vec<UsageEvent> = (0..1000).map(large).collect();
+        let messages = encode_batches(events.clone(), 64 * 1024);
+        assert!(messages.len() >= 1000 * 3 * MAX_TEXT_LEN / (64 * 1024), "{} messages", messages.len());
+        assert!(messages.iter().all(|(m, _)| m.len() <= 64 * 1024));
+        let mut decoded = Vec::new();
+        for (message, count) in &messages {
+            let batch = decode_batch(message).expect("decodes");
+            assert_eq!(batch.len(), *count);
+            decoded.extend(batch);
+        }
+        assert_eq!(decoded, events);
+
+        // A batch that fits is one message, the same as encode_batch's.
+        let small: Vec<UsageEvent> = (0..3).map(|_| sample(Outcome::Allowed)).collect();
+        assert_eq!(encode_batches(small.clone(), 64 * 1024), vec![(encode_batch(small), 3)]);
+        // An event larger than the bound alone still goes, in a message of its own.
+        assert_eq!(encode_batches(vec![large(0), large(1)], 1000).len(), 2);
     }
 
     #[test]

@@ -57,7 +57,7 @@ pub async fn run(
         fsync: args.spool_fsync,
     };
     let (events, publisher) =
-        publisher::channel(args.event_queue, jetstream, topology.usage_subject(), spool, settings);
+        publisher::channel(args.event_queue, connections.nats.clone(), topology.usage_subject(), spool, settings);
     let publishing = tokio::spawn(publisher.run());
 
     let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck);

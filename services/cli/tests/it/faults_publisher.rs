@@ -279,3 +279,44 @@ async fn requests_waiting_on_a_full_queue_are_refused_once_the_spool_is_full() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// Large events (2 KB paths, user agents and request ids, as the validator keeps them) arriving together make a
+/// batch larger than the server's `max_payload`: it goes out as several messages that fit, and every event arrives.
+#[tokio::test]
+async fn a_batch_larger_than_the_servers_max_payload_is_split_and_delivered() {
+    let nats = PrivateNats::start_with_config("max_payload: 65536");
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let worker = env.start_worker().await;
+    let validator = env.start_validator_with(args(&env), REDIS_URL).await;
+    let long = "x".repeat(2048);
+    let client = reqwest::Client::new();
+    // 200 at once: the publisher's 5 ms linger gathers far more than 64 KB of them into one batch.
+    let requests = (0..200).map(|_| {
+        client
+            .get(validator.url("/v1/auth"))
+            .bearer_auth(key.expose())
+            .header("user-agent", &long)
+            .header("x-original-uri", format!("/{long}"))
+            .header("x-request-id", &long)
+            .send()
+    });
+    for response in futures::future::join_all(requests).await {
+        assert_eq!(response.expect("request").status(), StatusCode::OK);
+    }
+
+    assert_counted_once(&env, 200).await;
+    let stored: i32 = sqlx::query_scalar("SELECT min(length(request_id)) FROM api_usage")
+        .fetch_one(&env.pool)
+        .await
+        .expect("request ids");
+    assert_eq!(stored, 2048, "the events arrived whole");
+    let drained =
+        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "nothing is left in the spool");
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}

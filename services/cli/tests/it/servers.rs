@@ -36,9 +36,19 @@ pub struct PrivateNats {
 
 impl PrivateNats {
     pub fn start() -> PrivateNats {
+        PrivateNats::start_with_config("")
+    }
+
+    /// One whose configuration file holds `config` (nats-server's format), besides the port and JetStream.
+    pub fn start_with_config(config: &str) -> PrivateNats {
         let mut nats = PrivateNats { port: free_port(), store: TempDir::new().expect("temp dir"), child: None };
+        std::fs::write(nats.config_file(), config).expect("write the nats-server configuration");
         nats.restart();
         nats
+    }
+
+    fn config_file(&self) -> std::path::PathBuf {
+        self.store.path().join("nats-server.conf")
     }
 
     pub fn url(&self) -> String {
@@ -53,6 +63,8 @@ impl PrivateNats {
     /// Starts it again on the same port with the same store.
     pub fn restart(&mut self) {
         let child = Command::new("/usr/sbin/nats-server")
+            .arg("-c")
+            .arg(self.config_file())
             .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(self.store.path())
             .stdout(Stdio::null())

@@ -22,7 +22,6 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
-use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
@@ -39,9 +38,14 @@ use tollgate_shared::metrics::{
 
 use spool::{Spool, SpoolError, SpooledMessage};
 
-/// Events per NATS message: large enough to amortise per-message costs, small enough to stay far below the
-/// server's default 1 MB payload limit (an event is ~100–300 bytes).
+/// Events per NATS message: large enough to amortise per-message costs (a typical event is ~100–300 bytes).
 pub const MAX_EVENTS_PER_MESSAGE: usize = 1000;
+/// Bytes per NATS message, at most: a batch of large events (paths, user agents and request ids are each kept up to
+/// 2 KB) is split to fit. nats-server closes the connection on a message over its `max_payload` (1 MB by default), so
+/// such a message could never be published, and the spool would replay it forever, holding up every event behind it.
+const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// Room left under the server's `max_payload` for a message's headers.
+const HEADERS_ROOM: usize = 1024;
 /// How long a message waits for more events before it is published. Per-message costs (nats-server's, the ack's)
 /// dominate small messages; 5 ms is nothing to a usage event and, at 25k verifies/s, makes ~130-event messages.
 const LINGER: Duration = Duration::from_millis(5);
@@ -115,6 +119,8 @@ pub struct Settings {
 
 pub struct Publisher {
     queue: mpsc::Receiver<UsageEvent>,
+    /// For the server's `max_payload`.
+    nats: async_nats::Client,
     target: Target,
     spool: Arc<Mutex<Spool>>,
     spool_full: watch::Sender<bool>,
@@ -124,7 +130,7 @@ pub struct Publisher {
 /// A queue of `capacity` events and the publisher that drains it to `subject`, spooling to `spool`.
 pub fn channel(
     capacity: usize,
-    jetstream: jetstream::Context,
+    nats: async_nats::Client,
     subject: String,
     spool: Spool,
     settings: Settings,
@@ -143,8 +149,9 @@ pub fn channel(
     let (sender, queue) = mpsc::channel(capacity);
     let (spool_full, full) = watch::channel(false);
     let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
+    let jetstream = jetstream::new(nats.clone());
     let target = Target { jetstream, subject: subject.into(), timeout: settings.publish_timeout };
-    (events, Publisher { queue, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
+    (events, Publisher { queue, nats, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
 }
 
 /// Where and how messages are published.
@@ -332,16 +339,17 @@ impl Publisher {
                         continue;
                     }
                     run.closed = self.fill(&mut batch).await;
-                    let message = SpooledMessage {
-                        id: Uuid::now_v7().to_string(),
-                        events: batch.len() as u32,
-                        payload: Bytes::from(codec::encode_batch(std::mem::take(&mut batch))),
-                    };
+                    for (payload, events) in codec::encode_batches(std::mem::take(&mut batch), self.message_bytes()) {
+                        let message =
+                            SpooledMessage { id: Uuid::now_v7().to_string(), events: events as u32, payload: payload.into() };
+                        if run.spooling {
+                            run.held.push_back(message);
+                        } else {
+                            run.in_flight.send(&self.target, message);
+                        }
+                    }
                     if run.spooling {
-                        run.held.push_back(message);
                         self.spool_held(&mut run).await;
-                    } else {
-                        run.in_flight.send(&self.target, message);
                     }
                     if run.closed {
                         self.closing(&mut run).await;
@@ -368,6 +376,14 @@ impl Publisher {
         let left = self.spool.lock().unwrap_or_else(PoisonError::into_inner).bytes();
         if left > 0 {
             tracing::warn!(bytes = left, "NATS is away: usage events stay in the spool until the next start");
+        }
+    }
+
+    /// The largest message to send: [`MAX_MESSAGE_BYTES`], or less if the server takes less (0: not connected yet).
+    fn message_bytes(&self) -> usize {
+        match self.nats.server_info().max_payload {
+            0 => MAX_MESSAGE_BYTES,
+            max_payload => MAX_MESSAGE_BYTES.min(max_payload.saturating_sub(HEADERS_ROOM)),
         }
     }
 
