@@ -311,15 +311,23 @@ impl Spool {
             self.sync()?;
         }
         let seq = self.next_seq;
+        // Taken even if this fails: a file that a failed attempt (a full disk) left behind must not make every later
+        // attempt fail too, long after the disk has room again.
+        self.next_seq += 1;
         let path = self.dir.join(format!("{seq:020}{SEGMENT_SUFFIX}"));
         let mut file =
             OpenOptions::new().create_new(true).append(true).open(&path).map_err(io_error("create", &path))?;
-        file.write_all(MAGIC).map_err(io_error("write", &path))?;
-        if self.options.fsync == FsyncPolicy::Always {
-            // The new file's name must survive a crash too, or its synced records would be unreachable.
-            File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", &self.dir))?;
+        let written = file.write_all(MAGIC).map_err(io_error("write", &path)).and_then(|()| {
+            if self.options.fsync == FsyncPolicy::Always {
+                // The new file's name must survive a crash too, or its synced records would be unreachable.
+                File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io_error("fsync", &self.dir))?;
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            let _ = fs::remove_file(&path);
+            return Err(e);
         }
-        self.next_seq += 1;
         self.bytes += HEADER_LEN;
         self.segments.push_back(Segment { seq, path, len: HEADER_LEN });
         self.writer = Some(Writer { file, dirty: true, last_sync: Instant::now() });
@@ -508,6 +516,17 @@ mod tests {
         assert_eq!(spool.bytes(), 0);
         assert!(segment_files(dir.path()).is_empty(), "consumed segments are deleted");
         assert_eq!(spool.corrupt_records(), 0);
+    }
+
+    #[test]
+    fn a_segment_that_could_not_be_started_does_not_stop_the_next() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), options()).expect("open");
+        // What a rotation that failed half-way (a full disk) leaves: a file with the next segment's name.
+        fs::write(dir.path().join(format!("{:020}{SEGMENT_SUFFIX}", 1)), b"").expect("leftover");
+        assert!(spool.append(&message(1)).is_err());
+        spool.append(&message(2)).expect("the next append starts the next segment");
+        assert_eq!(drain(&mut spool), vec![message(2)]);
     }
 
     #[test]
