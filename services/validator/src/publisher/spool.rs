@@ -235,12 +235,15 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` records from the head, in order, each with the cursor just past it. Nothing is consumed.
+    /// Up to `max` records from the head, in order, each with the cursor just past it. Nothing is consumed but torn
+    /// or corrupt bytes at the head with no whole record read after them: they would be read again forever, and a
+    /// spool holding only those would never count as empty, so replay would never end.
     pub fn read(&mut self, max: usize) -> Result<Vec<(SpooledMessage, Cursor)>, SpoolError> {
         let mut out = Vec::new();
         let mut offset = self.head_offset;
         let mut index = 0;
         let mut file: Option<(u64, File)> = None;
+        let mut skipped_to = None;
         while out.len() < max && index < self.segments.len() {
             let (seq, len, path) = {
                 let s = &self.segments[index];
@@ -258,6 +261,7 @@ impl Spool {
                     if !has_magic(&mut opened).map_err(io_error("read", &path))? {
                         self.count_corrupt(Cursor { seq, offset: 0 });
                         offset = len;
+                        skipped_to = Some(Cursor { seq, offset });
                         continue;
                     }
                     &mut file.insert((seq, opened)).1
@@ -273,12 +277,17 @@ impl Spool {
                 Record::Corrupt(used) => {
                     self.count_corrupt(at);
                     offset += used;
+                    skipped_to = Some(Cursor { seq, offset });
                 }
                 Record::TornTail => {
                     self.count_corrupt(at);
                     offset = len;
+                    skipped_to = Some(Cursor { seq, offset });
                 }
             }
+        }
+        if let (true, Some(cursor)) = (out.is_empty(), skipped_to) {
+            self.consume_to(cursor)?;
         }
         Ok(out)
     }
@@ -437,7 +446,9 @@ fn read_record(file: &mut File, remaining: u64) -> io::Result<Record> {
     let [l0, l1, l2, l3, c0, c1, c2, c3] = header;
     let len = u32::from_le_bytes([l0, l1, l2, l3]);
     let crc = u32::from_le_bytes([c0, c1, c2, c3]);
-    if len > MAX_RECORD_LEN || RECORD_HEADER_LEN + u64::from(len) > remaining {
+    // Shorter than any record (its events and id length): zeros, as a crash can leave at the end of a file that was
+    // not synced, not thousands of 8-byte corrupt records.
+    if len < 5 || len > MAX_RECORD_LEN || RECORD_HEADER_LEN + u64::from(len) > remaining {
         return Ok(Record::TornTail);
     }
     let used = RECORD_HEADER_LEN + u64::from(len);
@@ -548,6 +559,37 @@ mod tests {
         let events: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
         assert_eq!(events, vec![0, 1, 3]);
         assert_eq!(spool.corrupt_records(), 1);
+    }
+
+    #[test]
+    fn a_spool_holding_only_a_torn_or_zeroed_tail_is_empty_once_read() {
+        for damage in ["torn", "zeros"] {
+            let dir = tempfile::tempdir().expect("dir");
+            {
+                let mut spool = Spool::open(dir.path(), options()).expect("open");
+                spool.append(&message(1)).expect("append");
+                let batch = spool.read(1).expect("read");
+                spool.consume_to(batch[0].1).expect("consume");
+                spool.append(&message(2)).expect("append");
+            }
+            let segment = segment_files(dir.path()).pop().expect("a segment");
+            let file = OpenOptions::new().append(true).open(&segment).expect("open");
+            match damage {
+                // A crash in the middle of the record: nothing whole is left.
+                "torn" => file.set_len(HEADER_LEN + 30).expect("truncate"),
+                // Power lost before the file's blocks were written: they read back as zeros.
+                _ => {
+                    file.set_len(HEADER_LEN).expect("truncate");
+                    (&file).write_all(&[0; 4096]).expect("zeros");
+                }
+            }
+            let mut spool = Spool::open(dir.path(), options()).expect("reopen");
+            assert!(!spool.is_empty());
+            assert!(spool.read(16).expect("read").is_empty(), "{damage}");
+            assert!(spool.is_empty(), "{damage}: nothing is left to replay");
+            assert_eq!(spool.corrupt_records(), 1, "{damage}: counted once");
+            assert!(segment_files(dir.path()).is_empty(), "{damage}: the segment is deleted");
+        }
     }
 
     #[test]
