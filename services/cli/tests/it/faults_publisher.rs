@@ -212,20 +212,7 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     verify(&validator, &key, 1).await;
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
     nats.stop();
-    let mut allowed = 1;
-    let mut refused = false;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        match auth().await.expect("request").status() {
-            StatusCode::OK => allowed += 1,
-            StatusCode::SERVICE_UNAVAILABLE => {
-                refused = true;
-                break;
-            }
-            other => panic!("unexpected {other}"),
-        }
-    }
-    assert!(refused, "a full spool refuses verifies ({allowed} allowed)");
+    let mut allowed = 1 + allowed_until_refused(&validator, &key).await;
     assert_eq!(auth().await.expect("request").status(), StatusCode::SERVICE_UNAVAILABLE, "and keeps refusing");
 
     nats.restart();
@@ -240,6 +227,54 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     assert_counted_once(&env, allowed).await;
 
     validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// Verifies one at a time until the validator refuses one with 503 (a full spool, policy `block`); the 200s before.
+async fn allowed_until_refused(validator: &RunningValidator, key: &ApiKey) -> i64 {
+    let client = reqwest::Client::new();
+    let mut allowed = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        match client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request").status() {
+            StatusCode::OK => allowed += 1,
+            StatusCode::SERVICE_UNAVAILABLE => return allowed,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    panic!("a full spool refuses verifies ({allowed} allowed)");
+}
+
+/// A graceful stop while the spool is full and NATS is away (an orchestrator moving the pod during an outage) ends
+/// promptly: what is neither in JetStream nor in the spool is counted as lost, and what the spool holds is
+/// delivered by the next validator once NATS is back.
+#[tokio::test]
+async fn a_validator_stopped_with_a_full_spool_while_nats_is_away_stops_promptly() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let worker = env.start_worker().await;
+    let full_spool = ValidatorArgs { spool_max_bytes: 8 << 10, spool_full: SpoolFullPolicy::Block, ..args(&env) };
+    let validator = env.start_validator_with(full_spool.clone(), REDIS_URL).await;
+    verify(&validator, &key, 1).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    nats.stop();
+    let allowed = 1 + allowed_until_refused(&validator, &key).await;
+
+    tokio::time::timeout(Duration::from_secs(15), validator.service.stop())
+        .await
+        .expect("the validator stops while its spool is full and NATS is away");
+    nats.restart();
+    let next = env.start_validator_with(full_spool, REDIS_URL).await;
+    let delivered =
+        wait_until(Duration::from_secs(20), || async { env.count("SELECT count(*) FROM api_usage").await }, |n| *n > 1)
+            .await;
+    // The spool held most of them; only the messages waiting for room were lost.
+    assert!(delivered > 1 && delivered <= allowed, "{delivered} of {allowed} delivered");
+
+    next.service.stop().await;
     worker.stop().await;
     env.cleanup().await;
 }

@@ -326,7 +326,10 @@ impl Publisher {
                 self.lose_held(&mut run);
                 break;
             }
-            let receive = !run.closed && run.held.is_empty() && (run.spooling || run.in_flight.len() < MAX_IN_FLIGHT);
+            // While messages wait for room, the queue waits too, unless it is closed: shutting down, what it still
+            // holds joins them, and reading it is how the publisher learns of the shutdown (within RETRY_MAX).
+            let has_room = run.held.is_empty() || self.queue.is_closed();
+            let receive = !run.closed && has_room && (run.spooling || run.in_flight.len() < MAX_IN_FLIGHT);
             tokio::select! {
                 Some((seq, result)) = run.in_flight.acks.next(), if run.in_flight.len() > 0 => {
                     self.acknowledged(&mut run, seq, result).await;
@@ -458,17 +461,20 @@ impl Publisher {
         }
     }
 
-    /// The queue is closed: if NATS is away, what cannot be spooled now will never be, so it is counted as lost.
+    /// The queue is closed: messages waiting for room in the spool get it as long as replaying to NATS makes some;
+    /// once NATS is away, what cannot be spooled now never will be, so it is counted as lost.
     async fn closing(&mut self, run: &mut Run) {
-        if run.held.is_empty() {
-            return;
-        }
         self.spool_held(run).await;
-        if !run.held.is_empty() {
-            // One last replay may make room; wait for it rather than drop at once.
-            if let Some(replay) = run.replay.take() {
-                let replayed = replay.await;
-                self.replayed(run, replayed).await;
+        while !run.held.is_empty() && run.spooling {
+            let replay = match run.replay.take() {
+                Some(replay) => replay,
+                None => replay_step(self.spool.clone(), self.target.clone(), None).boxed(),
+            };
+            let replayed = replay.await;
+            let failed = replayed.failed.is_some();
+            self.replayed(run, replayed).await;
+            if failed {
+                break;
             }
         }
         self.lose_held(run);
