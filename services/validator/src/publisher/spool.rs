@@ -448,7 +448,7 @@ fn read_record(file: &mut File, remaining: u64) -> io::Result<Record> {
     let crc = u32::from_le_bytes([c0, c1, c2, c3]);
     // Shorter than any record (its events and id length): zeros, as a crash can leave at the end of a file that was
     // not synced, not thousands of 8-byte corrupt records.
-    if len < 5 || len > MAX_RECORD_LEN || RECORD_HEADER_LEN + u64::from(len) > remaining {
+    if !(5..=MAX_RECORD_LEN).contains(&len) || RECORD_HEADER_LEN + u64::from(len) > remaining {
         return Ok(Record::TornTail);
     }
     let used = RECORD_HEADER_LEN + u64::from(len);
