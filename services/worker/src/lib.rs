@@ -143,6 +143,11 @@ impl Worker {
             deliveries.iter().filter_map(|d| d.events.as_ref().ok()).flatten().cloned().collect();
         let written = self.store.write(&events).await?;
         let committed_at = Utc::now();
+        // Before anything else can fail: a batch retried after its commit raises its counters again, but only to
+        // what is committed.
+        if let Some(quota) = &self.quota {
+            quota.raise(written.totals);
+        }
         let mut dead_lettered = 0;
         for delivery in deliveries {
             if let Err(e) = &delivery.events {
@@ -155,9 +160,6 @@ impl Worker {
             if let Err(e) = delivery.message.ack().await {
                 tracing::warn!(error = %e, "ack failed; the message will be re-delivered and skipped");
             }
-        }
-        if let Some(quota) = &self.quota {
-            quota.raise(written.totals);
         }
         let lag = metrics::histogram!(WORKER_LAG);
         for event in &events {

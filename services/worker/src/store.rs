@@ -83,13 +83,18 @@ SELECT a.org_id, a.month, coalesce(o.plan, 'free'), a.requests, a.units, coalesc
        coalesce(p.price_per_thousand_minor, 0), coalesce(p.currency, 'USD')
 FROM unnest($10::uuid[], $11::date[], $12::int8[], $13::int8[]) WITH ORDINALITY AS a (org_id, month, requests, units, n)
 LEFT JOIN organizations o ON o.id = a.org_id
-LEFT JOIN plans p ON p.name = o.plan
+LEFT JOIN plans p ON p.name = coalesce(o.plan, 'free')
 ORDER BY a.n
 ON CONFLICT (org_id, month) DO UPDATE
     SET requests = b.requests + EXCLUDED.requests,
         units = b.units + EXCLUDED.units,
         updated_at = now()
 RETURNING org_id, month, units";
+
+/// The committed monthly totals of some (organization, month) pairs.
+const PERIOD_TOTALS: &str = "
+SELECT b.org_id, b.month, b.units
+FROM billing_periods b JOIN unnest($1::uuid[], $2::date[]) AS a (org_id, month) USING (org_id, month)";
 
 /// Immediate retries of a batch that lost a deadlock or a serialization conflict.
 const CONFLICT_RETRIES: usize = 3;
@@ -175,7 +180,12 @@ impl UsageStore {
             }
             Err(e) => return Err(e),
         };
-        let totals = roll_up(&mut tx, &inserted).await?;
+        let mut totals = roll_up(&mut tx, &inserted).await?;
+        if inserted.len() < events.len() {
+            // Events written before: a batch retried after its commit (a lost reply, or a failure after it), whose
+            // quota counters may never have been raised. Raising them to what is committed is harmless if they were.
+            totals = period_totals(&mut tx, events).await?;
+        }
         tx.commit().await?;
         Ok((inserted.len() as u64, totals))
     }
@@ -213,6 +223,23 @@ async fn copy_in(tx: &mut Transaction<'_, Postgres>, statement: &str, rows: byte
     copy.send(rows).await?;
     copy.finish().await?;
     Ok(())
+}
+
+/// The committed monthly totals of the organizations and months `events` bill.
+async fn period_totals(
+    tx: &mut Transaction<'_, Postgres>,
+    events: &[&UsageEvent],
+) -> Result<Vec<PeriodTotal>, sqlx::Error> {
+    let billed = Sums::of(events).billing;
+    if billed.is_empty() {
+        return Ok(Vec::new());
+    }
+    let totals: Vec<(Uuid, NaiveDate, i64)> = sqlx::query_as(PERIOD_TOTALS)
+        .bind(column(&billed, |(org, _), _| *org))
+        .bind(column(&billed, |(_, month), _| *month))
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(totals.into_iter().map(|(org_id, month, units)| PeriodTotal { org_id, month, units }).collect())
 }
 
 /// Adds the inserted events to `usage_hourly`, `billing_periods` and the keys' usage; returns the new monthly totals.

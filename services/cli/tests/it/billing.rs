@@ -105,6 +105,57 @@ async fn billing_counts_allowed_units_and_prices_the_overage() {
 }
 
 #[tokio::test]
+async fn a_batch_delivered_again_raises_its_counter_to_what_is_committed() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let (org, key_id) = (Uuid::now_v7(), Uuid::now_v7());
+    let events: Vec<UsageEvent> = (0..4).map(|_| usage_event(org, key_id, Outcome::Allowed, 2)).collect();
+    let worker = env.start_worker().await;
+    publish(&js, &env.topology.usage_subject(), events.clone()).await;
+    let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
+    crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(8)).await;
+
+    // The counter is lost (as when the raise after a commit never happened), and the same batch comes again: all of
+    // its events are there already, and still its counter is raised to the committed total.
+    delete(&key).await;
+    publish(&js, &env.topology.usage_subject(), events).await;
+    crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(8)).await;
+    assert_eq!(counter(&key).await, Some(8));
+    env.assert_exactly_once(4).await;
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_unknown_organization_is_billed_on_free_terms() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let (org, key_id) = (Uuid::now_v7(), Uuid::now_v7());
+    publish(&js, &env.topology.usage_subject(), vec![usage_event(org, key_id, Outcome::Allowed, 3)]).await;
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM billing_periods", 1).await;
+
+    let free: i64 = sqlx::query_scalar("SELECT included_units FROM plans WHERE name = 'free'")
+        .fetch_one(&env.pool)
+        .await
+        .expect("the free plan");
+    let (plan, included, overage): (String, i64, i64) =
+        sqlx::query_as("SELECT plan, included_units, overage_units FROM billing_periods WHERE org_id = $1")
+            .bind(org)
+            .fetch_one(&env.pool)
+            .await
+            .expect("billing period");
+    assert!(free > 3, "the free plan includes some units ({free})");
+    assert_eq!((plan.as_str(), included, overage), ("free", free, 0));
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let env = TestEnv::new().await;
     let js = jetstream::new(env.nats.clone());
