@@ -13,9 +13,9 @@
 //! hours and organizations queue behind each other instead of deadlocking; a deadlock or serialization failure that
 //! still happens is retried at once (a few times) before the error reaches the worker's backoff loop.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 
-use chrono::{DateTime, Datelike, DurationRound, NaiveDate, TimeDelta, TimeZone, Utc};
+use chrono::{DateTime, Datelike, DurationRound, Months, NaiveDate, NaiveTime, TimeDelta, Utc};
 use sqlx::{Executor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -102,7 +102,8 @@ const CONFLICT_RETRIES: usize = 3;
 /// Writes usage batches; remembers which monthly partitions exist so it only asks once per month.
 pub struct UsageStore {
     pool: PgPool,
-    partitions: HashSet<(i32, u32)>,
+    /// First days of the months whose partition exists.
+    partitions: HashSet<NaiveDate>,
     copy_statement: String,
     staging_copy_statement: String,
     move_statement: String,
@@ -203,16 +204,25 @@ impl UsageStore {
         Ok(ids.into_iter().collect())
     }
 
+    /// Makes sure the partitions of the events' months exist, and of the month after each, so that a month's
+    /// partition is there before its first event: one that cannot be made ahead now is tried again with a later batch.
     async fn ensure_partitions(&mut self, events: &[&UsageEvent]) -> Result<(), sqlx::Error> {
-        let months: HashSet<(i32, u32)> = events.iter().map(|e| (e.ts.year(), e.ts.month())).collect();
-        for (year, month) in months {
-            if self.partitions.contains(&(year, month)) {
-                continue;
+        let months: BTreeSet<NaiveDate> = events.iter().map(|e| month_of(e.ts)).collect();
+        for month in months {
+            self.ensure_partition(month).await?;
+            let next = month + Months::new(1);
+            if let Err(e) = self.ensure_partition(next).await {
+                tracing::warn!(error = %e, %next, "cannot create next month's usage partition yet; a later batch will");
             }
-            let first_day: DateTime<Utc> =
-                Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single().expect("the first of a month exists");
+        }
+        Ok(())
+    }
+
+    async fn ensure_partition(&mut self, month: NaiveDate) -> Result<(), sqlx::Error> {
+        if !self.partitions.contains(&month) {
+            let first_day = month.and_time(NaiveTime::MIN).and_utc();
             sqlx::query("SELECT tollgate_ensure_usage_partition($1)").bind(first_day).execute(&self.pool).await?;
-            self.partitions.insert((year, month));
+            self.partitions.insert(month);
         }
         Ok(())
     }
@@ -303,14 +313,18 @@ impl Sums {
             k.0 = k.0.max(e.ts);
             k.1 += 1;
             if allowed {
-                let month = NaiveDate::from_ymd_opt(e.ts.year(), e.ts.month(), 1).expect("the first of a month exists");
-                let b = sums.billing.entry((e.org_id, month)).or_default();
+                let b = sums.billing.entry((e.org_id, month_of(e.ts))).or_default();
                 b.0 += 1;
                 b.1 += units;
             }
         }
         sums
     }
+}
+
+/// The first day of `ts`'s month (UTC).
+fn month_of(ts: DateTime<Utc>) -> NaiveDate {
+    NaiveDate::from_ymd_opt(ts.year(), ts.month(), 1).expect("the first of a month exists")
 }
 
 /// One field of every entry of `map`, in key order: a column for `unnest`.

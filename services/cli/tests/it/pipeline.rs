@@ -1,6 +1,7 @@
 //! The event pipeline's exactly-once and dead-letter behaviour, driven by publishing to the stream directly.
 
 use async_nats::jetstream;
+use chrono::Utc;
 use uuid::Uuid;
 
 use tollgate_shared::codec;
@@ -122,6 +123,61 @@ async fn a_deleted_dead_letter_stream_is_created_again_and_holds_up_nothing() {
     assert_eq!(left, 0, "every message was acked");
 
     worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_new_months_partition_is_made_while_an_idle_transaction_holds_api_usage_and_the_next_one_ahead() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    // An analyst's session left idle in a transaction that read the table.
+    let mut idle = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM api_usage LIMIT 1").execute(&mut *idle).await.expect("read api_usage");
+    let worker = env.start_worker().await;
+
+    // A month no partition exists for yet (the migrations make this month's and the next).
+    let ahead = Utc::now() + chrono::Months::new(3);
+    let event = UsageEvent { ts: ahead, ..usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1) };
+    publish(&js, &env.topology.usage_subject(), "ahead", codec::encode_batch(vec![event])).await;
+    // Bounded: a partition waiting for the idle transaction's lock would make this query wait behind it too.
+    let written = env.wait_for_count_within("SELECT count(*) FROM api_usage", 1, std::time::Duration::from_secs(10));
+    tokio::time::timeout(std::time::Duration::from_secs(15), written).await.expect("the event is written at once");
+    let partitions: Vec<String> = sqlx::query_scalar(
+        "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+         WHERE i.inhparent = 'api_usage'::regclass ORDER BY 1",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .expect("partitions");
+    let name = |at: chrono::DateTime<Utc>| at.format("api_usage_%Y_%m").to_string();
+    assert!(partitions.contains(&name(ahead)), "{partitions:?}");
+    assert!(partitions.contains(&name(ahead + chrono::Months::new(1))), "the next month's, ahead: {partitions:?}");
+
+    idle.rollback().await.expect("rollback");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_partition_function_cuts_months_in_utc_whatever_the_sessions_time_zone() {
+    let env = TestEnv::new().await;
+    let mut session = env.pool.acquire().await.expect("connection");
+    sqlx::query("SET TIME ZONE 'America/Los_Angeles'").execute(&mut *session).await.expect("time zone");
+    let made: String = sqlx::query_scalar("SELECT tollgate_ensure_usage_partition('2031-03-15T12:00:00Z')")
+        .fetch_one(&mut *session)
+        .await
+        .expect("partition");
+    assert_eq!(made, "api_usage_2031_03");
+    sqlx::query("RESET TIME ZONE").execute(&mut *session).await.expect("reset");
+    drop(session);
+    let bounds: String = sqlx::query_scalar(
+        "SELECT pg_get_expr(c.relpartbound, c.oid) FROM pg_class c WHERE c.relname = 'api_usage_2031_03'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("bounds");
+    assert_eq!(bounds, "FOR VALUES FROM ('2031-03-01 00:00:00+00') TO ('2031-04-01 00:00:00+00')");
     env.cleanup().await;
 }
 
