@@ -355,3 +355,104 @@ async fn a_batch_larger_than_the_servers_max_payload_is_split_and_delivered() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// A TCP proxy to `upstream` that passes on what the server sends `delay` late, once `delay` is set: a NATS far
+/// away, whose every ack takes that long.
+struct SlowProxy {
+    address: String,
+    delay_ms: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SlowProxy {
+    async fn start(upstream: &str) -> SlowProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (upstream, delay) = (upstream.to_owned(), delay_ms.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.expect("upstream");
+                let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                    (client.into_split(), server.into_split());
+                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
+                let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = from_server.read(&mut buffer).await {
+                        let at = tokio::time::Instant::now() + Duration::from_millis(delay.load(Ordering::Relaxed));
+                        let _ = held.send((at, buffer[..n].to_vec()));
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((at, bytes)) = due.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        if to_client.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowProxy { address, delay_ms }
+    }
+
+    fn delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// NATS that acknowledges each message 2 s late (under JetStream's ack timeout, so no publish fails and nothing is
+/// spooled): with two messages in flight, the publisher would deliver only 1000 events a second, its queue would fill
+/// and requests would wait for room in it. Behind a backlog it keeps more in flight, and no request waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_nats_makes_no_request_wait() {
+    let proxy = SlowProxy::start("127.0.0.1:4222").await;
+    let env = TestEnv::with_nats(&format!("nats://{}", proxy.address)).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env
+        .start_validator_with(
+            ValidatorArgs { event_queue: 10_000, publish_timeout: Duration::from_secs(4), ..args(&env) },
+            REDIS_URL,
+        )
+        .await;
+    let worker = env.start_worker().await;
+    verify(&validator, &key, 1).await;
+
+    // 64 clients as fast as they go for 8 s.
+    proxy.delay(Duration::from_secs(2));
+    let seconds = 8;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let clients = (0..64).map(|_| {
+        let (url, bearer) = (validator.url("/v1/auth"), format!("Bearer {}", key.expose()));
+        tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            let mut took = Vec::new();
+            while Instant::now() < until {
+                let started = Instant::now();
+                let response = client.get(&url).header("authorization", &bearer).send().await.expect("answer");
+                assert_eq!(response.status(), StatusCode::OK);
+                took.push(started.elapsed());
+            }
+            took
+        })
+    });
+    let mut took: Vec<Duration> = Vec::new();
+    for client in futures::future::join_all(clients).await {
+        took.extend(client.expect("client"));
+    }
+    proxy.delay(Duration::ZERO);
+    took.sort();
+    let p99 = took[took.len() * 99 / 100];
+    let rate = took.len() as f64 / seconds as f64;
+    assert!(rate > 1200.0, "the load outruns two messages per ack: {rate:.0}/s");
+    assert!(p99 < Duration::from_millis(500), "p99 {p99:?} at {rate:.0}/s: requests waited for the queue");
+
+    assert_counted_once(&env, 1 + took.len() as i64).await;
+    assert_eq!(spooled_segments(&env.spool_dir()), 0, "nothing went to the spool");
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}

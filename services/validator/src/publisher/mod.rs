@@ -3,7 +3,8 @@
 //!
 //! Handlers push events into a bounded queue ([`EventQueue`]); one [`Publisher`] task drains it in batches (what
 //! arrives within [`LINGER`] of a batch's first event, up to [`MAX_EVENTS_PER_MESSAGE`]), encodes each batch as one
-//! message with its own `Nats-Msg-Id`, and publishes it directly, keeping a bounded number of acks in flight.
+//! message with its own `Nats-Msg-Id` (or several, up to [`MAX_MESSAGE_BYTES`] each, when its events are large),
+//! and publishes it directly, keeping a bounded number of acks in flight (more while the queue holds a backlog).
 //!
 //! When a publish fails or is not acknowledged within the publish timeout, the publisher *diverts*: every message
 //! still in flight, in the order they were sent, and then every new one go to the disk [`spool`], while a replayer
@@ -53,6 +54,10 @@ const LINGER: Duration = Duration::from_millis(5);
 /// pile up into the next message: with 16, messages left nearly empty and nats-server spent 37% of a core at
 /// 25k verifies/s against 19% with 2 (`tollgate bench verify`, 2-core machine).
 const MAX_IN_FLIGHT: usize = 2;
+/// Messages in flight at most while the queue holds a full message or more: the events come faster than two messages
+/// per ack's round trip carry (NATS far away or busy), and keeping to two would fill the queue and make requests wait
+/// for room in it. The messages are full then, so more in flight costs nothing per event.
+const MAX_IN_FLIGHT_BEHIND: usize = 16;
 /// Spooled messages published together by one replay step.
 const REPLAY_WINDOW: usize = 16;
 const RETRY_FIRST: Duration = Duration::from_millis(100);
@@ -329,7 +334,11 @@ impl Publisher {
             // While messages wait for room, the queue waits too, unless it is closed: shutting down, what it still
             // holds joins them, and reading it is how the publisher learns of the shutdown (within RETRY_MAX).
             let has_room = run.held.is_empty() || self.queue.is_closed();
-            let receive = !run.closed && has_room && (run.spooling || run.in_flight.len() < MAX_IN_FLIGHT);
+            let behind = self.queue.len() >= MAX_EVENTS_PER_MESSAGE;
+            let max_in_flight = if behind { MAX_IN_FLIGHT_BEHIND } else { MAX_IN_FLIGHT };
+            let receive = !run.closed && has_room && (run.spooling || run.in_flight.len() < max_in_flight);
+            // Acks so slow that a full message queues up before one comes back: look again then, not at the ack.
+            let watch_backlog = !receive && !run.closed && !run.spooling && run.in_flight.len() < MAX_IN_FLIGHT_BEHIND;
             tokio::select! {
                 Some((seq, result)) = run.in_flight.acks.next(), if run.in_flight.len() > 0 => {
                     self.acknowledged(&mut run, seq, result).await;
@@ -362,6 +371,7 @@ impl Publisher {
                     run.replay = None;
                     self.replayed(&mut run, replayed).await;
                 }
+                _ = tokio::time::sleep(LINGER), if watch_backlog => {}
                 _ = tokio::time::sleep(RETRY_MAX), if !run.held.is_empty() => {
                     self.spool_held(&mut run).await;
                 }
