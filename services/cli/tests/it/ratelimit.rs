@@ -366,6 +366,12 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
     assert_eq!(statuses("closed", &closed).await, vec![503; 6]);
     // Local: this process's own counter, limit 3 ÷ 1 replica, starting empty.
     assert_eq!(statuses("local", &local).await, vec![200, 200, 200, 429, 429, 429]);
+    // While Redis is away a denial always says when to retry: a process's share of a limit is not the limit.
+    let heavy = local.url("/v1/auth");
+    let heavy =
+        client.get(heavy).bearer_auth(key.expose()).header("X-Tollgate-Cost", "4").send().await.expect("request");
+    assert_eq!(heavy.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert!(heavy.headers().contains_key("retry-after"), "{:?}", heavy.headers());
     let text = metrics.render();
     for policy in ["open", "closed", "local"] {
         let counter = format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
@@ -487,7 +493,7 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     assert!(never.headers().get("retry-after").is_none(), "{:?}", never.headers());
     let body: Value = never.json().await.expect("json");
     assert_eq!((body["error"].as_str(), body["retry_after"].clone()), (Some("rate_limited"), Value::Null), "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| m.contains("weighs 6")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("weighs more than the key limit of 5")), "{body}");
     let verify: Value = client
         .post(validator.url("/v1/verify"))
         .json(&json!({ "key": key.expose(), "cost": 6 }))

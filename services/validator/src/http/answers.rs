@@ -59,26 +59,25 @@ pub fn limit_headers(out: &mut HeaderMap, values: &mut HeaderValues, usage: &Usa
     values.insert(out, RATELIMIT, format_args!("\"{kind}\";r={};t={}", usage.remaining(), seconds_until(usage)));
 }
 
-/// Seconds until a request of `cost` fits `usage`'s limit, which denied it; None when no wait helps, because the
-/// request weighs more than the whole limit (a route's cost set above a key's or tier's limit).
-pub fn retry_after(usage: &Usage, cost: u32) -> Option<i64> {
-    (u64::from(cost) <= usage.limit).then(|| seconds_until(usage).max(1))
+/// Seconds until a request of this cost fits `usage`'s limit, which denied it; None when no wait helps.
+pub fn retry_after(usage: &Usage) -> Option<i64> {
+    (!usage.never_fits).then(|| seconds_until(usage).max(1))
 }
 
-/// Why a denied request of `cost` can never pass, for the one whose [`retry_after`] is None.
-pub fn never_fits(usage: &Usage, cost: u32) -> String {
+/// Why no wait helps a request that [`Usage::never_fits`].
+pub fn never_fits(usage: &Usage) -> String {
     format!(
-        "this request weighs {cost}, more than the {} limit of {} allows in a whole window: no wait lets it through; \
-         lower the request's cost or raise the limit",
+        "this request weighs more than the {} limit of {} allows in a whole window: no wait lets it through; lower \
+         the request's cost or raise the limit",
         usage.kind.as_str(),
         usage.limit
     )
 }
 
-/// 429 for a denied request of `cost`: the limit headers and `{"error", "limit", "reset_at", "retry_after"}`, with
+/// 429 for a denied request: the limit headers and `{"error", "limit", "reset_at", "retry_after"}`, with
 /// `Retry-After` when waiting helps, and otherwise `"retry_after": null` and a `message` saying why not.
-pub fn too_many(error: &'static str, usage: &Usage, cost: u32) -> Response {
-    let retry_after = retry_after(usage, cost);
+pub fn too_many(error: &'static str, usage: &Usage) -> Response {
+    let retry_after = retry_after(usage);
     let mut body = json!({
         "error": error,
         "limit": usage.limit,
@@ -88,7 +87,7 @@ pub fn too_many(error: &'static str, usage: &Usage, cost: u32) -> Response {
         "retry_after": retry_after,
     });
     if retry_after.is_none() {
-        body["message"] = never_fits(usage, cost).into();
+        body["message"] = never_fits(usage).into();
     }
     let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
     limit_headers(response.headers_mut(), &mut HeaderValues::new(), usage);
@@ -167,6 +166,7 @@ mod tests {
             window_seconds: 60,
             reset_at_us,
             now_us,
+            never_fits: false,
         };
         assert_eq!(seconds_until(&usage(10_000_001, 9_000_000)), 2);
         assert_eq!(seconds_until(&usage(10_000_000, 9_000_000)), 1);
@@ -176,19 +176,26 @@ mod tests {
 
     #[test]
     fn a_request_heavier_than_its_whole_limit_is_told_no_wait_helps() {
-        let usage =
-            Usage { kind: LimitKind::Tier, limit: 5, used: 2, window_seconds: 60, reset_at_us: 41_500_000, now_us: 0 };
-        assert_eq!(retry_after(&usage, 4), Some(42));
-        assert_eq!(retry_after(&usage, 5), Some(42));
-        assert_eq!(retry_after(&usage, 6), None);
+        let usage = Usage {
+            kind: LimitKind::Tier,
+            limit: 5,
+            used: 2,
+            window_seconds: 60,
+            reset_at_us: 41_500_000,
+            now_us: 0,
+            never_fits: false,
+        };
+        assert_eq!(retry_after(&usage), Some(42));
+        assert_eq!(too_many("rate_limited", &usage).headers()[header::RETRY_AFTER], "42");
         // A reset already past still says to wait a second, never 0.
-        assert_eq!(retry_after(&Usage { reset_at_us: 0, ..usage }, 1), Some(1));
+        assert_eq!(retry_after(&Usage { reset_at_us: 0, ..usage }), Some(1));
 
-        let answer = too_many("rate_limited", &usage, 6);
+        let never = Usage { never_fits: true, ..usage };
+        assert_eq!(retry_after(&never), None);
+        let answer = too_many("rate_limited", &never);
         assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
         assert!(!answer.headers().contains_key(header::RETRY_AFTER));
         assert_eq!(answer.headers()["ratelimit-policy"], "\"tier\";q=5;w=60");
-        assert!(never_fits(&usage, 6).starts_with("this request weighs 6, more than the tier limit of 5 allows"));
-        assert_eq!(too_many("rate_limited", &usage, 5).headers()[header::RETRY_AFTER], "42");
+        assert!(never_fits(&never).starts_with("this request weighs more than the tier limit of 5 allows"));
     }
 }

@@ -72,14 +72,11 @@ pub async fn auth(
             response
         }
         Verdict::Decided { outcome: Outcome::InsufficientScope, .. } => forbidden(),
-        Verdict::Decided { outcome: Outcome::RateLimited, usage: Some(usage), .. } => {
-            too_many("rate_limited", &usage, cost)
-        }
+        Verdict::Decided { outcome: Outcome::RateLimited, usage: Some(usage), .. } => too_many("rate_limited", &usage),
         Verdict::Decided { outcome: Outcome::QuotaExceeded, usage: Some(usage), .. } => {
-            too_many("quota_exceeded", &usage, cost)
+            too_many("quota_exceeded", &usage)
         }
-        // The bad-key limit counts each failure as 1.
-        Verdict::IpLimited(usage) => too_many("rate_limited", &usage, 1),
+        Verdict::IpLimited(usage) => too_many("rate_limited", &usage),
         Verdict::Decided { .. } | Verdict::Unidentified(_) => unauthorized(),
         Verdict::Unavailable => unavailable(),
         Verdict::LimiterUnavailable => limiter_unavailable(),

@@ -107,15 +107,15 @@ impl VerifyAnswer {
         }
     }
 
-    /// The limit's numbers; for a request of `cost` it denied, when to retry or why no wait helps.
-    fn with_usage(mut self, usage: &Usage, denied_cost: Option<u32>) -> VerifyAnswer {
+    /// The limit's numbers; for a request it denied, when to retry or why no wait helps.
+    fn with_usage(mut self, usage: &Usage, denied: bool) -> VerifyAnswer {
         self.limit = Some(usage.limit);
         self.remaining = Some(usage.remaining());
         self.used = Some(usage.used);
         self.reset_at = Some(reset_at(usage));
-        if let Some(cost) = denied_cost {
-            self.retry_after = retry_after(usage, cost);
-            self.message = self.retry_after.is_none().then(|| never_fits(usage, cost));
+        if denied {
+            self.retry_after = retry_after(usage);
+            self.message = self.retry_after.is_none().then(|| never_fits(usage));
         }
         self
     }
@@ -157,7 +157,6 @@ pub async fn verify(
         Ok(requirement) => requirement,
         Err((field, message)) => return state.refused(bad_request(field, &message)),
     };
-    let cost = body.cost;
     let attempt = Attempt {
         started,
         credential: Credential::from_text(&body.key),
@@ -166,7 +165,7 @@ pub async fn verify(
         client_ip: state.proxies.client_ip(peer.ip(), &headers, body.ip),
         user_agent: request::user_agent(&headers),
         request_id: body.request_id.map(|id| request::truncate(&id, MAX_TEXT_LEN)),
-        cost,
+        cost: body.cost,
         requirement,
     };
     let (answer, usage) = match state.decide(attempt).await {
@@ -184,15 +183,11 @@ pub async fn verify(
                 ..VerifyAnswer::invalid("")
             };
             match usage {
-                Some(usage) => {
-                    let denied_cost = (!outcome.is_allowed()).then_some(cost);
-                    (answer.with_usage(&usage, denied_cost), Some(usage))
-                }
+                Some(usage) => (answer.with_usage(&usage, !outcome.is_allowed()), Some(usage)),
                 None => (answer, None),
             }
         }
-        // The bad-key limit counts each failure as 1.
-        Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, Some(1)), Some(usage)),
+        Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, true), Some(usage)),
         Verdict::Unidentified(_) => (VerifyAnswer::invalid("INVALID"), None),
         Verdict::Unavailable => return unavailable(),
         Verdict::LimiterUnavailable => return limiter_unavailable(),

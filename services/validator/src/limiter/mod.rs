@@ -56,6 +56,8 @@ pub struct Usage {
     pub reset_at_us: i64,
     /// When the limiter decided, by its clock (Redis's), so `Retry-After` does not depend on this host's clock.
     pub now_us: i64,
+    /// Denied because the request weighs more than the whole limit: no wait lets it through.
+    pub never_fits: bool,
 }
 
 impl Usage {
@@ -190,7 +192,13 @@ impl Limiter {
             .filter(|w| policy(w.kind()) == FailurePolicy::Local)
             .map(|w| WindowLimit { limit: (w.limit / self.replicas).max(1), ..*w })
             .collect();
-        self.local.decide(&local, cost, now_us())
+        match self.local.decide(&local, cost, now_us()) {
+            // A request heavier than this process's share of a limit may well fit the limit once Redis is back.
+            Decision::Denied { usage, now_us } => {
+                Decision::Denied { usage: Usage { never_fits: false, ..usage }, now_us }
+            }
+            decision => decision,
+        }
     }
 }
 

@@ -13,8 +13,9 @@ pub struct WindowReply {
     pub at_us: Option<i64>,
 }
 
-/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (the quota first,
-/// then the window that frees up last); otherwise the most restrictive limit is reported.
+/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (one the cost exceeds
+/// outright first, since no wait helps then; then the quota; then the window that frees up last); otherwise the most
+/// restrictive limit is reported.
 pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota: Option<(u64, bool)>) -> Decision {
     let window_usage = |w: &WindowLimit, r: &WindowReply, admitted: bool| {
         let geometry = Window::seconds(w.seconds);
@@ -25,8 +26,15 @@ pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], qu
             // Its cost exceeds the limit: it never fits; report the window's end.
             (false, None) => now + geometry.length_us,
         };
-        let used = if admitted { r.used + cost } else { r.used };
-        Usage { kind: w.kind(), limit: w.limit, used, window_seconds: u64::from(w.seconds), reset_at_us, now_us: now }
+        Usage {
+            kind: w.kind(),
+            limit: w.limit,
+            used: if admitted { r.used + cost } else { r.used },
+            window_seconds: u64::from(w.seconds),
+            reset_at_us,
+            now_us: now,
+            never_fits: !admitted && cost > w.limit,
+        }
     };
     let quota_usage = |q: &QuotaLimit, used: u64, admitted: bool| Usage {
         kind: LimitKind::Quota,
@@ -35,20 +43,19 @@ pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], qu
         window_seconds: u64::try_from((q.reset_at_us - now) / 1_000_000).unwrap_or(0),
         reset_at_us: q.reset_at_us,
         now_us: now,
+        never_fits: !admitted && cost > q.limit,
     };
 
-    if let (Some(q), Some((used, false))) = (&plan.quota, quota) {
-        if !q.shadow {
-            return Decision::Denied { usage: quota_usage(q, used, false), now_us: now };
-        }
-    }
-    let denied = plan
-        .windows
-        .iter()
-        .zip(windows)
-        .filter(|(w, r)| !r.fits && !w.shadow)
-        .map(|(w, r)| window_usage(w, r, false))
-        .max_by_key(|u| u.reset_at_us);
+    let quota_denial = match (&plan.quota, quota) {
+        (Some(q), Some((used, false))) if !q.shadow => Some(quota_usage(q, used, false)),
+        _ => None,
+    };
+    let window_denials =
+        plan.windows.iter().zip(windows).filter(|(w, r)| !r.fits && !w.shadow).map(|(w, r)| window_usage(w, r, false));
+    let denied = quota_denial
+        .into_iter()
+        .chain(window_denials)
+        .max_by_key(|u| (u.never_fits, u.kind == LimitKind::Quota, u.reset_at_us));
     if let Some(usage) = denied {
         return Decision::Denied { usage, now_us: now };
     }
@@ -101,6 +108,25 @@ mod tests {
         let denied = decide_from(&plan, 1, 0, &[reply(10, false, Some(5)), reply(100, false, Some(9))], None);
         let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
         assert_eq!((usage.kind, usage.used, usage.reset_at_us), (LimitKind::Org, 100, 9));
+    }
+
+    #[test]
+    fn a_limit_the_cost_exceeds_outright_is_the_one_reported_since_no_wait_helps() {
+        let quota = QuotaLimit { redis_key: "q".into(), limit: 1000, reset_at_us: 1_000_000_000, shadow: false };
+        let plan = Plan {
+            windows: vec![window(Subject::Key(ID), 5, false), window(Subject::Org(ID), 100, false)],
+            quota: Some(quota),
+        };
+        // Over the quota and the organization's window (which frees up later), and heavier than the key's limit.
+        let replies = [reply(0, false, None), reply(99, false, Some(9))];
+        let denied = decide_from(&plan, 6, 0, &replies, Some((999, false)));
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.limit, usage.never_fits), (LimitKind::Key, 5, true));
+        // Within every whole limit: the quota, and it says when to retry.
+        let denied =
+            decide_from(&plan, 2, 0, &[reply(4, false, Some(5)), reply(99, false, Some(9))], Some((999, false)));
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.never_fits), (LimitKind::Quota, false));
     }
 
     #[test]
