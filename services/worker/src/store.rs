@@ -14,6 +14,7 @@
 //! still happens is retried at once (a few times) before the error reaches the worker's backoff loop.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, DurationRound, Months, NaiveDate, NaiveTime, TimeDelta, Utc};
 use sqlx::{Executor, PgPool, Postgres, Transaction};
@@ -96,6 +97,9 @@ const PERIOD_TOTALS: &str = "
 SELECT b.org_id, b.month, b.units
 FROM billing_periods b JOIN unnest($1::uuid[], $2::date[]) AS a (org_id, month) USING (org_id, month)";
 
+/// How long after a failed attempt at next month's partition the next one is made.
+const AHEAD_RETRY: Duration = Duration::from_secs(60);
+
 /// Immediate retries of a batch that lost a deadlock or a serialization conflict.
 const CONFLICT_RETRIES: usize = 3;
 
@@ -104,6 +108,8 @@ pub struct UsageStore {
     pool: PgPool,
     /// First days of the months whose partition exists.
     partitions: HashSet<NaiveDate>,
+    /// No attempt at a partition ahead before this, after one failed.
+    ahead_not_before: Option<Instant>,
     copy_statement: String,
     staging_copy_statement: String,
     move_statement: String,
@@ -133,6 +139,7 @@ impl UsageStore {
         UsageStore {
             pool,
             partitions: HashSet::new(),
+            ahead_not_before: None,
             copy_statement: copy_statement("api_usage"),
             staging_copy_statement: copy_statement("usage_staging"),
             move_statement: MOVE_STAGED.replace("{columns}", &column_list()),
@@ -211,8 +218,13 @@ impl UsageStore {
         for month in months {
             self.ensure_partition(month).await?;
             let next = month + Months::new(1);
+            // A failed attempt waited out the function's lock timeout: not again with every batch.
+            if self.partitions.contains(&next) || self.ahead_not_before.is_some_and(|t| Instant::now() < t) {
+                continue;
+            }
             if let Err(e) = self.ensure_partition(next).await {
-                tracing::warn!(error = %e, %next, "cannot create next month's usage partition yet; a later batch will");
+                tracing::warn!(error = %e, %next, "cannot create next month's usage partition yet; trying again in a minute");
+                self.ahead_not_before = Some(Instant::now() + AHEAD_RETRY);
             }
         }
         Ok(())

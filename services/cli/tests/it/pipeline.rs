@@ -160,6 +160,33 @@ async fn a_new_months_partition_is_made_while_an_idle_transaction_holds_api_usag
 }
 
 #[tokio::test]
+async fn a_partition_that_cannot_be_made_ahead_holds_up_one_batch_not_every_one() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let ahead = Utc::now() + chrono::Months::new(3);
+    sqlx::query("SELECT tollgate_ensure_usage_partition($1)").bind(ahead).execute(&env.pool).await.expect("partition");
+    // A lock that attaching a partition waits for (a manual ANALYZE or CREATE INDEX takes it too).
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("LOCK TABLE api_usage IN SHARE UPDATE EXCLUSIVE MODE").execute(&mut *holder).await.expect("lock");
+    let worker = env.start_worker().await;
+
+    // Batches of that month, one after another: the first waits out the attempt at the month after (5 s).
+    let started = std::time::Instant::now();
+    for n in 1..=3 {
+        let event = UsageEvent { ts: ahead, ..usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1) };
+        publish(&js, &env.topology.usage_subject(), &format!("m{n}"), codec::encode_batch(vec![event])).await;
+        env.wait_for_count_within("SELECT count(*) FROM api_usage", n, std::time::Duration::from_secs(10)).await;
+    }
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(9), "each batch waited for the lock: {took:?}");
+
+    holder.rollback().await.expect("rollback");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_partition_function_cuts_months_in_utc_whatever_the_sessions_time_zone() {
     let env = TestEnv::new().await;
     let mut session = env.pool.acquire().await.expect("connection");
