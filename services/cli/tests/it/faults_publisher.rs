@@ -329,10 +329,29 @@ async fn a_batch_larger_than_the_servers_max_payload_is_split_and_delivered() {
     let (_, key) = env.key(&org).await;
     let worker = env.start_worker().await;
     let validator = env.start_validator_with(args(&env), REDIS_URL).await;
+    // 200 at once: the publisher's 5 ms linger gathers far more than 64 KB of them into one batch.
+    large_verifies(&validator, &key, 200).await;
+
+    assert_counted_once(&env, 200).await;
+    let stored: i32 = sqlx::query_scalar("SELECT min(length(request_id)) FROM api_usage")
+        .fetch_one(&env.pool)
+        .await
+        .expect("request ids");
+    assert_eq!(stored, 2048, "the events arrived whole");
+    let drained =
+        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "nothing is left in the spool");
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// Concurrent verifies with large events (2 KB paths, user agents and request ids, as the validator keeps them).
+async fn large_verifies(validator: &RunningValidator, key: &ApiKey, count: usize) {
     let long = "x".repeat(2048);
     let client = reqwest::Client::new();
-    // 200 at once: the publisher's 5 ms linger gathers far more than 64 KB of them into one batch.
-    let requests = (0..200).map(|_| {
+    let requests = (0..count).map(|_| {
         client
             .get(validator.url("/v1/auth"))
             .bearer_auth(key.expose())
@@ -344,16 +363,29 @@ async fn a_batch_larger_than_the_servers_max_payload_is_split_and_delivered() {
     for response in futures::future::join_all(requests).await {
         assert_eq!(response.expect("request").status(), StatusCode::OK);
     }
+}
 
-    assert_counted_once(&env, 200).await;
-    let stored: i32 = sqlx::query_scalar("SELECT min(length(request_id)) FROM api_usage")
-        .fetch_one(&env.pool)
+/// Messages spooled by a validator that has not reached NATS yet, so does not know the server's `max_payload`: cut to
+/// the default bound, they are larger than this server takes. Replay sends each in parts that fit.
+#[tokio::test]
+async fn messages_spooled_before_the_servers_limit_was_known_are_replayed_in_parts() {
+    let mut nats = PrivateNats::start_with_config("max_payload: 65536");
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    nats.stop();
+    let never_connected = tollgate_shared::connect::nats_in_background(&nats.url().parse().expect("url"))
         .await
-        .expect("request ids");
-    assert_eq!(stored, 2048, "the events arrived whole");
-    let drained =
-        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
-    assert_eq!(drained, 0, "nothing is left in the spool");
+        .expect("a client connecting in the background");
+    let validator = env.start_validator_on(args(&env), REDIS_URL, never_connected).await;
+    large_verifies(&validator, &key, 200).await;
+    let spooled =
+        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n > 0).await;
+    assert!(spooled > 0, "the events are in the spool");
+
+    nats.restart();
+    let worker = env.start_worker().await;
+    assert_counted_once(&env, 200).await;
 
     validator.service.stop().await;
     worker.stop().await;

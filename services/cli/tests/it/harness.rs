@@ -125,12 +125,22 @@ impl TestEnv {
 
     /// A validator with these settings, on this Redis (its own connection, as a separate process would have).
     pub async fn start_validator_with(&self, args: ValidatorArgs, redis_url: &str) -> RunningValidator {
+        self.start_validator_on(args, redis_url, self.nats.clone()).await
+    }
+
+    /// [`TestEnv::start_validator_with`] on a NATS client of its own.
+    pub async fn start_validator_on(
+        &self,
+        args: ValidatorArgs,
+        redis_url: &str,
+        nats: async_nats::Client,
+    ) -> RunningValidator {
         let listener = listen::bind(([127, 0, 0, 1], 0).into()).expect("bind");
         let address = listener.local_addr().expect("address");
         let connections = tollgate_validator::Connections {
             pool: self.pool.clone(),
             redis: connect::redis(&redis_url.parse().expect("url")).await.expect("redis").into(),
-            nats: self.nats.clone(),
+            nats,
         };
         let shutdown = CancellationToken::new();
         let task =

@@ -124,8 +124,6 @@ pub struct Settings {
 
 pub struct Publisher {
     queue: mpsc::Receiver<UsageEvent>,
-    /// For the server's `max_payload`.
-    nats: async_nats::Client,
     target: Target,
     spool: Arc<Mutex<Spool>>,
     spool_full: watch::Sender<bool>,
@@ -155,21 +153,47 @@ pub fn channel(
     let (spool_full, full) = watch::channel(false);
     let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
     let jetstream = jetstream::new(nats.clone());
-    let target = Target { jetstream, subject: subject.into(), timeout: settings.publish_timeout };
-    (events, Publisher { queue, nats, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
+    let target = Target { nats, jetstream, subject: subject.into(), timeout: settings.publish_timeout };
+    (events, Publisher { queue, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
 }
 
 /// Where and how messages are published.
 #[derive(Clone)]
 struct Target {
+    /// For the server's `max_payload`.
+    nats: async_nats::Client,
     jetstream: jetstream::Context,
     subject: Arc<str>,
     timeout: Duration,
 }
 
 impl Target {
-    /// One attempt: published and acknowledged within the timeout, or an error.
+    /// The largest message to send: [`MAX_MESSAGE_BYTES`], or less if the server takes less (0: not connected yet).
+    fn message_bytes(&self) -> usize {
+        match self.nats.server_info().max_payload {
+            0 => MAX_MESSAGE_BYTES,
+            max_payload => MAX_MESSAGE_BYTES.min(max_payload.saturating_sub(HEADERS_ROOM)),
+        }
+    }
+
+    /// One attempt: published and acknowledged within the timeout, or an error. A message larger than the server
+    /// takes (spooled while its limit was not known yet, or by an earlier build) goes as parts that fit, each with an
+    /// id derived from the message's, so that a part replayed again is dropped as a duplicate.
     async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
+        let bound = self.message_bytes();
+        if message.payload.len() > bound {
+            if let Ok(events) = codec::decode_batch(&message.payload) {
+                for (n, (payload, events)) in codec::encode_batches(events, bound).into_iter().enumerate() {
+                    let id = format!("{}.{n}", message.id);
+                    self.publish_one(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
+                }
+                return Ok(());
+            }
+        }
+        self.publish_one(message).await
+    }
+
+    async fn publish_one(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
         let started = Instant::now();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message.id.as_str());
@@ -351,7 +375,7 @@ impl Publisher {
                         continue;
                     }
                     run.closed = self.fill(&mut batch).await;
-                    for (payload, events) in codec::encode_batches(std::mem::take(&mut batch), self.message_bytes()) {
+                    for (payload, events) in codec::encode_batches(std::mem::take(&mut batch), self.target.message_bytes()) {
                         let message =
                             SpooledMessage { id: Uuid::now_v7().to_string(), events: events as u32, payload: payload.into() };
                         if run.spooling {
@@ -389,14 +413,6 @@ impl Publisher {
         let left = self.spool.lock().unwrap_or_else(PoisonError::into_inner).bytes();
         if left > 0 {
             tracing::warn!(bytes = left, "NATS is away: usage events stay in the spool until the next start");
-        }
-    }
-
-    /// The largest message to send: [`MAX_MESSAGE_BYTES`], or less if the server takes less (0: not connected yet).
-    fn message_bytes(&self) -> usize {
-        match self.nats.server_info().max_payload {
-            0 => MAX_MESSAGE_BYTES,
-            max_payload => MAX_MESSAGE_BYTES.min(max_payload.saturating_sub(HEADERS_ROOM)),
         }
     }
 
