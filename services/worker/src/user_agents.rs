@@ -13,18 +13,22 @@ const REMEMBERED: usize = 100_000;
 /// second statement.
 const ATTEMPTS: usize = 3;
 
-/// Inserts the strings that are missing and returns the id of each one asked for. The second half reads rows
-/// inserted by others before this statement started; rows inserted concurrently show up on the next attempt.
+/// Inserts the strings that are missing and returns the id of each one asked for. `known` reads rows inserted by
+/// others before this statement started; rows inserted concurrently show up on the next attempt. Only strings not
+/// known are inserted: an insert that meets a conflict still uses up an id, and the ids are 32-bit, so inserting
+/// every string asked for (each worker asks again after a restart) would run through them.
 const RESOLVE: &str = "
 WITH asked AS (SELECT DISTINCT unnest($1::text[]) AS user_agent),
+known AS (SELECT a.id, a.user_agent FROM user_agents a JOIN asked USING (user_agent)),
 added AS (
-    INSERT INTO user_agents (user_agent) SELECT user_agent FROM asked ORDER BY 1
+    INSERT INTO user_agents (user_agent)
+    SELECT user_agent FROM asked WHERE user_agent NOT IN (SELECT user_agent FROM known) ORDER BY 1
     ON CONFLICT (user_agent) DO NOTHING
     RETURNING id, user_agent
 )
 SELECT id, user_agent FROM added
 UNION ALL
-SELECT a.id, a.user_agent FROM user_agents a JOIN asked USING (user_agent)";
+SELECT id, user_agent FROM known";
 
 /// A worker's memory of user-agent ids.
 #[derive(Debug, Default)]

@@ -249,5 +249,14 @@ async fn user_agents_are_stored_once_and_read_back_through_their_id() {
     }
     assert_eq!(env.count("SELECT count(*) FROM user_agents").await, 2);
     worker.stop().await;
+
+    // A worker that does not remember them (a restart) asks for known strings again: no id is used up by that.
+    let last_id = "SELECT last_value FROM user_agents_id_seq";
+    let before = env.count(last_id).await;
+    let worker = env.start_worker().await;
+    publish(&js, &env.topology.usage_subject(), "m3", codec::encode_batch(vec![with(Some("sdk/1.0"))])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 6).await;
+    assert_eq!(env.count(last_id).await, before, "ids of the 32-bit sequence used up for strings already there");
+    worker.stop().await;
     env.cleanup().await;
 }
