@@ -463,6 +463,10 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     let validator = env.start_validator().await;
     let worker = env.start_worker().await;
     let client = reqwest::Client::new();
+    let verify_json = |body: Value| {
+        let request = client.post(validator.url("/v1/verify")).json(&body).send();
+        async move { request.await.expect("verify").json::<Value>().await.expect("json") }
+    };
     let with_cost = |cost: u32| {
         client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).header("X-Tollgate-Cost", cost.to_string())
     };
@@ -494,28 +498,12 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     let body: Value = never.json().await.expect("json");
     assert_eq!((body["error"].as_str(), body["retry_after"].clone()), (Some("rate_limited"), Value::Null), "{body}");
     assert!(body["message"].as_str().is_some_and(|m| m.contains("weighs more than the key limit of 5")), "{body}");
-    let verify: Value = client
-        .post(validator.url("/v1/verify"))
-        .json(&json!({ "key": key.expose(), "cost": 6 }))
-        .send()
-        .await
-        .expect("verify")
-        .json()
-        .await
-        .expect("json");
+    let verify = verify_json(json!({ "key": key.expose(), "cost": 6 })).await;
     assert_eq!(verify["code"], "RATE_LIMITED", "{verify}");
     assert!(verify.get("retry_after").is_none() && verify["message"].is_string(), "{verify}");
     // The denials consumed nothing: 2 more still fit.
     assert_eq!(with_cost(2).send().await.expect("request").status(), StatusCode::OK);
-    let verify: Value = client
-        .post(validator.url("/v1/verify"))
-        .json(&json!({ "key": key.expose() }))
-        .send()
-        .await
-        .expect("verify")
-        .json()
-        .await
-        .expect("json");
+    let verify = verify_json(json!({ "key": key.expose() })).await;
     assert_eq!((verify["valid"].clone(), verify["code"].clone()), (json!(false), json!("RATE_LIMITED")), "{verify}");
     assert_eq!(verify["limit"], 5);
     assert!(verify["reset_at"].is_string() && verify["retry_after"].as_i64().is_some_and(|s| s >= 1), "{verify}");
@@ -543,15 +531,7 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     assert_eq!(over.status(), StatusCode::TOO_MANY_REQUESTS);
     let body: Value = over.json().await.expect("json");
     assert_eq!((body["error"].as_str(), body["limit"].as_i64()), (Some("quota_exceeded"), Some(100)), "{body}");
-    let verify: Value = client
-        .post(validator.url("/v1/verify"))
-        .json(&json!({ "key": quota_key_holder.expose() }))
-        .send()
-        .await
-        .expect("verify")
-        .json()
-        .await
-        .expect("json");
+    let verify = verify_json(json!({ "key": quota_key_holder.expose() })).await;
     assert_eq!(verify["code"], "USAGE_EXCEEDED", "{verify}");
 
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'quota_exceeded'", 2).await;
