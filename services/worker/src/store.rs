@@ -212,7 +212,7 @@ impl UsageStore {
     }
 
     /// Makes sure the partitions of the events' months exist, and of the month after each, so that a month's
-    /// partition is there before its first event: one that cannot be made ahead now is tried again with a later batch.
+    /// partition is there before its first event: one that cannot be made ahead now is tried again a minute later.
     async fn ensure_partitions(&mut self, events: &[&UsageEvent]) -> Result<(), sqlx::Error> {
         let months: BTreeSet<NaiveDate> = events.iter().map(|e| month_of(e.ts)).collect();
         for month in months {

@@ -54,9 +54,9 @@ const LINGER: Duration = Duration::from_millis(5);
 /// pile up into the next message: with 16, messages left nearly empty and nats-server spent 37% of a core at
 /// 25k verifies/s against 19% with 2 (`tollgate bench verify`, 2-core machine).
 const MAX_IN_FLIGHT: usize = 2;
-/// Messages in flight at most while the queue holds a full message or more (or is full): the events come faster than two messages
-/// per ack's round trip carry (NATS far away or busy), and keeping to two would fill the queue and make requests wait
-/// for room in it. The messages are full then, so more in flight costs nothing per event.
+/// Messages in flight at most while the queue holds a full message's worth or more (or, if smaller, is full): the
+/// events come faster than two messages per ack's round trip carry (NATS far away or busy), and keeping to two would
+/// fill the queue and make requests wait for room in it. The messages are as full as the queue then.
 const MAX_IN_FLIGHT_BEHIND: usize = 16;
 /// Spooled messages published together by one replay step.
 const REPLAY_WINDOW: usize = 16;
@@ -178,19 +178,27 @@ impl Target {
 
     /// One attempt: published and acknowledged within the timeout, or an error. A message larger than the server
     /// takes (spooled while its limit was not known yet, or by an earlier build) goes as parts that fit, each with an
-    /// id derived from the message's, so that a part replayed again is dropped as a duplicate.
+    /// id derived from the message's and the events it holds, so that a part replayed again is dropped as a
+    /// duplicate, and a part cut otherwise (the server's limit changed meanwhile) is not taken for one.
     async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
         let bound = self.message_bytes();
-        if message.payload.len() > bound {
-            if let Ok(events) = codec::decode_batch(&message.payload) {
-                for (n, (payload, events)) in codec::encode_batches(events, bound).into_iter().enumerate() {
-                    let id = format!("{}.{n}", message.id);
-                    self.publish_one(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
-                }
-                return Ok(());
-            }
+        if message.payload.len() <= bound {
+            return self.publish_one(message).await;
         }
-        self.publish_one(message).await
+        let Ok(events) = codec::decode_batch(&message.payload) else {
+            // The server would close the connection on it at every attempt, holding up everything behind it.
+            metrics::counter!(EVENTS_DROPPED).increment(u64::from(message.events));
+            tracing::error!(id = %message.id, bytes = message.payload.len(), events = message.events,
+                "dropping a spooled message larger than NATS takes that cannot be decoded to be cut");
+            return Ok(());
+        };
+        let mut first = 0;
+        for (payload, events) in codec::encode_batches(events, bound) {
+            let id = format!("{}.{first}+{events}", message.id);
+            self.publish_one(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
+            first += events;
+        }
+        Ok(())
     }
 
     async fn publish_one(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
@@ -219,6 +227,8 @@ impl Target {
 /// What one replay step did.
 struct Replayed {
     events: u64,
+    /// The spool let go of what NATS took.
+    consumed: bool,
     failed: Option<async_nats::Error>,
 }
 
@@ -241,7 +251,7 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     }
     let batch = match on_spool(&spool, |s| s.read(REPLAY_WINDOW)).await {
         Ok(batch) => batch,
-        Err(e) => return Replayed { events: 0, failed: Some(e.into()) },
+        Err(e) => return Replayed { events: 0, consumed: false, failed: Some(e.into()) },
     };
     if delay.is_some() {
         metrics::counter!(PUBLISH_RETRIES).increment(batch.len() as u64);
@@ -264,14 +274,19 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
             }
         }
     }
-    if let Some(cursor) = consumed {
-        if let Err(e) = on_spool(&spool, move |s| s.consume_to(cursor)).await {
-            tracing::error!(error = %e, "cannot mark replayed messages as consumed; they will be replayed again");
-        }
-    }
+    let consumed = match consumed {
+        Some(cursor) => match on_spool(&spool, move |s| s.consume_to(cursor)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mark replayed messages as consumed; they will be replayed again");
+                false
+            }
+        },
+        None => false,
+    };
     metrics::counter!(EVENTS_REPLAYED).increment(events);
     metrics::counter!(EVENTS_PUBLISHED).increment(events);
-    Replayed { events, failed }
+    Replayed { events, consumed, failed }
 }
 
 /// Backoff after a failure: doubling from [`RETRY_FIRST`] up to [`RETRY_MAX`].
@@ -496,15 +511,12 @@ impl Publisher {
                 Some(replay) => replay,
                 None => replay_step(self.spool.clone(), self.target.clone(), None).boxed(),
             };
-            let spool = self.spool.clone();
-            let spooled = move || spool.lock().unwrap_or_else(PoisonError::into_inner).bytes();
-            let before = (spooled(), run.held.len());
+            let held = run.held.len();
             let replayed = replay.await;
-            let failed = replayed.failed.is_some();
-            self.replayed(run, replayed).await;
             // NATS is away, or what it took cannot be let go of (the spool cannot delete it): no room will come.
-            let (bytes, held) = (spooled(), run.held.len());
-            if failed || (bytes >= before.0 && held >= before.1) {
+            let stuck = replayed.failed.is_some() || !replayed.consumed;
+            self.replayed(run, replayed).await;
+            if stuck && run.held.len() >= held {
                 break;
             }
         }
