@@ -113,15 +113,14 @@ impl TrustedProxies {
         if let Some(stated) = stated {
             return stated.to_canonical();
         }
-        let forwarded: Vec<_> = headers.get_all(X_FORWARDED_FOR).iter().collect();
-        if forwarded.is_empty() {
+        if !headers.contains_key(X_FORWARDED_FOR) {
             return headers.get(X_REAL_IP).and_then(|v| forwarded_address(v.to_str().ok()?)).unwrap_or(peer);
         }
         // Walk from the nearest hop outwards; the first address we do not trust is the client. An entry that is not
         // an address ends the walk at the last hop we trust: whatever lies beyond it may be the client's own words,
         // and skipping it would let a client pick the address it is limited by.
         let mut nearest = peer;
-        for value in forwarded.iter().rev() {
+        for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
             let Ok(value) = value.to_str() else { return nearest };
             for entry in value.rsplit(',') {
                 match forwarded_address(entry) {
