@@ -166,9 +166,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         validate_scopes(scopes)?;
     }
     let mut tx = pool.begin().await?;
-    // A missing key is "not found" here; a revoked one is refused by the statement itself, so that a revocation
-    // that commits meanwhile still wins.
-    show_key(pool, id).await?;
+    // A revoked key is refused by the statement itself, so that a revocation that commits meanwhile still wins.
     let sql = format!(
         "UPDATE api_keys SET
             rate_limit_tier = COALESCE($2, rate_limit_tier),
@@ -181,7 +179,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
             updated_at = now()
          WHERE id = $1 AND NOT ($8 IS TRUE AND revoked_at IS NOT NULL) RETURNING {COLUMNS}"
     );
-    let info: KeyInfo = sqlx::query_as(&sql)
+    let info: Option<KeyInfo> = sqlx::query_as(&sql)
         .bind(id)
         .bind(changes.tier.map(RateLimitTier::as_str))
         .bind(&changes.scopes)
@@ -192,8 +190,12 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         .bind(changes.active)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?
-        .ok_or_else(|| AdminError::Invalid(format!("key {id} is revoked; create a new key instead")))?;
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?;
+    let Some(info) = info else {
+        // No row: the key is missing ("not found"), or it is revoked.
+        show_key(pool, id).await?;
+        return Err(AdminError::Invalid(format!("key {id} is revoked; create a new key instead")));
+    };
     let details = serde_json::json!({
         "tier": changes.tier,
         "scopes": changes.scopes,
