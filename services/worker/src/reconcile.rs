@@ -7,14 +7,14 @@
 //! below it is either lost (Redis flush) or about to be raised by a worker. A repair is a compare-and-set against
 //! the value observed, so it never undoes a newer total a worker wrote meanwhile.
 
-use chrono::{Datelike, NaiveDate};
+use chrono::NaiveDate;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 use tollgate_shared::metrics::{BILLING_INVARIANT_VIOLATIONS, QUOTA_DRIFT};
 
 use crate::quota::QuotaCounters;
-use crate::store::PeriodTotal;
+use crate::store::{month_of, PeriodTotal};
 
 /// Which organizations and months to check (None = all).
 #[derive(Debug, Clone, Copy, Default)]
@@ -103,8 +103,7 @@ type CheckRow = (Uuid, NaiveDate, i64, i64, i64, i64, i64, i64);
 
 /// The first day of the current month (UTC): the month whose counters validators read.
 fn this_month() -> NaiveDate {
-    let today = chrono::Utc::now().date_naive();
-    today.with_day(1).unwrap_or(today)
+    month_of(chrono::Utc::now())
 }
 
 /// Checks the invariant and the counters; with `repair`, sets missing or drifting counters to PostgreSQL's total.

@@ -335,7 +335,7 @@ impl Sums {
 }
 
 /// The first day of `ts`'s month (UTC).
-fn month_of(ts: DateTime<Utc>) -> NaiveDate {
+pub(crate) fn month_of(ts: DateTime<Utc>) -> NaiveDate {
     NaiveDate::from_ymd_opt(ts.year(), ts.month(), 1).expect("the first of a month exists")
 }
 
