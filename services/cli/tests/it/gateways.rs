@@ -13,6 +13,7 @@ use tollgate_shared::admin::{self, OrgChanges};
 use tollgate_shared::domain::LimitSetting;
 
 use crate::harness::{TestEnv, REDIS_URL};
+use crate::servers::free_port;
 
 const NGINX_CONF: &str = include_str!("../../../../gateways/nginx/nginx.conf");
 const PROTECT_CONF: &str = include_str!("../../../../gateways/nginx/tollgate_protect.conf");
@@ -32,7 +33,7 @@ impl Drop for Nginx {
 
 fn start_nginx(binary: &Path, tollgate: &str, upstream: &str) -> Nginx {
     let dir = TempDir::new().expect("temp dir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+    let port = free_port();
     let fill = |template: &str| {
         template
             .replace("{prefix}", &dir.path().display().to_string())
@@ -181,7 +182,7 @@ async fn nginx_answers_503_when_no_validator_answers() {
     let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
     let upstream = start_upstream().await;
     // Down: nothing listens. Hung: a listener that accepts and never answers.
-    let down = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").to_string();
+    let down = format!("127.0.0.1:{}", free_port());
     let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let hung_address = hung.local_addr().expect("addr").to_string();
     tokio::spawn(async move {
