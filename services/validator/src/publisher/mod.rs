@@ -176,14 +176,14 @@ impl Target {
         }
     }
 
-    /// One attempt: published and acknowledged within the timeout, or an error. A message larger than the server
-    /// takes (spooled while its limit was not known yet, or by an earlier build) goes as parts that fit, each with an
-    /// id derived from the message's and the events it holds, so that a part replayed again is dropped as a
-    /// duplicate, and a part cut otherwise (the server's limit changed meanwhile) is not taken for one.
-    async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
+    /// [`Target::publish`] for a message read back from the spool. One larger than the server takes (spooled while
+    /// its limit was not known yet, or by an earlier build) goes as parts that fit, each with an id derived from the
+    /// message's and the events it holds, so that a part replayed again is dropped as a duplicate, and a part cut
+    /// otherwise (the server's limit changed meanwhile) is not taken for one.
+    async fn publish_spooled(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
         let bound = self.message_bytes();
         if message.payload.len() <= bound {
-            return self.publish_one(message).await;
+            return self.publish(message).await;
         }
         let Ok(events) = codec::decode_batch(&message.payload) else {
             // The server would close the connection on it at every attempt, holding up everything behind it.
@@ -195,13 +195,15 @@ impl Target {
         let mut first = 0;
         for (payload, events) in codec::encode_batches(events, bound) {
             let id = format!("{}.{first}+{events}", message.id);
-            self.publish_one(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
+            self.publish(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
             first += events;
         }
         Ok(())
     }
 
-    async fn publish_one(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
+    /// One attempt at a message cut to [`Target::message_bytes`]: published and acknowledged within the timeout, or
+    /// an error.
+    async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
         let started = Instant::now();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message.id.as_str());
@@ -256,7 +258,7 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     if delay.is_some() {
         metrics::counter!(PUBLISH_RETRIES).increment(batch.len() as u64);
     }
-    let results = futures::future::join_all(batch.iter().map(|(message, _)| target.publish(message))).await;
+    let results = futures::future::join_all(batch.iter().map(|(message, _)| target.publish_spooled(message))).await;
     let mut events = 0;
     let mut consumed = None;
     let mut failed = None;
