@@ -230,13 +230,13 @@ pub async fn run_observed(
         if deliveries.is_empty() {
             continue;
         }
-        let mut delay = BACKOFF_FIRST;
+        let mut backoff = Backoff::new();
         loop {
             match worker.process_deliveries(&deliveries).await {
                 Ok(_) => break,
                 Err(e) => {
                     metrics::counter!(WORKER_BATCH_ERRORS).increment(1);
-                    tracing::warn!(error = %e, retry_in = ?delay, "batch failed; retrying");
+                    tracing::warn!(error = %e, retry_within = ?backoff.ceiling, "batch failed; retrying");
                     if shutdown.is_cancelled() {
                         // Not acked: JetStream re-delivers these to the next worker.
                         break 'consume;
@@ -245,11 +245,9 @@ pub async fn run_observed(
                         // Resets the ack timer so JetStream does not hand the batch to another worker meanwhile.
                         let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
                     }
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break 'consume,
-                        _ = tokio::time::sleep(full_jitter(delay)) => {}
+                    if !backoff.wait(&shutdown).await {
+                        break 'consume;
                     }
-                    delay = (delay * 2).min(BACKOFF_MAX);
                 }
             }
         }
@@ -268,20 +266,20 @@ async fn recreate_consumer(
     jetstream: &jetstream::Context,
     shutdown: &CancellationToken,
 ) -> Option<jetstream::consumer::Consumer<pull::Config>> {
-    let mut delay = BACKOFF_FIRST;
+    let mut backoff = Backoff::new();
     loop {
         match topology.ensure_worker_side(jetstream).await {
             Ok(consumer) => {
                 tracing::info!(consumer = %topology.workers_consumer(), "workers' consumer created again");
                 return Some(consumer);
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?delay, "cannot create the workers' consumer again"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_within = ?backoff.ceiling, "cannot create the workers' consumer again")
+            }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return None,
-            _ = tokio::time::sleep(full_jitter(delay)) => {}
+        if !backoff.wait(shutdown).await {
+            return None;
         }
-        delay = (delay * 2).min(BACKOFF_MAX);
     }
 }
 
@@ -422,7 +420,24 @@ impl Fetcher {
     }
 }
 
-/// A random wait in `[0, ceiling]`, so workers retrying together do not retry in lockstep.
-fn full_jitter(ceiling: Duration) -> Duration {
-    ceiling.mul_f64(rand::rng().random::<f64>())
+/// Retries' waits: a random time up to a ceiling that doubles from [`BACKOFF_FIRST`] to [`BACKOFF_MAX`] (full
+/// jitter, so workers retrying together do not retry in lockstep).
+struct Backoff {
+    ceiling: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff { ceiling: BACKOFF_FIRST }
+    }
+
+    /// Waits before the next attempt; false if `shutdown` came first.
+    async fn wait(&mut self, shutdown: &CancellationToken) -> bool {
+        let wait = self.ceiling.mul_f64(rand::rng().random::<f64>());
+        self.ceiling = (self.ceiling * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            _ = shutdown.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
 }
