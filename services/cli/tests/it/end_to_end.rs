@@ -48,10 +48,19 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
         .expect("request");
     assert_eq!(envoy.status(), StatusCode::OK);
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/orders/7'", 1).await;
+    // The site's root under Envoy: /v1/auth/.
+    let root = reqwest::Client::new()
+        .get(validator.url("/v1/auth/"))
+        .header("X-API-Key", key.expose())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(root.status(), StatusCode::OK);
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/'", 1).await;
 
-    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
     let (outcome, method, path, ip, request_id): (String, String, String, String, String) = sqlx::query_as(
-        "SELECT outcome::text, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1",
+        "SELECT outcome::text, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1 AND method = 'PUT'",
     )
     .bind(key_id)
     .fetch_one(&env.pool)
@@ -61,9 +70,9 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
         (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
         ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")
     );
-    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 2);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 3);
     assert_eq!(env.count("SELECT sum(denied) FROM usage_hourly").await, 0);
-    env.wait_for_count("SELECT total_requests FROM api_keys", 2).await;
+    env.wait_for_count("SELECT total_requests FROM api_keys", 3).await;
 
     validator.service.stop().await;
     worker.stop().await;

@@ -76,7 +76,9 @@ impl RequestMetrics {
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/v1/auth", any(auth::auth))
-        // Envoy's HTTP ext_authz appends the original path to its path prefix.
+        // Envoy's HTTP ext_authz appends the original path to its path prefix; a catch-all matches no empty rest,
+        // so the original path `/` needs a route of its own.
+        .route("/v1/auth/", any(auth::auth))
         .route("/v1/auth/{*original_path}", any(auth::auth))
         .route("/v1/verify", post(verify::verify))
         .route("/healthz", get(|| async { "ok" }))
