@@ -36,18 +36,9 @@ impl Credential {
     }
 }
 
-/// The credential from `Authorization: Bearer …`, `X-API-Key` or `X-Service-Key`, in that order.
+/// The credential from `X-API-Key` or `X-Service-Key`, else from `Authorization: Bearer …`: a header that can only
+/// hold an API key wins over `Authorization`, which often carries the caller's own token (a JWT) beside the key.
 pub fn credential(headers: &HeaderMap) -> Credential {
-    if let Some(value) = headers.get(axum::http::header::AUTHORIZATION) {
-        let Ok(text) = value.to_str() else { return Credential::Malformed(KeyFormatError::BadCharacters) };
-        if let Some((scheme, token)) = text.split_once(' ') {
-            if scheme.eq_ignore_ascii_case("bearer") {
-                return Credential::from_text(token.trim());
-            }
-        } else if text.eq_ignore_ascii_case("bearer") {
-            return Credential::Malformed(KeyFormatError::Empty);
-        }
-    }
     for name in [X_API_KEY, X_SERVICE_KEY] {
         if let Some(value) = headers.get(&name) {
             return match value.to_str() {
@@ -56,7 +47,13 @@ pub fn credential(headers: &HeaderMap) -> Credential {
             };
         }
     }
-    Credential::Missing
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else { return Credential::Missing };
+    let Ok(text) = value.to_str() else { return Credential::Malformed(KeyFormatError::BadCharacters) };
+    match text.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => Credential::from_text(token.trim()),
+        None if text.eq_ignore_ascii_case("bearer") => Credential::Malformed(KeyFormatError::Empty),
+        _ => Credential::Missing,
+    }
 }
 
 /// The first of `names` that is present and readable, cut to `max` bytes.
@@ -166,7 +163,12 @@ mod tests {
         assert_eq!(credential(&headers(&[("x-api-key", key.expose())])), Credential::Key(key.clone()));
         assert_eq!(credential(&headers(&[("x-service-key", key.expose())])), Credential::Key(key.clone()));
         let basic_then_header = headers(&[("authorization", "Basic dXNlcjpwdw=="), ("x-api-key", key.expose())]);
-        assert_eq!(credential(&basic_then_header), Credential::Key(key));
+        assert_eq!(credential(&basic_then_header), Credential::Key(key.clone()));
+        // The caller's own token in `Authorization` beside the key: the key's header wins.
+        let jwt_and_key =
+            headers(&[("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig"), ("x-api-key", key.expose())]);
+        assert_eq!(credential(&jwt_and_key), Credential::Key(key));
+        assert_eq!(credential(&headers(&[("authorization", "Basic dXNlcjpwdw==")])), Credential::Missing);
     }
 
     #[test]
