@@ -46,7 +46,7 @@ impl Requirement {
 mod tests {
     use super::*;
     use chrono::TimeDelta;
-    use tollgate_shared::domain::{RateLimitTier, Role};
+    use tollgate_shared::domain::Role;
     use uuid::Uuid;
 
     fn good() -> KeyRecord {
@@ -56,7 +56,6 @@ mod tests {
             name: "k".into(),
             role: Role::User,
             scopes: vec![],
-            rate_limit_tier: RateLimitTier::Standard,
             custom_rate_limit_per_minute: None,
             active: true,
             expires_at: None,

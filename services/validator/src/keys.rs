@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use quick_cache::sync::Cache;
-use sqlx::PgPool;
+use sqlx::{FromRow, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use tollgate_shared::domain::{RateLimitTier, Role};
+use tollgate_shared::domain::Role;
 use tollgate_shared::key::KeyHash;
 use tollgate_shared::metrics::{LabeledCounter, KEY_LOOKUPS, KEY_REFRESH_AGE};
 
@@ -31,8 +31,6 @@ pub struct KeyRecord {
     #[sqlx(try_from = "String")]
     pub role: Role,
     pub scopes: Vec<String>,
-    #[sqlx(try_from = "String")]
-    pub rate_limit_tier: RateLimitTier,
     pub custom_rate_limit_per_minute: Option<i32>,
     pub active: bool,
     pub expires_at: Option<DateTime<Utc>>,
@@ -50,8 +48,7 @@ pub struct KeyRecord {
     pub tier_shadow: bool,
 }
 
-const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.rate_limit_tier,
-        k.custom_rate_limit_per_minute, k.active, k.expires_at, k.revoked_at, o.active AS org_active,
+const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.custom_rate_limit_per_minute, k.active, k.expires_at, k.revoked_at, o.active AS org_active,
         o.rate_limit_per_minute AS org_rate_limit_per_minute,
         o.monthly_request_limit AS org_monthly_request_limit, o.rate_limit_shadow AS org_shadow,
         t.window_limit AS tier_window_limit, t.window_seconds AS tier_window_seconds,
@@ -61,8 +58,9 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
 const NEGATIVE_CAPACITY: usize = 100_000;
 /// Stale records remembered as being read again (past this many, one may be read twice: no harm).
 const RELOADING_CAPACITY: usize = 10_000;
-/// How long a refresh waits for PostgreSQL's first answer before it counts PostgreSQL as away.
-const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a refresh waits for PostgreSQL's first answer, and a missed key for its record, before PostgreSQL counts
+/// as away.
+const DATABASE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a stale record waits before it is read again after a failed attempt (PostgreSQL away).
 const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
@@ -82,7 +80,7 @@ pub struct KeyCache {
     negative_ttl: Duration,
     /// Age past which a known record is read again.
     recheck: Duration,
-    /// Whether the refresher's last attempt failed: then nothing else asks PostgreSQL.
+    /// Whether the refresher's last attempt, or a query since, failed: then only the refresher asks PostgreSQL.
     database_away: Arc<AtomicBool>,
     /// Stale records being read again, with when the attempt began: one attempt per key at a time, and none for
     /// [`RELOAD_RETRY`] after a failed one.
@@ -106,17 +104,20 @@ impl Cached {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
-    /// Not asked: the refresher's last query failed, so this one would wait out the pool's timeout for nothing.
-    #[error("PostgreSQL does not answer (the key cache's last refresh failed)")]
+    /// Not asked: the last query failed, so this one would wait out the pool's timeout for nothing.
+    #[error("PostgreSQL does not answer (the key cache's last query failed)")]
     DatabaseAway,
     #[error("key lookup failed: {0}")]
     Query(String),
+    /// The key's row holds what this validator cannot read (a role or value a newer release added, say).
+    #[error("the key's row cannot be read: {0}")]
+    Unreadable(sqlx::Error),
 }
 
 /// Why a cache miss produced no record.
 enum Miss {
     Unknown,
-    Database(sqlx::Error),
+    Failed(LookupError),
 }
 
 impl KeyCache {
@@ -160,11 +161,15 @@ impl KeyCache {
             .known
             .get_or_insert_async(&hash, async {
                 // Lookups of one hash wait for each other's query; one that waited on a query that found no key
-                // finds the answer here instead of asking again.
+                // finds the answer here instead of asking again, and one that waited on a query that failed fails
+                // too, rather than each waiting out a query of its own in turn.
                 if self.is_known_unknown(&hash) {
                     return Err(Miss::Unknown);
                 }
-                match self.read(hash).await.map_err(Miss::Database)? {
+                if self.database_away.load(Ordering::Relaxed) {
+                    return Err(Miss::Failed(LookupError::DatabaseAway));
+                }
+                match self.read(hash).await.map_err(Miss::Failed)? {
                     Some(record) => Ok(Cached::new(Arc::new(record))),
                     None => {
                         self.unknown.insert(hash, Instant::now());
@@ -175,16 +180,28 @@ impl KeyCache {
             .await;
         match loaded {
             Ok(cached) => Ok(Some(cached.record)),
-            Err(Miss::Database(e)) => Err(LookupError::Query(e.to_string())),
+            Err(Miss::Failed(e)) => Err(e),
             Err(Miss::Unknown) => Ok(None),
         }
     }
 
-    /// The key's record as PostgreSQL has it now, or `None` if no key has this hash.
-    async fn read(&self, hash: KeyHash) -> Result<Option<KeyRecord>, sqlx::Error> {
+    /// The key's record as PostgreSQL has it now, or `None` if no key has this hash. A query that fails or takes
+    /// longer than [`DATABASE_TIMEOUT`] marks PostgreSQL away until the refresher hears from it again.
+    async fn read(&self, hash: KeyHash) -> Result<Option<KeyRecord>, LookupError> {
         self.lookups.increment(["database"]);
         let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
-        sqlx::query_as(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool).await
+        let query = sqlx::query(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool);
+        let row = match tokio::time::timeout(DATABASE_TIMEOUT, query).await {
+            Ok(Ok(row)) => row,
+            Ok(Err(e)) => return Err(self.database_failed(e)),
+            Err(_) => return Err(self.database_failed(sqlx::Error::PoolTimedOut)),
+        };
+        row.map(|row| KeyRecord::from_row(&row)).transpose().map_err(LookupError::Unreadable)
+    }
+
+    fn database_failed(&self, e: sqlx::Error) -> LookupError {
+        self.database_away.store(true, Ordering::Relaxed);
+        LookupError::Query(e.to_string())
     }
 
     /// Reads a stale record again without making its request wait. Until that succeeds, the stale record keeps
@@ -204,6 +221,7 @@ impl KeyCache {
                     cache.known.remove(&hash);
                     cache.unknown.insert(hash, Instant::now());
                 }
+                Err(LookupError::Unreadable(e)) => cache.forget_unreadable(hash, None, e),
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read a stale key record again; it keeps deciding meanwhile");
                     return;
@@ -211,6 +229,12 @@ impl KeyCache {
             }
             cache.reloading.remove(&hash);
         });
+    }
+
+    /// Forgets a key whose row this release cannot read: its lookups fail until the row is readable again.
+    fn forget_unreadable(&self, hash: KeyHash, key_id: Option<Uuid>, e: sqlx::Error) {
+        tracing::error!(?key_id, error = %e, "cannot read a key's row; the key gets 503 until it can be read");
+        self.known.remove(&hash);
     }
 
     /// Whether `hash` was found to be no key's within the negative-cache TTL.
@@ -243,7 +267,7 @@ impl KeyCache {
         // Bounded, unlike the changes' query (a bulk change takes as long as it takes): an outage shows within it.
         let probe = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool);
         let now: DateTime<Utc> =
-            tokio::time::timeout(PROBE_TIMEOUT, probe).await.map_err(|_| sqlx::Error::PoolTimedOut)??;
+            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| sqlx::Error::PoolTimedOut)??;
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
@@ -251,13 +275,18 @@ impl KeyCache {
              UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 AND k.updated_at <= $1 \
              UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1 AND k.updated_at <= $1 AND o.updated_at <= $1"
         );
-        let mut rows = sqlx::query_as::<_, ChangedRow>(&sql).bind(since).fetch(&self.pool);
+        let mut rows = sqlx::query(&sql).bind(since).fetch(&self.pool);
         let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
-            if let Ok(hash) = <[u8; 32]>::try_from(row.key_hash.as_slice()) {
-                self.apply(KeyHash(hash), row.record);
-            }
             changed += 1;
+            let hash = row.try_get::<Vec<u8>, _>("key_hash").ok().and_then(|hash| hash.try_into().ok());
+            let Some(hash) = hash.map(KeyHash) else { continue };
+            // One row this release cannot read must not hold up every later change: its key is forgotten (its
+            // lookups fail until the row is readable again) and the refresh goes on.
+            match KeyRecord::from_row(&row) {
+                Ok(record) => self.apply(hash, record),
+                Err(e) => self.forget_unreadable(hash, row.try_get("id").ok(), e),
+            }
             if changed.is_multiple_of(APPLIED_PER_TURN) {
                 tokio::task::yield_now().await;
             }
@@ -301,11 +330,4 @@ pub struct Refreshed {
     pub next_since: DateTime<Utc>,
     /// Changed keys read, each once whether the key, its organization or its tier changed (or all three).
     pub changed: usize,
-}
-
-#[derive(sqlx::FromRow)]
-struct ChangedRow {
-    #[sqlx(flatten)]
-    record: KeyRecord,
-    key_hash: Vec<u8>,
 }

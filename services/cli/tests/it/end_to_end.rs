@@ -383,6 +383,80 @@ async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_ch
 }
 
 #[tokio::test]
+async fn tiers_are_data_and_a_row_the_validator_cannot_read_holds_up_no_other_change() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (gold_id, gold) = env.key(&org).await;
+    let (odd_id, odd) = env.key(&org).await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let auth = |key: &ApiKey| client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+    for key in [&gold, &odd, &revoked] {
+        assert_eq!(auth(key).await.expect("request").status(), StatusCode::OK);
+    }
+    let sql = |statement: &'static str, id: uuid::Uuid| {
+        let pool = env.pool.clone();
+        async move { sqlx::query(statement).bind(id).execute(&pool).await.expect(statement) }
+    };
+
+    // A tier an operator added in SQL (tiers are rows, not a list compiled into the validator).
+    sql("INSERT INTO rate_limit_tiers (name, window_limit, window_seconds) VALUES ('gold', 2, 60)", gold_id).await;
+    sql("UPDATE api_keys SET rate_limit_tier = 'gold', updated_at = now() WHERE id = $1", gold_id).await;
+    // A role a newer release added: this validator cannot read the row. The key fails, rather than keep deciding on
+    // what the cache held before its row changed.
+    sqlx::query("ALTER TABLE api_keys DROP CONSTRAINT api_keys_role_check").execute(&env.pool).await.expect("alter");
+    sql("UPDATE api_keys SET role = 'owner', updated_at = now() WHERE id = $1", odd_id).await;
+    let status = |key: &ApiKey| {
+        let sent = auth(key);
+        async move { sent.await.expect("request").status() }
+    };
+    let seen = wait_until(Duration::from_secs(10), || status(&odd), |s| *s == StatusCode::SERVICE_UNAVAILABLE).await;
+    assert_eq!(seen, StatusCode::SERVICE_UNAVAILABLE, "a key whose row cannot be read");
+    // And later changes still arrive: the refresher moved past that row.
+    admin::revoke_key(&env.pool, &Actor("test".into()), revoked_id, None).await.expect("revoke");
+    let seen = wait_until(Duration::from_secs(10), || status(&revoked), |s| *s == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(seen, StatusCode::UNAUTHORIZED, "a revocation after the row that cannot be read");
+    // The key on the new tier gets its limit: 2 per minute (a window of another length counts afresh).
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(auth(&gold).await.expect("request").status());
+    }
+    assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn lookups_that_queue_behind_a_failing_query_fail_with_it_rather_than_in_turn() {
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let unseen = ApiKey::generate(KeyEnv::Test);
+    assert_eq!(client.get(validator.url("/healthz")).send().await.expect("request").status(), StatusCode::OK);
+
+    postgres.pause();
+    // Twenty requests for one key no cache holds, before the refresher has noticed: they share one query, and when
+    // it times out, the rest fail at once instead of each waiting out a query of its own in turn.
+    let started = Instant::now();
+    let requests = (0..20).map(|_| client.get(validator.url("/v1/auth")).bearer_auth(unseen.expose()).send());
+    let statuses: Vec<_> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|response| response.expect("request").status())
+        .collect();
+    let took = started.elapsed();
+    assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+    assert!(took < Duration::from_secs(4), "the twenty answers took {took:?}");
+
+    postgres.resume();
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_once_and_deleted_ones_go() {
     let postgres = PrivatePostgres::start();
     let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;

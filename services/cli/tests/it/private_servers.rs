@@ -1,5 +1,7 @@
 //! The private servers start, stop and start again, so fault tests can rely on them.
 
+use std::time::Duration;
+
 use crate::servers::{PrivateNats, PrivatePostgres, PrivateRedis};
 
 #[tokio::test]
@@ -21,11 +23,14 @@ async fn private_servers_stop_and_restart() {
 
     let postgres = PrivatePostgres::start();
     let url = postgres.url("postgres");
-    let one: i32 = sqlx::query_scalar("SELECT 1")
-        .fetch_one(&sqlx::PgPool::connect(&url).await.expect("private postgres answers"))
-        .await
-        .expect("query");
+    let pool = sqlx::PgPool::connect(&url).await.expect("private postgres answers");
+    let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&pool).await.expect("query");
     assert_eq!(one, 1);
+    postgres.pause();
+    let hung = tokio::time::timeout(Duration::from_millis(500), sqlx::query("SELECT 1").execute(&pool)).await;
+    assert!(hung.is_err(), "a paused postgres answered");
+    postgres.resume();
+    sqlx::query("SELECT 1").execute(&pool).await.expect("a resumed postgres answers");
     postgres.stop();
     assert!(std::net::TcpStream::connect(("127.0.0.1", postgres.port)).is_err(), "postgres still answers");
     postgres.restart();

@@ -174,6 +174,28 @@ impl PrivatePostgres {
         run_as_postgres(&[&bin("pg_ctl"), "-D", &self.data.display().to_string(), "-m", "immediate", "-w", "stop"]);
     }
 
+    /// Freezes the server and its backends (SIGSTOP): connections stay open and nothing is answered, as with a
+    /// hung PostgreSQL.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        assert!(self.send(signal), "cannot send {signal} to the private PostgreSQL");
+    }
+
+    /// Signals the postmaster first, so that it starts no backend the signal would miss, then its children.
+    fn send(&self, signal: &str) -> bool {
+        let Ok(pid_file) = std::fs::read_to_string(self.data.join("postmaster.pid")) else { return false };
+        let Some(pid) = pid_file.lines().next().map(str::trim) else { return false };
+        let sent = Command::new("kill").args([signal, pid]).status().is_ok_and(|status| status.success());
+        sent && Command::new("pkill").args([signal, "-P", pid]).status().is_ok()
+    }
+
     pub fn restart(&self) {
         let options = format!("-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off", self.port, self.data.display());
         let log = self.data.join("server.log");
@@ -194,6 +216,8 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A paused server (a test that failed before resuming it) would not act on the stop.
+        self.send("-CONT");
         let _ = Command::new("runuser")
             .args([
                 "-u",
