@@ -62,10 +62,50 @@ text_enum!(
     Role { Admin => "admin", User => "user", Guest => "guest" }
 );
 
-text_enum!(
-    /// A key's rate-limit tier, defined in the `rate_limit_tiers` table.
-    RateLimitTier { Unlimited => "unlimited", Premium => "premium", Standard => "standard", Limited => "limited" }
-);
+/// The name of a rate-limit tier: a row of `rate_limit_tiers`, seeded `unlimited`, `premium`, `standard` and
+/// `limited`, to which operators add their own (`tollgate tier set NAME …`). The rule is the table's CHECK.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+pub struct TierName(String);
+
+impl TierName {
+    /// The tier a key gets unless told otherwise.
+    pub const DEFAULT: &'static str = "standard";
+
+    /// A name known to be valid, such as a seeded tier's; panics otherwise.
+    pub fn from_static(name: &'static str) -> TierName {
+        name.parse().expect("a valid tier name")
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for TierName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for TierName {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+        let rest_ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if first_ok && rest_ok && s.len() <= 63 {
+            Ok(TierName(s.to_owned()))
+        } else {
+            Err(format!("a tier name is 1 to 63 of a-z, 0-9, '_' and '-', not starting with '_' or '-': {s:?}"))
+        }
+    }
+}
+
+impl TryFrom<String> for TierName {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
 
 text_enum!(
     /// The decision on an identified key: one `api_usage` row each. Order is part of the event codec: append only.
@@ -137,9 +177,17 @@ mod tests {
         for o in Outcome::ALL {
             assert_eq!(o.as_str().parse::<Outcome>().ok(), Some(*o));
         }
-        for t in RateLimitTier::ALL {
-            assert_eq!(t.to_string().parse::<RateLimitTier>().ok(), Some(*t));
-        }
         assert!("gold".parse::<Plan>().is_err());
+    }
+
+    /// The same rule as `rate_limit_tiers`' CHECK (`^[a-z0-9][a-z0-9_-]{0,62}$`).
+    #[test]
+    fn tier_names_follow_the_tables_rule() {
+        for good in ["standard", "gold", "tier-2", "eu_enterprise", "9", &"a".repeat(63)] {
+            assert_eq!(good.parse::<TierName>().map(|t| t.to_string()), Ok(good.to_owned()));
+        }
+        for bad in ["", "Gold", "-x", "_x", "a b", "é", "x;", &"a".repeat(64)] {
+            assert!(bad.parse::<TierName>().is_err(), "{bad:?}");
+        }
     }
 }

@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
-use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
 use tollgate_shared::key::KeyEnv;
 
 /// Tollgate: API-key checking, rate limiting and usage metering for high-traffic APIs.
@@ -142,11 +142,11 @@ fn parse_month(s: &str) -> Result<chrono::NaiveDate, String> {
 pub enum TierCommand {
     /// List the tiers and their limits.
     List,
-    /// Change a tier's limits. Examples: `--per-hour 1000 --per-minute 50`, `--limit 20 --window 10s`.
+    /// Change a tier's limits, or make a new tier. Examples: `--per-hour 1000 --per-minute 50`, `--limit 20 --window
+    /// 10s`. A new tier has only the limits given.
     Set {
-        /// unlimited, premium, standard or limited.
-        #[arg(value_enum)]
-        name: RateLimitTier,
+        /// The tier: unlimited, premium, standard, limited, or a name of your own (a-z, 0-9, '_', '-').
+        name: TierName,
         /// The main limit as units per hour (a request weighs its cost, 1 by default), or `none`.
         #[arg(long, value_name = "N|none", conflicts_with_all = ["limit", "window"])]
         per_hour: Option<LimitSetting>,
@@ -282,8 +282,8 @@ pub enum KeyCommand {
         /// The key's id (from `key list`).
         id: Uuid,
         /// Rate-limit tier (see `tier list`).
-        #[arg(long, value_enum)]
-        tier: Option<RateLimitTier>,
+        #[arg(long)]
+        tier: Option<TierName>,
         /// Comma-separated scopes, replacing the current ones (`--scopes ""` removes all).
         #[arg(long, value_delimiter = ',')]
         scopes: Option<Vec<String>>,
@@ -311,8 +311,8 @@ pub struct KeySpec {
     #[arg(long, value_enum, default_value = "user")]
     pub role: Role,
     /// Rate-limit tier (see `tier list`).
-    #[arg(long, value_enum, default_value = "standard")]
-    pub tier: RateLimitTier,
+    #[arg(long, default_value = TierName::DEFAULT)]
+    pub tier: TierName,
     /// Comma-separated scopes.
     #[arg(long, value_delimiter = ',')]
     pub scopes: Vec<String>,

@@ -167,7 +167,10 @@ pub async fn tier(pool: &PgPool, json: bool, command: TierCommand) -> anyhow::Re
                 burst: setting(per_minute, Some(60)).or_else(|| setting(burst_limit, burst_window)),
                 shadow,
             };
-            let tier = admin::set_tier(pool, name.as_str(), changes).await?;
+            let (tier, made) = admin::set_tier(pool, name.as_str(), changes).await?;
+            if made {
+                eprintln!("made a new tier {name}, with only the limits given");
+            }
             print(json, &tier, show_tier)
         }
     }

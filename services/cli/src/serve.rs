@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
-use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
 use tollgate_shared::key::KeyEnv;
 use tollgate_shared::topology::Topology;
 use tollgate_shared::{connect, listen};
@@ -147,7 +147,7 @@ async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyho
         org: DEMO_SLUG.into(),
         name: "demo key".into(),
         role: Role::User,
-        tier: RateLimitTier::Unlimited,
+        tier: TierName::from_static("unlimited"),
         scopes: vec![],
         custom_rate_limit_per_minute: None,
         expires_at: None,

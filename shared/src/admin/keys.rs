@@ -5,7 +5,7 @@ use uuid::Uuid;
 
 use super::orgs::{check_violation, to_i32};
 use super::{conflict_or, find_org, Actor, AdminError};
-use crate::domain::{LimitSetting, RateLimitTier, Role};
+use crate::domain::{LimitSetting, Role, TierName};
 use crate::key::ApiKey;
 
 /// A key as operators see it: everything but the key.
@@ -20,7 +20,7 @@ pub struct KeyInfo {
     pub role: Role,
     pub scopes: Vec<String>,
     #[sqlx(try_from = "String")]
-    pub rate_limit_tier: RateLimitTier,
+    pub rate_limit_tier: TierName,
     pub custom_rate_limit_per_minute: Option<i32>,
     pub active: bool,
     pub expires_at: Option<DateTime<Utc>>,
@@ -42,7 +42,7 @@ pub struct NewKey {
     pub org: String,
     pub name: String,
     pub role: Role,
-    pub tier: RateLimitTier,
+    pub tier: TierName,
     pub scopes: Vec<String>,
     pub custom_rate_limit_per_minute: Option<i64>,
     pub expires_at: Option<DateTime<Utc>>,
@@ -51,7 +51,7 @@ pub struct NewKey {
 /// Fields to change; `None` leaves a field as it is.
 #[derive(Debug, Clone, Default)]
 pub struct KeyChanges {
-    pub tier: Option<RateLimitTier>,
+    pub tier: Option<TierName>,
     pub scopes: Option<Vec<String>>,
     pub custom_rate_limit_per_minute: Option<LimitSetting>,
     /// `Some(None)` removes the expiry.
@@ -181,7 +181,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
     );
     let info: Option<KeyInfo> = sqlx::query_as(&sql)
         .bind(id)
-        .bind(changes.tier.map(RateLimitTier::as_str))
+        .bind(changes.tier.as_ref().map(TierName::as_str))
         .bind(&changes.scopes)
         .bind(changes.custom_rate_limit_per_minute.is_some())
         .bind(to_i32(changes.custom_rate_limit_per_minute.and_then(LimitSetting::as_option), "rate limit per minute")?)

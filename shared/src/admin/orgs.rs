@@ -125,10 +125,13 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
         .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))
 }
 
-/// Turns a CHECK violation into a message that says which value was refused and what it may be. The database
-/// stays the one place that decides; this only words its answer.
+/// Turns a CHECK violation (or a key's tier that no tier row has) into a message that says which value was refused
+/// and what it may be. The database stays the one place that decides; this only words its answer.
 pub(super) fn check_violation(e: sqlx::Error) -> Result<AdminError, sqlx::Error> {
     match e.as_database_error() {
+        Some(d) if d.constraint() == Some("api_keys_rate_limit_tier_fkey") => Ok(AdminError::Invalid(
+            "no such tier: `tollgate tier list` shows them, `tollgate tier set NAME …` makes one".to_owned(),
+        )),
         Some(d) if d.code().is_some_and(|c| c == "23514") => {
             let constraint = d.constraint().unwrap_or("check");
             Ok(AdminError::Invalid(match refused_value(constraint) {
@@ -145,6 +148,9 @@ fn refused_value(constraint: &str) -> Option<&'static str> {
     Some(match constraint {
         "organizations_name_check" | "api_keys_name_check" => "a name must be 1 to 200 characters",
         "organizations_slug_check" => "a slug must be 1 to 63 of a-z, 0-9 and '-', not starting with '-'",
+        "rate_limit_tiers_name_check" => {
+            "a tier name must be 1 to 63 of a-z, 0-9, '_' and '-', not starting with '_' or '-'"
+        }
         "organizations_rate_limit_per_minute_check"
         | "organizations_monthly_request_limit_check"
         | "organizations_max_api_keys_check"

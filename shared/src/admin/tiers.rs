@@ -45,8 +45,16 @@ pub async fn list_tiers(pool: &PgPool) -> Result<Vec<Tier>, AdminError> {
     Ok(sqlx::query_as(&sql).fetch_all(pool).await?)
 }
 
-/// Changes an existing tier. Bumps `updated_at`, so validators pick up the change for every key of the tier.
-pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result<Tier, AdminError> {
+/// Changes a tier, making it first (with no limits but those given) if none has this name; says whether it made
+/// it. Bumps `updated_at`, so validators pick up the change for every key of the tier.
+pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result<(Tier, bool), AdminError> {
+    let refused = |e| check_violation(e).unwrap_or_else(AdminError::Database);
+    let mut tx = pool.begin().await?;
+    let made = sqlx::query("INSERT INTO rate_limit_tiers (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .map_err(refused)?;
     let sql = format!(
         "UPDATE rate_limit_tiers SET
             window_limit = CASE WHEN $2 THEN $3 ELSE window_limit END,
@@ -58,7 +66,7 @@ pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result
          WHERE name = $1 RETURNING {COLUMNS}"
     );
     let limit = |w: Option<WindowSetting>| w.and_then(|w| w.limit.as_option());
-    sqlx::query_as(&sql)
+    let tier = sqlx::query_as(&sql)
         .bind(name)
         .bind(changes.window.is_some())
         .bind(limit(changes.window))
@@ -67,8 +75,9 @@ pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result
         .bind(limit(changes.burst))
         .bind(changes.burst.map(|w| w.seconds))
         .bind(changes.shadow)
-        .fetch_optional(pool)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?
-        .ok_or_else(|| AdminError::NotFound(format!("tier {name:?}")))
+        .map_err(refused)?;
+    tx.commit().await?;
+    Ok((tier, made.rows_affected() == 1))
 }

@@ -48,6 +48,9 @@ fn every_command_has_help() {
         &["key", "show"],
         &["key", "revoke"],
         &["key", "update"],
+        &["tier"],
+        &["tier", "list"],
+        &["tier", "set"],
         &["usage", "reconcile"],
         &["dlq", "list"],
         &["dlq", "replay"],
@@ -154,6 +157,41 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         .await
         .expect("query");
     assert_eq!(hashed, 1, "the key is stored as its SHA-256");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
+    let env = TestEnv::new().await;
+    let failed = |args: &[&str]| {
+        let output = tollgate(&env, args, None);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    json_of(&tollgate(&env, &["org", "create", "--name", "Acme", "--json"], None));
+
+    let made = tollgate(&env, &["tier", "set", "gold", "--per-hour", "5000", "--json"], None);
+    assert!(String::from_utf8_lossy(&made.stderr).contains("made a new tier gold,"));
+    let gold = json_of(&made);
+    assert_eq!((gold["window_limit"].clone(), gold["burst_limit"].clone()), (5000.into(), Value::Null));
+    // Set again: changed, not made, and what was not given stays.
+    let changed = tollgate(&env, &["tier", "set", "gold", "--per-minute", "100", "--json"], None);
+    assert!(!String::from_utf8_lossy(&changed.stderr).contains("made"));
+    let gold = json_of(&changed);
+    assert_eq!((gold["window_limit"].clone(), gold["burst_limit"].clone()), (5000.into(), 100.into()));
+    assert!(String::from_utf8_lossy(&tollgate(&env, &["tier", "list"], None).stdout).contains("gold"));
+    assert!(failed(&["tier", "set", "Gold!", "--per-hour", "1"]).contains("a tier name is 1 to 63 of a-z"));
+
+    let key =
+        json_of(&tollgate(&env, &["key", "create", "--org", "acme", "--name", "k", "--tier", "gold", "--json"], None));
+    assert_eq!(key["rate_limit_tier"], "gold");
+    let id = key["id"].as_str().expect("id");
+    for args in [
+        &["key", "create", "--org", "acme", "--name", "k2", "--tier", "golden"][..],
+        &["key", "update", id, "--tier", "golden"],
+    ] {
+        assert!(failed(args).contains("no such tier: `tollgate tier list` shows them"), "{args:?}");
+    }
     env.cleanup().await;
 }
 

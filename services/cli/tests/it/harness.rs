@@ -16,7 +16,7 @@ use tollgate_shared::config::{
     FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
 };
 use tollgate_shared::domain::Outcome;
-use tollgate_shared::domain::{LimitSetting, Plan, RateLimitTier, Role};
+use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::topology::Topology;
@@ -189,7 +189,7 @@ impl TestEnv {
             org: org.into(),
             name: "test key".into(),
             role: Role::User,
-            tier: RateLimitTier::Unlimited,
+            tier: TierName::from_static("unlimited"),
             scopes: vec!["read".into()],
             custom_rate_limit_per_minute: None,
             expires_at: None,

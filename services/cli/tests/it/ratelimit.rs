@@ -11,20 +11,20 @@ use uuid::Uuid;
 
 use tollgate_shared::admin::{self, OrgChanges, TierChanges, WindowSetting};
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
-use tollgate_shared::domain::{LimitSetting, RateLimitTier, Role};
+use tollgate_shared::domain::{LimitSetting, Role, TierName};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
 use crate::harness::{wait_until, RunningValidator, TestEnv, REDIS_URL};
 use crate::servers::PrivateRedis;
 
 /// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
-async fn set_tier(env: &TestEnv, tier: RateLimitTier, limit: i64, seconds: i32, shadow: bool) {
+async fn set_tier(env: &TestEnv, tier: &str, limit: i64, seconds: i32, shadow: bool) {
     let changes = TierChanges {
         window: Some(WindowSetting { limit: LimitSetting::Max(limit), seconds }),
         burst: Some(WindowSetting { limit: LimitSetting::Unlimited, seconds: 60 }),
         shadow: Some(shadow),
     };
-    admin::set_tier(&env.pool, tier.as_str(), changes).await.expect("set tier");
+    admin::set_tier(&env.pool, tier, changes).await.expect("set tier");
 }
 
 async fn auth(client: &reqwest::Client, validator: &RunningValidator, key: &ApiKey) -> reqwest::Response {
@@ -64,9 +64,9 @@ fn max_in_any_window(times: &[i64], window_us: i64) -> usize {
 async fn four_validators_hammering_one_key_never_exceed_any_rolling_window() {
     let env = TestEnv::new().await;
     let (limit, seconds) = (40, 2);
-    set_tier(&env, RateLimitTier::Limited, limit, seconds, false).await;
+    set_tier(&env, "limited", limit, seconds, false).await;
     let org = env.org().await;
-    let (key_id, key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let (key_id, key) = env.key_with(&org, |k| k.tier = TierName::from_static("limited")).await;
     let mut validators = Vec::new();
     for _ in 0..4 {
         validators.push(Arc::new(env.start_validator().await));
@@ -118,9 +118,9 @@ async fn four_validators_hammering_one_key_never_exceed_any_rolling_window() {
 async fn steady_over_limit_load_fills_at_least_97_percent_of_each_window() {
     let env = TestEnv::new().await;
     let (limit, seconds) = (100_i64, 2_i64);
-    set_tier(&env, RateLimitTier::Limited, limit, seconds as i32, false).await;
+    set_tier(&env, "limited", limit, seconds as i32, false).await;
     let org = env.org().await;
-    let (key_id, key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let (key_id, key) = env.key_with(&org, |k| k.tier = TierName::from_static("limited")).await;
     let mut validators = Vec::new();
     for _ in 0..4 {
         validators.push(Arc::new(env.start_validator().await));
@@ -187,7 +187,7 @@ async fn steady_over_limit_load_fills_at_least_97_percent_of_each_window() {
 async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
     let env = TestEnv::new().await;
     let redis = PrivateRedis::start();
-    set_tier(&env, RateLimitTier::Standard, 1000, 3600, false).await;
+    set_tier(&env, "standard", 1000, 3600, false).await;
     let org = env.org().await;
     let limits = OrgChanges {
         rate_limit_per_minute: Some(LimitSetting::Max(1000)),
@@ -197,7 +197,7 @@ async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
     admin::update_org(&env.pool, &org, limits).await.expect("org limits");
     let (_, limited) = env
         .key_with(&org, |k| {
-            k.tier = RateLimitTier::Standard;
+            k.tier = TierName::from_static("standard");
             k.custom_rate_limit_per_minute = Some(1000);
         })
         .await;
@@ -585,9 +585,9 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
 async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     let metrics = tollgate_shared::metrics::install();
     let env = TestEnv::new().await;
-    set_tier(&env, RateLimitTier::Limited, 2, 60, true).await;
+    set_tier(&env, "limited", 2, 60, true).await;
     let org = env.org().await;
-    let (tier_key_id, tier_key) = env.key_with(&org, |k| k.tier = RateLimitTier::Limited).await;
+    let (tier_key_id, tier_key) = env.key_with(&org, |k| k.tier = TierName::from_static("limited")).await;
     let shadow_org = env.org().await;
     let changes =
         OrgChanges { rate_limit_per_minute: Some(LimitSetting::Max(1)), shadow: Some(true), ..OrgChanges::default() };
@@ -614,7 +614,7 @@ async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     }
 
     // Out of shadow mode, the same limit denies (the key cache picks up the tier change).
-    set_tier(&env, RateLimitTier::Limited, 2, 60, false).await;
+    set_tier(&env, "limited", 2, 60, false).await;
     let status = wait_until(
         Duration::from_secs(5),
         || async { auth(&client, &validator, &tier_key).await.status() },
