@@ -142,12 +142,14 @@ pub async fn show_key(pool: &PgPool, id: Uuid) -> Result<KeyInfo, AdminError> {
         .ok_or_else(|| AdminError::NotFound(format!("key {id}")))
 }
 
-/// Revokes a key for good. Revoking twice keeps the first revocation time.
+/// Revokes a key for good. Revoking twice keeps the first revocation's time and reason.
 pub async fn revoke_key(pool: &PgPool, actor: &Actor, id: Uuid, reason: Option<String>) -> Result<KeyInfo, AdminError> {
     let mut tx = pool.begin().await?;
     let sql = format!(
         "UPDATE api_keys SET active = false, revoked_at = COALESCE(revoked_at, now()),
-                deactivated_reason = COALESCE($2, deactivated_reason, 'revoked'), updated_at = now()
+                deactivated_reason = CASE WHEN revoked_at IS NULL THEN COALESCE($2, 'revoked')
+                                          ELSE deactivated_reason END,
+                updated_at = clock_timestamp()
          WHERE id = $1 RETURNING {COLUMNS}"
     );
     let info: KeyInfo = sqlx::query_as(&sql)
@@ -174,9 +176,9 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
             custom_rate_limit_per_minute = CASE WHEN $4 THEN $5 ELSE custom_rate_limit_per_minute END,
             expires_at = CASE WHEN $6 THEN $7 ELSE expires_at END,
             active = COALESCE($8, active),
-            deactivated_reason = CASE WHEN $8 IS NULL THEN deactivated_reason
+            deactivated_reason = CASE WHEN $8 IS NULL OR revoked_at IS NOT NULL THEN deactivated_reason
                                       WHEN $8 THEN NULL ELSE 'disabled' END,
-            updated_at = now()
+            updated_at = clock_timestamp()
          WHERE id = $1 AND NOT ($8 IS TRUE AND revoked_at IS NOT NULL) RETURNING {COLUMNS}"
     );
     let info: Option<KeyInfo> = sqlx::query_as(&sql)

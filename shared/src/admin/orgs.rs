@@ -106,7 +106,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
             max_api_keys = COALESCE($8, max_api_keys),
             active = COALESCE($9, active),
             rate_limit_shadow = COALESCE($10, rate_limit_shadow),
-            updated_at = now()
+            updated_at = clock_timestamp()
          WHERE id = $1 RETURNING {COLUMNS}"
     );
     sqlx::query_as(&sql)

@@ -62,7 +62,7 @@ pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result
             burst_limit = CASE WHEN $5 THEN $6 ELSE burst_limit END,
             burst_seconds = COALESCE($7, burst_seconds),
             shadow = COALESCE($8, shadow),
-            updated_at = now()
+            updated_at = clock_timestamp()
          WHERE name = $1 RETURNING {COLUMNS}"
     );
     let limit = |w: Option<WindowSetting>| w.and_then(|w| w.limit.as_option());

@@ -145,12 +145,19 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
 
     let revoked = json_of(&tollgate(&env, &["key", "revoke", id, "--reason", "rotated", "--json"], None));
     assert!(revoked["revoked_at"].is_string());
+    // A revocation's reason stays: neither disabling the revoked key nor revoking it again replaces it.
+    let disabled = json_of(&tollgate(&env, &["key", "update", id, "--active", "false", "--json"], None));
+    let again = json_of(&tollgate(&env, &["key", "revoke", id, "--reason", "other", "--json"], None));
+    for shown in [&disabled, &again] {
+        assert_eq!(shown["deactivated_reason"], "rotated");
+        assert_eq!(shown["revoked_at"], revoked["revoked_at"]);
+    }
     let reactivate = tollgate(&env, &["key", "update", id, "--active", "true"], None);
     assert!(!reactivate.status.success(), "reactivating a revoked key must fail");
     assert!(String::from_utf8_lossy(&reactivate.stderr).contains("revoked"));
 
     let audit = env.count("SELECT count(*) FROM key_audit WHERE actor = 'cli:tester'").await;
-    assert_eq!(audit, 3, "created, imported, revoked");
+    assert_eq!(audit, 5, "created, imported, revoked, updated, revoked");
     let hashed: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE key_hash = sha256($1::text::bytea)")
         .bind(key)
         .fetch_one(&env.pool)

@@ -346,6 +346,45 @@ async fn a_key_revoked_while_it_is_being_enabled_stays_revoked() {
     env.cleanup().await;
 }
 
+/// A revocation that waits for a worker's batch holding the key's row commits later than its transaction began;
+/// it must still reach validators whose refresher has moved on meanwhile.
+#[tokio::test]
+async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (id, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let status = || {
+        let sent = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+        async move { sent.await.expect("request").status() }
+    };
+    assert_eq!(status().await, StatusCode::OK);
+
+    // What a worker's batch does to the key's row, held open.
+    let mut batch = env.pool.begin().await.expect("begin");
+    sqlx::query("UPDATE api_keys SET total_requests = total_requests + 1 WHERE id = $1")
+        .bind(id)
+        .execute(&mut *batch)
+        .await
+        .expect("update");
+    let pool = env.pool.clone();
+    let revoking =
+        tokio::spawn(async move { admin::revoke_key(&pool, &Actor("test".into()), id, None).await.map(|_| ()) });
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    env.wait_for_count(waiting, 1).await;
+    // Longer than the refresher looks back (5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    batch.commit().await.expect("commit");
+    revoking.await.expect("task").expect("revoke");
+
+    let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(seen, StatusCode::UNAUTHORIZED, "the revocation reached the validator");
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_changed() {
     let env = TestEnv::new().await;
