@@ -144,19 +144,27 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
 
 /// A NATS client that reconnects by itself after the first connection.
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    nats_options().connect(url.expose()).await.map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+    nats_options(url).connect(url.expose()).await.map_err(|e| unreachable("NATS", url, "NATS_URL", e))
 }
 
 /// A NATS client that makes even its first connection in the background: for the validator, which serves (and
 /// spools usage events) while NATS is away, start included.
 pub async fn nats_in_background(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    nats_options()
+    nats_options(url)
         .retry_on_initial_connect()
         .connect(url.expose())
         .await
         .map_err(|e| unreachable("NATS", url, "NATS_URL", e))
 }
 
-fn nats_options() -> async_nats::ConnectOptions {
-    async_nats::ConnectOptions::new().name("tollgate").connection_timeout(CONNECT_TIMEOUT)
+/// With the URL's credentials (`nats://user:password@host` or `nats://token@host`), which async-nats itself
+/// ignores.
+fn nats_options(url: &ServerUrl) -> async_nats::ConnectOptions {
+    let options = async_nats::ConnectOptions::new().name("tollgate").connection_timeout(CONNECT_TIMEOUT);
+    let decoded = |text: &str| percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned();
+    match (url.url().username(), url.url().password()) {
+        ("", _) => options,
+        (user, Some(password)) => options.user_and_password(decoded(user), decoded(password)),
+        (token, None) => options.token(decoded(token)),
+    }
 }

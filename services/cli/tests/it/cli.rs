@@ -6,7 +6,10 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use tollgate_shared::config::ServerUrl;
+
 use crate::harness::{wait_until, TestEnv, NATS_URL};
+use crate::servers::PrivateNats;
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -82,6 +85,23 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     assert!(!output.status.success());
     assert!(stderr.contains("PostgreSQL") && stderr.contains("127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+/// async-nats itself ignores credentials in the URL; Tollgate passes them on (percent-decoded).
+#[tokio::test]
+async fn nats_credentials_in_the_url_are_used() {
+    for (config, credentials) in [
+        ("authorization { user: app, password: \"s3cr/et\" }", "app:s3cr%2Fet@"),
+        ("authorization { token: \"t0ken\" }", "t0ken@"),
+    ] {
+        let nats = PrivateNats::start_with_config(config);
+        let refused: ServerUrl = nats.url().parse().expect("url");
+        assert!(tollgate_shared::connect::nats(&refused).await.is_err(), "{config}: no credentials, and let in");
+        let url: ServerUrl = nats.url().replace("nats://", &format!("nats://{credentials}")).parse().expect("url");
+        let client = tollgate_shared::connect::nats(&url).await.expect("connected with the URL's credentials");
+        client.publish("check", "hello".into()).await.expect("publish");
+        client.flush().await.expect("flush");
+    }
 }
 
 #[tokio::test]
