@@ -39,6 +39,32 @@ impl FromStr for ServerUrl {
     }
 }
 
+/// Parses a [`ServerUrl`] for clap without repeating the value in its error, as clap's own message would: the value
+/// may hold a password.
+#[derive(Clone)]
+struct ServerUrlParser;
+
+impl clap::builder::TypedValueParser for ServerUrlParser {
+    type Value = ServerUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ServerUrl, clap::Error> {
+        let name = arg.and_then(|a| a.get_value_names()).and_then(|names| names.first()).map(|n| n.to_string());
+        let parsed = value.to_str().ok_or_else(|| "not UTF-8".to_owned()).and_then(str::parse);
+        parsed.map_err(|e| {
+            let message = format!(
+                "{} is {e}; its value is not shown, since it may hold a password\n",
+                name.as_deref().unwrap_or("a server URL")
+            );
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, message).with_cmd(cmd)
+        })
+    }
+}
+
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut shown = self.0.clone();
@@ -67,6 +93,7 @@ pub struct ServerArgs {
         value_name = "DATABASE_URL",
         global = true,
         hide_env_values = true,
+        value_parser = ServerUrlParser,
         default_value = "postgres://postgres@127.0.0.1:5432/tollgate"
     )]
     pub database_url: ServerUrl,
@@ -77,6 +104,7 @@ pub struct ServerArgs {
         value_name = "NATS_URL",
         global = true,
         hide_env_values = true,
+        value_parser = ServerUrlParser,
         default_value = "nats://127.0.0.1:4222"
     )]
     pub nats_url: ServerUrl,
@@ -87,6 +115,7 @@ pub struct ServerArgs {
         value_name = "REDIS_URL",
         global = true,
         hide_env_values = true,
+        value_parser = ServerUrlParser,
         default_value = "redis://127.0.0.1:6379"
     )]
     pub redis_url: ServerUrl,
@@ -147,7 +176,8 @@ pub struct ValidatorArgs {
     )]
     pub trusted_proxies: Vec<IpNet>,
     /// Events held in memory between the HTTP handlers and the NATS publisher.
-    #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000)]
+    #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000,
+          value_parser = positive_count)]
     pub event_queue: usize,
     /// Most key records held in the in-process cache.
     #[arg(long, env = "TOLLGATE_KEY_CACHE", value_name = "TOLLGATE_KEY_CACHE", default_value_t = 1_000_000)]
@@ -159,13 +189,13 @@ pub struct ValidatorArgs {
     /// How often the validator asks PostgreSQL which keys and organizations changed (revocations reach the cache
     /// within about this long).
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
-          default_value = "1s", value_parser = humantime::parse_duration)]
+          default_value = "1s", value_parser = positive_duration)]
     pub key_refresh: Duration,
     /// How old a cached key record may get before a request that uses it has it read again, in the background (no
     /// answer waits for it, and while PostgreSQL is away the record keeps deciding): a safety net for changes the
     /// refresher cannot see, such as a key row deleted outright.
     #[arg(long, env = "TOLLGATE_KEY_RECHECK", value_name = "TOLLGATE_KEY_RECHECK",
-          default_value = "5m", value_parser = humantime::parse_duration)]
+          default_value = "5m", value_parser = positive_duration)]
     pub key_recheck: Duration,
     /// Where usage messages wait on disk while NATS is unreachable or slow (relative paths are from the working
     /// directory). One validator per directory: a lock file refuses a second one.
@@ -184,7 +214,7 @@ pub struct ValidatorArgs {
     pub spool_full: SpoolFullPolicy,
     /// Longest the publisher waits for JetStream to acknowledge a message before it spools it instead.
     #[arg(long, env = "TOLLGATE_PUBLISH_TIMEOUT", value_name = "TOLLGATE_PUBLISH_TIMEOUT",
-          default_value = "2s", value_parser = humantime::parse_duration)]
+          default_value = "2s", value_parser = positive_duration)]
     pub publish_timeout: Duration,
     #[command(flatten)]
     pub limits: LimiterArgs,
@@ -197,7 +227,7 @@ pub struct LimiterArgs {
     /// Longest a decision waits for Redis, queueing for the next script call included, before the failure policy
     /// decides instead.
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", value_name = "TOLLGATE_REDIS_TIMEOUT",
-          default_value = "50ms", value_parser = humantime::parse_duration)]
+          default_value = "50ms", value_parser = positive_duration)]
     pub redis_timeout: Duration,
     /// Consecutive failed Redis calls (each decides a batch of concurrent requests) that open the circuit breaker (no
     /// Redis calls until the cooldown has passed).
@@ -361,20 +391,38 @@ pub enum SpoolFullPolicy {
 #[command(next_help_heading = "Workers")]
 pub struct WorkerArgs {
     /// Most NATS messages per batch (each message carries up to 1000 events).
-    #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 50)]
+    #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 50,
+          value_parser = positive_count)]
     pub batch_messages: usize,
     /// Longest a worker waits to fill a batch.
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",
           default_value = "50ms", value_parser = humantime::parse_duration)]
     pub batch_wait: Duration,
     /// A batch closes once it holds this many events (or on `TOLLGATE_BATCH_MESSAGES`, or `TOLLGATE_BATCH_WAIT`).
-    #[arg(long, env = "TOLLGATE_BATCH_EVENTS", value_name = "TOLLGATE_BATCH_EVENTS", default_value_t = 5000)]
+    #[arg(long, env = "TOLLGATE_BATCH_EVENTS", value_name = "TOLLGATE_BATCH_EVENTS", default_value_t = 5000,
+          value_parser = positive_count)]
     pub batch_events: usize,
     /// Worker loops in this process sharing the consumer; several keep PostgreSQL busy while others fetch and
     /// decode.
     #[arg(long, env = "TOLLGATE_WORKER_TASKS", value_name = "TOLLGATE_WORKER_TASKS", default_value_t = 4,
           value_parser = clap::value_parser!(u16).range(1..=64))]
     pub worker_tasks: u16,
+}
+
+/// A period longer than zero (a zero one would make a timer spin, or every call time out).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(period) if period.is_zero() => Err("must be longer than 0".to_owned()),
+        parsed => parsed.map_err(|e| e.to_string()),
+    }
+}
+
+/// A count of at least 1 (of a queue's places, say, which cannot be 0).
+fn positive_count(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be at least 1".to_owned()),
+        parsed => parsed.map_err(|e| e.to_string()),
+    }
 }
 
 /// A byte count: digits with an optional `KiB`, `MiB` or `GiB` suffix.
@@ -431,6 +479,48 @@ mod tests {
         }
         let parsed = <Only as clap::Parser>::try_parse_from(["tollgate"]).expect("defaults parse");
         assert_eq!(parsed.limits, LimiterArgs::defaults());
+    }
+
+    #[test]
+    fn periods_and_counts_that_cannot_be_zero_are_refused_at_start() {
+        #[derive(clap::Parser)]
+        struct Both {
+            #[command(flatten)]
+            validator: ValidatorArgs,
+            #[command(flatten)]
+            worker: WorkerArgs,
+        }
+        let parse = |args: &[&str]| <Both as clap::Parser>::try_parse_from([&["tollgate"], args].concat());
+        assert!(parse(&[]).is_ok(), "the defaults");
+        assert!(parse(&["--key-refresh", "250ms", "--event-queue", "1", "--batch-events", "1"]).is_ok());
+        for zero in [
+            &["--key-refresh", "0s"][..],
+            &["--key-recheck", "0ms"],
+            &["--publish-timeout", "0s"],
+            &["--redis-timeout", "0s"],
+            &["--event-queue", "0"],
+            &["--batch-messages", "0"],
+            &["--batch-events", "0"],
+        ] {
+            let refused = parse(zero).err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(refused.contains("must be"), "{zero:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn server_urls_that_do_not_parse_are_named_but_not_shown() {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            servers: ServerArgs,
+        }
+        let refused =
+            <Only as clap::Parser>::try_parse_from(["tollgate", "--database-url", "postgres://app:ab/cd@db/x"])
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+        assert!(refused.contains("DATABASE_URL is not a URL"), "{refused}");
+        assert!(!refused.contains("ab/cd"), "the password was shown: {refused}");
     }
 
     #[test]
