@@ -21,6 +21,9 @@ const ENV_PREFIX_LEN: usize = 8; // "tg_live_" / "tg_test_"
 const TOLLGATE_KEY_LEN: usize = ENV_PREFIX_LEN + BODY_LEN + CHECKSUM_LEN;
 /// Imported keys: long enough to carry real entropy, short enough to bound the work per request.
 const IMPORTED_MIN_LEN: usize = 16;
+/// Characters of an imported key that its prefix and hint never show: a short key shown in part would be left to a
+/// search that anyone who can read its hash could run.
+const IMPORTED_HIDDEN_MIN: usize = 20;
 pub const MAX_KEY_LEN: usize = 256;
 
 const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
@@ -106,14 +109,22 @@ impl ApiKey {
     }
 
     /// The start of the key, safe to show in listings: `tg_live_` plus 4 characters, or a short head of an
-    /// imported key.
+    /// imported key (none at all of a short one).
     pub fn prefix(&self) -> &str {
-        let len = if self.0.starts_with(TOLLGATE_PREFIX) { ENV_PREFIX_LEN + 4 } else { (self.0.len() / 3).min(8) };
+        let len = if self.0.starts_with(TOLLGATE_PREFIX) {
+            ENV_PREFIX_LEN + 4
+        } else {
+            (self.0.len() / 3).min(8).min(self.0.len().saturating_sub(IMPORTED_HIDDEN_MIN))
+        };
         &self.0[..len]
     }
 
-    /// The last 4 characters, so a user can tell their keys apart.
+    /// The last 4 characters, so a user can tell their keys apart; none of an imported key too short to spare them.
     pub fn hint(&self) -> &str {
+        let shown = self.prefix().len() + 4;
+        if self.0.len() < shown + IMPORTED_HIDDEN_MIN {
+            return "";
+        }
         &self.0[self.0.len() - 4..]
     }
 
@@ -231,10 +242,25 @@ mod tests {
 
     #[test]
     fn imported_keys_are_accepted_and_hashed() {
-        let key = ApiKey::parse("sk_prod_9f8e7d6c5b4a39281706").expect("valid imported key");
+        let key = ApiKey::parse("sk_prod_9f8e7d6c5b4a392817060a0b").expect("valid imported key");
         assert_eq!(key.prefix(), "sk_prod_");
-        assert_eq!(key.hint(), "1706");
-        assert_eq!(key.hash(), ApiKey::parse("sk_prod_9f8e7d6c5b4a39281706").expect("valid").hash());
+        assert_eq!(key.hint(), "0a0b");
+        assert_eq!(key.hash(), ApiKey::parse("sk_prod_9f8e7d6c5b4a392817060a0b").expect("valid").hash());
+    }
+
+    #[test]
+    fn a_short_imported_key_shows_less_of_itself() {
+        let shown = |key: &str| {
+            let key = ApiKey::parse(key).expect("valid imported key");
+            (key.prefix().to_owned(), key.hint().to_owned())
+        };
+        // Always at least 20 characters hidden.
+        assert_eq!(shown("sk_prod_0123456789abcdef"), ("sk_p".into(), String::new()));
+        assert_eq!(shown("0123456789abcdef"), (String::new(), String::new()));
+        assert_eq!(shown("sk_prod_9f8e7d6c5b4a39281706"), ("sk_prod_".into(), String::new()));
+        assert_eq!(shown("sk_prod_9f8e7d6c5b4a39281706abcd"), ("sk_prod_".into(), "abcd".into()));
+        let tollgate = ApiKey::generate(KeyEnv::Live);
+        assert_eq!((tollgate.prefix().len(), tollgate.hint().len()), (12, 4));
     }
 
     #[test]

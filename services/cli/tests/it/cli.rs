@@ -148,7 +148,8 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         &["key", "import", "--org", "acme-corp", "--name", "legacy", "--json"],
         Some("sk_prod_0123456789abcdef\n"),
     ));
-    assert_eq!(imported["prefix"], "sk_prod_");
+    // Shown in part only as far as 20 characters stay hidden: 4 of these 24, and no last 4.
+    assert_eq!((imported["prefix"].as_str(), imported["key_hint"].as_str()), (Some("sk_p"), Some("")));
     // Refused imports (the same key twice, a mistyped Tollgate key) say why without echoing the key.
     let mistyped = "tg_live_0123456789abcdefghijklmnopqrstuvwxyzABCDEFGabcdef";
     for presented in ["sk_prod_0123456789abcdef", mistyped] {
