@@ -30,12 +30,14 @@ use crate::store::PeriodTotal;
 const COUNTER_TTL_SECONDS: u64 = 40 * 24 * 3600;
 
 /// KEYS: counters; ARGV: the new totals in the same order, then the TTL. Raises each counter that is below its
-/// new total (or missing).
+/// new total, or missing, or holding what is not a number (another writer's value, even of another type: written
+/// over, rather than failing the raise of every counter with it for good).
 const RAISE: &str = r"
 local ttl = ARGV[#KEYS + 1]
 for i, key in ipairs(KEYS) do
     local new = tonumber(ARGV[i])
-    local current = tonumber(redis.call('GET', key) or '-1')
+    local stored = redis.pcall('GET', key)
+    local current = type(stored) == 'string' and tonumber(stored) or -1
     if new > current then
         redis.call('SET', key, ARGV[i], 'EX', ttl)
     end

@@ -306,13 +306,25 @@ async fn the_monthly_quota_survives_a_redis_flush_overshooting_only_by_events_in
     for _ in 0..3 {
         assert_eq!(status().await, reqwest::StatusCode::TOO_MANY_REQUESTS, "the month was not reset");
     }
-    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", 6).await;
+
+    // Something else writes the counter's key, with a value of another type: the validator reads that as no count
+    // (in Redis, not by its failure policy), and the workers' next commit writes the total over it, rather than
+    // either failing on it for good.
+    delete(&quota_key).await;
+    let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+    let _: i64 = redis::cmd("RPUSH").arg(&quota_key).arg("x").query_async(&mut redis).await.expect("RPUSH");
+    assert_eq!(status().await, reqwest::StatusCode::OK);
+    assert_eq!(counter_reaches(7).await, Some(7), "written over with PostgreSQL's total");
+    assert_eq!(status().await, reqwest::StatusCode::TOO_MANY_REQUESTS);
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", 7).await;
 
     validator.service.stop().await;
     worker.stop().await;
     env.cleanup().await;
 }
 
+/// The counter, or `None` while it is missing or holds something else than a number.
 async fn counter_of(key: String) -> Option<i64> {
-    counter(&key).await
+    let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
+    redis::cmd("GET").arg(&key).query_async(&mut redis).await.ok().flatten()
 }

@@ -571,12 +571,33 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
         assert_eq!(header(&answer, "x-ratelimit-used"), "1", "{length} bytes: counting starts again");
         assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "2", "and goes on from there");
     }
+    // A key of another type (a list) under the counter's name: counted afresh too, and written over.
+    let _: i64 = redis::cmd("DEL").arg(&counter).query_async(&mut redis).await.expect("del");
+    let _: i64 = redis::cmd("RPUSH").arg(&counter).arg("x").query_async(&mut redis).await.expect("rpush");
+    let answer = auth(&client, &validator, &key).await;
+    assert_eq!((answer.status(), header(&answer, "x-ratelimit-used")), (StatusCode::OK, "1".into()));
+    assert_eq!(header(&auth(&client, &validator, &key).await, "x-ratelimit-used"), "2");
     // Decided in Redis (not by the local fallback): the counter is one again, its total 2.
     let stored: Vec<u8> = redis::cmd("GET").arg(&counter).query_async(&mut redis).await.expect("get");
     // Its trailer (the last 48 bytes) starts with the total.
     assert!(stored.len() >= 48, "{stored:?}");
     let total = &stored[stored.len() - 48..stored.len() - 40];
     assert_eq!(i64::from_le_bytes(total.try_into().expect("8 bytes")), 2);
+
+    // The organization's quota counter (the workers' to write) holding a list: read as no count, and the decision
+    // still made in Redis, which counts it in the key's counter. (A quota of 2, so that the answer reports it.)
+    let limits = OrgChanges { monthly_request_limit: Some(LimitSetting::Max(2)), ..OrgChanges::default() };
+    let org_id = admin::update_org(&env.pool, &org, limits).await.expect("org").id;
+    let quota = tollgate_validator::quota_key(&env.topology.redis_prefix, org_id, Utc::now());
+    let _: i64 = redis::cmd("RPUSH").arg(&quota).arg("x").query_async(&mut redis).await.expect("rpush");
+    // Five of the validator's key refreshes.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let answer = auth(&client, &validator, &key).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(header(&answer, "ratelimit-policy").contains("quota"), "{:?}", answer.headers());
+    let stored: Vec<u8> = redis::cmd("GET").arg(&counter).query_async(&mut redis).await.expect("get");
+    let total = &stored[stored.len() - 48..stored.len() - 40];
+    assert_eq!(i64::from_le_bytes(total.try_into().expect("8 bytes")), 3, "decided in Redis");
     validator.service.stop().await;
     env.cleanup().await;
 }

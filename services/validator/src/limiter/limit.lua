@@ -24,7 +24,7 @@
 --          used + cost <= limit: the validator knows both.)
 -- A denied request (an enforced limit that does not fit) changes no count. A shadow limit that does not fit is
 -- reported but does not deny, and is not counted.
-local call, pack, read, byte = redis.call, struct.pack, struct.unpack, string.byte
+local call, pcall, pack, read, byte = redis.call, redis.pcall, struct.pack, struct.unpack, string.byte
 local t = call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local per_window = tonumber(ARGV[1])
@@ -70,9 +70,11 @@ local function load(k, b, width)
     -- Twice the time a bucket stays in the window, so that the expiry moves at most once per window.
     ttls[width] = string.format('%d', 2 * math.ceil(width * (per_window + 1) / 1000) + 1)
   end
-  local trailer = call('GETRANGE', KEYS[k], '-48', '-1')
+  -- pcall: a key of another type (another writer's) is an error to it, which is read as a new counter (and written
+  -- over) rather than failing every decision of the call.
+  local trailer = pcall('GETRANGE', KEYS[k], '-48', '-1')
   local total, since, first_stored, newest, units, older = 0, false, 0, 0, 0, 0
-  if #trailer == 48 then
+  if type(trailer) == 'string' and #trailer == 48 then
     total, since, first_stored, newest, units, older = read(TRAILER, trailer)
     -- Numbers no counter of this script holds mean another writer: start afresh rather than count wrongly forever.
     if first_stored > newest or older < 0 or older > per_window + 2 then total = 0 end
@@ -210,7 +212,8 @@ for _ = 1, decisions do
     -- The workers write quota counters, never this script; each is read once per call, kept as its `used`.
     local units = C[b + 2]
     if not units then
-      units = tonumber(call('GET', KEYS[k]) or '0') or 0
+      local stored = pcall('GET', KEYS[k]) -- as above: another writer's value counts as none
+      units = type(stored) == 'string' and tonumber(stored) or 0
       C[b + 2] = units
     end
     if units + cost > K[kind - 2] and not K[kind] then denied = true end
