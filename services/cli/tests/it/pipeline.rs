@@ -82,6 +82,37 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
     env.cleanup().await;
 }
 
+/// A message near NATS's 1 MiB limit could not be dead-lettered (its copy adds headers), and would hold up its
+/// worker for good: the usage stream refuses it, and dead-letters the largest it takes.
+#[tokio::test]
+async fn the_usage_stream_takes_no_message_too_large_to_dead_letter_and_keeps_dead_letters() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let largest = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().config.max_message_size;
+    let largest = usize::try_from(largest).expect("a limit is set");
+    let garbage = |size: usize| vec![0xff_u8; size];
+
+    let refused = js.publish(subject.clone(), garbage(largest + 1).into()).await.expect("sent").await;
+    assert!(refused.is_err(), "the stream took a message of {} bytes", largest + 1);
+    // With its message id header, within the limit.
+    publish(&js, &subject, "large", garbage(largest - 100)).await;
+    let good = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+    publish(&js, &subject, "good", codec::encode_batch(vec![good])).await;
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dead-letter stream");
+    let letter = dead_letters.get_raw_message(1).await.expect("the large message, dead-lettered");
+    assert_eq!(letter.payload.len(), largest - 100);
+    // Dead letters wait for an operator however long it takes: no age limit.
+    assert_eq!(dead_letters.cached_info().config.max_age, std::time::Duration::ZERO);
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_deleted_dead_letter_stream_is_created_again_and_holds_up_nothing() {
     let env = TestEnv::new().await;
