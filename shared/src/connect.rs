@@ -22,6 +22,8 @@ pub enum ConnectError {
         "cannot reach {server} at {url}: {reason}. Is it running? Set {variable} (or --{flag}) to point elsewhere."
     )]
     Unreachable { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
+    #[error("database {database:?} does not exist on {url}: `tollgate migrate` (or `tollgate up`) creates it")]
+    NoDatabase { database: String, url: String },
     #[error("cannot create database {database:?} on {url}: {reason}")]
     CreateDatabase { database: String, url: String, reason: String },
     #[error("cannot apply migrations to {url}: {reason}")]
@@ -48,32 +50,48 @@ pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, C
         .acquire_timeout(CONNECT_TIMEOUT)
         .connect_with(options)
         .await
-        .map_err(|e| unreachable("PostgreSQL", url, "DATABASE_URL", e))
+        .map_err(|e| postgres_refused(url, e))
 }
 
-/// Creates the database named in `url` if it does not exist, by way of the server's `postgres` database.
+fn postgres_refused(url: &ServerUrl, e: sqlx::Error) -> ConnectError {
+    if is_missing_database(&e) {
+        ConnectError::NoDatabase { database: database_name(url), url: url.to_string() }
+    } else {
+        unreachable("PostgreSQL", url, "DATABASE_URL", e)
+    }
+}
+
+fn is_missing_database(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "3D000")
+}
+
+fn database_name(url: &ServerUrl) -> String {
+    url.url().path().trim_start_matches('/').to_owned()
+}
+
+/// Creates the database named in `url` if it does not exist, by way of the server's `postgres` database: only then,
+/// since a role may be allowed to connect to its own database alone.
 pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectError> {
-    let database = url.url().path().trim_start_matches('/').to_owned();
+    match sqlx::PgConnection::connect(url.expose()).await {
+        Ok(connection) => {
+            let _ = connection.close().await;
+            return Ok(());
+        }
+        Err(e) if !is_missing_database(&e) => return Err(unreachable("PostgreSQL", url, "DATABASE_URL", e)),
+        Err(_) => {}
+    }
+    let database = database_name(url);
     let admin_url = url.with_path("/postgres");
     let mut admin = sqlx::PgConnection::connect(admin_url.expose())
         .await
         .map_err(|e| unreachable("PostgreSQL", &admin_url, "DATABASE_URL", e))?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&database)
-        .fetch_one(&mut admin)
-        .await
-        .map_err(|e| unreachable("PostgreSQL", &admin_url, "DATABASE_URL", e))?;
-    if !exists {
-        let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
-        if let Err(e) = sqlx::query(&create).execute(&mut admin).await {
-            // Another process may have created it in the meantime; that is success.
-            let raced = e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04" || c == "23505");
-            if !raced {
-                return Err(ConnectError::CreateDatabase { database, url: url.to_string(), reason: e.to_string() });
-            }
-        }
+    let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
+    match sqlx::query(&create).execute(&mut admin).await {
+        Ok(_) => Ok(()),
+        // Another process created it in the meantime: that is success.
+        Err(e) if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "42P04" || c == "23505") => Ok(()),
+        Err(e) => Err(ConnectError::CreateDatabase { database, url: url.to_string(), reason: e.to_string() }),
     }
-    Ok(())
 }
 
 /// Creates the database if needed, connects and applies pending migrations.

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tollgate_shared::config::ServerUrl;
 
 use crate::harness::{wait_until, TestEnv, NATS_URL};
-use crate::servers::PrivateNats;
+use crate::servers::{PrivateNats, PrivatePostgres};
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -85,6 +85,40 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     assert!(!output.status.success());
     assert!(stderr.contains("PostgreSQL") && stderr.contains("127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+}
+
+#[tokio::test]
+async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
+    let missing = format!("tollgate_it_missing_{}", uuid::Uuid::new_v4().simple());
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["org", "list"])
+        .env("DATABASE_URL", format!("postgres://postgres@127.0.0.1:5432/{missing}"))
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("does not exist") && stderr.contains("`tollgate migrate`"), "{stderr}");
+
+    // A role that may connect to its own database only (as on managed PostgreSQL): migrate needs nothing else.
+    let postgres = PrivatePostgres::start();
+    let admin = sqlx::PgPool::connect(&postgres.url("postgres")).await.expect("private postgres");
+    for statement in [
+        "CREATE ROLE app LOGIN",
+        "CREATE DATABASE app OWNER app",
+        "REVOKE CONNECT ON DATABASE postgres FROM PUBLIC",
+        "REVOKE CONNECT ON DATABASE template1 FROM PUBLIC",
+    ] {
+        sqlx::query(statement).execute(&admin).await.expect(statement);
+    }
+    let url = postgres.url("app").replace("postgres@", "app@");
+    let output =
+        Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("migrate").env("DATABASE_URL", &url).output().expect("run");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let tiers: i64 = sqlx::query_scalar("SELECT count(*) FROM rate_limit_tiers")
+        .fetch_one(&sqlx::PgPool::connect(&url).await.expect("app's database"))
+        .await
+        .expect("migrated");
+    assert_eq!(tiers, 4);
 }
 
 /// async-nats itself ignores credentials in the URL; Tollgate passes them on (percent-decoded).
