@@ -84,7 +84,7 @@ pub async fn key(pool: &PgPool, json: bool, command: KeyCommand) -> anyhow::Resu
     let actor = Actor::cli();
     match command {
         KeyCommand::Create { key, env } => {
-            let (info, plaintext) = admin::create_key(pool, &actor, new_key(key), env).await?;
+            let (info, plaintext) = admin::create_key(pool, &actor, new_key(key)?, env).await?;
             #[derive(serde::Serialize)]
             struct Created<'a> {
                 key: &'a str,
@@ -101,7 +101,7 @@ pub async fn key(pool: &PgPool, json: bool, command: KeyCommand) -> anyhow::Resu
             let mut text = String::new();
             std::io::stdin().read_to_string(&mut text).context("cannot read the key from standard input")?;
             let plaintext = ApiKey::parse(text.trim()).map_err(|e| anyhow::anyhow!("cannot import this key: {e}"))?;
-            let info = admin::import_key(pool, &actor, new_key(key), &plaintext).await?;
+            let info = admin::import_key(pool, &actor, new_key(key)?, &plaintext).await?;
             print(json, &info, show_key)
         }
         KeyCommand::List { org } => {
@@ -193,11 +193,20 @@ fn show_tier(t: &Tier) -> String {
     ])
 }
 
-fn new_key(spec: KeySpec) -> NewKey {
-    let expires_at = spec
-        .expires_at
-        .or_else(|| spec.expires_in.and_then(|d| chrono::TimeDelta::from_std(d).ok()).map(|d| Utc::now() + d));
-    NewKey {
+fn new_key(spec: KeySpec) -> anyhow::Result<NewKey> {
+    let expires_at = match (spec.expires_at, spec.expires_in) {
+        (Some(at), _) => Some(at),
+        (None, Some(period)) => Some(
+            chrono::TimeDelta::from_std(period)
+                .ok()
+                .and_then(|period| Utc::now().checked_add_signed(period))
+                .ok_or_else(|| {
+                    anyhow::anyhow!("--expires-in {} is too far ahead", humantime::format_duration(period))
+                })?,
+        ),
+        (None, None) => None,
+    };
+    Ok(NewKey {
         org: spec.org,
         name: spec.name,
         role: spec.role,
@@ -205,7 +214,7 @@ fn new_key(spec: KeySpec) -> NewKey {
         scopes: spec.scopes.into_iter().filter(|s| !s.is_empty()).collect(),
         custom_rate_limit_per_minute: spec.rate_limit_per_minute.map(i64::from),
         expires_at,
-    }
+    })
 }
 
 fn status(k: &KeyInfo) -> &'static str {

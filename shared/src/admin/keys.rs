@@ -84,19 +84,26 @@ async fn insert_key(
     action: &str,
 ) -> Result<KeyInfo, AdminError> {
     validate_scopes(&new.scopes)?;
+    if let Some(expires_at) = new.expires_at.filter(|t| *t <= Utc::now()) {
+        return Err(AdminError::Invalid(format!("the expiry {expires_at} has passed: the key would never work")));
+    }
     let org = find_org(pool, &new.org).await?;
     let mut tx = pool.begin().await?;
-    // Serializes key creation per organization so the max_api_keys check cannot be raced.
-    sqlx::query("SELECT 1 FROM organizations WHERE id = $1 FOR UPDATE").bind(org.id).execute(&mut *tx).await?;
+    // Serializes key creation per organization so the max_api_keys check cannot be raced, and reads the limit under
+    // the same lock, so that a concurrent change of it cannot be either.
+    let max_api_keys: i32 = sqlx::query_scalar("SELECT max_api_keys FROM organizations WHERE id = $1 FOR UPDATE")
+        .bind(org.id)
+        .fetch_one(&mut *tx)
+        .await?;
     let live: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys WHERE org_id = $1 AND revoked_at IS NULL")
         .bind(org.id)
         .fetch_one(&mut *tx)
         .await?;
-    if live >= i64::from(org.max_api_keys) {
+    if live >= i64::from(max_api_keys) {
         return Err(AdminError::Conflict(format!(
-            "organization {} already has {live} keys (max_api_keys = {}); revoke one or raise the limit with \
-             `tollgate org update {} --max-keys N`",
-            org.slug, org.max_api_keys, org.slug
+            "organization {} already has {live} keys (max_api_keys = {max_api_keys}); revoke one or raise the limit \
+             with `tollgate org update {} --max-keys N`",
+            org.slug, org.slug
         )));
     }
     let sql = format!(

@@ -172,6 +172,16 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         ],
         None,
     ));
+    // Expiries that would make a key that never works, or overflow, are refused with what was wrong.
+    for (expiry, says) in [
+        (&["--expires-at", "2020-01-01T00:00:00Z"][..], "has passed"),
+        (&["--expires-in", "500000000y"], "too far ahead"),
+    ] {
+        let args = [&["key", "create", "--org", "acme-corp", "--name", "x"][..], expiry].concat();
+        let refused = tollgate(&env, &args, None);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(says), "{expiry:?}: {stderr}");
+    }
     let key = created["key"].as_str().expect("plaintext key");
     assert!(key.starts_with("tg_live_"));
     let id = created["id"].as_str().expect("id");

@@ -271,7 +271,10 @@ async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (revoked_id, revoked) = env.key(&org).await;
-    let (_, expired) = env.key_with(&org, |k| k.expires_at = Some(Utc::now() - TimeDelta::seconds(1))).await;
+    // Made with an expiry, which has passed by the time it is used (a key cannot be made already expired).
+    let (expired_id, expired) = env.key_with(&org, |k| k.expires_at = Some(Utc::now() + TimeDelta::hours(1))).await;
+    let ended = admin::KeyChanges { expires_at: Some(Some(Utc::now() - TimeDelta::seconds(1))), ..Default::default() };
+    admin::update_key(&env.pool, &Actor("test".into()), expired_id, ended).await.expect("expire");
     let (disabled_id, disabled) = env.key(&org).await;
     let validator = env.start_validator().await;
     let worker = env.start_worker().await;
