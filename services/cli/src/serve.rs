@@ -130,7 +130,11 @@ async fn wait_for_signal() {
 
 const DEMO_SLUG: &str = "demo";
 
-/// Creates (once) a demo organization with a generous limit, makes a fresh key, and prints a curl line for it.
+/// How long a demo key works: every start makes one (and prints it), so none should outlive a day of trying.
+const DEMO_KEY_LIFETIME: chrono::TimeDelta = chrono::TimeDelta::days(1);
+
+/// Creates (once) a demo organization with a generous limit, makes a fresh key that works for a day, and prints a
+/// curl line for it.
 async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyhow::Result<()> {
     if admin::find_org(pool, DEMO_SLUG).await.is_err() {
         let demo = NewOrg {
@@ -150,10 +154,10 @@ async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyho
         tier: TierName::from_static("unlimited"),
         scopes: vec![],
         custom_rate_limit_per_minute: None,
-        expires_at: None,
+        expires_at: Some(chrono::Utc::now() + DEMO_KEY_LIFETIME),
     };
     let (_, key) = admin::create_key(pool, &Actor::cli(), new, KeyEnv::Test).await?;
-    println!("Demo key (organization `{DEMO_SLUG}`), shown once:\n\n  {}\n", key.expose());
+    println!("Demo key (organization `{DEMO_SLUG}`, works for a day), shown once:\n\n  {}\n", key.expose());
     println!("Try it:\n\n  curl -i -H 'Authorization: Bearer {}' http://{address}/v1/auth\n", key.expose());
     Ok(())
 }

@@ -87,6 +87,44 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
 }
 
+/// The README's two commands: `up --demo` prints a key and a curl line that verifies, and Ctrl-C stops it cleanly.
+#[tokio::test]
+async fn up_demo_prints_a_key_that_verifies_for_a_day() {
+    use std::io::BufRead;
+    let env = TestEnv::new().await;
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    env.servers_and_namespace(command.args(["up", "--demo"]), NATS_URL)
+        .env("TOLLGATE_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut up = command.spawn().expect("tollgate up --demo");
+    let stdout = std::io::BufReader::new(up.stdout.take().expect("stdout"));
+    let (lines, printed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || stdout.lines().map_while(Result::ok).try_for_each(|line| lines.send(line)));
+    let curl =
+        std::iter::from_fn(|| printed.recv_timeout(Duration::from_secs(60)).ok()).find(|l| l.contains("curl -i"));
+    let Some(curl) = curl else {
+        let _ = up.kill();
+        panic!("up --demo printed no curl line within a minute");
+    };
+    // curl -i -H 'Authorization: Bearer KEY' http://ADDRESS/v1/auth
+    let key = curl.split("Bearer ").nth(1).and_then(|rest| rest.split('\'').next()).expect("the key");
+    let url = curl.split_whitespace().last().expect("the URL");
+
+    let answer = reqwest::Client::new().get(url).bearer_auth(key).send().await.expect("request");
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE outcome = 'allowed'", 1).await;
+    let day = "SELECT count(*) FROM api_keys WHERE expires_at BETWEEN now() + interval '23 hours' AND now() + interval '25 hours'";
+    assert_eq!(env.count(day).await, 1, "the demo key works for a day");
+
+    let interrupted = Command::new("kill").args(["-INT", &up.id().to_string()]).status().expect("kill");
+    assert!(interrupted.success());
+    let status = tokio::task::spawn_blocking(move || up.wait()).await.expect("join").expect("wait");
+    assert!(status.success(), "Ctrl-C stops it with exit 0: {status}");
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     let missing = format!("tollgate_it_missing_{}", uuid::Uuid::new_v4().simple());
