@@ -166,15 +166,15 @@ pub struct ValidatorArgs {
     /// Address of the HTTP API.
     #[arg(long, env = "TOLLGATE_LISTEN", value_name = "TOLLGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
-    /// Comma-separated CIDRs whose X-Forwarded-For / X-Real-IP headers are believed.
+    /// Comma-separated networks (CIDRs) or addresses whose X-Forwarded-For / X-Real-IP headers are believed;
+    /// `none` (or empty) for none.
     #[arg(
         long,
         env = "TOLLGATE_TRUSTED_PROXIES",
         value_name = "TOLLGATE_TRUSTED_PROXIES",
-        value_delimiter = ',',
         default_value = "127.0.0.0/8,::1/128"
     )]
-    pub trusted_proxies: Vec<IpNet>,
+    pub trusted_proxies: ProxyNets,
     /// Events held in memory between the HTTP handlers and the NATS publisher.
     #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000,
           value_parser = positive_count)]
@@ -409,6 +409,26 @@ pub struct WorkerArgs {
     pub worker_tasks: u16,
 }
 
+/// The networks of trusted proxies: comma-separated CIDRs or single addresses, spaces allowed; empty or `none` for
+/// none.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxyNets(pub Vec<IpNet>);
+
+impl FromStr for ProxyNets {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if matches!(s.trim(), "" | "none") {
+            return Ok(ProxyNets(Vec::new()));
+        }
+        let net = |entry: &str| {
+            entry.parse::<IpNet>().or_else(|_| entry.parse::<std::net::IpAddr>().map(IpNet::from)).map_err(|_| {
+                format!("{entry:?} is neither an address nor a network (such as 10.0.0.0/8); `none` trusts none")
+            })
+        };
+        s.split(',').map(|entry| net(entry.trim())).collect::<Result<_, _>>().map(ProxyNets)
+    }
+}
+
 /// A period longer than zero (a zero one would make a timer spin, or every call time out).
 fn positive_duration(s: &str) -> Result<Duration, String> {
     match humantime::parse_duration(s) {
@@ -504,6 +524,21 @@ mod tests {
         ] {
             let refused = parse(zero).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(refused.contains("must be"), "{zero:?}: {refused}");
+        }
+    }
+
+    #[test]
+    fn trusted_proxies_are_networks_or_addresses_or_none() {
+        let nets = |s: &str| s.parse::<ProxyNets>().map(|list| list.0.iter().map(IpNet::to_string).collect::<Vec<_>>());
+        assert_eq!(nets("127.0.0.0/8,::1/128"), Ok(vec!["127.0.0.0/8".into(), "::1/128".into()]));
+        assert_eq!(
+            nets("10.0.0.5, 2001:db8::1 , 10.1.0.0/16"),
+            Ok(vec!["10.0.0.5/32".into(), "2001:db8::1/128".into(), "10.1.0.0/16".into()])
+        );
+        assert_eq!(nets(""), Ok(vec![]));
+        assert_eq!(nets("none"), Ok(vec![]));
+        for bad in ["10.0.0.300", "10.0.0.0/33", "10.0.0.1,", "proxy.internal"] {
+            assert!(nets(bad).is_err(), "{bad:?}");
         }
     }
 

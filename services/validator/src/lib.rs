@@ -66,7 +66,7 @@ pub async fn run(
     let state = Arc::new(http::AppState {
         keys,
         events,
-        proxies: request::TrustedProxies::new(args.trusted_proxies),
+        proxies: request::TrustedProxies::new(args.trusted_proxies.0),
         pool: connections.pool,
         limiter: limiter::Limiter::new(connections.redis.clone(), &args.limits, &topology.redis_prefix),
         redis: connections.redis,

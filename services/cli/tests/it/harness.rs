@@ -95,7 +95,7 @@ impl TestEnv {
     pub fn validator_args(&self) -> ValidatorArgs {
         ValidatorArgs {
             listen: "127.0.0.1:0".parse().expect("addr"),
-            trusted_proxies: vec!["127.0.0.0/8".parse().expect("net")],
+            trusted_proxies: "127.0.0.0/8".parse().expect("nets"),
             event_queue: 10_000,
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),
