@@ -24,7 +24,8 @@ impl DeadLetters {
     }
 
     /// Copies `message` to the dead-letter stream with the reason, and waits for JetStream to store it. The copy's
-    /// message id is derived from the original's stream position, so doing this twice stores it once. A stream that
+    /// message id is derived from the original's stream position and the time it was stored there, so doing this
+    /// twice stores it once, while a message at the same position of a stream made again is another one. A stream that
     /// is gone (deleted by hand, or NATS restarted without its storage) is created again: otherwise the batch would
     /// be retried, and the messages behind it held, until someone noticed.
     pub async fn store(&self, message: &Message, error: &CodecError) -> Result<(), async_nats::Error> {
@@ -39,11 +40,13 @@ impl DeadLetters {
     }
 
     async fn copy(&self, message: &Message, error: &CodecError) -> Result<(), async_nats::Error> {
-        let position = message.info().map(|info| format!("{}-{}", info.stream, info.stream_sequence))?;
+        let info = message.info()?;
+        let position = format!("{}-{}", info.stream, info.stream_sequence);
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(REASON_HEADER, error.to_string().as_str());
         headers.insert(SUBJECT_HEADER, message.subject.as_str());
-        headers.insert(async_nats::header::NATS_MESSAGE_ID, format!("dlq-{position}").as_str());
+        let id = format!("dlq-{position}-{}", info.published.unix_timestamp_nanos());
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         let subject = self.topology.dead_letter_subject();
         self.jetstream.publish_with_headers(subject, headers, message.payload.clone()).await?.await?;
         metrics::counter!(DEAD_LETTERS, "reason" => error.kind()).increment(1);

@@ -101,7 +101,9 @@ pub async fn replay(js: &jetstream::Context, topology: &Topology, selection: Sel
             .filter(|s| s.starts_with(&usage_prefix))
             .unwrap_or_else(|| topology.usage_subject());
         let mut headers = async_nats::HeaderMap::new();
-        let id = format!("replay-{}-{sequence}", topology.dead_letter_stream());
+        // Stable across a replay retried after it was interrupted, but not shared with the message at the same
+        // sequence of a dead-letter stream made again.
+        let id = format!("replay-{}-{sequence}-{}", topology.dead_letter_stream(), message.time.unix_timestamp_nanos());
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         let publish = |reason: String| DlqError::Publish { sequence, reason };
         js.publish_with_headers(subject, headers, message.payload.clone())

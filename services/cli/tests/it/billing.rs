@@ -260,6 +260,45 @@ async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
     env.cleanup().await;
 }
 
+/// Message ids name a message by its stream and sequence; a stream made again (deleted by hand, or a NATS that lost
+/// its storage) starts its sequences again, and its messages must not pass for the earlier ones.
+#[tokio::test]
+async fn streams_made_again_lose_no_dead_letter_and_no_replay() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    let dead_letters = || async {
+        js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").info().await.expect("info").state.messages
+    };
+    let wait_for_dead_letters =
+        |n: u64| crate::harness::wait_until(std::time::Duration::from_secs(10), dead_letters, move |m| *m == n);
+
+    // Garbage at sequence 1 of the usage stream, dead-lettered; the stream made again; other garbage at its 1.
+    for round in 1..=2 {
+        env.topology.ensure_worker_side(&js).await.expect("topology");
+        publish_raw(&js, &env.topology.usage_subject(), format!("\x01garbage {round}").into_bytes()).await;
+        let worker = env.start_worker().await;
+        assert_eq!(wait_for_dead_letters(round).await, round, "dead letters after round {round}");
+        worker.stop().await;
+        js.delete_stream(&env.topology.stream).await.expect("delete the usage stream");
+    }
+
+    // A dead letter replayed from sequence 1; the dead-letter stream made again; another replayed from its 1.
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let worker = env.start_worker().await;
+    for round in 1..=2 {
+        js.delete_stream(env.topology.dead_letter_stream()).await.expect("delete the dead-letter stream");
+        env.topology.ensure_dead_letter_stream(&js).await.expect("dead-letter stream");
+        let event = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+        publish_raw(&js, &env.topology.dead_letter_subject(), codec::encode_batch(vec![event])).await;
+        let output = tollgate(&env, &["dlq", "replay", "--seq", "1"]);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        env.wait_for_count("SELECT count(*) FROM api_usage", round).await;
+    }
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 async fn publish_raw(js: &jetstream::Context, subject: &str, payload: Vec<u8>) {
     js.publish(subject.to_owned(), payload.into()).await.expect("publish").await.expect("stored");
 }
