@@ -65,12 +65,28 @@ impl clap::builder::TypedValueParser for ServerUrlParser {
     }
 }
 
+/// Query parameters that carry a secret (PostgreSQL takes `?password=`).
+const SECRET_PARAMETERS: &[&str] = &["password", "sslpassword", "token", "pass"];
+
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut shown = self.0.clone();
+        // These only fail for URLs that cannot have a user or password, which this one has.
         if shown.password().is_some() {
-            // Only fails for URLs that cannot have a password, which this one has.
             let _ = shown.set_password(Some("***"));
+        } else if shown.scheme() == "nats" && !shown.username().is_empty() {
+            // nats://TOKEN@host
+            let _ = shown.set_username("***");
+        }
+        if shown.query_pairs().any(|(name, _)| SECRET_PARAMETERS.contains(&name.as_ref())) {
+            let pairs: Vec<(String, String)> = shown
+                .query_pairs()
+                .map(|(name, value)| {
+                    let secret = SECRET_PARAMETERS.contains(&name.as_ref());
+                    (name.into_owned(), if secret { "***".to_owned() } else { value.into_owned() })
+                })
+                .collect();
+            shown.query_pairs_mut().clear().extend_pairs(pairs);
         }
         f.write_str(shown.as_str())
     }
@@ -488,6 +504,14 @@ mod tests {
         assert_eq!(url.to_string(), "postgres://alice:***@db:5432/tollgate");
         assert!(!format!("{url:?}").contains("s3cret"));
         assert!(url.expose().contains("s3cret"));
+        let shown = |url: &str| url.parse::<ServerUrl>().expect("url").to_string();
+        assert_eq!(shown("nats://t0ken@nats:4222"), "nats://***@nats:4222");
+        assert_eq!(shown("nats://app:pw@nats:4222"), "nats://app:***@nats:4222");
+        assert_eq!(
+            shown("postgres://app@db/x?sslmode=require&password=s3cret"),
+            "postgres://app@db/x?sslmode=require&password=***"
+        );
+        assert_eq!(shown("postgres://app@db/x"), "postgres://app@db/x");
     }
 
     #[test]
