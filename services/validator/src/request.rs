@@ -131,11 +131,14 @@ impl TrustedProxies {
     }
 }
 
-/// An address as proxies write it in `X-Forwarded-For`: `203.0.113.5`, `2001:db8::1`, or either with a port
-/// (`203.0.113.5:4711`, `[2001:db8::1]:443`).
+/// An address as proxies write it in `X-Forwarded-For`: `203.0.113.5`, `2001:db8::1`, either with a port
+/// (`203.0.113.5:4711`, `[2001:db8::1]:443`), or an IPv6 one in brackets alone (`[2001:db8::1]`).
 fn forwarded_address(entry: &str) -> Option<IpAddr> {
     let entry = entry.trim();
-    let ip = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    let ip =
+        entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip())).or_else(|| {
+            entry.strip_prefix('[')?.strip_suffix(']')?.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+        })?;
     Some(ip.to_canonical())
 }
 
@@ -209,6 +212,8 @@ mod tests {
         // Ports, as some proxies write them, are read.
         assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, 203.0.113.5:4711")]), ip("203.0.113.5"));
         assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, [2001:db8::1]:443")]), ip("2001:db8::1"));
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, [2001:db8::1]")]), ip("2001:db8::1"));
+        assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, [203.0.113.5]")]), proxy, "IPv4 has no brackets");
         assert_eq!(client_ip(&[("x-forwarded-for", "::ffff:203.0.113.5")]), ip("203.0.113.5"));
         // Anything else ends the walk at the last trusted hop, never at an address the client wrote further out.
         assert_eq!(client_ip(&[("x-forwarded-for", "198.51.100.1, unknown")]), proxy);
