@@ -133,6 +133,16 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     assert_eq!(used(own_cost.send().await.expect("request")).await, "2");
     let report = client.get(url("/reports/1")).bearer_auth(key.expose()).send().await.expect("request");
     assert_eq!(used(report).await, "7");
+    // A client with more headers than Tollgate takes (100): nginx passes on only those Tollgate reads, so the
+    // request is decided (and counted) instead of failing with 500. (This test's upstream takes no more than 100
+    // either, and answers 431 itself.)
+    let many = (0..120).fold(client.get(url("/orders/1")).bearer_auth(key.expose()), |request, i| {
+        request.header(format!("x-extra-{i}"), "1")
+    });
+    assert_eq!(many.send().await.expect("request").status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // The key read from X-API-Key too.
+    let by_header = client.get(url("/orders/1")).header("X-API-Key", key.expose()).send().await.expect("request");
+    assert_eq!(used(by_header).await, "9");
 
     let missing = client.get(url("/orders/1")).send().await.expect("request");
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
@@ -285,10 +295,13 @@ async fn traefik_forward_auth_gives_200_401_403_and_429() {
     assert_eq!(seen["ratelimit-policy"], "\"key\";q=1000;w=60");
     // The client's own X-Tollgate-Cost does not reach Tollgate: every request costs 1.
     let own_cost = client.get(url("/orders/2")).bearer_auth(key.expose()).header("X-Tollgate-Cost", "50");
+    let own_cost = own_cost.header("User-Agent", "traefik-test/1");
     let seen: serde_json::Value = own_cost.send().await.expect("request").json().await.expect("upstream echo");
     assert_eq!(seen["x-ratelimit-used"], "2");
-    // Tollgate read the original request from Traefik's X-Forwarded-* headers.
-    env.wait_for_count("SELECT count(*) FROM api_usage WHERE method = 'GET' AND path = '/orders/2'", 1).await;
+    // Tollgate read the original request from Traefik's X-Forwarded-* headers, and the client's user agent.
+    let recorded = "SELECT count(*) FROM api_usage u JOIN user_agents a ON a.id = u.user_agent_id
+                    WHERE method = 'GET' AND path = '/orders/2' AND a.user_agent = 'traefik-test/1'";
+    env.wait_for_count(recorded, 1).await;
 
     let missing = client.get(url("/orders/1")).send().await.expect("request");
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
