@@ -11,7 +11,9 @@ use async_nats::jetstream::consumer::PullConsumer;
 use reqwest::StatusCode;
 use tokio::task::JoinHandle;
 
+use tollgate_shared::admin::{self, TierChanges, WindowSetting};
 use tollgate_shared::config::{SpoolFullPolicy, ValidatorArgs};
+use tollgate_shared::domain::{LimitSetting, TierName};
 use tollgate_shared::key::ApiKey;
 
 use crate::harness::{wait_until, RunningValidator, TestEnv};
@@ -196,7 +198,12 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     let mut nats = PrivateNats::start();
     let env = TestEnv::with_nats(&nats.url()).await;
     let org = env.org().await;
-    let (_, key) = env.key(&org).await;
+    // One limit, an hour long, so that every request of this test stays in its window: it counts what was admitted.
+    let hourly = WindowSetting { limit: LimitSetting::Max(1_000_000), seconds: 3600 };
+    admin::set_tier(&env.pool, "limited", TierChanges { window: Some(hourly), ..TierChanges::default() })
+        .await
+        .expect("tier");
+    let (_, key) = env.key_with(&org, |k| k.tier = TierName::from_static("limited")).await;
     let worker = env.start_worker().await;
     // A few dozen one-event messages fill it.
     let validator = env
@@ -216,14 +223,18 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     assert_eq!(auth().await.expect("request").status(), StatusCode::SERVICE_UNAVAILABLE, "and keeps refusing");
 
     nats.restart();
-    let status = wait_until(
-        Duration::from_secs(20),
-        || async { auth().await.expect("request").status() },
-        |s| *s == StatusCode::OK,
-    )
-    .await;
+    let answer = || async {
+        let answer = auth().await.expect("request");
+        let used = answer.headers().get("x-ratelimit-used").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        (answer.status(), used)
+    };
+    let (status, used) = wait_until(Duration::from_secs(20), answer, |(s, _)| *s == StatusCode::OK).await;
     assert_eq!(status, StatusCode::OK, "verifies succeed again once the spool drains");
     allowed += 1;
+    // The 503s consumed nothing from the limit, but for the one request in flight when the spool filled (counted
+    // before its event was refused): the limit counts the admitted requests, and at most that one besides.
+    let used: i64 = used.and_then(|u| u.parse().ok()).expect("X-RateLimit-Used");
+    assert!((allowed..=allowed + 1).contains(&used), "{used} counted, {allowed} admitted");
     assert_counted_once(&env, allowed).await;
 
     validator.service.stop().await;

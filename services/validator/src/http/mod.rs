@@ -195,6 +195,11 @@ impl AppState {
         if outcome == Outcome::Allowed && !attempt.requirement.is_met_by(&record) {
             outcome = Outcome::InsufficientScope;
         }
+        // No event can be recorded (a full spool, policy `block`): no decision either, and no limit counts a request
+        // that gets 503.
+        if self.events.refusing() {
+            return Verdict::Unavailable;
+        }
         let mut usage = None;
         let mut shadow_outcome = None;
         if outcome == Outcome::Allowed {
