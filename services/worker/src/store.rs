@@ -164,7 +164,12 @@ impl UsageStore {
                     attempt += 1;
                     tracing::debug!(error = %e, attempt, "batch lost a lock conflict; retrying at once");
                 }
-                Err(e) => return Err(e),
+                Err(e) => {
+                    // The partitions remembered may be gone (detached or dropped by an operator, or by retention):
+                    // the retry asks for them again rather than failing on a missing one for ever.
+                    self.partitions.clear();
+                    return Err(e);
+                }
                 Ok((inserted, totals)) => {
                     return Ok(Written { inserted, duplicates: events.len() as u64 - inserted, totals });
                 }

@@ -82,6 +82,34 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
     env.cleanup().await;
 }
 
+/// A month's partition dropped while a worker runs (by an operator, or retention) comes back with the next event
+/// of that month, instead of that event failing its batch for ever on what the worker remembered.
+#[tokio::test]
+async fn a_dropped_partition_is_made_again_for_a_late_event() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let months_ago = |n: i64| UsageEvent {
+        ts: chrono::Utc::now() - chrono::TimeDelta::days(n * 31),
+        ..usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1)
+    };
+    let worker = env.start_worker().await;
+    let first = months_ago(3);
+    publish(&js, &subject, "first", codec::encode_batch(vec![first.clone()])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+
+    let partition = format!("api_usage_{}", first.ts.format("%Y_%m"));
+    sqlx::query(&format!("DROP TABLE {partition}")).execute(&env.pool).await.expect("drop the partition");
+    publish(&js, &subject, "late", codec::encode_batch(vec![months_ago(3)])).await;
+    env.wait_for_count_within("SELECT count(*) FROM api_usage", 1, std::time::Duration::from_secs(20)).await;
+    let made_again = format!("SELECT count(*) FROM pg_inherits WHERE inhrelid = to_regclass('{partition}')");
+    assert_eq!(env.count(&made_again).await, 1);
+
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 /// A message near NATS's 1 MiB limit could not be dead-lettered (its copy adds headers), and would hold up its
 /// worker for good: the usage stream refuses it, and dead-letters the largest it takes.
 #[tokio::test]
