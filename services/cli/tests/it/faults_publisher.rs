@@ -220,7 +220,10 @@ async fn a_full_spool_answers_503_and_every_200_is_still_counted() {
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
     nats.stop();
     let mut allowed = 1 + allowed_until_refused(&validator, &key).await;
-    assert_eq!(auth().await.expect("request").status(), StatusCode::SERVICE_UNAVAILABLE, "and keeps refusing");
+    let refused = auth().await.expect("request");
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE, "and keeps refusing");
+    let body: serde_json::Value = refused.json().await.expect("a JSON body");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("the spool full")), "says why: {body}");
 
     nats.restart();
     let answer = || async {

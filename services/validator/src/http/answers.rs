@@ -109,6 +109,12 @@ pub fn forbidden() -> Response {
     (StatusCode::FORBIDDEN, body).into_response()
 }
 
+pub fn spool_full() -> Response {
+    let message = "usage cannot be recorded (NATS away and the spool full); retry shortly";
+    let body = Json(json!({ "error": "unavailable", "message": message }));
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()
+}
+
 pub fn limiter_unavailable() -> Response {
     let body = Json(json!({ "error": "unavailable", "message": "rate limiter unavailable; retry shortly" }));
     (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, "1")], body).into_response()

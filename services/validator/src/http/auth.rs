@@ -13,7 +13,8 @@ use tollgate_shared::codec::MAX_TEXT_LEN;
 use tollgate_shared::domain::Outcome;
 
 use super::answers::{
-    bad_request, forbidden, limit_headers, limiter_unavailable, too_many, unauthorized, unavailable, HeaderValues,
+    bad_request, forbidden, limit_headers, limiter_unavailable, spool_full, too_many, unauthorized, unavailable,
+    HeaderValues,
 };
 use super::params::{cost_header, requirement};
 use super::{AppState, Attempt, Verdict};
@@ -79,6 +80,7 @@ pub async fn auth(
         Verdict::IpLimited(usage) => too_many("rate_limited", &usage),
         Verdict::Decided { .. } | Verdict::Unidentified(_) => unauthorized(),
         Verdict::Unavailable => unavailable(),
+        Verdict::SpoolFull => spool_full(),
         Verdict::LimiterUnavailable => limiter_unavailable(),
     }
 }

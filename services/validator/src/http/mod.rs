@@ -117,14 +117,16 @@ enum Verdict {
     IpLimited(Usage),
     /// The key is not cached and PostgreSQL did not answer.
     Unavailable,
+    /// No usage event can be recorded: NATS is away and the spool is full (policy `block`).
+    SpoolFull,
     /// Redis cannot decide and the limit's failure policy is `closed`.
     LimiterUnavailable,
 }
 
 impl Verdict {
     /// The metric labels of verdicts that are not a key's outcome (see [`Verdict::label`]).
-    const UNDECIDED_LABELS: [&'static str; 6] =
-        ["missing", "malformed", "unknown", "ip_limited", "unavailable", "limiter_unavailable"];
+    const UNDECIDED_LABELS: [&'static str; 7] =
+        ["missing", "malformed", "unknown", "ip_limited", "unavailable", "spool_full", "limiter_unavailable"];
 
     /// The `outcome` label of `tollgate_verify_requests_total`.
     fn label(&self) -> &'static str {
@@ -133,6 +135,7 @@ impl Verdict {
             Verdict::Decided { outcome, .. } => outcome.as_str(),
             Verdict::IpLimited(_) => "ip_limited",
             Verdict::Unavailable => "unavailable",
+            Verdict::SpoolFull => "spool_full",
             Verdict::LimiterUnavailable => "limiter_unavailable",
         }
     }
@@ -197,8 +200,8 @@ impl AppState {
         }
         // No event can be recorded (a full spool, policy `block`): no decision either, and no limit counts a request
         // that gets 503.
-        if self.events.refusing() {
-            return Verdict::Unavailable;
+        if self.events.check_room().is_err() {
+            return Verdict::SpoolFull;
         }
         let mut usage = None;
         let mut shadow_outcome = None;
@@ -239,9 +242,9 @@ impl AppState {
                 shadow_outcome,
             })
             .await;
-        // The spool is full (policy `block`): an event that cannot be recorded must not be a decision either.
+        // The spool filled meanwhile: an event that cannot be recorded must not be a decision either.
         if queued.is_err() {
-            return Verdict::Unavailable;
+            return Verdict::SpoolFull;
         }
         Verdict::Decided { outcome, record, event_id, usage }
     }

@@ -18,8 +18,8 @@ use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::Role;
 
 use super::answers::{
-    bad_request, limit_headers, limiter_unavailable, never_fits, refused_request, reset_at, retry_after, unavailable,
-    HeaderValues,
+    bad_request, limit_headers, limiter_unavailable, never_fits, refused_request, reset_at, retry_after, spool_full,
+    unavailable, HeaderValues,
 };
 use super::params::{requirement_from, MAX_COST};
 use super::{AppState, Attempt, Verdict};
@@ -190,6 +190,7 @@ pub async fn verify(
         Verdict::IpLimited(usage) => (VerifyAnswer::invalid("RATE_LIMITED").with_usage(&usage, true), Some(usage)),
         Verdict::Unidentified(_) => (VerifyAnswer::invalid("INVALID"), None),
         Verdict::Unavailable => return unavailable(),
+        Verdict::SpoolFull => return spool_full(),
         Verdict::LimiterUnavailable => return limiter_unavailable(),
     };
     let mut response = Json(answer).into_response();

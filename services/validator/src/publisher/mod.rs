@@ -77,19 +77,20 @@ pub struct EventQueue {
 pub struct Rejected;
 
 impl EventQueue {
-    /// Whether events are being refused (the spool is full and its policy is `block`): a request is then answered
-    /// 503 before any limit counts it.
-    pub fn refusing(&self) -> bool {
-        self.full_policy == SpoolFullPolicy::Block && *self.spool_full.borrow()
+    /// Refuses (and counts) an event to come while events are refused (the spool is full and its policy is
+    /// `block`): so that a request is answered 503 before any limit counts it.
+    pub fn check_room(&self) -> Result<(), Rejected> {
+        if self.full_policy == SpoolFullPolicy::Block && *self.spool_full.borrow() {
+            return reject();
+        }
+        Ok(())
     }
 
     /// Queues an event. If the queue is full the caller waits (counted in `tollgate_event_queue_full_total`), so
     /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead,
     /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless).
     pub async fn push(&self, event: UsageEvent) -> Result<(), Rejected> {
-        if self.refusing() {
-            return reject();
-        }
+        self.check_room()?;
         let blocking = self.full_policy == SpoolFullPolicy::Block;
         let event = match self.sender.try_send(event) {
             Ok(()) => return Ok(()),
