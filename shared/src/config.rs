@@ -102,7 +102,7 @@ impl fmt::Debug for ServerUrl {
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Servers")]
 pub struct ServerArgs {
-    /// PostgreSQL; `up` and `migrate` create the database if it is missing.
+    /// PostgreSQL; `migrate`, `up`, `validator` and `worker` create the database if it is missing and migrate it.
     #[arg(
         long,
         env = "DATABASE_URL",
