@@ -7,7 +7,7 @@ pub mod dlq;
 pub mod quota;
 pub mod reconcile;
 mod store;
-mod user_agents;
+pub mod user_agents;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

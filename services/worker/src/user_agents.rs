@@ -12,17 +12,28 @@ const REMEMBERED: usize = 100_000;
 /// Attempts at resolving a batch: a string another worker is inserting at the same moment is only visible to a
 /// second statement.
 const ATTEMPTS: usize = 3;
+/// Distinct user agents stored at most (ids handed out, strictly): the header is the client's to write, so without a
+/// bound anyone holding a key could grow the table, and use up its 32-bit ids, with made-up strings. Past it, a
+/// new string is recorded as no user agent.
+pub const STORED_MAX: i64 = 1_000_000;
 
-/// Inserts the strings that are missing and returns the id of each one asked for. `known` reads rows inserted by
-/// others before this statement started; rows inserted concurrently show up on the next attempt. Only strings not
-/// known are inserted: an insert that meets a conflict still uses up an id, and the ids are 32-bit, so inserting
-/// every string asked for (each worker asks again after a restart) would run through them.
+/// The last id handed out (0 before the first).
+const LAST_ID: &str = "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('user_agents', 'id')), 0)";
+
+/// Inserts the strings that are missing, while fewer than `$2` ids have been handed out, and returns the id of each
+/// one asked for that has one. `known` reads rows inserted by others before this statement started; rows inserted
+/// concurrently show up on the next attempt. Only strings not known are inserted: an insert that meets a conflict
+/// still uses up an id, and the ids are 32-bit, so inserting every string asked for (each worker asks again after a
+/// restart) would run through them.
 const RESOLVE: &str = "
 WITH asked AS (SELECT DISTINCT unnest($1::text[]) AS user_agent),
 known AS (SELECT a.id, a.user_agent FROM user_agents a JOIN asked USING (user_agent)),
 added AS (
     INSERT INTO user_agents (user_agent)
-    SELECT user_agent FROM asked WHERE user_agent NOT IN (SELECT user_agent FROM known) ORDER BY 1
+    SELECT user_agent FROM asked
+    WHERE user_agent NOT IN (SELECT user_agent FROM known)
+      AND coalesce(pg_sequence_last_value(pg_get_serial_sequence('user_agents', 'id')), 0) < $2
+    ORDER BY 1
     ON CONFLICT (user_agent) DO NOTHING
     RETURNING id, user_agent
 )
@@ -30,10 +41,10 @@ SELECT id, user_agent FROM added
 UNION ALL
 SELECT id, user_agent FROM known";
 
-/// A worker's memory of user-agent ids.
+/// A worker's memory of user-agent ids (`None`: a string that came after the table was full, stored as none).
 #[derive(Debug, Default)]
 pub struct UserAgents {
-    ids: HashMap<String, i32>,
+    ids: HashMap<String, Option<i32>>,
 }
 
 impl UserAgents {
@@ -50,18 +61,28 @@ impl UserAgents {
             missing = asked.iter().map(|ua| (*ua).to_owned()).collect();
         }
         for _ in 0..ATTEMPTS {
-            let found: Vec<(i32, String)> = sqlx::query_as(RESOLVE).bind(&missing).fetch_all(pool).await?;
-            self.ids.extend(found.into_iter().map(|(id, ua)| (ua, id)));
+            let found: Vec<(i32, String)> =
+                sqlx::query_as(RESOLVE).bind(&missing).bind(STORED_MAX).fetch_all(pool).await?;
+            self.ids.extend(found.into_iter().map(|(id, ua)| (ua, Some(id))));
             missing.retain(|ua| !self.ids.contains_key(ua));
             if missing.is_empty() {
+                return Ok(());
+            }
+            let last_id: i64 = sqlx::query_scalar(LAST_ID).fetch_one(pool).await?;
+            if last_id >= STORED_MAX {
+                tracing::warn!(
+                    new = missing.len(),
+                    "user_agents holds its most distinct strings ({STORED_MAX}); new ones are recorded as none"
+                );
+                self.ids.extend(missing.into_iter().map(|ua| (ua, None)));
                 return Ok(());
             }
         }
         Err(sqlx::Error::Protocol(format!("{} user agents have no id after {ATTEMPTS} attempts", missing.len())))
     }
 
-    /// The id of `user_agent`, which [`UserAgents::resolve`] saw.
+    /// The id of `user_agent`, which [`UserAgents::resolve`] saw (`None` too for one the table had no room for).
     pub fn id(&self, user_agent: Option<&str>) -> Option<i32> {
-        user_agent.and_then(|ua| self.ids.get(ua).copied())
+        user_agent.and_then(|ua| self.ids.get(ua).copied().flatten())
     }
 }

@@ -316,6 +316,22 @@ async fn user_agents_are_stored_once_and_read_back_through_their_id() {
     publish(&js, &env.topology.usage_subject(), "m3", codec::encode_batch(vec![with(Some("sdk/1.0"))])).await;
     env.wait_for_count("SELECT count(*) FROM api_usage", 6).await;
     assert_eq!(env.count(last_id).await, before, "ids of the 32-bit sequence used up for strings already there");
+
+    // The table is full (as many ids handed out as it may hold): a new string is recorded as none, a known one as
+    // before, and the batch goes through.
+    let full = format!("SELECT setval('user_agents_id_seq', {})", tollgate_worker::user_agents::STORED_MAX);
+    sqlx::query(&full).execute(&env.pool).await.expect("setval");
+    let (new, known) = (with(Some("made-up/42")), with(Some("curl/8.5.0")));
+    publish(&js, &env.topology.usage_subject(), "m4", codec::encode_batch(vec![new.clone(), known.clone()])).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 8).await;
+    let stored = |id: Uuid| {
+        let sql = "SELECT a.user_agent FROM api_usage u LEFT JOIN user_agents a ON a.id = u.user_agent_id WHERE u.event_id = $1";
+        let pool = env.pool.clone();
+        async move { sqlx::query_scalar::<_, Option<String>>(sql).bind(id).fetch_one(&pool).await.expect("row") }
+    };
+    assert_eq!(stored(new.event_id).await, None);
+    assert_eq!(stored(known.event_id).await, Some("curl/8.5.0".to_owned()));
+    assert_eq!(env.count("SELECT count(*) FROM user_agents").await, 2);
     worker.stop().await;
     env.cleanup().await;
 }
