@@ -349,6 +349,54 @@ async fn a_key_revoked_while_it_is_being_enabled_stays_revoked() {
     env.cleanup().await;
 }
 
+/// An operator's own SQL, which does not touch updated_at, still reaches the validators; the workers' bookkeeping on
+/// a key is not a change.
+#[tokio::test]
+async fn changes_made_in_sql_reach_the_validators() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let other_org = env.org().await;
+    let (_, other) = env.key(&other_org).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let status = |key: &ApiKey| {
+        let sent = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+        async move { sent.await.expect("request").status() }
+    };
+    assert_eq!(status(&key).await, StatusCode::OK);
+    assert_eq!(status(&other).await, StatusCode::OK);
+    // Rows last changed an hour ago, out of the refresher's look-back (which would otherwise read them again anyway).
+    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
+        let sql = format!("UPDATE {table} SET updated_at = now() - interval '1 hour'");
+        sqlx::query(&sql).execute(&env.pool).await.expect(table);
+    }
+    let stamp = "SELECT extract(epoch FROM updated_at)::float8 FROM api_keys WHERE id = $1";
+    let stamped =
+        || async { sqlx::query_scalar::<_, f64>(stamp).bind(key_id).fetch_one(&env.pool).await.expect("updated_at") };
+
+    let before = stamped().await;
+    sqlx::query("UPDATE api_keys SET total_requests = total_requests + 1, last_used_at = now() WHERE id = $1")
+        .bind(key_id)
+        .execute(&env.pool)
+        .await
+        .expect("bookkeeping");
+    assert_eq!(stamped().await, before, "the workers' bookkeeping is not a change");
+
+    sqlx::query("UPDATE api_keys SET active = false WHERE id = $1").bind(key_id).execute(&env.pool).await.expect("key");
+    sqlx::query("UPDATE organizations SET active = false WHERE slug = $1")
+        .bind(&other_org)
+        .execute(&env.pool)
+        .await
+        .expect("org");
+    for key in [&key, &other] {
+        let seen = wait_until(Duration::from_secs(5), || status(key), |s| *s == StatusCode::UNAUTHORIZED).await;
+        assert_eq!(seen, StatusCode::UNAUTHORIZED, "a change made in SQL reached the validator");
+    }
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 /// A revocation that waits for a worker's batch holding the key's row commits later than its transaction began;
 /// it must still reach validators whose refresher has moved on meanwhile.
 #[tokio::test]
