@@ -19,8 +19,10 @@ BEGIN
 END
 $$;
 
+-- The workers' updates always raise total_requests: the WHEN clause spares them the function call altogether.
 CREATE TRIGGER api_keys_stamp_change BEFORE UPDATE ON api_keys
-    FOR EACH ROW EXECUTE FUNCTION tollgate_stamp_change('last_used_at', 'total_requests');
+    FOR EACH ROW WHEN (NEW.total_requests IS NOT DISTINCT FROM OLD.total_requests)
+    EXECUTE FUNCTION tollgate_stamp_change('last_used_at', 'total_requests');
 CREATE TRIGGER organizations_stamp_change BEFORE UPDATE ON organizations
     FOR EACH ROW EXECUTE FUNCTION tollgate_stamp_change();
 CREATE TRIGGER rate_limit_tiers_stamp_change BEFORE UPDATE ON rate_limit_tiers
