@@ -58,9 +58,11 @@ const RECORD_SELECT: &str = "SELECT k.id, k.org_id, k.name, k.role, k.scopes, k.
 const NEGATIVE_CAPACITY: usize = 100_000;
 /// Stale records remembered as being read again (past this many, one may be read twice: no harm).
 const RELOADING_CAPACITY: usize = 10_000;
-/// How long a refresh waits for PostgreSQL's first answer, and a missed key for its record, before PostgreSQL counts
-/// as away.
+/// How long a refresh waits for PostgreSQL's first answer (after which PostgreSQL counts as away), and a missed key
+/// for its record (after which lookups of that key fail at once for as long again).
 const DATABASE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Keys whose last read failed remembered (past this many, one may be read again sooner: no harm).
+const FAILED_READS_CAPACITY: usize = 10_000;
 /// How long a stale record waits before it is read again after a failed attempt (PostgreSQL away).
 const RELOAD_RETRY: Duration = Duration::from_secs(10);
 /// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
@@ -80,11 +82,15 @@ pub struct KeyCache {
     negative_ttl: Duration,
     /// Age past which a known record is read again.
     recheck: Duration,
-    /// Whether the refresher's last attempt, or a query since, failed: then only the refresher asks PostgreSQL.
+    /// Whether the refresher's last attempt, or a lookup's since, could not reach PostgreSQL: then only the refresher
+    /// asks it.
     database_away: Arc<AtomicBool>,
     /// Stale records being read again, with when the attempt began: one attempt per key at a time, and none for
     /// [`RELOAD_RETRY`] after a failed one.
     reloading: Arc<Cache<KeyHash, Instant>>,
+    /// Keys whose last read failed (timed out, or found a row this release cannot read), with when: their lookups
+    /// fail at once for [`DATABASE_TIMEOUT`] rather than each waiting out a read of its own, or logging again.
+    failed_reads: Arc<Cache<KeyHash, Instant>>,
     pool: PgPool,
     /// Lookups by where the answer came from.
     lookups: Arc<LabeledCounter<1>>,
@@ -104,9 +110,12 @@ impl Cached {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LookupError {
-    /// Not asked: the last query failed, so this one would wait out the pool's timeout for nothing.
+    /// Not asked: PostgreSQL could not be reached lately, so this one would wait out the pool's timeout for nothing.
     #[error("PostgreSQL does not answer (the key cache's last query failed)")]
     DatabaseAway,
+    /// Not asked: this key's last read failed a moment ago.
+    #[error("this key's record could not be read a moment ago")]
+    ReadFailedLately,
     #[error("key lookup failed: {0}")]
     Query(String),
     /// The key's row holds what this validator cannot read (a role or value a newer release added, say).
@@ -130,6 +139,7 @@ impl KeyCache {
             recheck,
             database_away: Arc::new(AtomicBool::new(false)),
             reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
+            failed_reads: Arc::new(Cache::new(FAILED_READS_CAPACITY)),
             pool,
             lookups: Arc::new(LabeledCounter::new(
                 KEY_LOOKUPS,
@@ -169,11 +179,18 @@ impl KeyCache {
                 if self.database_away.load(Ordering::Relaxed) {
                     return Err(Miss::Failed(LookupError::DatabaseAway));
                 }
-                match self.read(hash).await.map_err(Miss::Failed)? {
-                    Some(record) => Ok(Cached::new(Arc::new(record))),
-                    None => {
+                if self.failed_reads.get(&hash).is_some_and(|failed| failed.elapsed() < DATABASE_TIMEOUT) {
+                    return Err(Miss::Failed(LookupError::ReadFailedLately));
+                }
+                match self.read(hash).await {
+                    Ok(Some(record)) => Ok(Cached::new(Arc::new(record))),
+                    Ok(None) => {
                         self.unknown.insert(hash, Instant::now());
                         Err(Miss::Unknown)
+                    }
+                    Err(e) => {
+                        self.failed_reads.insert(hash, Instant::now());
+                        Err(Miss::Failed(e))
                     }
                 }
             })
@@ -185,23 +202,26 @@ impl KeyCache {
         }
     }
 
-    /// The key's record as PostgreSQL has it now, or `None` if no key has this hash. A query that fails or takes
-    /// longer than [`DATABASE_TIMEOUT`] marks PostgreSQL away until the refresher hears from it again.
+    /// The key's record as PostgreSQL has it now, or `None` if no key has this hash; at most [`DATABASE_TIMEOUT`]
+    /// is waited for it. A query that fails (PostgreSQL not reached) marks PostgreSQL away until the refresher hears
+    /// from it again; one that is only slow does not (a cold cache's burst of lookups can queue for a connection).
     async fn read(&self, hash: KeyHash) -> Result<Option<KeyRecord>, LookupError> {
         self.lookups.increment(["database"]);
         let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
         let query = sqlx::query(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool);
         let row = match tokio::time::timeout(DATABASE_TIMEOUT, query).await {
             Ok(Ok(row)) => row,
-            Ok(Err(e)) => return Err(self.database_failed(e)),
-            Err(_) => return Err(self.database_failed(sqlx::Error::PoolTimedOut)),
+            Ok(Err(e)) => {
+                self.database_away.store(true, Ordering::Relaxed);
+                return Err(LookupError::Query(e.to_string()));
+            }
+            Err(_) => return Err(LookupError::Query(format!("no answer within {DATABASE_TIMEOUT:?}"))),
         };
-        row.map(|row| KeyRecord::from_row(&row)).transpose().map_err(LookupError::Unreadable)
-    }
-
-    fn database_failed(&self, e: sqlx::Error) -> LookupError {
-        self.database_away.store(true, Ordering::Relaxed);
-        LookupError::Query(e.to_string())
+        let record = row.as_ref().map(KeyRecord::from_row).transpose();
+        record.map_err(|e| {
+            self.forget_unreadable(hash, row.and_then(|row| row.try_get("id").ok()), &e);
+            LookupError::Unreadable(e)
+        })
     }
 
     /// Reads a stale record again without making its request wait. Until that succeeds, the stale record keeps
@@ -221,7 +241,8 @@ impl KeyCache {
                     cache.known.remove(&hash);
                     cache.unknown.insert(hash, Instant::now());
                 }
-                Err(LookupError::Unreadable(e)) => cache.forget_unreadable(hash, None, e),
+                // Forgotten by `read` already.
+                Err(LookupError::Unreadable(_)) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read a stale key record again; it keeps deciding meanwhile");
                     return;
@@ -232,9 +253,10 @@ impl KeyCache {
     }
 
     /// Forgets a key whose row this release cannot read: its lookups fail until the row is readable again.
-    fn forget_unreadable(&self, hash: KeyHash, key_id: Option<Uuid>, e: sqlx::Error) {
+    fn forget_unreadable(&self, hash: KeyHash, key_id: Option<Uuid>, e: &sqlx::Error) {
         tracing::error!(?key_id, error = %e, "cannot read a key's row; the key gets 503 until it can be read");
         self.known.remove(&hash);
+        self.unknown.remove(&hash);
     }
 
     /// Whether `hash` was found to be no key's within the negative-cache TTL.
@@ -285,7 +307,7 @@ impl KeyCache {
             // lookups fail until the row is readable again) and the refresh goes on.
             match KeyRecord::from_row(&row) {
                 Ok(record) => self.apply(hash, record),
-                Err(e) => self.forget_unreadable(hash, row.try_get("id").ok(), e),
+                Err(e) => self.forget_unreadable(hash, row.try_get("id").ok(), &e),
             }
             if changed.is_multiple_of(APPLIED_PER_TURN) {
                 tokio::task::yield_now().await;

@@ -546,6 +546,32 @@ async fn lookups_that_queue_behind_a_failing_query_fail_with_it_rather_than_in_t
     env.cleanup().await;
 }
 
+/// A read that hangs while PostgreSQL itself answers (here, `api_keys` locked): the refresher does not count
+/// PostgreSQL away, so the key's own failed read is what spares the lookups queued behind it a read each.
+#[tokio::test]
+async fn lookups_of_a_key_whose_read_hangs_fail_together_after_one_timeout() {
+    let env = TestEnv::new().await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let unseen = ApiKey::generate(KeyEnv::Test);
+    let locked = lock_keys(env.pool.clone()).await;
+
+    let started = Instant::now();
+    let requests = (0..20).map(|_| client.get(validator.url("/v1/auth")).bearer_auth(unseen.expose()).send());
+    let statuses: Vec<_> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(|response| response.expect("request").status())
+        .collect();
+    let took = started.elapsed();
+    assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+    assert!(took < Duration::from_secs(4), "the twenty answers took {took:?}");
+
+    locked.rollback().await.expect("unlock");
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_once_and_deleted_ones_go() {
     let postgres = PrivatePostgres::start();

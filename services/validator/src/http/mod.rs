@@ -186,8 +186,10 @@ impl AppState {
         let record = match self.keys.lookup(key.hash()).await {
             Ok(Some(record)) => record,
             Ok(None) => return Verdict::Unidentified("unknown"),
-            // The refresher logs this once per attempt, not once per request.
-            Err(LookupError::DatabaseAway) => return Verdict::Unavailable,
+            // Logged once (by the refresher, or by the read that failed), not once per request.
+            Err(LookupError::DatabaseAway | LookupError::ReadFailedLately | LookupError::Unreadable(_)) => {
+                return Verdict::Unavailable;
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot look up a key that is not cached");
                 return Verdict::Unavailable;
@@ -200,7 +202,7 @@ impl AppState {
         }
         // No event can be recorded (a full spool, policy `block`): no decision either, and no limit counts a request
         // that gets 503.
-        if self.events.check_room().is_err() {
+        if self.events.ensure_accepting().is_err() {
             return Verdict::SpoolFull;
         }
         let mut usage = None;
