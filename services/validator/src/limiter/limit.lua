@@ -24,7 +24,7 @@
 --          used + cost <= limit: the validator knows both.)
 -- A denied request (an enforced limit that does not fit) changes no count. A shadow limit that does not fit is
 -- reported but does not deny, and is not counted.
-local call, pcall, pack, read, byte = redis.call, redis.pcall, struct.pack, struct.unpack, string.byte
+local call, try_call, pack, read, byte = redis.call, redis.pcall, struct.pack, struct.unpack, string.byte
 local t = call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local per_window = tonumber(ARGV[1])
@@ -70,9 +70,9 @@ local function load(k, b, width)
     -- Twice the time a bucket stays in the window, so that the expiry moves at most once per window.
     ttls[width] = string.format('%d', 2 * math.ceil(width * (per_window + 1) / 1000) + 1)
   end
-  -- pcall: a key of another type (another writer's) is an error to it, which is read as a new counter (and written
-  -- over) rather than failing every decision of the call.
-  local trailer = pcall('GETRANGE', KEYS[k], '-48', '-1')
+  -- try_call (redis.pcall): a key of another type (another writer's) is an error to it, which is read as a new
+  -- counter (and written over) rather than failing every decision of the call.
+  local trailer = try_call('GETRANGE', KEYS[k], '-48', '-1')
   local total, since, first_stored, newest, units, older = 0, false, 0, 0, 0, 0
   if type(trailer) == 'string' and #trailer == 48 then
     total, since, first_stored, newest, units, older = read(TRAILER, trailer)
@@ -212,7 +212,7 @@ for _ = 1, decisions do
     -- The workers write quota counters, never this script; each is read once per call, kept as its `used`.
     local units = C[b + 2]
     if not units then
-      local stored = pcall('GET', KEYS[k]) -- as above: another writer's value counts as none
+      local stored = try_call('GET', KEYS[k]) -- as above: another writer's value counts as none
       units = type(stored) == 'string' and tonumber(stored) or 0
       C[b + 2] = units
     end

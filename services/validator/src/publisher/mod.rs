@@ -77,9 +77,9 @@ pub struct EventQueue {
 pub struct Rejected;
 
 impl EventQueue {
-    /// Refuses (and counts) an event to come while events are refused (the spool is full and its policy is
-    /// `block`): so that a request is answered 503 before any limit counts it.
-    pub fn check_room(&self) -> Result<(), Rejected> {
+    /// Fails (counted as a refused event) while events are refused: the spool is full and its policy is `block`. A
+    /// request is then answered 503 before any limit counts it.
+    pub fn ensure_accepting(&self) -> Result<(), Rejected> {
         if self.full_policy == SpoolFullPolicy::Block && *self.spool_full.borrow() {
             return reject();
         }
@@ -90,7 +90,7 @@ impl EventQueue {
     /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead,
     /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless).
     pub async fn push(&self, event: UsageEvent) -> Result<(), Rejected> {
-        self.check_room()?;
+        self.ensure_accepting()?;
         let blocking = self.full_policy == SpoolFullPolicy::Block;
         let event = match self.sender.try_send(event) {
             Ok(()) => return Ok(()),
