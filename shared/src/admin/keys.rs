@@ -155,8 +155,7 @@ pub async fn revoke_key(pool: &PgPool, actor: &Actor, id: Uuid, reason: Option<S
     let sql = format!(
         "UPDATE api_keys SET active = false, revoked_at = COALESCE(revoked_at, now()),
                 deactivated_reason = CASE WHEN revoked_at IS NULL THEN COALESCE($2, 'revoked')
-                                          ELSE deactivated_reason END,
-                updated_at = clock_timestamp()
+                                          ELSE deactivated_reason END
          WHERE id = $1 RETURNING {COLUMNS}"
     );
     let info: KeyInfo = sqlx::query_as(&sql)
@@ -184,8 +183,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
             expires_at = CASE WHEN $6 THEN $7 ELSE expires_at END,
             active = COALESCE($8, active),
             deactivated_reason = CASE WHEN $8 IS NULL OR revoked_at IS NOT NULL THEN deactivated_reason
-                                      WHEN $8 THEN NULL ELSE 'disabled' END,
-            updated_at = clock_timestamp()
+                                      WHEN $8 THEN NULL ELSE 'disabled' END
          WHERE id = $1 AND NOT ($8 IS TRUE AND revoked_at IS NOT NULL) RETURNING {COLUMNS}"
     );
     let info: Option<KeyInfo> = sqlx::query_as(&sql)

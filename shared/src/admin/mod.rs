@@ -1,7 +1,7 @@
 //! Operations on organizations, keys and rate-limit tiers: the one implementation behind the CLI (and, later, the admin HTTP API).
-//! Every change bumps `updated_at`, which is how validators learn that a cached key changed: to `clock_timestamp()`,
-//! the time of the change itself, not `now()`, the time its transaction began, which may be well before it commits
-//! (a change that waited for a lock) and so fall behind what the validators' refresher still looks at.
+//! Every change bumps `updated_at`, which is how validators learn that a cached key changed: the tables' triggers
+//! (migration `…_changes_stamp_themselves`) set it to the time of the change itself, for these operations and an
+//! operator's own SQL alike.
 
 mod keys;
 mod orgs;

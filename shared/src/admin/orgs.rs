@@ -105,8 +105,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
             monthly_request_limit = CASE WHEN $6 THEN $7 ELSE monthly_request_limit END,
             max_api_keys = COALESCE($8, max_api_keys),
             active = COALESCE($9, active),
-            rate_limit_shadow = COALESCE($10, rate_limit_shadow),
-            updated_at = clock_timestamp()
+            rate_limit_shadow = COALESCE($10, rate_limit_shadow)
          WHERE id = $1 RETURNING {COLUMNS}"
     );
     sqlx::query_as(&sql)

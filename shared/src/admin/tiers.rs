@@ -46,7 +46,7 @@ pub async fn list_tiers(pool: &PgPool) -> Result<Vec<Tier>, AdminError> {
 }
 
 /// Changes a tier, making it first (with no limits but those given) if none has this name; says whether it made
-/// it. Bumps `updated_at`, so validators pick up the change for every key of the tier.
+/// it. The change bumps `updated_at` (a trigger), so validators pick it up for every key of the tier.
 pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result<(Tier, bool), AdminError> {
     let refused = |e| check_violation(e).unwrap_or_else(AdminError::Database);
     let mut tx = pool.begin().await?;
@@ -61,8 +61,7 @@ pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result
             window_seconds = COALESCE($4, window_seconds),
             burst_limit = CASE WHEN $5 THEN $6 ELSE burst_limit END,
             burst_seconds = COALESCE($7, burst_seconds),
-            shadow = COALESCE($8, shadow),
-            updated_at = clock_timestamp()
+            shadow = COALESCE($8, shadow)
          WHERE name = $1 RETURNING {COLUMNS}"
     );
     let limit = |w: Option<WindowSetting>| w.and_then(|w| w.limit.as_option());
