@@ -74,7 +74,7 @@ impl fmt::Display for ServerUrl {
         // These only fail for URLs that cannot have a user or password, which this one has.
         if shown.password().is_some() {
             let _ = shown.set_password(Some("***"));
-        } else if shown.scheme() == "nats" && !shown.username().is_empty() {
+        } else if ["nats", "tls", "ws", "wss"].contains(&shown.scheme()) && !shown.username().is_empty() {
             // nats://TOKEN@host
             let _ = shown.set_username("***");
         }
@@ -506,6 +506,7 @@ mod tests {
         assert!(url.expose().contains("s3cret"));
         let shown = |url: &str| url.parse::<ServerUrl>().expect("url").to_string();
         assert_eq!(shown("nats://t0ken@nats:4222"), "nats://***@nats:4222");
+        assert_eq!(shown("tls://t0ken@nats:4222"), "tls://***@nats:4222");
         assert_eq!(shown("nats://app:pw@nats:4222"), "nats://app:***@nats:4222");
         assert_eq!(
             shown("postgres://app@db/x?sslmode=require&password=s3cret"),

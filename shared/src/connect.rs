@@ -72,7 +72,8 @@ fn database_name(url: &ServerUrl) -> String {
 /// Creates the database named in `url` if it does not exist, by way of the server's `postgres` database: only then,
 /// since a role may be allowed to connect to its own database alone.
 pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectError> {
-    match sqlx::PgConnection::connect(url.expose()).await {
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect(url.expose()));
+    match connecting.await.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
         Ok(connection) => {
             let _ = connection.close().await;
             return Ok(());
