@@ -7,7 +7,7 @@ pub mod dlq;
 pub mod quota;
 pub mod reconcile;
 mod store;
-pub mod user_agents;
+mod user_agents;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,7 +35,7 @@ use dead_letter::DeadLetters;
 pub use dead_letter::{REASON_HEADER, SUBJECT_HEADER};
 pub use quota::QuotaCounters;
 pub use store::{copy_statement, encode, PeriodTotal, UsageStore, Written};
-pub use user_agents::UserAgents;
+pub use user_agents::{UserAgents, STORED_MAX as USER_AGENTS_STORED_MAX};
 
 /// Retry policy while PostgreSQL is failing: exponential from 100 ms to 10 s, full jitter. Coherent with the
 /// consumer (`nats/workers-consumer.json`): every retry first sends an in-progress ack, which restarts the 30 s

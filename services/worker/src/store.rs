@@ -166,7 +166,8 @@ impl UsageStore {
                 }
                 Err(e) => {
                     // The partitions remembered may be gone (detached or dropped by an operator, or by retention):
-                    // the retry asks for them again rather than failing on a missing one for ever.
+                    // the retry asks for them again (making a dropped one again, attaching a detached one again)
+                    // rather than failing on a missing one for ever.
                     self.partitions.clear();
                     return Err(e);
                 }

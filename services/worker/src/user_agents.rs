@@ -12,34 +12,43 @@ const REMEMBERED: usize = 100_000;
 /// Attempts at resolving a batch: a string another worker is inserting at the same moment is only visible to a
 /// second statement.
 const ATTEMPTS: usize = 3;
-/// Distinct user agents stored at most (ids handed out, strictly): the header is the client's to write, so without a
-/// bound anyone holding a key could grow the table, and use up its 32-bit ids, with made-up strings. Past it, a
-/// new string is recorded as no user agent.
+/// About how many distinct user agents are stored (counted as ids handed out; one statement may go past it by the
+/// new strings of its batch): the header is the client's to write, so without a bound anyone holding a key could grow
+/// the table, and use up its 32-bit ids, with made-up strings. Past it, a new string is recorded as no user agent.
 pub const STORED_MAX: i64 = 1_000_000;
 
-/// The last id handed out (0 before the first).
-const LAST_ID: &str = "SELECT coalesce(pg_sequence_last_value(pg_get_serial_sequence('user_agents', 'id')), 0)";
+/// The last id handed out (0 before the first), in SQL.
+macro_rules! last_id {
+    () => {
+        "coalesce(pg_sequence_last_value(pg_get_serial_sequence('user_agents', 'id')), 0)"
+    };
+}
 
 /// Inserts the strings that are missing, while fewer than `$2` ids have been handed out, and returns the id of each
 /// one asked for that has one. `known` reads rows inserted by others before this statement started; rows inserted
 /// concurrently show up on the next attempt. Only strings not known are inserted: an insert that meets a conflict
 /// still uses up an id, and the ids are 32-bit, so inserting every string asked for (each worker asks again after a
 /// restart) would run through them.
-const RESOLVE: &str = "
+const RESOLVE: &str = concat!(
+    "
 WITH asked AS (SELECT DISTINCT unnest($1::text[]) AS user_agent),
 known AS (SELECT a.id, a.user_agent FROM user_agents a JOIN asked USING (user_agent)),
 added AS (
     INSERT INTO user_agents (user_agent)
     SELECT user_agent FROM asked
-    WHERE user_agent NOT IN (SELECT user_agent FROM known)
-      AND coalesce(pg_sequence_last_value(pg_get_serial_sequence('user_agents', 'id')), 0) < $2
+    WHERE user_agent NOT IN (SELECT user_agent FROM known) AND ",
+    last_id!(),
+    " < $2
     ORDER BY 1
     ON CONFLICT (user_agent) DO NOTHING
     RETURNING id, user_agent
 )
 SELECT id, user_agent FROM added
 UNION ALL
-SELECT id, user_agent FROM known";
+SELECT id, user_agent FROM known"
+);
+
+const LAST_ID: &str = concat!("SELECT ", last_id!());
 
 /// A worker's memory of user-agent ids (`None`: a string that came after the table was full, stored as none).
 #[derive(Debug, Default)]

@@ -319,7 +319,7 @@ async fn user_agents_are_stored_once_and_read_back_through_their_id() {
 
     // The table is full (as many ids handed out as it may hold): a new string is recorded as none, a known one as
     // before, and the batch goes through.
-    let full = format!("SELECT setval('user_agents_id_seq', {})", tollgate_worker::user_agents::STORED_MAX);
+    let full = format!("SELECT setval('user_agents_id_seq', {})", tollgate_worker::USER_AGENTS_STORED_MAX);
     sqlx::query(&full).execute(&env.pool).await.expect("setval");
     let (new, known) = (with(Some("made-up/42")), with(Some("curl/8.5.0")));
     publish(&js, &env.topology.usage_subject(), "m4", codec::encode_batch(vec![new.clone(), known.clone()])).await;
