@@ -98,16 +98,25 @@ async fn up_demo_prints_a_key_that_verifies_for_a_day() {
         .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
         .stdout(Stdio::piped())
         .stderr(Stdio::null());
-    let mut up = command.spawn().expect("tollgate up --demo");
-    let stdout = std::io::BufReader::new(up.stdout.take().expect("stdout"));
+    /// Killed if the test fails before it stops it.
+    struct Up(Option<std::process::Child>);
+    impl Drop for Up {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut up = Up(Some(command.spawn().expect("tollgate up --demo")));
+    let child = up.0.as_mut().expect("running");
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let pid = child.id().to_string();
     let (lines, printed) = std::sync::mpsc::channel();
     std::thread::spawn(move || stdout.lines().map_while(Result::ok).try_for_each(|line| lines.send(line)));
     let curl =
         std::iter::from_fn(|| printed.recv_timeout(Duration::from_secs(60)).ok()).find(|l| l.contains("curl -i"));
-    let Some(curl) = curl else {
-        let _ = up.kill();
-        panic!("up --demo printed no curl line within a minute");
-    };
+    let curl = curl.expect("up --demo printed a curl line within a minute");
     // curl -i -H 'Authorization: Bearer KEY' http://ADDRESS/v1/auth
     let key = curl.split("Bearer ").nth(1).and_then(|rest| rest.split('\'').next()).expect("the key");
     let url = curl.split_whitespace().last().expect("the URL");
@@ -118,9 +127,10 @@ async fn up_demo_prints_a_key_that_verifies_for_a_day() {
     let day = "SELECT count(*) FROM api_keys WHERE expires_at BETWEEN now() + interval '23 hours' AND now() + interval '25 hours'";
     assert_eq!(env.count(day).await, 1, "the demo key works for a day");
 
-    let interrupted = Command::new("kill").args(["-INT", &up.id().to_string()]).status().expect("kill");
+    let interrupted = Command::new("kill").args(["-INT", &pid]).status().expect("kill");
     assert!(interrupted.success());
-    let status = tokio::task::spawn_blocking(move || up.wait()).await.expect("join").expect("wait");
+    let mut child = up.0.take().expect("running");
+    let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
     assert!(status.success(), "Ctrl-C stops it with exit 0: {status}");
     env.cleanup().await;
 }

@@ -590,7 +590,8 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
     let org_id = admin::update_org(&env.pool, &org, limits).await.expect("org").id;
     let quota = tollgate_validator::quota_key(&env.topology.redis_prefix, org_id, Utc::now());
     let _: i64 = redis::cmd("RPUSH").arg(&quota).arg("x").query_async(&mut redis).await.expect("rpush");
-    // Five of the validator's key refreshes.
+    // Five of the validator's key refreshes (waited out rather than polled: each request counts against the key's
+    // limit of 5).
     tokio::time::sleep(Duration::from_secs(1)).await;
     let answer = auth(&client, &validator, &key).await;
     assert_eq!(answer.status(), StatusCode::OK);
