@@ -22,6 +22,10 @@ pub enum ConnectError {
         "cannot reach {server} at {url}: {reason}. Is it running? Set {variable} (or --{flag}) to point elsewhere."
     )]
     Unreachable { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
+    #[error(
+        "{server} at {url} refused the login: {reason}. Set {variable} (or --{flag}) with credentials it accepts."
+    )]
+    LoginRefused { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
     #[error("database {database:?} does not exist on {url}: `tollgate migrate` (or `tollgate up`) creates it")]
     NoDatabase { database: String, url: String },
     #[error("cannot create database {database:?} on {url}: {reason}")]
@@ -31,12 +35,33 @@ pub enum ConnectError {
 }
 
 fn unreachable(server: &'static str, url: &ServerUrl, variable: &'static str, reason: impl ToString) -> ConnectError {
-    let flag = match variable {
+    ConnectError::Unreachable {
+        server,
+        url: url.to_string(),
+        variable,
+        flag: flag(variable),
+        reason: reason.to_string(),
+    }
+}
+
+/// The server answered, and refused the credentials (or the user) the URL gives.
+fn login_refused(server: &'static str, url: &ServerUrl, variable: &'static str, reason: impl ToString) -> ConnectError {
+    ConnectError::LoginRefused {
+        server,
+        url: url.to_string(),
+        variable,
+        flag: flag(variable),
+        reason: reason.to_string(),
+    }
+}
+
+/// The flag that sets the same as `variable`.
+fn flag(variable: &'static str) -> &'static str {
+    match variable {
         "DATABASE_URL" => "database-url",
         "NATS_URL" => "nats-url",
         _ => "redis-url",
-    };
-    ConnectError::Unreachable { server, url: url.to_string(), variable, flag, reason: reason.to_string() }
+    }
 }
 
 /// A pool on an existing database.
@@ -54,10 +79,12 @@ pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, C
 }
 
 fn postgres_refused(url: &ServerUrl, e: sqlx::Error) -> ConnectError {
-    if is_missing_database(&e) {
-        ConnectError::NoDatabase { database: database_name(url), url: url.to_string() }
-    } else {
-        unreachable("PostgreSQL", url, "DATABASE_URL", e)
+    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
+    match code.as_deref() {
+        Some("3D000") => ConnectError::NoDatabase { database: database_name(url), url: url.to_string() },
+        // Class 28: invalid authorization (no such role, a wrong password).
+        Some(code) if code.starts_with("28") => login_refused("PostgreSQL", url, "DATABASE_URL", e),
+        _ => unreachable("PostgreSQL", url, "DATABASE_URL", e),
     }
 }
 
@@ -78,7 +105,7 @@ pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectEr
             let _ = connection.close().await;
             return Ok(());
         }
-        Err(e) if !is_missing_database(&e) => return Err(unreachable("PostgreSQL", url, "DATABASE_URL", e)),
+        Err(e) if !is_missing_database(&e) => return Err(postgres_refused(url, e)),
         Err(_) => {}
     }
     let database = database_name(url);
@@ -114,7 +141,10 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
     tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| unreachable("Redis", url, "REDIS_URL", "timed out"))?
-        .map_err(|e| unreachable("Redis", url, "REDIS_URL", e))
+        .map_err(|e| match e.kind() {
+            redis::ErrorKind::AuthenticationFailed => login_refused("Redis", url, "REDIS_URL", e),
+            _ => unreachable("Redis", url, "REDIS_URL", e),
+        })
 }
 
 /// A Redis connection that may not be made yet: the validator starts while Redis is away (its rate limits follow
@@ -163,7 +193,12 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
 
 /// A NATS client that reconnects by itself after the first connection.
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    nats_options(url).connect(url.expose()).await.map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+    nats_options(url).connect(url.expose()).await.map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication => {
+            login_refused("NATS", url, "NATS_URL", e)
+        }
+        _ => unreachable("NATS", url, "NATS_URL", e),
+    })
 }
 
 /// A NATS client that makes even its first connection in the background: for the validator, which serves (and

@@ -9,7 +9,7 @@ use serde_json::Value;
 use tollgate_shared::config::ServerUrl;
 
 use crate::harness::{wait_until, TestEnv, NATS_URL};
-use crate::servers::{PrivateNats, PrivatePostgres};
+use crate::servers::{PrivateNats, PrivatePostgres, PrivateRedis};
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
@@ -135,6 +135,27 @@ async fn up_demo_prints_a_key_that_verifies_for_a_day() {
     env.cleanup().await;
 }
 
+/// A server that answers and refuses the login is told apart from one that does not answer.
+#[tokio::test]
+async fn a_refused_login_says_so_and_what_to_set() {
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["org", "list"])
+        .env("DATABASE_URL", "postgres://tollgate_no_such_role@127.0.0.1:5432/postgres")
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("refused the login") && stderr.contains("Set DATABASE_URL"), "{stderr}");
+
+    let redis = PrivateRedis::start_with(&["--requirepass", "s3cret"]);
+    let wrong: ServerUrl = format!("redis://:wrong@127.0.0.1:{}", redis.port).parse().expect("url");
+    let refused = tollgate_shared::connect::redis(&wrong).await.err().map(|e| e.to_string()).unwrap_or_default();
+    assert!(refused.contains("refused the login") && refused.contains("REDIS_URL"), "{refused}");
+    assert!(!refused.contains("wrong"), "the password was shown: {refused}");
+    let right: ServerUrl = format!("redis://:s3cret@127.0.0.1:{}", redis.port).parse().expect("url");
+    tollgate_shared::connect::redis(&right).await.expect("the right password");
+}
+
 #[tokio::test]
 async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     let missing = format!("tollgate_it_missing_{}", uuid::Uuid::new_v4().simple());
@@ -178,7 +199,8 @@ async fn nats_credentials_in_the_url_are_used() {
     ] {
         let nats = PrivateNats::start_with_config(config);
         let refused: ServerUrl = nats.url().parse().expect("url");
-        assert!(tollgate_shared::connect::nats(&refused).await.is_err(), "{config}: no credentials, and let in");
+        let refused = tollgate_shared::connect::nats(&refused).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("refused the login") && refused.contains("NATS_URL"), "{config}: {refused}");
         let url: ServerUrl = nats.url().replace("nats://", &format!("nats://{credentials}")).parse().expect("url");
         let client = tollgate_shared::connect::nats(&url).await.expect("connected with the URL's credentials");
         client.publish("check", "hello".into()).await.expect("publish");

@@ -86,11 +86,18 @@ impl Drop for PrivateNats {
 pub struct PrivateRedis {
     pub port: u16,
     child: Option<Child>,
+    /// More `redis-server` arguments (`--requirepass X`, say).
+    settings: Vec<String>,
 }
 
 impl PrivateRedis {
     pub fn start() -> PrivateRedis {
-        let mut redis = PrivateRedis { port: free_port(), child: None };
+        PrivateRedis::start_with(&[])
+    }
+
+    pub fn start_with(settings: &[&str]) -> PrivateRedis {
+        let settings = settings.iter().map(|s| s.to_string()).collect();
+        let mut redis = PrivateRedis { port: free_port(), child: None, settings };
         redis.restart();
         redis
     }
@@ -121,6 +128,7 @@ impl PrivateRedis {
     pub fn restart(&mut self) {
         let child = Command::new("redis-server")
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(&self.settings)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
