@@ -53,59 +53,78 @@ pub struct UnknownValue {
 }
 
 text_enum!(
-    /// An organization's commercial plan.
-    Plan { Free => "free", Pro => "pro", Enterprise => "enterprise" }
-);
-
-text_enum!(
     /// What a key may do; gateways can require a role per route.
     Role { Admin => "admin", User => "user", Guest => "guest" }
 );
 
-/// The name of a rate-limit tier: a row of `rate_limit_tiers`, seeded `unlimited`, `premium`, `standard` and
-/// `limited`, to which operators add their own (`tollgate tier set NAME …`). The rule is the table's CHECK.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
-pub struct TierName(String);
+/// Declares the name of a row operators add (a rate-limit tier, a plan), with its table's CHECK rule
+/// (`^[a-z0-9][a-z0-9_-]{0,62}$`), so that a bad name is refused with what it may be before any query.
+macro_rules! row_name {
+    ($(#[$meta:meta])* $name:ident, $what:literal, default: $default:literal) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
+        pub struct $name(String);
 
-impl TierName {
-    /// The tier a key gets unless told otherwise.
-    pub const DEFAULT: &'static str = "standard";
+        impl $name {
+            /// The one a row gets unless told otherwise.
+            pub const DEFAULT: &'static str = $default;
 
-    /// A name known to be valid, such as a seeded tier's; panics otherwise.
-    pub fn from_static(name: &'static str) -> TierName {
-        name.parse().expect("a valid tier name")
-    }
+            /// A name known to be valid, such as a seeded row's; panics otherwise.
+            pub fn from_static(name: &'static str) -> $name {
+                name.parse().expect("a valid name")
+            }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Display for TierName {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::str::FromStr for TierName {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
-        let rest_ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if first_ok && rest_ok && s.len() <= 63 {
-            Ok(TierName(s.to_owned()))
-        } else {
-            Err(format!("a tier name is 1 to 63 of a-z, 0-9, '_' and '-', not starting with '_' or '-': {s:?}"))
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
         }
-    }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                if is_row_name(s) {
+                    Ok($name(s.to_owned()))
+                } else {
+                    Err(format!(
+                        concat!("a ", $what, " name is 1 to 63 of a-z, 0-9, '_' and '-', not starting with '_' or '-': {:?}"),
+                        s
+                    ))
+                }
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = String;
+            fn try_from(s: String) -> Result<Self, String> {
+                s.parse()
+            }
+        }
+    };
 }
 
-impl TryFrom<String> for TierName {
-    type Error = String;
-    fn try_from(s: String) -> Result<Self, String> {
-        s.parse()
-    }
+fn is_row_name(s: &str) -> bool {
+    let first_ok = s.bytes().next().is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let rest_ok = s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    first_ok && rest_ok && s.len() <= 63
 }
+
+row_name!(
+    /// The name of a rate-limit tier: a row of `rate_limit_tiers`, seeded `unlimited`, `premium`, `standard` and
+    /// `limited`, to which operators add their own (`tollgate tier set NAME …`).
+    TierName, "tier", default: "standard"
+);
+
+row_name!(
+    /// The name of an organization's commercial plan: a row of `plans`, seeded `free`, `pro` and `enterprise`, to
+    /// which operators add their own (in SQL: name, included units, price, currency).
+    PlanName, "plan", default: "free"
+);
 
 text_enum!(
     /// The decision on an identified key: one `api_usage` row each. Order is part of the event codec: append only.
@@ -177,17 +196,19 @@ mod tests {
         for o in Outcome::ALL {
             assert_eq!(o.as_str().parse::<Outcome>().ok(), Some(*o));
         }
-        assert!("gold".parse::<Plan>().is_err());
+        assert!("gold".parse::<Role>().is_err());
     }
 
     /// The same rule as `rate_limit_tiers`' CHECK (`^[a-z0-9][a-z0-9_-]{0,62}$`).
     #[test]
-    fn tier_names_follow_the_tables_rule() {
+    fn tier_and_plan_names_follow_the_tables_rule() {
         for good in ["standard", "gold", "tier-2", "eu_enterprise", "9", &"a".repeat(63)] {
             assert_eq!(good.parse::<TierName>().map(|t| t.to_string()), Ok(good.to_owned()));
+            assert_eq!(good.parse::<PlanName>().map(|p| p.to_string()), Ok(good.to_owned()));
         }
         for bad in ["", "Gold", "-x", "_x", "a b", "é", "x;", &"a".repeat(64)] {
             assert!(bad.parse::<TierName>().is_err(), "{bad:?}");
+            assert!(bad.parse::<PlanName>().expect_err("refused").starts_with("a plan name is"), "{bad:?}");
         }
     }
 }

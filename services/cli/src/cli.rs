@@ -5,7 +5,7 @@ use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
-use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
+use tollgate_shared::domain::{LimitSetting, PlanName, Role, TierName};
 use tollgate_shared::key::KeyEnv;
 
 /// Tollgate: API-key checking, rate limiting and usage metering for high-traffic APIs.
@@ -229,9 +229,9 @@ pub enum OrgCommand {
 
 #[derive(Args, Debug)]
 pub struct OrgSettings {
-    /// Commercial plan.
-    #[arg(long, value_enum)]
-    pub plan: Option<Plan>,
+    /// Commercial plan: free (the default when creating), pro, enterprise, or one added to the `plans` table.
+    #[arg(long)]
+    pub plan: Option<PlanName>,
     /// Units per minute shared by all the organization's keys (a request weighs its cost, 1 by default), or `none`.
     #[arg(long, value_name = "N|none")]
     pub rate_limit_per_minute: Option<LimitSetting>,

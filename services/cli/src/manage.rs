@@ -9,7 +9,7 @@ use sqlx::PgPool;
 use tollgate_shared::admin::{
     self, Actor, KeyChanges, KeyInfo, NewKey, NewOrg, OrgChanges, Organization, Tier, TierChanges, WindowSetting,
 };
-use tollgate_shared::domain::LimitSetting;
+use tollgate_shared::domain::{LimitSetting, PlanName};
 use tollgate_shared::key::ApiKey;
 
 use crate::cli::{KeyCommand, KeySpec, OrgCommand, TierCommand};
@@ -21,7 +21,7 @@ pub async fn org(pool: &PgPool, json: bool, command: OrgCommand) -> anyhow::Resu
             let new = NewOrg {
                 name,
                 slug,
-                plan: settings.plan.unwrap_or(tollgate_shared::domain::Plan::Free),
+                plan: settings.plan.unwrap_or_else(|| PlanName::from_static(PlanName::DEFAULT)),
                 rate_limit_per_minute: settings.rate_limit_per_minute,
                 monthly_request_limit: settings.monthly_limit,
                 max_api_keys: settings.max_keys,

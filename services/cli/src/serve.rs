@@ -8,7 +8,7 @@ use tracing::Instrument;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
-use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
+use tollgate_shared::domain::{LimitSetting, PlanName, Role, TierName};
 use tollgate_shared::key::KeyEnv;
 use tollgate_shared::topology::Topology;
 use tollgate_shared::{connect, listen};
@@ -140,7 +140,7 @@ async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyho
         let demo = NewOrg {
             name: "Demo".into(),
             slug: Some(DEMO_SLUG.into()),
-            plan: Plan::Free,
+            plan: PlanName::from_static("free"),
             rate_limit_per_minute: Some(LimitSetting::Max(1_000_000)),
             monthly_request_limit: None,
             max_api_keys: Some(100_000),

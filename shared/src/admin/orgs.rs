@@ -4,7 +4,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use super::{conflict_or, AdminError};
-use crate::domain::{LimitSetting, Plan};
+use crate::domain::{LimitSetting, PlanName};
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct Organization {
@@ -12,7 +12,7 @@ pub struct Organization {
     pub name: String,
     pub slug: String,
     #[sqlx(try_from = "String")]
-    pub plan: Plan,
+    pub plan: PlanName,
     pub active: bool,
     pub rate_limit_per_minute: Option<i32>,
     pub monthly_request_limit: Option<i64>,
@@ -31,7 +31,7 @@ pub struct NewOrg {
     pub name: String,
     /// Derived from the name when absent.
     pub slug: Option<String>,
-    pub plan: Plan,
+    pub plan: PlanName,
     /// Absent: 60 per minute.
     pub rate_limit_per_minute: Option<LimitSetting>,
     /// Absent: unlimited.
@@ -43,7 +43,7 @@ pub struct NewOrg {
 #[derive(Debug, Clone, Default)]
 pub struct OrgChanges {
     pub name: Option<String>,
-    pub plan: Option<Plan>,
+    pub plan: Option<PlanName>,
     pub rate_limit_per_minute: Option<LimitSetting>,
     pub monthly_request_limit: Option<LimitSetting>,
     pub max_api_keys: Option<i32>,
@@ -111,7 +111,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
     sqlx::query_as(&sql)
         .bind(org.id)
         .bind(changes.name)
-        .bind(changes.plan.map(Plan::as_str))
+        .bind(changes.plan.as_ref().map(PlanName::as_str))
         .bind(changes.rate_limit_per_minute.is_some())
         .bind(to_i32(changes.rate_limit_per_minute.and_then(LimitSetting::as_option), "rate limit per minute")?)
         .bind(changes.monthly_request_limit.is_some())
@@ -130,6 +130,11 @@ pub(super) fn check_violation(e: sqlx::Error) -> Result<AdminError, sqlx::Error>
     match e.as_database_error() {
         Some(d) if d.constraint() == Some("api_keys_rate_limit_tier_fkey") => Ok(AdminError::Invalid(
             "no such tier: `tollgate tier list` shows them, `tollgate tier set NAME …` makes one".to_owned(),
+        )),
+        Some(d) if d.constraint() == Some("organizations_plan_fkey") => Ok(AdminError::Invalid(
+            "no such plan: add it to the `plans` table first (name, included_units, price_per_thousand_minor, \
+             currency)"
+                .to_owned(),
         )),
         Some(d) if d.code().is_some_and(|c| c == "23514") => {
             let constraint = d.constraint().unwrap_or("check");

@@ -337,6 +337,28 @@ async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn organizations_take_a_plan_operators_added() {
+    let env = TestEnv::new().await;
+    let failed = |args: &[&str]| {
+        let output = tollgate(&env, args, None);
+        assert!(!output.status.success(), "{args:?} succeeded");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    assert!(failed(&["org", "create", "--name", "Early", "--plan", "startup"]).contains("no such plan"));
+    assert!(failed(&["org", "create", "--name", "Early", "--plan", "Startup!"]).contains("a plan name is"));
+
+    sqlx::query("INSERT INTO plans (name, included_units, price_per_thousand_minor, currency) VALUES ('startup', 500000, 30, 'EUR')")
+        .execute(&env.pool)
+        .await
+        .expect("a plan of the operator's");
+    let org = json_of(&tollgate(&env, &["org", "create", "--name", "Early", "--plan", "startup", "--json"], None));
+    assert_eq!(org["plan"], "startup");
+    let moved = json_of(&tollgate(&env, &["org", "update", "early", "--plan", "pro", "--json"], None));
+    assert_eq!(moved["plan"], "pro");
+    env.cleanup().await;
+}
+
 /// The soft and hard limits on open files in a `/proc/PID/limits`.
 fn open_files_limits(limits: &str) -> Option<(String, String)> {
     let line = std::fs::read_to_string(limits).ok()?.lines().find(|l| l.starts_with("Max open files"))?.to_owned();

@@ -16,7 +16,7 @@ use tollgate_shared::config::{
     FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
 };
 use tollgate_shared::domain::Outcome;
-use tollgate_shared::domain::{LimitSetting, Plan, Role, TierName};
+use tollgate_shared::domain::{LimitSetting, PlanName, Role, TierName};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::topology::Topology;
@@ -171,7 +171,7 @@ impl TestEnv {
         let new = NewOrg {
             name: "Test org".into(),
             slug: Some(slug.clone()),
-            plan: Plan::Pro,
+            plan: PlanName::from_static("pro"),
             rate_limit_per_minute: Some(LimitSetting::Unlimited),
             monthly_request_limit: None,
             max_api_keys: None,
