@@ -22,9 +22,7 @@ pub enum ConnectError {
         "cannot reach {server} at {url}: {reason}. Is it running? Set {variable} (or --{flag}) to point elsewhere."
     )]
     Unreachable { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
-    #[error(
-        "{server} at {url} refused the login: {reason}. Set {variable} (or --{flag}) with credentials it accepts."
-    )]
+    #[error("{server} at {url} refused the login: {reason}. Set {variable} (or --{flag}) to a login it accepts.")]
     LoginRefused { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
     #[error("database {database:?} does not exist on {url}: `tollgate migrate` (or `tollgate up`) creates it")]
     NoDatabase { database: String, url: String },
@@ -79,12 +77,14 @@ pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, C
 }
 
 fn postgres_refused(url: &ServerUrl, e: sqlx::Error) -> ConnectError {
-    let code = e.as_database_error().and_then(|d| d.code()).map(|c| c.into_owned());
-    match code.as_deref() {
-        Some("3D000") => ConnectError::NoDatabase { database: database_name(url), url: url.to_string() },
-        // Class 28: invalid authorization (no such role, a wrong password).
-        Some(code) if code.starts_with("28") => login_refused("PostgreSQL", url, "DATABASE_URL", e),
-        _ => unreachable("PostgreSQL", url, "DATABASE_URL", e),
+    if is_missing_database(&e) {
+        return ConnectError::NoDatabase { database: database_name(url), url: url.to_string() };
+    }
+    // Class 28: invalid authorization (no such role, a wrong password, no pg_hba.conf entry for this login).
+    if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("28")) {
+        login_refused("PostgreSQL", url, "DATABASE_URL", e)
+    } else {
+        unreachable("PostgreSQL", url, "DATABASE_URL", e)
     }
 }
 
@@ -110,9 +110,8 @@ pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectEr
     }
     let database = database_name(url);
     let admin_url = url.with_path("/postgres");
-    let mut admin = sqlx::PgConnection::connect(admin_url.expose())
-        .await
-        .map_err(|e| unreachable("PostgreSQL", &admin_url, "DATABASE_URL", e))?;
+    let mut admin =
+        sqlx::PgConnection::connect(admin_url.expose()).await.map_err(|e| postgres_refused(&admin_url, e))?;
     let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
     match sqlx::query(&create).execute(&mut admin).await {
         Ok(_) => Ok(()),
@@ -130,21 +129,29 @@ pub async fn postgres_migrated(url: &ServerUrl, max_connections: u32) -> Result<
     Ok(pool)
 }
 
-/// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away.
+/// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away. A `PING`
+/// makes sure Redis takes commands from it (a password it wants and the URL lacks shows only then).
 pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, ConnectError> {
     let client = redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(Duration::from_secs(1))
         .set_number_of_retries(1);
-    let connect = redis::aio::ConnectionManager::new_with_config(client, config);
+    let refused = |e: redis::RedisError| match (e.kind(), e.code()) {
+        (redis::ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH")) => {
+            login_refused("Redis", url, "REDIS_URL", e)
+        }
+        _ => unreachable("Redis", url, "REDIS_URL", e),
+    };
+    let connect = async {
+        let mut connection = redis::aio::ConnectionManager::new_with_config(client, config).await?;
+        redis::cmd("PING").query_async::<()>(&mut connection).await?;
+        Ok(connection)
+    };
     tokio::time::timeout(CONNECT_TIMEOUT, connect)
         .await
         .map_err(|_| unreachable("Redis", url, "REDIS_URL", "timed out"))?
-        .map_err(|e| match e.kind() {
-            redis::ErrorKind::AuthenticationFailed => login_refused("Redis", url, "REDIS_URL", e),
-            _ => unreachable("Redis", url, "REDIS_URL", e),
-        })
+        .map_err(refused)
 }
 
 /// A Redis connection that may not be made yet: the validator starts while Redis is away (its rate limits follow
@@ -172,6 +179,8 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
     redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
     let e = match redis(url).await {
         Ok(connection) => return Ok(connection.into()),
+        // Not away: refusing the login, which waiting will not mend.
+        Err(e @ ConnectError::LoginRefused { .. }) => return Err(e),
         Err(e) => e,
     };
     tracing::warn!(error = %e, "starting anyway; until Redis answers, {meanwhile}");
@@ -194,9 +203,7 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
 /// A NATS client that reconnects by itself after the first connection.
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
     nats_options(url).connect(url.expose()).await.map_err(|e| match e.kind() {
-        async_nats::ConnectErrorKind::AuthorizationViolation | async_nats::ConnectErrorKind::Authentication => {
-            login_refused("NATS", url, "NATS_URL", e)
-        }
+        async_nats::ConnectErrorKind::AuthorizationViolation => login_refused("NATS", url, "NATS_URL", e),
         _ => unreachable("NATS", url, "NATS_URL", e),
     })
 }

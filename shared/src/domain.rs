@@ -199,7 +199,7 @@ mod tests {
         assert!("gold".parse::<Role>().is_err());
     }
 
-    /// The same rule as `rate_limit_tiers`' CHECK (`^[a-z0-9][a-z0-9_-]{0,62}$`).
+    /// The same rule as the CHECK of `rate_limit_tiers` and `plans` (`^[a-z0-9][a-z0-9_-]{0,62}$`).
     #[test]
     fn tier_and_plan_names_follow_the_tables_rule() {
         for good in ["standard", "gold", "tier-2", "eu_enterprise", "9", &"a".repeat(63)] {

@@ -33,8 +33,9 @@ pub async fn serve(
     let pool = connect::postgres_migrated(&servers.database_url, 16).await?;
     let nats = match connect::nats(&servers.nats_url).await {
         Ok(nats) => nats,
-        // A validator alone serves while NATS is away, start included: its usage events wait in the spool.
-        Err(e) if roles.worker.is_none() => {
+        // A validator alone serves while NATS is away, start included: its usage events wait in the spool. (Not when
+        // NATS answers and refuses the login: that is the settings' to mend, not time's.)
+        Err(e @ connect::ConnectError::Unreachable { .. }) if roles.worker.is_none() => {
             tracing::warn!(error = %e, "starting the validator anyway; usage events are spooled until NATS answers");
             connect::nats_in_background(&servers.nats_url).await?
         }
@@ -140,7 +141,7 @@ async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyho
         let demo = NewOrg {
             name: "Demo".into(),
             slug: Some(DEMO_SLUG.into()),
-            plan: PlanName::from_static("free"),
+            plan: PlanName::from_static(PlanName::DEFAULT),
             rate_limit_per_minute: Some(LimitSetting::Max(1_000_000)),
             monthly_request_limit: None,
             max_api_keys: Some(100_000),

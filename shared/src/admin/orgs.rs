@@ -124,7 +124,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
         .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))
 }
 
-/// Turns a CHECK violation (or a key's tier that no tier row has) into a message that says which value was refused
+/// Turns a CHECK violation (or a key's tier, or an organization's plan, that no row has) into a message that says which value was refused
 /// and what it may be. The database stays the one place that decides; this only words its answer.
 pub(super) fn check_violation(e: sqlx::Error) -> Result<AdminError, sqlx::Error> {
     match e.as_database_error() {

@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use tollgate_shared::config::ServerUrl;
 
-use crate::harness::{wait_until, TestEnv, NATS_URL};
+use crate::harness::{wait_until, TestEnv, DATABASE_SERVER, NATS_URL};
 use crate::servers::{PrivateNats, PrivatePostgres, PrivateRedis};
 
 fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
@@ -140,7 +140,7 @@ async fn up_demo_prints_a_key_that_verifies_for_a_day() {
 async fn a_refused_login_says_so_and_what_to_set() {
     let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["org", "list"])
-        .env("DATABASE_URL", "postgres://tollgate_no_such_role@127.0.0.1:5432/postgres")
+        .env("DATABASE_URL", format!("{}/postgres", DATABASE_SERVER.replace("postgres@", "tollgate_no_such_role@")))
         .output()
         .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -148,12 +148,42 @@ async fn a_refused_login_says_so_and_what_to_set() {
     assert!(stderr.contains("refused the login") && stderr.contains("Set DATABASE_URL"), "{stderr}");
 
     let redis = PrivateRedis::start_with(&["--requirepass", "s3cret"]);
-    let wrong: ServerUrl = format!("redis://:wrong@127.0.0.1:{}", redis.port).parse().expect("url");
-    let refused = tollgate_shared::connect::redis(&wrong).await.err().map(|e| e.to_string()).unwrap_or_default();
-    assert!(refused.contains("refused the login") && refused.contains("REDIS_URL"), "{refused}");
-    assert!(!refused.contains("wrong"), "the password was shown: {refused}");
-    let right: ServerUrl = format!("redis://:s3cret@127.0.0.1:{}", redis.port).parse().expect("url");
-    tollgate_shared::connect::redis(&right).await.expect("the right password");
+    let with_password = |password: &str| -> ServerUrl {
+        redis.url().replace("redis://", &format!("redis://:{password}@")).parse().expect("url")
+    };
+    let (wrong, missing): (ServerUrl, ServerUrl) = (with_password("wrong"), redis.url().parse().expect("url"));
+    for url in [wrong, missing] {
+        let refused = tollgate_shared::connect::redis(&url).await.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(refused.contains("refused the login") && refused.contains("REDIS_URL"), "{url}: {refused}");
+        assert!(!refused.contains("wrong"), "the password was shown: {refused}");
+    }
+    tollgate_shared::connect::redis(&with_password("s3cret")).await.expect("the right password");
+
+    // A validator alone starts while NATS is away, but not when NATS refuses its login: waiting will not mend that.
+    let env = TestEnv::new().await;
+    let nats = PrivateNats::start_with_config("authorization { user: app, password: pw }");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+    env.servers_and_namespace(command.arg("validator"), &nats.url())
+        .env("TOLLGATE_LISTEN", "127.0.0.1:0")
+        .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut validator = command.spawn().expect("tollgate validator");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = validator.try_wait().expect("wait") {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = validator.kill();
+            panic!("the validator started without the login NATS wants");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut validator.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    assert!(!status.success() && stderr.contains("refused the login"), "{stderr}");
+    env.cleanup().await;
 }
 
 #[tokio::test]
