@@ -27,6 +27,13 @@ fn tollgate(env: &TestEnv, args: &[&str], stdin: Option<&str>) -> Output {
     child.wait_with_output().expect("tollgate output")
 }
 
+/// What a command that must fail says on stderr.
+fn refusal(env: &TestEnv, args: &[&str]) -> String {
+    let output = tollgate(env, args, None);
+    assert!(!output.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 fn json_of(output: &Output) -> Value {
     assert!(output.status.success(), "failed: {}", String::from_utf8_lossy(&output.stderr));
     serde_json::from_slice(&output.stdout).expect("JSON output")
@@ -250,9 +257,8 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         (&["org", "create", "--name", ""][..], "a name must be 1 to 200 characters"),
         (&["org", "create", "--name", "x", "--slug=-x"], "a slug must be 1 to 63 of a-z, 0-9 and '-'"),
     ] {
-        let refused = tollgate(&env, args, None);
-        let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success() && stderr.contains(says), "{args:?}: {stderr}");
+        let stderr = refusal(&env, args);
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 
     let created = json_of(&tollgate(
@@ -278,9 +284,8 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         (&["--expires-in", "500000000y"], "too far ahead"),
     ] {
         let args = [&["key", "create", "--org", "acme-corp", "--name", "x"][..], expiry].concat();
-        let refused = tollgate(&env, &args, None);
-        let stderr = String::from_utf8_lossy(&refused.stderr);
-        assert!(!refused.status.success() && stderr.contains(says), "{expiry:?}: {stderr}");
+        let stderr = refusal(&env, &args);
+        assert!(stderr.contains(says), "{expiry:?}: {stderr}");
     }
     let key = created["key"].as_str().expect("plaintext key");
     assert!(key.starts_with("tg_live_"));
@@ -335,11 +340,6 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
 #[tokio::test]
 async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
     let env = TestEnv::new().await;
-    let failed = |args: &[&str]| {
-        let output = tollgate(&env, args, None);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
     json_of(&tollgate(&env, &["org", "create", "--name", "Acme", "--json"], None));
 
     let made = tollgate(&env, &["tier", "set", "gold", "--per-hour", "5000", "--json"], None);
@@ -352,7 +352,7 @@ async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
     let gold = json_of(&changed);
     assert_eq!((gold["window_limit"].clone(), gold["burst_limit"].clone()), (5000.into(), 100.into()));
     assert!(String::from_utf8_lossy(&tollgate(&env, &["tier", "list"], None).stdout).contains("gold"));
-    assert!(failed(&["tier", "set", "Gold!", "--per-hour", "1"]).contains("a tier name is 1 to 63 of a-z"));
+    assert!(refusal(&env, &["tier", "set", "Gold!", "--per-hour", "1"]).contains("a tier name is 1 to 63 of a-z"));
 
     let key =
         json_of(&tollgate(&env, &["key", "create", "--org", "acme", "--name", "k", "--tier", "gold", "--json"], None));
@@ -362,7 +362,7 @@ async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
         &["key", "create", "--org", "acme", "--name", "k2", "--tier", "golden"][..],
         &["key", "update", id, "--tier", "golden"],
     ] {
-        assert!(failed(args).contains("no such tier: `tollgate tier list` shows them"), "{args:?}");
+        assert!(refusal(&env, args).contains("no such tier: `tollgate tier list` shows them"), "{args:?}");
     }
     env.cleanup().await;
 }
@@ -370,13 +370,8 @@ async fn operators_make_tiers_of_their_own_and_give_them_to_keys() {
 #[tokio::test]
 async fn organizations_take_a_plan_operators_added() {
     let env = TestEnv::new().await;
-    let failed = |args: &[&str]| {
-        let output = tollgate(&env, args, None);
-        assert!(!output.status.success(), "{args:?} succeeded");
-        String::from_utf8_lossy(&output.stderr).into_owned()
-    };
-    assert!(failed(&["org", "create", "--name", "Early", "--plan", "startup"]).contains("no such plan"));
-    assert!(failed(&["org", "create", "--name", "Early", "--plan", "Startup!"]).contains("a plan name is"));
+    assert!(refusal(&env, &["org", "create", "--name", "Early", "--plan", "startup"]).contains("no such plan"));
+    assert!(refusal(&env, &["org", "create", "--name", "Early", "--plan", "Startup!"]).contains("a plan name is"));
 
     sqlx::query("INSERT INTO plans (name, included_units, price_per_thousand_minor, currency) VALUES ('startup', 500000, 30, 'EUR')")
         .execute(&env.pool)

@@ -279,10 +279,7 @@ async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
     let validator = env.start_validator().await;
     let worker = env.start_worker().await;
     let client = reqwest::Client::new();
-    let status = |key: &ApiKey| {
-        let request = client.get(validator.url("/v1/auth")).bearer_auth(key.expose());
-        async move { request.send().await.expect("request").status() }
-    };
+    let status = |key| validator.auth_status(&client, key);
 
     // Cached while good, then revoked through the operations the CLI uses: the cache learns within 5 s.
     assert_eq!(status(&revoked).await, StatusCode::OK);
@@ -360,10 +357,7 @@ async fn changes_made_in_sql_reach_the_validators() {
     let (_, other) = env.key(&other_org).await;
     let validator = env.start_validator().await;
     let client = reqwest::Client::new();
-    let status = |key: &ApiKey| {
-        let sent = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
-        async move { sent.await.expect("request").status() }
-    };
+    let status = |key| validator.auth_status(&client, key);
     assert_eq!(status(&key).await, StatusCode::OK);
     assert_eq!(status(&other).await, StatusCode::OK);
     // Rows last changed an hour ago, out of the refresher's look-back (which would otherwise read them again anyway).
@@ -406,10 +400,7 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     let (id, key) = env.key(&org).await;
     let validator = env.start_validator().await;
     let client = reqwest::Client::new();
-    let status = || {
-        let sent = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
-        async move { sent.await.expect("request").status() }
-    };
+    let status = || validator.auth_status(&client, &key);
     assert_eq!(status().await, StatusCode::OK);
 
     // What a worker's batch does to the key's row, held open.
@@ -481,9 +472,9 @@ async fn tiers_are_data_and_a_row_the_validator_cannot_read_holds_up_no_other_ch
     let (revoked_id, revoked) = env.key(&org).await;
     let validator = env.start_validator().await;
     let client = reqwest::Client::new();
-    let auth = |key: &ApiKey| client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+    let status = |key| validator.auth_status(&client, key);
     for key in [&gold, &odd, &revoked] {
-        assert_eq!(auth(key).await.expect("request").status(), StatusCode::OK);
+        assert_eq!(status(key).await, StatusCode::OK);
     }
     let sql = |statement: &'static str, id: uuid::Uuid| {
         let pool = env.pool.clone();
@@ -497,10 +488,6 @@ async fn tiers_are_data_and_a_row_the_validator_cannot_read_holds_up_no_other_ch
     // what the cache held before its row changed.
     sqlx::query("ALTER TABLE api_keys DROP CONSTRAINT api_keys_role_check").execute(&env.pool).await.expect("alter");
     sql("UPDATE api_keys SET role = 'owner', updated_at = now() WHERE id = $1", odd_id).await;
-    let status = |key: &ApiKey| {
-        let sent = auth(key);
-        async move { sent.await.expect("request").status() }
-    };
     let seen = wait_until(Duration::from_secs(10), || status(&odd), |s| *s == StatusCode::SERVICE_UNAVAILABLE).await;
     assert_eq!(seen, StatusCode::SERVICE_UNAVAILABLE, "a key whose row cannot be read");
     // And later changes still arrive: the refresher moved past that row.
@@ -510,7 +497,7 @@ async fn tiers_are_data_and_a_row_the_validator_cannot_read_holds_up_no_other_ch
     // The key on the new tier gets its limit: 2 per minute (a window of another length counts afresh).
     let mut statuses = Vec::new();
     for _ in 0..3 {
-        statuses.push(auth(&gold).await.expect("request").status());
+        statuses.push(status(&gold).await);
     }
     assert_eq!(statuses, [StatusCode::OK, StatusCode::OK, StatusCode::TOO_MANY_REQUESTS]);
 
@@ -530,14 +517,7 @@ async fn lookups_that_queue_behind_a_failing_query_fail_with_it_rather_than_in_t
     postgres.pause();
     // Twenty requests for one key no cache holds, before the refresher has noticed: they share one query, and when
     // it times out, the rest fail at once instead of each waiting out a query of its own in turn.
-    let started = Instant::now();
-    let requests = (0..20).map(|_| client.get(validator.url("/v1/auth")).bearer_auth(unseen.expose()).send());
-    let statuses: Vec<_> = futures::future::join_all(requests)
-        .await
-        .into_iter()
-        .map(|response| response.expect("request").status())
-        .collect();
-    let took = started.elapsed();
+    let (statuses, took) = validator.auth_at_once(&client, &unseen, 20).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
     assert!(took < Duration::from_secs(4), "the twenty answers took {took:?}");
 
@@ -556,14 +536,7 @@ async fn lookups_of_a_key_whose_read_hangs_fail_together_after_one_timeout() {
     let unseen = ApiKey::generate(KeyEnv::Test);
     let locked = lock_keys(env.pool.clone()).await;
 
-    let started = Instant::now();
-    let requests = (0..20).map(|_| client.get(validator.url("/v1/auth")).bearer_auth(unseen.expose()).send());
-    let statuses: Vec<_> = futures::future::join_all(requests)
-        .await
-        .into_iter()
-        .map(|response| response.expect("request").status())
-        .collect();
-    let took = started.elapsed();
+    let (statuses, took) = validator.auth_at_once(&client, &unseen, 20).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
     assert!(took < Duration::from_secs(4), "the twenty answers took {took:?}");
 

@@ -58,6 +58,23 @@ impl RunningValidator {
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.address)
     }
+
+    /// The status `/v1/auth` answers for `key`.
+    pub async fn auth_status(&self, client: &reqwest::Client, key: &ApiKey) -> reqwest::StatusCode {
+        client.get(self.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request").status()
+    }
+
+    /// `count` requests for `key` at once: their statuses, and how long the last answer took.
+    pub async fn auth_at_once(
+        &self,
+        client: &reqwest::Client,
+        key: &ApiKey,
+        count: usize,
+    ) -> (Vec<reqwest::StatusCode>, Duration) {
+        let started = std::time::Instant::now();
+        let statuses = futures::future::join_all((0..count).map(|_| self.auth_status(client, key))).await;
+        (statuses, started.elapsed())
+    }
 }
 
 impl TestEnv {
