@@ -110,6 +110,84 @@ async fn a_dropped_partition_is_made_again_for_a_late_event() {
     env.cleanup().await;
 }
 
+/// A month's partition made by hand (`CREATE TABLE ... PARTITION OF`) lacks the unique index on `event_id`, the
+/// one thing that makes a re-delivered event a no-op: the worker gives it one before writing to it.
+#[tokio::test]
+async fn a_partition_made_by_hand_gets_the_unique_index_that_keeps_events_once() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let event = UsageEvent {
+        ts: Utc::now() - chrono::TimeDelta::days(95),
+        ..usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1)
+    };
+    // Under the name the worker gives a month's partition.
+    let partition = format!("api_usage_{}", event.ts.format("%Y_%m"));
+    let month = event.ts.format("%Y-%m-01").to_string();
+    let by_hand = format!(
+        "CREATE TABLE {partition} PARTITION OF api_usage FOR VALUES FROM ('{month} 00:00+00') TO \
+         (('{month}'::date + interval '1 month')::timestamp AT TIME ZONE 'UTC')"
+    );
+    sqlx::query(&by_hand).execute(&env.pool).await.expect("a partition made by hand");
+
+    let payload = codec::encode_batch(vec![event]);
+    let worker = env.start_worker().await;
+    publish(&js, &subject, "first", payload.clone()).await;
+    env.wait_for_count(&format!("SELECT count(*) FROM {partition}"), 1).await;
+    // Again under another message id, in a batch of its own: only the index can tell it is the same event.
+    publish(&js, &subject, "again", payload).await;
+    let drained = crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages },
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(drained, 0);
+    assert_eq!(env.count(&format!("SELECT count(*) FROM {partition}")).await, 1);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A month's partition attached under another name (archived under a new name and attached again) is the month's
+/// partition: the worker writes to it, where attaching one of the usual name failed every batch of that month.
+#[tokio::test]
+async fn a_partition_attached_under_another_name_takes_its_months_events() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let subject = env.topology.usage_subject();
+    let event = UsageEvent {
+        ts: Utc::now() - chrono::TimeDelta::days(95),
+        ..usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1)
+    };
+    let partition: String = sqlx::query_scalar("SELECT tollgate_ensure_usage_partition($1)")
+        .bind(event.ts)
+        .fetch_one(&env.pool)
+        .await
+        .expect("the month's partition");
+    let bounds: String = sqlx::query_scalar(&format!(
+        "SELECT pg_get_expr(relpartbound, oid) FROM pg_class WHERE oid = '{partition}'::regclass"
+    ))
+    .fetch_one(&env.pool)
+    .await
+    .expect("its bounds");
+    for step in [
+        format!("ALTER TABLE api_usage DETACH PARTITION {partition}"),
+        format!("ALTER TABLE {partition} RENAME TO archived"),
+        format!("ALTER TABLE api_usage ATTACH PARTITION archived {bounds}"),
+    ] {
+        sqlx::query(&step).execute(&env.pool).await.expect(&step);
+    }
+
+    let worker = env.start_worker().await;
+    publish(&js, &subject, "late", codec::encode_batch(vec![event])).await;
+    env.wait_for_count("SELECT count(*) FROM archived", 1).await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 /// A message near NATS's 1 MiB limit could not be dead-lettered (its copy adds headers), and would hold up its
 /// worker for good: the usage stream refuses it, and dead-letters the largest it takes.
 #[tokio::test]

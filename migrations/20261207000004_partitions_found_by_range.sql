@@ -1,0 +1,53 @@
+-- A month's partition is found by the range it covers, not by its name, and always has its unique index on
+-- event_id, the one thing that makes a re-delivered event a no-op (api_usage itself has no unique key: it would
+-- have to include ts).
+--
+-- Before, a partition attached under another name (an operator's, or one renamed to archive it and attached
+-- again) made every batch with an event of that month fail on ATTACH for good; and a partition without the index
+-- (made by hand with CREATE TABLE ... PARTITION OF, or made after an archived one had kept the index's name) took
+-- every re-delivered event again, counting it twice in usage_hourly and billing.
+CREATE OR REPLACE FUNCTION tollgate_ensure_usage_partition(at timestamptz) RETURNS text
+LANGUAGE plpgsql
+SET timezone = 'UTC'
+SET lock_timeout = '5s'
+AS $$
+DECLARE
+    month_start timestamptz := date_trunc('month', at);
+    month_end   timestamptz := month_start + interval '1 month';
+    partition   regclass;
+    name        text := 'api_usage_' || to_char(month_start, 'YYYY_MM');
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('tollgate_usage_partitions'));
+    -- The partition that takes this month's rows, whatever its name. Bounds read back as
+    -- FOR VALUES FROM ('…') TO ('…'), in UTC under this function's time zone.
+    SELECT i.inhrelid::regclass INTO partition
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\) TO \(''([^'']+)''\)')
+        AS bounds
+    WHERE i.inhparent = 'api_usage'::regclass
+      AND bounds[1]::timestamptz <= month_start AND bounds[2]::timestamptz >= month_end
+    LIMIT 1;
+    IF partition IS NULL THEN
+        EXECUTE format('CREATE TABLE IF NOT EXISTS %I (LIKE api_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
+                       'INCLUDING STORAGE INCLUDING COMPRESSION)', name);
+        partition := quote_ident(name)::regclass;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'event_id'
+                   WHERE x.indrelid = partition AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
+                     AND x.indnatts = 1 AND x.indkey[0] = a.attnum) THEN
+        -- Unnamed when the usual name is taken (an archived partition's index keeps it): PostgreSQL picks one.
+        IF to_regclass(quote_ident(name || '_event_id')) IS NULL THEN
+            EXECUTE format('CREATE UNIQUE INDEX %I ON %s (event_id)', name || '_event_id', partition);
+        ELSE
+            EXECUTE format('CREATE UNIQUE INDEX ON %s (event_id)', partition);
+        END IF;
+    END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = 'api_usage'::regclass AND inhrelid = partition) THEN
+        -- The BRIN index on ts comes with the attaching.
+        EXECUTE format('ALTER TABLE api_usage ATTACH PARTITION %s FOR VALUES FROM (%L) TO (%L)',
+                       partition, month_start, month_end);
+    END IF;
+    RETURN partition::text;
+END
+$$;
