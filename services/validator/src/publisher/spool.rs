@@ -250,6 +250,9 @@ impl Spool {
                 (s.seq, s.len, s.path.clone())
             };
             if offset >= len {
+                // Read to its end, or holding no record at all (a segment whose first write failed, or a crash
+                // right after a rotation): passed, and consumed with the rest if nothing after it is read.
+                skipped_to = Some(Cursor { seq, offset: len });
                 index += 1;
                 offset = HEADER_LEN;
                 continue;
@@ -538,6 +541,20 @@ mod tests {
         assert!(spool.append(&message(1)).is_err());
         spool.append(&message(2)).expect("the next append starts the next segment");
         assert_eq!(drain(&mut spool), vec![message(2)]);
+    }
+
+    #[test]
+    fn segments_holding_no_record_are_consumed_by_a_read() {
+        let dir = tempfile::tempdir().expect("dir");
+        // What a crash right after two rotations leaves: two segments with their header alone.
+        for seq in [1, 2] {
+            fs::write(dir.path().join(format!("{seq:020}{SEGMENT_SUFFIX}")), MAGIC).expect("segment");
+        }
+        let mut spool = Spool::open(dir.path(), options()).expect("open");
+        assert!(!spool.is_empty());
+        assert!(spool.read(16).expect("read").is_empty());
+        assert!(spool.is_empty(), "a replay waiting for it to empty would spin for ever");
+        assert_eq!(segment_files(dir.path()).len(), 0);
     }
 
     #[test]
