@@ -118,7 +118,9 @@ async fn a_batch_delivered_again_raises_its_counter_to_what_is_committed() {
     let worker = env.start_worker().await;
     publish(&js, &env.topology.usage_subject(), events.clone()).await;
     let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
-    crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(8)).await;
+    let raised =
+        crate::harness::wait_until(std::time::Duration::from_secs(10), || counter(&key), |v| *v == Some(8)).await;
+    assert_eq!(raised, Some(8), "the first delivery's raise, before the counter is lost");
 
     // The counter is lost (as when the raise after a commit never happened), and the same batch comes again: all of
     // its events are there already, and still its counter is raised to the committed total.

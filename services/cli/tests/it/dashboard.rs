@@ -20,7 +20,7 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
     let validator = env.spawn_validator_process(&[]);
     let worker_metrics = free_port();
-    let _worker = env.spawn_service(
+    let worker = env.spawn_service(
         "worker",
         NATS_URL,
         &[("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{worker_metrics}")), ("TOLLGATE_BATCH_WAIT", "20ms".into())],
@@ -71,6 +71,7 @@ async fn every_dashboard_query_reads_series_that_a_fresh_validator_and_worker_ex
     assert!(counters.len() >= 15, "the catalog's counters: {counters:?}");
     let absent: Vec<&&str> = counters.iter().filter(|name| !exported.contains_key(**name)).collect();
     assert!(absent.is_empty(), "counters not exported by a fresh validator and worker: {absent:?}");
+    drop((validator, worker));
     env.cleanup().await;
 }
 

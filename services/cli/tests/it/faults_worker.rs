@@ -221,7 +221,7 @@ async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_
         ("TOLLGATE_BATCH_MESSAGES", "1".into()),
         ("TOLLGATE_WORKER_TASKS", "1".into()),
     ];
-    let _worker = env.spawn_service("worker", NATS_URL, &settings);
+    let worker = env.spawn_service("worker", NATS_URL, &settings);
     let subject = env.topology.usage_subject();
     let event = || vec![usage_event(org_id, key_id, Outcome::Allowed, 1)];
     let counter = quota_counter::key_at(&env.topology.redis_prefix, org_id, chrono::Utc::now());
@@ -231,7 +231,8 @@ async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_
         redis::cmd("GET").arg(&counter).query_async::<Option<i64>>(&mut connection).await.expect("GET")
     };
     publish(&js, &subject, "m0".into(), event()).await;
-    wait_until(Duration::from_secs(20), units, |units| *units == Some(1)).await;
+    let first = wait_until(Duration::from_secs(20), units, |units| *units == Some(1)).await;
+    assert_eq!(first, Some(1), "the first event's count, before Redis hangs");
 
     redis.pause();
     // Twenty commits, each a batch of its own: when each waited out Redis's response timeout (1 s) they took 20 s.
@@ -248,6 +249,8 @@ async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_
     redis.restart();
     let caught_up = wait_until(Duration::from_secs(15), units, |units| *units == Some(21)).await;
     assert_eq!(caught_up, Some(21), "the counter once Redis answered again, with no batch since");
+    // Stopped first: a running worker would make the streams that cleanup deletes again.
+    drop(worker);
     env.cleanup().await;
 }
 
@@ -261,7 +264,7 @@ async fn a_worker_started_while_redis_is_away_writes_usage_and_raises_the_quota_
     let (org_id, key_id) = key_of_new_org(&env).await;
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
-    let _worker =
+    let worker =
         env.spawn_service("worker", NATS_URL, &[("REDIS_URL", redis.url()), ("TOLLGATE_BATCH_WAIT", "20ms".into())]);
     let subject = env.topology.usage_subject();
 
@@ -295,5 +298,6 @@ async fn a_worker_started_while_redis_is_away_writes_usage_and_raises_the_quota_
     .await;
     assert_eq!(units, Some(total), "the counter holds PostgreSQL's total");
     assert!(total >= 4, "the 3 units written while Redis was away are in it: {total}");
+    drop(worker);
     env.cleanup().await;
 }

@@ -34,6 +34,10 @@ pub struct TestEnv {
     pub pool: PgPool,
     pub nats: async_nats::Client,
     pub topology: Topology,
+    /// Where its database and streams are, for [`TestEnv::cleanup`].
+    database_server: String,
+    nats_url: String,
+    cleaned: bool,
 }
 
 /// A running service: cancel `shutdown` and await `task` to stop it gracefully.
@@ -104,7 +108,16 @@ impl TestEnv {
             redis_prefix: format!("it:{id}:"),
         };
         let topology = Topology::new(&namespace);
-        TestEnv { database, database_url, pool, nats, topology }
+        TestEnv {
+            database,
+            database_url,
+            pool,
+            nats,
+            topology,
+            database_server: database_server.to_owned(),
+            nats_url: nats_url.to_owned(),
+            cleaned: false,
+        }
     }
 
     /// A validator's settings for tests, with a spool of its own (the lock refuses sharing) inside this test's spool
@@ -234,18 +247,59 @@ impl TestEnv {
         assert_eq!(last, expected, "{sql}");
     }
 
-    pub async fn cleanup(self) {
-        let _ = std::fs::remove_dir_all(self.spool_dir());
-        let _ = self.topology.delete_redis_keys(&REDIS_URL.parse().expect("url")).await;
-        self.topology.delete(&async_nats::jetstream::new(self.nats.clone())).await;
+    /// Removes everything the test made: its database, streams, Redis keys and spool. A test that panics before
+    /// calling this has it done when its `TestEnv` is dropped (stop its child processes first: a worker still
+    /// running would make the streams again).
+    pub async fn cleanup(mut self) {
         self.pool.close().await;
-        let admin = connect::postgres(&format!("{DATABASE_SERVER}/postgres").parse().expect("url"), 1)
-            .await
-            .expect("admin connection");
-        sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database))
-            .execute(&admin)
-            .await
-            .expect("drop test database");
+        self.remove().await;
+        self.cleaned = true;
+    }
+
+    async fn remove(&self) {
+        if let Err(e) = std::fs::remove_dir_all(self.spool_dir()) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                eprintln!("cleanup: cannot remove {}: {e}", self.spool_dir().display());
+            }
+        }
+        let redis_url = REDIS_URL.parse().expect("a valid constant");
+        if let Err(e) = self.topology.delete_redis_keys(&redis_url).await {
+            eprintln!("cleanup: cannot delete the Redis keys under {}: {e}", self.topology.redis_prefix);
+        }
+        // A connection of its own: when dropped after a panic, the test's runtime no longer drives its client.
+        let nats = tokio::time::timeout(Duration::from_secs(5), async_nats::connect(&self.nats_url)).await;
+        match nats {
+            Ok(Ok(nats)) => self.topology.delete(&async_nats::jetstream::new(nats)).await,
+            // A private server already stopped takes its streams with it.
+            _ => eprintln!("cleanup: NATS at {} does not answer; its streams stay", self.nats_url),
+        }
+        // Never a panic here: when dropped after one, a second would abort the whole test binary.
+        let drop_database = async {
+            let server: ServerUrl = format!("{}/postgres", self.database_server).parse().map_err(anyhow::Error::msg)?;
+            let admin = connect::postgres(&server, 1).await?;
+            sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)).execute(&admin).await?;
+            Ok::<_, anyhow::Error>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(20), drop_database).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("cleanup: cannot drop the database {}: {e}", self.database),
+            Err(_) => eprintln!("cleanup: dropping the database {} took over 20 s", self.database),
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    /// A test that panicked (or forgot to) leaves nothing behind on the shared servers either.
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                runtime.block_on(self.remove());
+            });
+        });
     }
 }
 
@@ -313,9 +367,14 @@ impl ValidatorProcess {
     /// The value of one series (`name` or `name{labels}`, as exported) on its metrics endpoint, if it is exported.
     pub async fn metric(&self, series: &str) -> Option<f64> {
         let exposition = reqwest::get(self.metrics_url()).await.expect("scrape").text().await.expect("exposition");
-        let value = exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?;
-        Some(value.parse().expect("a number"))
+        series_value(&exposition, series)
     }
+}
+
+/// The value of `series` (`name{labels}` exactly as exported) in a Prometheus exposition, if it is there.
+pub fn series_value(exposition: &str, series: &str) -> Option<f64> {
+    let value = exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))?;
+    Some(value.parse().expect("a number"))
 }
 
 /// Verifies sent in a loop by a few clients until stopped; counts the 200s they saw.
