@@ -14,7 +14,7 @@ use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
 use tollgate_shared::domain::{LimitSetting, Role, TierName};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
-use crate::harness::{wait_until, RunningValidator, TestEnv, REDIS_URL};
+use crate::harness::{series_value, wait_until, RunningValidator, TestEnv, REDIS_URL};
 use crate::servers::PrivateRedis;
 
 /// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
@@ -258,6 +258,33 @@ fn policy_args(env: &TestEnv, policy: FailurePolicy) -> ValidatorArgs {
     args
 }
 
+/// A decision taken without Redis counts once in `tollgate_ratelimit_degraded_total`, under the policy that decided
+/// it: a limit that is `closed` refuses it whatever the `local` ones say, so it is not counted under `local` too.
+#[tokio::test]
+async fn a_degraded_decision_is_counted_once_under_the_policy_that_decided_it() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let changes = OrgChanges { rate_limit_per_minute: Some(LimitSetting::Max(100)), ..OrgChanges::default() };
+    admin::update_org(&env.pool, &org, changes).await.expect("org");
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(100)).await;
+    let nothing_there = format!("redis://127.0.0.1:{}", crate::servers::free_port());
+    let validator = env.spawn_validator_process(&[
+        ("REDIS_URL", nothing_there),
+        ("TOLLGATE_LIMIT_FAILURE_POLICY", "local,org=closed".into()),
+    ]);
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    for _ in 0..5 {
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "the organization's limit is closed");
+    }
+    let degraded = |policy: &str| format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
+    assert_eq!(validator.metric(&degraded("closed")).await, Some(5.0));
+    assert_eq!(validator.metric(&degraded("local")).await, Some(0.0));
+    drop(validator);
+    env.cleanup().await;
+}
+
 /// A hung Redis (stopped, its connections still open) delays no decision beyond the timeout, counted from when the
 /// request began to wait, even for the requests queued behind the call that hangs.
 #[tokio::test]
@@ -346,6 +373,12 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
         assert_eq!(auth(&client, validator, &key).await.status(), StatusCode::OK);
     }
 
+    // The recorder is the test process's: other tests running meanwhile may add to these, never take away.
+    let degraded = |policy: &str| {
+        let series = format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
+        series_value(&metrics.render(), &series).unwrap_or(0.0)
+    };
+    let before = ["open", "closed", "local"].map(degraded);
     redis.stop();
     let statuses = |validator: &'static str, v: &RunningValidator| {
         let (client, key) = (client.clone(), key.clone());
@@ -372,10 +405,10 @@ async fn each_failure_policy_holds_while_redis_is_killed_and_recovery_is_automat
         client.get(heavy).bearer_auth(key.expose()).header("X-Tollgate-Cost", "4").send().await.expect("request");
     assert_eq!(heavy.status(), StatusCode::TOO_MANY_REQUESTS);
     assert!(heavy.headers().contains_key("retry-after"), "{:?}", heavy.headers());
-    let text = metrics.render();
-    for policy in ["open", "closed", "local"] {
-        let counter = format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
-        assert!(text.contains(&counter), "{counter} missing");
+    // Each validator's six decisions (and the heavy one) were taken without Redis, under its own policy.
+    let counted = ["open", "closed", "local"].map(degraded);
+    for ((policy, before), after) in ["open", "closed", "local"].iter().zip(before).zip(counted) {
+        assert!(after - before >= 6.0, "{policy}: {before} degraded decisions before Redis went away, {after} after");
     }
     for validator in [&open, &closed, &local] {
         let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
@@ -618,6 +651,12 @@ async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     let validator = env.start_validator().await;
     let worker = env.start_worker().await;
     let client = reqwest::Client::new();
+    // The recorder is the test process's: other tests running meanwhile may add to these, never take away.
+    let shadow_denials = |limit: &str| {
+        let series = format!("tollgate_ratelimit_shadow_denials_total{{limit=\"{limit}\"}}");
+        series_value(&metrics.render(), &series).unwrap_or(0.0)
+    };
+    let before = ["tier", "org"].map(shadow_denials);
 
     for _ in 0..5 {
         assert_eq!(auth(&client, &validator, &tier_key).await.status(), StatusCode::OK);
@@ -629,11 +668,9 @@ async fn shadow_limits_allow_but_record_what_they_would_have_done() {
     env.wait_for_count("SELECT count(*) FROM api_usage", 10).await;
     assert_eq!(env.count(&shadowed(tier_key_id)).await, 3);
     assert_eq!(env.count(&shadowed(org_key_id)).await, 4);
-    let text = metrics.render();
-    for limit in ["tier", "org"] {
-        let counter = format!("tollgate_ratelimit_shadow_denials_total{{limit=\"{limit}\"}}");
-        assert!(text.contains(&counter), "{counter} missing");
-    }
+    let after = ["tier", "org"].map(shadow_denials);
+    assert!(after[0] - before[0] >= 3.0, "tier shadow denials: {} before, {} after", before[0], after[0]);
+    assert!(after[1] - before[1] >= 4.0, "org shadow denials: {} before, {} after", before[1], after[1]);
 
     // Out of shadow mode, the same limit denies (the key cache picks up the tier change).
     set_tier(&env, "limited", 2, 60, false).await;

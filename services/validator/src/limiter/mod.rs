@@ -178,12 +178,14 @@ impl Limiter {
         if plan.quota.is_some() {
             used.push(policy(LimitKind::Quota));
         }
-        for p in [FailurePolicy::Open, FailurePolicy::Closed, FailurePolicy::Local] {
-            if used.contains(&p) {
-                metrics::counter!(RATELIMIT_DEGRADED, "policy" => p.as_str()).increment(1);
-            }
-        }
-        if used.contains(&FailurePolicy::Closed) {
+        // Counted once, under the policy that decides: a closed limit refuses whatever the others say, then a local
+        // one may deny, and open limits alone let it through.
+        let deciding = [FailurePolicy::Closed, FailurePolicy::Local, FailurePolicy::Open]
+            .into_iter()
+            .find(|p| used.contains(p))
+            .unwrap_or(FailurePolicy::Open);
+        metrics::counter!(RATELIMIT_DEGRADED, "policy" => deciding.as_str()).increment(1);
+        if deciding == FailurePolicy::Closed {
             return Decision::Unavailable;
         }
         let local: Vec<WindowLimit> = plan
