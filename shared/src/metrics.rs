@@ -28,7 +28,6 @@ pub const CONSUMER_PENDING: &str = "tollgate_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "tollgate_consumer_ack_pending_messages";
 pub const QUOTA_COUNTER_ERRORS: &str = "tollgate_quota_counter_errors_total";
 pub const QUOTA_DRIFT: &str = "tollgate_quota_drift_units";
-pub const BILLING_INVARIANT_VIOLATIONS: &str = "tollgate_billing_invariant_violations";
 pub const SPOOL_BYTES: &str = "tollgate_spool_bytes";
 pub const SPOOL_SEGMENTS: &str = "tollgate_spool_segments";
 pub const SPOOL_CORRUPT_RECORDS: &str = "tollgate_spool_corrupt_records_total";
@@ -108,7 +107,6 @@ fn describe() {
         "Failed attempts to raise the Redis quota counters (retried until Redis answers)."
     );
     describe_gauge!(QUOTA_DRIFT, "Units by which the Redis quota counters differ from PostgreSQL (last reconcile).");
-    describe_gauge!(BILLING_INVARIANT_VIOLATIONS, "Organization-months whose billing, hourly and row counts differ.");
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");
     describe_gauge!(SPOOL_SEGMENTS, "Segment files in the validator's disk spool.");
     describe_counter!(SPOOL_CORRUPT_RECORDS, "Spool records skipped on replay: torn tails and checksum failures.");
@@ -116,7 +114,11 @@ fn describe() {
     describe_counter!(PUBLISH_RETRIES, "Publish attempts of spooled messages made after a failed attempt.");
     describe_counter!(EVENTS_SPOOLED, "Usage events written to the disk spool because NATS was unreachable or slow.");
     describe_counter!(EVENTS_REPLAYED, "Spooled usage events acknowledged by JetStream.");
-    describe_counter!(EVENTS_DROPPED, "Usage events lost because the spool was full and its policy is `drop`.");
+    describe_counter!(
+        EVENTS_DROPPED,
+        "Usage events lost: the spool full under policy `drop`, shutdown with NATS away and the spool full, or a \
+         spooled message too large for NATS that cannot be cut."
+    );
     describe_counter!(EVENTS_REJECTED, "Verifies answered 503 because the spool was full and its policy is `block`.");
     describe_counter!(
         RATELIMIT_DECISIONS,
@@ -126,9 +128,14 @@ fn describe() {
     describe_counter!(RATELIMIT_SHADOW_DENIALS, "Requests a shadow-mode limit would have denied, by limit kind.");
     describe_counter!(
         RATELIMIT_DEGRADED,
-        "Rate-limit decisions taken without Redis (timeout, error or open breaker), by policy: open, closed, local."
+        "Rate-limit decisions taken without Redis (timeout, error or open breaker), once each, by the policy that decided: \
+         closed if any of its limits is, else local if any is, else open."
     );
-    describe_histogram!(RATELIMIT_REDIS_DURATION, Unit::Seconds, "Time of the one Redis round trip of a decision.");
+    describe_histogram!(
+        RATELIMIT_REDIS_DURATION,
+        Unit::Seconds,
+        "Time a decision waited for Redis when it answered: its one round trip, and the wait for a call to carry it."
+    );
     describe_counter!(
         RATELIMIT_REDIS_ERRORS,
         "Rate-limit decisions Redis did not make (their call failed or timed out, or too many waited), by kind."

@@ -11,7 +11,7 @@ use chrono::NaiveDate;
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use tollgate_shared::metrics::{BILLING_INVARIANT_VIOLATIONS, QUOTA_DRIFT};
+use tollgate_shared::metrics::QUOTA_DRIFT;
 
 use crate::quota::QuotaCounters;
 use crate::store::{month_of, PeriodTotal};
@@ -156,8 +156,6 @@ pub async fn reconcile(
     let violations = periods.iter().filter(|p| !p.invariant_holds()).count();
     let drift_units = periods.iter().map(|p| p.drift.abs()).sum();
     let repaired = periods.iter().filter(|p| p.repaired).count();
-    metrics::gauge!(QUOTA_DRIFT).set(drift_units as f64);
-    metrics::gauge!(BILLING_INVARIANT_VIOLATIONS).set(violations as f64);
     Ok(Report { periods, violations, drift_units, repaired })
 }
 
