@@ -159,7 +159,9 @@ pub fn channel(
     let (sender, queue) = mpsc::channel(capacity);
     let (spool_full, full) = watch::channel(false);
     let events = EventQueue { sender, spool_full: full, full_policy: settings.full_policy };
-    let jetstream = jetstream::new(nats.clone());
+    let mut jetstream = jetstream::new(nats.clone());
+    // Its own limit (5 s) would otherwise cut a longer publish timeout short.
+    jetstream.set_timeout(settings.publish_timeout);
     let target = Target { nats, jetstream, subject: subject.into(), timeout: settings.publish_timeout };
     (events, Publisher { queue, target, spool: Arc::new(Mutex::new(spool)), spool_full, settings })
 }
