@@ -160,6 +160,47 @@ async fn nats_stopped_for_ten_seconds_loses_and_doubles_nothing() {
     env.cleanup().await;
 }
 
+/// While NATS is away nothing is sent to it: each attempt would stay queued in the NATS client (which reads nothing
+/// of its queue while it reconnects), a copy of the message each, and all of them would go out once NATS is back,
+/// ahead of the replay. A long outage piled up hundreds of megabytes of such copies.
+#[tokio::test]
+async fn nothing_waits_in_the_nats_client_while_nats_is_away() {
+    let monitor = crate::servers::free_port();
+    let mut nats = PrivateNats::start_with_config(&format!("http_port: {monitor}"));
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.start_validator_with(args(&env), REDIS_URL).await;
+    verify(&validator, &key, 1).await;
+    nats.stop();
+    // Once the publisher has noticed (its publish timed out) and spools, events far enough apart to be a message
+    // each, so that every replay attempt has a full window to send.
+    verify(&validator, &key, 1).await;
+    tokio::time::sleep(PUBLISH_TIMEOUT + Duration::from_secs(1)).await;
+    for _ in 0..40 {
+        verify(&validator, &key, 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Several failed replay attempts (the backoff reaches 2 s).
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    nats.restart();
+    let drained =
+        wait_until(Duration::from_secs(20), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "the spool is replayed");
+
+    // What the restarted server received: the spooled messages, each about once, and nothing queued meanwhile.
+    let varz: serde_json::Value =
+        reqwest::get(format!("http://127.0.0.1:{monitor}/varz")).await.expect("monitor").json().await.expect("varz");
+    let received = varz["in_msgs"].as_u64().expect("in_msgs");
+    let js = async_nats::jetstream::new(env.nats.clone());
+    let stored = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages;
+    assert!(stored >= 2, "{stored} messages in the stream");
+    assert!(received <= stored + 10, "{received} messages received after the restart for {stored} stored");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 /// Fault 5: the validator restarted gracefully while NATS is down. The stopped one keeps its events in the spool;
 /// the next one, on the same spool directory, starts while NATS is still down, serves and spools, and once NATS is
 /// back delivers everything.

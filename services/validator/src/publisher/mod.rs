@@ -213,6 +213,12 @@ impl Target {
     /// One attempt at a message cut to [`Target::message_bytes`]: published and acknowledged within the timeout, or
     /// an error.
     async fn publish(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
+        // While it reconnects, the client reads nothing of its queue: an attempt would leave a copy of the message
+        // there, to be sent once NATS is back, ahead of the replay (a long outage piled up hundreds of megabytes).
+        if self.nats.connection_state() != async_nats::connection::State::Connected {
+            metrics::counter!(EVENTS_PUBLISH_ERRORS).increment(1);
+            return Err("not connected to NATS".into());
+        }
         let started = Instant::now();
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, message.id.as_str());
