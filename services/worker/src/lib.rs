@@ -9,6 +9,7 @@ pub mod reconcile;
 mod store;
 mod user_agents;
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -37,13 +38,17 @@ pub use quota::QuotaCounters;
 pub use store::{copy_statement, encode, PeriodTotal, UsageStore, Written};
 pub use user_agents::{UserAgents, STORED_MAX as USER_AGENTS_STORED_MAX};
 
-/// Retry policy while PostgreSQL is failing: exponential from 100 ms to 10 s, full jitter. Coherent with the
-/// consumer (`nats/workers-consumer.json`): every retry first sends an in-progress ack, which restarts the 30 s
-/// ack wait, and a retry comes at most 10 s (plus a 5 s connection timeout) after the previous one, so JetStream
-/// never re-delivers a batch a worker still holds; `max_deliver` is unlimited, so nothing is ever dropped however
-/// long PostgreSQL is away (the messages wait in the stream, which has no age limit).
+/// Retry policy while PostgreSQL is failing: exponential from 100 ms to 10 s, full jitter. The consumer's
+/// `max_deliver` is unlimited (`nats/workers-consumer.json`), so nothing is ever dropped however long PostgreSQL is
+/// away (the messages wait in the stream, which has no age limit).
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
+/// In-progress acks per ack wait while a worker holds a batch (writing it, or waiting to retry): each restarts the
+/// consumer's ack wait, so JetStream never hands a batch to another worker while one still has it, however long a
+/// write waits (for a lock, or for PostgreSQL to answer).
+const PROGRESS_PER_ACK_WAIT: u32 = 3;
+/// The shortest period between in-progress acks, whatever the ack wait.
+const PROGRESS_MIN: Duration = Duration::from_millis(100);
 /// How often the consumer's pending counts are read into gauges.
 const PENDING_REFRESH: Duration = Duration::from_secs(5);
 /// How long past its expiry a pull is still read (see [`pull`]).
@@ -181,6 +186,24 @@ impl Worker {
     }
 }
 
+/// Runs `work`, sending an in-progress ack for every delivery each `every` until it ends (see
+/// [`PROGRESS_PER_ACK_WAIT`]).
+async fn holding<T>(deliveries: &[Delivery], every: Duration, work: impl Future<Output = T>) -> T {
+    tokio::pin!(work);
+    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            done = &mut work => return done,
+            _ = progress.tick() => {
+                for delivery in deliveries {
+                    // A lost one costs at worst a re-delivery, which the write makes harmless.
+                    let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
+                }
+            }
+        }
+    }
+}
+
 /// Consumes until `shutdown` is cancelled. A batch already fetched is written and acked before returning; a batch
 /// that cannot be written is retried with backoff (keeping its messages from being re-delivered meanwhile).
 pub async fn run(
@@ -230,9 +253,10 @@ pub async fn run_observed(
         if deliveries.is_empty() {
             continue;
         }
+        let progress_every = (consumer.cached_info().config.ack_wait / PROGRESS_PER_ACK_WAIT).max(PROGRESS_MIN);
         let mut backoff = Backoff::new();
         loop {
-            match worker.process_deliveries(&deliveries).await {
+            match holding(&deliveries, progress_every, worker.process_deliveries(&deliveries)).await {
                 Ok(_) => break,
                 Err(e) => {
                     metrics::counter!(WORKER_BATCH_ERRORS).increment(1);
@@ -241,11 +265,7 @@ pub async fn run_observed(
                         // Not acked: JetStream re-delivers these to the next worker.
                         break 'consume;
                     }
-                    for delivery in &deliveries {
-                        // Resets the ack timer so JetStream does not hand the batch to another worker meanwhile.
-                        let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
-                    }
-                    if !backoff.wait(&shutdown).await {
+                    if !holding(&deliveries, progress_every, backoff.wait(&shutdown)).await {
                         break 'consume;
                     }
                 }

@@ -205,6 +205,44 @@ async fn the_same_event_published_twice_and_a_batch_delivered_twice_count_once()
     env.cleanup().await;
 }
 
+/// A write that waits longer than the ack wait (here for a lock an operator holds on `usage_hourly`) keeps its batch:
+/// the worker sends in-progress acks meanwhile, so JetStream hands the batch to no other worker.
+#[tokio::test]
+async fn a_write_waiting_longer_than_the_ack_wait_keeps_its_batch() {
+    let env = TestEnv::new().await;
+    env.short_ack_wait(TEST_ACK_WAIT).await;
+    let (org_id, key_id) = key_of_new_org(&env).await;
+    let js = jetstream::new(env.nats.clone());
+    let mut lock = env.pool.begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE usage_hourly IN EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    let first = env.start_worker().await;
+    let second = env.start_worker().await;
+    publish(&js, &env.topology.usage_subject(), "m1".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 1)])
+        .await;
+    tokio::time::sleep(TEST_ACK_WAIT * 3).await;
+    assert_eq!(env.count("SELECT count(*) FROM api_usage").await, 0, "the write waits for the lock");
+    lock.rollback().await.expect("unlock");
+
+    env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", 1).await;
+    let consumer = js
+        .get_stream(&env.topology.stream)
+        .await
+        .expect("stream")
+        .get_consumer::<pull::Config>(&env.topology.workers_consumer())
+        .await
+        .expect("consumer")
+        .info()
+        .await
+        .expect("consumer info")
+        .clone();
+    // Every delivery, re-deliveries included, takes a consumer sequence number.
+    assert_eq!(consumer.delivered.consumer_sequence, 1, "the batch was delivered again while a worker wrote it");
+    env.assert_exactly_once(1).await;
+    first.stop().await;
+    second.stop().await;
+    env.cleanup().await;
+}
+
 /// A hung Redis (connections open, nothing answered) holds up no batch, and the quota counter catches up as soon as
 /// a Redis answers again (here a new one, which lost every counter), with no batch after it.
 #[tokio::test]
