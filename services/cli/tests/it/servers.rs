@@ -12,9 +12,23 @@ pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port()
 }
 
-fn wait_for_port(port: u16, what: &str) {
+/// Waits until `port` answers. With the server's process (`child`), also fails as soon as that has exited: its port
+/// was taken meanwhile (a free port is free only until someone binds it), and what answers there is not ours.
+fn wait_for_port(port: u16, what: &str, mut child: Option<&mut Child>) {
     let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+    let mut exited = || {
+        if let Some(Ok(Some(status))) = child.as_mut().map(|c| c.try_wait()) {
+            panic!("{what} exited ({status}) before answering on port {port}: was the port taken?");
+        }
+    };
+    loop {
+        exited();
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            // A server that cannot bind exits at once: long enough for that, in case what answered is another's.
+            std::thread::sleep(Duration::from_millis(50));
+            exited();
+            return;
+        }
         assert!(Instant::now() < deadline, "{what} did not start on port {port}");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -71,8 +85,7 @@ impl PrivateNats {
             .stderr(Stdio::null())
             .spawn()
             .expect("start nats-server");
-        self.child = Some(child);
-        wait_for_port(self.port, "nats-server");
+        wait_for_port(self.port, "nats-server", Some(self.child.insert(child)));
     }
 }
 
@@ -133,8 +146,7 @@ impl PrivateRedis {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
-        wait_for_port(self.port, "redis-server");
+        wait_for_port(self.port, "redis-server", Some(self.child.insert(child)));
     }
 }
 
@@ -218,7 +230,8 @@ impl PrivatePostgres {
             "-w",
             "start",
         ]);
-        wait_for_port(self.port, "postgres");
+        // pg_ctl -w has waited for the server, and exited.
+        wait_for_port(self.port, "postgres", None);
     }
 }
 
