@@ -16,17 +16,24 @@ DECLARE
     month_end   timestamptz := month_start + interval '1 month';
     partition   regclass;
     name        text := 'api_usage_' || to_char(month_start, 'YYYY_MM');
+    twice       boolean;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('tollgate_usage_partitions'));
     -- The partition that takes this month's rows, whatever its name. Bounds read back as
-    -- FOR VALUES FROM ('…') TO ('…'), in UTC under this function's time zone.
-    SELECT i.inhrelid::regclass INTO partition
-    FROM pg_inherits i
-    JOIN pg_class c ON c.oid = i.inhrelid
-    CROSS JOIN LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid), 'FROM \(''([^'']+)''\) TO \(''([^'']+)''\)')
-        AS bounds
-    WHERE i.inhparent = 'api_usage'::regclass
-      AND bounds[1]::timestamptz <= month_start AND bounds[2]::timestamptz >= month_end
+    -- FOR VALUES FROM ('…') TO ('…') (in UTC under this function's time zone), or MINVALUE / MAXVALUE; a default
+    -- partition has none. Only api_usage's partitions are read (materialized first): another table's bounds need
+    -- not be times.
+    WITH parts AS MATERIALIZED (
+        SELECT c.oid, regexp_match(pg_get_expr(c.relpartbound, c.oid),
+                                   'FROM \(''?(MINVALUE|[^'')]+)''?\) TO \(''?(MAXVALUE|[^'')]+)''?\)') AS bounds
+        FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid
+        WHERE i.inhparent = 'api_usage'::regclass
+    )
+    SELECT oid::regclass INTO partition
+    FROM parts
+    WHERE bounds IS NOT NULL
+      AND (bounds[1] = 'MINVALUE' OR bounds[1]::timestamptz <= month_start)
+      AND (bounds[2] = 'MAXVALUE' OR bounds[2]::timestamptz >= month_end)
     LIMIT 1;
     IF partition IS NULL THEN
         EXECUTE format('CREATE TABLE IF NOT EXISTS %I (LIKE api_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
@@ -34,14 +41,22 @@ BEGIN
         partition := quote_ident(name)::regclass;
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'event_id'
-                   WHERE x.indrelid = partition AND x.indisunique AND x.indisvalid AND x.indpred IS NULL
-                     AND x.indnatts = 1 AND x.indkey[0] = a.attnum) THEN
-        -- Unnamed when the usual name is taken (an archived partition's index keeps it): PostgreSQL picks one.
-        IF to_regclass(quote_ident(name || '_event_id')) IS NULL THEN
-            EXECUTE format('CREATE UNIQUE INDEX %I ON %s (event_id)', name || '_event_id', partition);
-        ELSE
-            EXECUTE format('CREATE UNIQUE INDEX ON %s (event_id)', partition);
+                   WHERE x.indrelid = partition AND x.indisunique AND x.indisvalid AND x.indimmediate
+                     AND x.indpred IS NULL AND x.indexprs IS NULL AND x.indnatts = 1 AND x.indkey[0] = a.attnum) THEN
+        -- A partition that went without the index may hold an event twice: the index cannot be built then, and
+        -- saying so beats failing on it at every batch with PostgreSQL's bare message.
+        EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s GROUP BY event_id HAVING count(*) > 1)', partition)
+            INTO STRICT twice;
+        IF twice THEN
+            -- All in the message: the worker's log shows the message, not a hint.
+            RAISE EXCEPTION 'usage partition % has no unique index on event_id and holds some event more than once '
+                            '(its month''s usage_hourly and billing count those twice): keep one row per event_id '
+                            '(SELECT event_id, count(*) FROM % GROUP BY 1 HAVING count(*) > 1 lists them), and writes '
+                            'to it resume', partition, partition;
         END IF;
+        -- Unnamed: PostgreSQL picks a free name in the partition's schema (an archived partition's index may keep
+        -- the usual one).
+        EXECUTE format('CREATE UNIQUE INDEX ON %s (event_id)', partition);
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_inherits WHERE inhparent = 'api_usage'::regclass AND inhrelid = partition) THEN
         -- The BRIN index on ts comes with the attaching.

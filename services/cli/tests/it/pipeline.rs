@@ -150,6 +150,33 @@ async fn a_partition_made_by_hand_gets_the_unique_index_that_keeps_events_once()
     env.cleanup().await;
 }
 
+/// A partition that went without the index and holds an event twice cannot be given it: the worker's error says
+/// so and what to do, rather than PostgreSQL's bare complaint about a duplicate key at every batch.
+#[tokio::test]
+async fn a_partition_holding_an_event_twice_is_named_with_what_to_do() {
+    let env = TestEnv::new().await;
+    let ts = Utc::now() - chrono::TimeDelta::days(95);
+    let month = ts.format("%Y-%m-01").to_string();
+    let by_hand = format!(
+        "CREATE TABLE doubled PARTITION OF api_usage FOR VALUES FROM ('{month} 00:00+00') TO \
+         (('{month}'::date + interval '1 month')::timestamp AT TIME ZONE 'UTC')"
+    );
+    sqlx::query(&by_hand).execute(&env.pool).await.expect("a partition made by hand");
+    let twice = "INSERT INTO api_usage (event_id, ts, org_id, key_id, latency_us, outcome, method, path) \
+                 SELECT $1, $2, $1, $1, 1, 'allowed', 'GET', '/' FROM generate_series(1, 2)";
+    sqlx::query(twice).bind(Uuid::now_v7()).bind(ts).execute(&env.pool).await.expect("an event twice");
+
+    let error = sqlx::query("SELECT tollgate_ensure_usage_partition($1)")
+        .bind(ts)
+        .execute(&env.pool)
+        .await
+        .expect_err("no unique index over an event held twice");
+    let message = error.to_string();
+    assert!(message.contains("usage partition doubled has no unique index on event_id"), "{message}");
+    assert!(message.contains("keep one row per event_id"), "{message}");
+    env.cleanup().await;
+}
+
 /// A month's partition attached under another name (archived under a new name and attached again) is the month's
 /// partition: the worker writes to it, where attaching one of the usual name failed every batch of that month.
 #[tokio::test]
