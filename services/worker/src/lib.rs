@@ -186,18 +186,38 @@ impl Worker {
     }
 }
 
-/// Runs `work`, sending an in-progress ack for every delivery each `every` until it ends (see
-/// [`PROGRESS_PER_ACK_WAIT`]).
-async fn holding<T>(deliveries: &[Delivery], every: Duration, work: impl Future<Output = T>) -> T {
-    tokio::pin!(work);
-    let mut progress = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    loop {
-        tokio::select! {
-            done = &mut work => return done,
-            _ = progress.tick() => {
-                for delivery in deliveries {
-                    // A lost one costs at worst a re-delivery, which the write makes harmless.
-                    let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
+/// In-progress acks for a batch while its worker holds it (see [`PROGRESS_PER_ACK_WAIT`]), on one timer for the
+/// whole time: the attempts and waits it spans are each shorter than its period.
+struct Holding<'a> {
+    deliveries: &'a [Delivery],
+    nats: &'a async_nats::Client,
+    timer: tokio::time::Interval,
+}
+
+impl<'a> Holding<'a> {
+    fn new(deliveries: &'a [Delivery], nats: &'a async_nats::Client, ack_wait: Duration) -> Holding<'a> {
+        let every = (ack_wait / PROGRESS_PER_ACK_WAIT).max(PROGRESS_MIN);
+        let mut timer = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Holding { deliveries, nats, timer }
+    }
+
+    /// Runs `work`, sending the acks that fall due meanwhile.
+    async fn during<T>(&mut self, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                done = &mut work => return done,
+                _ = self.timer.tick() => {
+                    // While NATS reconnects, its client reads nothing of its queue: an ack would wait there (and
+                    // hold up the write meanwhile) to arrive late anyway.
+                    if self.nats.connection_state() != async_nats::connection::State::Connected {
+                        continue;
+                    }
+                    for delivery in self.deliveries {
+                        // A lost one costs at worst a re-delivery, which the write makes harmless.
+                        let _ = delivery.message.ack_with(jetstream::AckKind::Progress).await;
+                    }
                 }
             }
         }
@@ -253,10 +273,10 @@ pub async fn run_observed(
         if deliveries.is_empty() {
             continue;
         }
-        let progress_every = (consumer.cached_info().config.ack_wait / PROGRESS_PER_ACK_WAIT).max(PROGRESS_MIN);
+        let mut holding = Holding::new(&deliveries, &nats, consumer.cached_info().config.ack_wait);
         let mut backoff = Backoff::new();
         loop {
-            match holding(&deliveries, progress_every, worker.process_deliveries(&deliveries)).await {
+            match holding.during(worker.process_deliveries(&deliveries)).await {
                 Ok(_) => break,
                 Err(e) => {
                     metrics::counter!(WORKER_BATCH_ERRORS).increment(1);
@@ -265,7 +285,7 @@ pub async fn run_observed(
                         // Not acked: JetStream re-delivers these to the next worker.
                         break 'consume;
                     }
-                    if !holding(&deliveries, progress_every, backoff.wait(&shutdown)).await {
+                    if !holding.during(backoff.wait(&shutdown)).await {
                         break 'consume;
                     }
                 }

@@ -224,23 +224,41 @@ async fn a_write_waiting_longer_than_the_ack_wait_keeps_its_batch() {
     lock.rollback().await.expect("unlock");
 
     env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", 1).await;
-    let consumer = js
-        .get_stream(&env.topology.stream)
-        .await
-        .expect("stream")
-        .get_consumer::<pull::Config>(&env.topology.workers_consumer())
-        .await
-        .expect("consumer")
-        .info()
-        .await
-        .expect("consumer info")
-        .clone();
-    // Every delivery, re-deliveries included, takes a consumer sequence number.
-    assert_eq!(consumer.delivered.consumer_sequence, 1, "the batch was delivered again while a worker wrote it");
+    assert_eq!(delivered(&env, &js).await, 1, "the batch was delivered again while a worker wrote it");
     env.assert_exactly_once(1).await;
     first.stop().await;
     second.stop().await;
     env.cleanup().await;
+}
+
+/// PostgreSQL away for several ack waits: the worker keeps its batch all along (in-progress acks through its failed
+/// attempts and the waits between them), so JetStream delivers it once.
+#[tokio::test]
+async fn a_batch_retried_for_several_ack_waits_is_delivered_once() {
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
+    env.short_ack_wait(TEST_ACK_WAIT).await;
+    let (org_id, key_id) = key_of_new_org(&env).await;
+    let js = jetstream::new(env.nats.clone());
+    let worker = env.start_worker().await;
+    postgres.stop();
+    publish(&js, &env.topology.usage_subject(), "m1".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 1)])
+        .await;
+    tokio::time::sleep(TEST_ACK_WAIT * 4).await;
+    postgres.restart();
+
+    env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", 1).await;
+    assert_eq!(delivered(&env, &js).await, 1, "the batch was delivered again while a worker retried it");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// How many deliveries the workers' consumer made, re-deliveries included (each takes a consumer sequence number).
+async fn delivered(env: &TestEnv, js: &jetstream::Context) -> u64 {
+    let stream = js.get_stream(&env.topology.stream).await.expect("stream");
+    let mut consumer =
+        stream.get_consumer::<pull::Config>(&env.topology.workers_consumer()).await.expect("workers consumer");
+    consumer.info().await.expect("consumer info").delivered.consumer_sequence
 }
 
 /// A hung Redis (connections open, nothing answered) holds up no batch, and the quota counter catches up as soon as
