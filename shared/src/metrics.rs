@@ -106,7 +106,10 @@ fn describe() {
         QUOTA_COUNTER_ERRORS,
         "Failed attempts to raise the Redis quota counters (retried until Redis answers)."
     );
-    describe_gauge!(QUOTA_DRIFT, "Units by which the Redis quota counters differ from PostgreSQL (last reconcile).");
+    describe_gauge!(
+        QUOTA_DRIFT,
+        "Units by which this month's Redis quota counters differ from PostgreSQL (the worker's check, once a minute)."
+    );
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");
     describe_gauge!(SPOOL_SEGMENTS, "Segment files in the validator's disk spool.");
     describe_counter!(SPOOL_CORRUPT_RECORDS, "Spool records skipped on replay: torn tails and checksum failures.");
@@ -116,8 +119,8 @@ fn describe() {
     describe_counter!(EVENTS_REPLAYED, "Spooled usage events acknowledged by JetStream.");
     describe_counter!(
         EVENTS_DROPPED,
-        "Usage events lost: the spool full under policy `drop`, shutdown with NATS away and the spool full, or a \
-         spooled message too large for NATS that cannot be cut."
+        "Usage events lost: the spool full (or failing to write) under policy `drop`, shutdown with NATS away and the \
+         spool full, or a spooled message too large for NATS that cannot be cut."
     );
     describe_counter!(EVENTS_REJECTED, "Verifies answered 503 because the spool was full and its policy is `block`.");
     describe_counter!(

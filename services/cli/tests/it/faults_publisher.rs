@@ -195,7 +195,8 @@ async fn nothing_waits_in_the_nats_client_while_nats_is_away() {
     let js = async_nats::jetstream::new(env.nats.clone());
     let stored = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages;
     assert!(stored >= 2, "{stored} messages in the stream");
-    assert!(received <= stored + 10, "{received} messages received after the restart for {stored} stored");
+    // A replay window (16) resent once is still nothing like the copies of every failed attempt (over a hundred).
+    assert!(received <= stored + 32, "{received} messages received after the restart for {stored} stored");
 
     validator.service.stop().await;
     env.cleanup().await;
