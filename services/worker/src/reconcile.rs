@@ -107,7 +107,6 @@ fn this_month() -> NaiveDate {
 }
 
 /// Checks the invariant and the counters; with `repair`, sets missing or drifting counters to PostgreSQL's total.
-/// Exports the drift and the violations as gauges.
 pub async fn reconcile(
     pool: &PgPool,
     quota: &mut QuotaCounters,
