@@ -146,20 +146,21 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     .await?;
     let (trivial_process, [trivial_port]) =
         start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-    let validator = Server { target: Target::auth(validator_port), pid: validator_process.0.id() };
-    let trivial = Server { target: Target::auth(trivial_port), pid: trivial_process.0.id() };
     // The server measured against the trivial handler: the validator, or with --calibrate another trivial handler
     // (the validator still runs, warmed, so that the machine is as busy as in a real run).
     let (_copy_process, measured) = if args.calibrate {
         let (process, [port]) = start_server(&client, |[port]| spawn_trivial(port, args.server_threads)).await?;
-        let copy = Server { target: Target::auth(port), pid: process.0.id() };
-        (Some(process), copy)
+        let pid = process.0.id();
+        (Some(process), (Target::auth(port), pid))
     } else {
-        (None, validator.clone())
+        (None, (Target::auth(validator_port), validator_process.0.id()))
     };
 
     eprintln!("warming the cache with every key…");
-    warm(&client, &validator.target.url(), &keys).await?;
+    warm(&client, &Target::auth(validator_port).url(), &keys).await?;
+    let mut trivial =
+        Server::open(Target::auth(trivial_port), trivial_process.0.id(), args.concurrency, &keys[0]).await?;
+    let mut measured = Server::open(measured.0, measured.1, args.concurrency, &keys[0]).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
     let degraded_before = degraded_decisions(&client, &metrics).await?;
@@ -171,16 +172,16 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let round = args.duration / args.rounds;
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(closed_loop(&trivial, &keys, args.concurrency, round).await);
-        verify_tally.add(closed_loop(&measured, &keys, args.concurrency, round).await);
+        trivial_tally.add(closed_loop(&mut trivial, &keys, round).await);
+        verify_tally.add(closed_loop(&mut measured, &keys, round).await);
     }
     let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
     eprintln!("open loop at {rate}/s, {:?} each, in {} alternating rounds…", args.duration, args.rounds);
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(open_loop(&trivial, &keys, (rate, args.concurrency), round).await);
-        verify_tally.add(open_loop(&measured, &keys, (rate, args.concurrency), round).await);
+        trivial_tally.add(open_loop(&mut trivial, &keys, rate, round).await);
+        verify_tally.add(open_loop(&mut measured, &keys, rate, round).await);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(measured.pid)?;
@@ -319,11 +320,27 @@ fn histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 60_000_000, 3).expect("valid histogram bounds")
 }
 
-/// A server the bench started: where to send requests, and its process.
-#[derive(Clone)]
+/// A server the bench started, and the bench's connections to it. They stay open across rounds, each opened by one
+/// untimed request before the first (a connection opened within a round would count its connect in that round's
+/// latency, and the server's first answers would count its warm-up). Each round starts in `keys` where the one before
+/// ended, so that the rounds go through all of them rather than the first few thousand again and again.
 struct Server {
-    target: Target,
     pid: u32,
+    connections: Vec<Connection>,
+    next_key: usize,
+}
+
+impl Server {
+    async fn open(target: Target, pid: u32, connections: usize, key: &str) -> anyhow::Result<Server> {
+        let mut opened = Vec::with_capacity(connections);
+        for _ in 0..connections {
+            let mut connection = Connection::new(target.clone());
+            let status = connection.get(key).await.with_context(|| format!("cannot connect to {}", target.url()))?;
+            anyhow::ensure!((200..300).contains(&status), "{} answered {status} to a good key", target.url());
+            opened.push(connection);
+        }
+        Ok(Server { pid, connections: opened, next_key: 0 })
+    }
 }
 
 /// A phase's requests, summed over its rounds.
@@ -371,20 +388,21 @@ impl Tally {
     }
 }
 
-/// `concurrency` loops each sending one request after another for `duration`.
-async fn closed_loop(server: &Server, keys: &Arc<Vec<String>>, concurrency: usize, duration: Duration) -> Tally {
+/// A loop per connection, each sending one request after another for `duration`.
+async fn closed_loop(server: &mut Server, keys: &Arc<Vec<String>>, duration: Duration) -> Tally {
     let started = Instant::now();
-    run_loops(started, server.pid, concurrency, |n| {
-        let (mut connection, keys) = (Connection::new(server.target.clone()), keys.clone());
+    let (first, concurrency) = (server.next_key, server.connections.len());
+    run_loops(started, server, |n, mut connection| {
+        let keys = keys.clone();
         async move {
             let mut seen = Seen::default();
-            let mut i = n;
+            let mut i = first + n;
             while started.elapsed() < duration {
                 let sent = Instant::now();
                 seen.record(connection.get(&keys[i % keys.len()]).await, sent);
                 i += concurrency;
             }
-            seen
+            (seen, connection)
         }
     })
     .await
@@ -397,17 +415,13 @@ async fn closed_loop(server: &Server, keys: &Arc<Vec<String>>, concurrency: usiz
 /// would also count the client's timer, which wakes up to a millisecond late: on this machine that added about
 /// 1.1 ms to the trivial handler's p50 and 2 ms to its p99, the same on both sides, which hid most of the difference
 /// in the p99 ratio (BENCHMARKS.md, 2026-11-30).
-async fn open_loop(
-    server: &Server,
-    keys: &Arc<Vec<String>>,
-    (rate, connections): (u64, usize),
-    duration: Duration,
-) -> Tally {
+async fn open_loop(server: &mut Server, keys: &Arc<Vec<String>>, rate: u64, duration: Duration) -> Tally {
     let started = Instant::now();
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as usize;
-    run_loops(started, server.pid, connections, |n| {
-        let (mut connection, keys) = (Connection::new(server.target.clone()), keys.clone());
+    let (first, connections) = (server.next_key, server.connections.len());
+    run_loops(started, server, |n, mut connection| {
+        let keys = keys.clone();
         async move {
             let mut seen = Seen::default();
             let mut answered = started;
@@ -419,11 +433,11 @@ async fn open_loop(
                     tokio::time::sleep_until(scheduled.into()).await;
                     Instant::now()
                 };
-                let answer = connection.get(&keys[i % keys.len()]).await;
+                let answer = connection.get(&keys[(first + i) % keys.len()]).await;
                 answered = Instant::now();
                 seen.record(answer, since);
             }
-            seen
+            (seen, connection)
         }
     })
     .await
@@ -457,21 +471,29 @@ impl Seen {
     }
 }
 
-/// Runs `count` request loops side by side until all end, and sums what they saw since `started`, with the CPU time
-/// the server (process `pid`) and the whole machine used meanwhile.
-async fn run_loops<F>(started: Instant, pid: u32, count: usize, request_loop: impl Fn(usize) -> F) -> Tally
+/// Runs a request loop per connection of `server`, side by side until all end, and sums what they saw since
+/// `started`, with the CPU time the server and the whole machine used meanwhile. The connections come back to
+/// `server`, and its next round starts in the keys after the requests of this one.
+async fn run_loops<F>(started: Instant, server: &mut Server, request_loop: impl Fn(usize, Connection) -> F) -> Tally
 where
-    F: std::future::Future<Output = Seen> + Send + 'static,
+    F: std::future::Future<Output = (Seen, Connection)> + Send + 'static,
 {
-    let (cpu, machine) = (cpu_of(pid), MachineCpu::now());
-    let loops = (0..count).map(|n| tokio::spawn(request_loop(n)));
+    let (cpu, machine) = (cpu_of(server.pid), MachineCpu::now());
+    let loops = std::mem::take(&mut server.connections)
+        .into_iter()
+        .enumerate()
+        .map(|(n, connection)| tokio::spawn(request_loop(n, connection)));
     let mut tally = Tally::default();
-    for seen in futures::future::join_all(loops).await.into_iter().flatten() {
+    for finished in futures::future::join_all(loops).await {
+        // A loop only ends by returning: a panic in one is the bench's bug, not a figure to leave out.
+        let (seen, connection) = finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         tally.seen.add(&seen);
+        server.connections.push(connection);
     }
     tally.elapsed = started.elapsed();
-    tally.server_cpu = cpu_of(pid).zip(cpu).map(|(now, before)| now.saturating_sub(before));
+    tally.server_cpu = cpu_of(server.pid).zip(cpu).map(|(now, before)| now.saturating_sub(before));
     tally.machine = MachineCpu::now().zip(machine).map(|(now, before)| now.since(before));
+    server.next_key += (tally.seen.histogram.len() + tally.seen.errors) as usize;
     tally
 }
 
@@ -480,7 +502,7 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use super::{counter_total, open_loop, Server, Target};
+    use super::{counter_total, open_loop, Connection, Server, Target};
 
     #[tokio::test]
     async fn a_request_held_back_by_a_slow_answer_counts_from_its_scheduled_time() {
@@ -489,7 +511,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("a free port on loopback");
         let port = listener.local_addr().expect("a bound listener has an address").port();
         // The server runs in this process.
-        let server = Server { target: Target::auth(port), pid: std::process::id() };
+        let connections = vec![Connection::new(Target::auth(port))];
+        let mut server = Server { pid: std::process::id(), connections, next_key: 0 };
         let slow = axum::Router::new().fallback(|| async {
             tokio::time::sleep(Duration::from_millis(20)).await;
             axum::http::StatusCode::OK
@@ -497,7 +520,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, slow).await });
         let keys = Arc::new(vec!["Bearer k".to_owned()]);
 
-        let tally = open_loop(&server, &keys, (1000, 1), Duration::from_millis(30)).await;
+        let tally = open_loop(&mut server, &keys, 1000, Duration::from_millis(30)).await;
 
         assert_eq!((tally.seen.histogram.len(), tally.seen.errors), (30, 0));
         let slowest = tally.seen.histogram.max();
