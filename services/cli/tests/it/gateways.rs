@@ -75,7 +75,17 @@ fn gateway_binary(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
-/// An upstream that answers with the Tollgate headers it received, as JSON.
+/// The headers a key may come in.
+const CREDENTIAL_HEADERS: [&str; 3] = ["authorization", "x-api-key", "x-service-key"];
+
+/// Fails unless the upstream saw no key, in any header it may come in.
+fn assert_no_key_upstream(seen: &serde_json::Value) {
+    for name in CREDENTIAL_HEADERS {
+        assert!(seen.get(name).is_none_or(|v| v == ""), "the key reached the upstream in {name}: {seen}");
+    }
+}
+
+/// An upstream that answers with the Tollgate and credential headers it received, as JSON.
 async fn start_upstream() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
@@ -85,7 +95,7 @@ async fn start_upstream() -> String {
             .filter(|(name, _)| {
                 let name = name.as_str();
                 ["x-tollgate-", "x-ratelimit-", "ratelimit"].iter().any(|p| name.starts_with(p))
-                    || name == "authorization"
+                    || CREDENTIAL_HEADERS.contains(&name)
             })
             .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").into()))
             .collect();
@@ -119,7 +129,7 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     let seen: serde_json::Value = ok.json().await.expect("upstream echo");
     assert_eq!(seen["x-tollgate-key-id"], key_id.to_string());
     assert_eq!(seen["x-tollgate-role"], "user");
-    assert!(seen.get("authorization").is_none_or(|v| v == ""), "the key reached the upstream: {seen}");
+    assert_no_key_upstream(&seen);
     // The upstream sees every rate-limit header (of the key's 1000 per minute, its only limit).
     assert_eq!((seen["x-ratelimit-limit"].as_str(), seen["x-ratelimit-used"].as_str()), (Some("1000"), Some("1")));
     assert!(seen["x-ratelimit-reset"].as_str().is_some_and(|s| s.parse::<i64>().is_ok()), "{seen}");
@@ -135,6 +145,13 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     assert_eq!(used(own_cost.send().await.expect("request")).await, "2");
     let report = client.get(url("/reports/1")).bearer_auth(key.expose()).send().await.expect("request");
     assert_eq!(used(report).await, "7");
+    // Nor does the key, in whichever header it came (another key, so that this one's counts above stay as they are).
+    let (_, other) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    for header in ["X-API-Key", "X-Service-Key"] {
+        let ok = client.get(url("/orders/1")).header(header, other.expose()).send().await.expect("request");
+        assert_eq!(ok.status(), StatusCode::OK, "a key in {header}");
+        assert_no_key_upstream(&ok.json().await.expect("upstream echo"));
+    }
     // A client with more headers than Tollgate takes (100): nginx passes on only those Tollgate reads, so the
     // request is decided (and counted) instead of failing with 500. (This test's upstream takes no more than 100
     // either, and answers 431 itself.)
@@ -279,11 +296,15 @@ async fn traefik_forward_auth_gives_200_401_403_and_429() {
     assert_eq!(seen["x-tollgate-role"], "user");
     assert_eq!((seen["x-ratelimit-limit"].as_str(), seen["x-ratelimit-used"].as_str()), (Some("1000"), Some("1")));
     assert_eq!(seen["ratelimit-policy"], "\"key\";q=1000;w=60");
+    assert_no_key_upstream(&seen);
+    let ok = client.get(url("/orders/1")).header("X-API-Key", key.expose()).send().await.expect("request");
+    assert_eq!(ok.status(), StatusCode::OK, "a key in X-API-Key");
+    assert_no_key_upstream(&ok.json().await.expect("upstream echo"));
     // The client's own X-Tollgate-Cost does not reach Tollgate: every request costs 1.
     let own_cost = client.get(url("/orders/2")).bearer_auth(key.expose()).header("X-Tollgate-Cost", "50");
     let own_cost = own_cost.header("User-Agent", "traefik-test/1");
     let seen: serde_json::Value = own_cost.send().await.expect("request").json().await.expect("upstream echo");
-    assert_eq!(seen["x-ratelimit-used"], "2");
+    assert_eq!(seen["x-ratelimit-used"], "3");
     // Tollgate read the original request from Traefik's X-Forwarded-* headers, and the client's user agent.
     let recorded = "SELECT count(*) FROM api_usage u JOIN user_agents a ON a.id = u.user_agent_id
                     WHERE method = 'GET' AND path = '/orders/2' AND a.user_agent = 'traefik-test/1'";
