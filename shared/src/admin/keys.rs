@@ -84,6 +84,7 @@ async fn insert_key(
     action: &str,
 ) -> Result<KeyInfo, AdminError> {
     validate_scopes(&new.scopes)?;
+    validate_name(&new.name)?;
     if let Some(expires_at) = new.expires_at.filter(|t| *t <= Utc::now()) {
         return Err(AdminError::Invalid(format!("the expiry {expires_at} has passed: the key would never work")));
     }
@@ -230,6 +231,17 @@ async fn audit(
         .bind(details)
         .execute(tx)
         .await?;
+    Ok(())
+}
+
+/// A key's name goes to the upstream as `X-Tollgate-Key-Name`: one with a control character could not be a header
+/// value, and would be left out (so that under Envoy, a client's own header of that name would pass instead).
+fn validate_name(name: &str) -> Result<(), AdminError> {
+    if name.chars().any(char::is_control) {
+        return Err(AdminError::Invalid(format!(
+            "a key's name cannot hold control characters (tabs, line breaks): {name:?}"
+        )));
+    }
     Ok(())
 }
 

@@ -278,14 +278,16 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         ],
         None,
     ));
-    // Expiries that would make a key that never works, or overflow, are refused with what was wrong.
-    for (expiry, says) in [
-        (&["--expires-at", "2020-01-01T00:00:00Z"][..], "has passed"),
-        (&["--expires-in", "500000000y"], "too far ahead"),
+    // Expiries that would make a key that never works, or overflow, and a name that cannot go in a header, are
+    // refused with what was wrong.
+    for (given, says) in [
+        (&["--name", "x", "--expires-at", "2020-01-01T00:00:00Z"][..], "has passed"),
+        (&["--name", "x", "--expires-in", "500000000y"], "too far ahead"),
+        (&["--name", "line\nbreak"], "a key's name cannot hold control characters"),
     ] {
-        let args = [&["key", "create", "--org", "acme-corp", "--name", "x"][..], expiry].concat();
+        let args = [&["key", "create", "--org", "acme-corp"][..], given].concat();
         let stderr = refusal(&env, &args);
-        assert!(stderr.contains(says), "{expiry:?}: {stderr}");
+        assert!(stderr.contains(says), "{given:?}: {stderr}");
     }
     let key = created["key"].as_str().expect("plaintext key");
     assert!(key.starts_with("tg_live_"));
