@@ -8,8 +8,8 @@
 //! validator's RSS with every key cached. Both kinds of phase alternate in rounds (trivial, verify, trivial, …), so
 //! that a machine whose speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one:
 //! cached key, two applicable limits (the key's and the organization's per-minute limit, set high enough never to
-//! deny), event published to JetStream. The bench reports how many measured decisions the validator made without Redis
-//! (by its failure policy, when a call failed or timed out): any such run measured less than full verification. It also
+//! deny), event published to JetStream. The bench counts what would make a measured verify less than that (a decision
+//! without Redis, a key read from PostgreSQL, an event spooled to disk) and fails, after its report, if any was. It also
 //! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
 //! whichever server is being measured, which shows which side of a run's ratios it fell on. And it reports the CPU
 //! time per request of the measured server (the validator's is what sizing a deployment needs) and of the whole
@@ -30,7 +30,7 @@ use uuid::Uuid;
 use tollgate_shared::config::ServerArgs;
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
-use tollgate_shared::metrics::RATELIMIT_DEGRADED;
+use tollgate_shared::metrics::{EVENTS_SPOOLED, KEY_LOOKUPS, RATELIMIT_DEGRADED};
 
 use super::client::{Connection, Target};
 use super::cpu::{cpu_of, rss_mb, MachineCpu};
@@ -117,9 +117,38 @@ struct Report {
     p99_ratio: f64,
     /// The second trivial handler's, with `--calibrate`.
     validator_rss_mb: f64,
-    /// Decisions made without Redis while measuring, once per failure policy they followed (the bench's limits all
-    /// follow the default, `local`): 0 in a valid run.
-    degraded: u64,
+    /// What made measured verifies less than full ones: none in a valid run.
+    shortfall: Shortfall,
+}
+
+/// Counts, over the measured phases, of what makes a verify less than a full one: a decision taken without Redis
+/// (its call failed or timed out), a key read from PostgreSQL rather than the cache, an event spooled to disk rather
+/// than published. All 0 in a valid run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
+struct Shortfall {
+    decided_without_redis: u64,
+    keys_read_from_postgres: u64,
+    events_spooled: u64,
+}
+
+impl Shortfall {
+    /// The validator's totals so far, from its metrics endpoint.
+    async fn read(client: &reqwest::Client, metrics: &str) -> anyhow::Result<Shortfall> {
+        let text = client.get(metrics).send().await?.error_for_status()?.text().await?;
+        Ok(Shortfall {
+            decided_without_redis: counter_total(&text, RATELIMIT_DEGRADED),
+            keys_read_from_postgres: counter_total(&text, &format!("{KEY_LOOKUPS}{{source=\"database\"}}")),
+            events_spooled: counter_total(&text, EVENTS_SPOOLED),
+        })
+    }
+
+    fn since(self, before: Shortfall) -> Shortfall {
+        Shortfall {
+            decided_without_redis: self.decided_without_redis.saturating_sub(before.decided_without_redis),
+            keys_read_from_postgres: self.keys_read_from_postgres.saturating_sub(before.keys_read_from_postgres),
+            events_spooled: self.events_spooled.saturating_sub(before.events_spooled),
+        }
+    }
 }
 
 pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> anyhow::Result<()> {
@@ -127,7 +156,14 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     // Removed however the measuring ends; its servers are stopped by then.
     let report = measure(servers, &bench, &args).await;
     bench.remove(servers).await;
-    crate::output::print(json, &report?, render)
+    let report = report?;
+    crate::output::print(json, &report, render)?;
+    anyhow::ensure!(
+        report.shortfall == Shortfall::default(),
+        "some measured verifies were not full ones ({:?}): these figures are not all of full verification; run again",
+        report.shortfall
+    );
+    Ok(())
 }
 
 async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenchArgs) -> anyhow::Result<Report> {
@@ -163,7 +199,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let mut measured = Server::open(measured.0, measured.1, args.concurrency, &keys[0]).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let degraded_before = degraded_decisions(&client, &metrics).await?;
+    let shortfall_before = Shortfall::read(&client, &metrics).await?;
 
     eprintln!(
         "closed loop, {} connections, {:?} each, in {} alternating rounds…",
@@ -185,13 +221,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(measured.pid)?;
-    let degraded = degraded_decisions(&client, &metrics).await?.saturating_sub(degraded_before);
-    if degraded > 0 {
-        eprintln!(
-            "bench: {degraded} decisions were made without Redis while measuring (its calls failed or timed out): \
-             these figures are not all of full verification; run again"
-        );
-    }
+    let shortfall = Shortfall::read(&client, &metrics).await?.since(shortfall_before);
 
     Ok(Report {
         keys: keys.len(),
@@ -209,7 +239,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         trivial_latency,
         verify_latency,
         validator_rss_mb,
-        degraded,
+        shortfall,
     })
 }
 
@@ -240,7 +270,8 @@ fn render(r: &Report) -> String {
     );
     format!(
         "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · {measured}/trivial throughput {:.1}% \
-         (CPU per request allows {}) · p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {}",
+         (CPU per request allows {}) · p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {} · \
+         keys read from PostgreSQL {} · events spooled {}",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
@@ -250,7 +281,9 @@ fn render(r: &Report) -> String {
         r.cpu_ratio.map_or("-".to_owned(), |ratio| format!("{:.1}%", ratio * 100.0)),
         r.p99_ratio,
         r.validator_rss_mb,
-        r.degraded
+        r.shortfall.decided_without_redis,
+        r.shortfall.keys_read_from_postgres,
+        r.shortfall.events_spooled,
     )
 }
 
@@ -301,12 +334,6 @@ async fn warm(client: &reqwest::Client, url: &str, keys: &[String]) -> anyhow::R
     let ok = statuses.iter().filter(|r| r.as_ref().is_ok_and(|r| r.status().is_success())).count();
     anyhow::ensure!(ok == keys.len(), "only {ok} of {} keys verified while warming up", keys.len());
     Ok(())
-}
-
-/// The validator's count of decisions made by a failure policy instead of Redis (all policies).
-async fn degraded_decisions(client: &reqwest::Client, metrics: &str) -> anyhow::Result<u64> {
-    let text = client.get(metrics).send().await?.error_for_status()?.text().await?;
-    Ok(counter_total(&text, RATELIMIT_DEGRADED))
 }
 
 /// The sum of a counter's series (all label sets) in a Prometheus text exposition; 0 when it has none yet.
@@ -539,5 +566,9 @@ mod tests {
                           tollgate_ratelimit_decisions_total{limit=\"org\",result=\"allowed\"} 9\n";
         assert_eq!(counter_total(exposition, "tollgate_ratelimit_degraded_total"), 615);
         assert_eq!(counter_total("tollgate_x 2\n", "tollgate_ratelimit_degraded_total"), 0);
+        // One series alone, named with its labels.
+        let lookups =
+            "tollgate_key_lookups_total{source=\"cache\"} 7\ntollgate_key_lookups_total{source=\"database\"} 2\n";
+        assert_eq!(counter_total(lookups, "tollgate_key_lookups_total{source=\"database\"}"), 2);
     }
 }
