@@ -17,6 +17,17 @@ async fn publish(js: &jetstream::Context, subject: &str, message_id: &str, paylo
     js.publish_with_headers(subject.to_owned(), headers, payload.into()).await.expect("publish").await.expect("ack");
 }
 
+/// Waits until the usage stream holds no message: it drains (work-queue retention) once every message is acked.
+async fn wait_until_drained(env: &TestEnv, js: &jetstream::Context) {
+    let drained = crate::harness::wait_until(
+        std::time::Duration::from_secs(10),
+        || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages },
+        |n| *n == 0,
+    )
+    .await;
+    assert_eq!(drained, 0, "messages left in the usage stream");
+}
+
 #[tokio::test]
 async fn a_redelivered_event_leaves_one_row_and_a_count_of_one() {
     let env = TestEnv::new().await;
@@ -37,14 +48,7 @@ async fn a_redelivered_event_leaves_one_row_and_a_count_of_one() {
 
     let worker = env.start_worker().await;
     env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
-    // The stream drains (work-queue retention) once every message is acked.
-    let drained = crate::harness::wait_until(
-        std::time::Duration::from_secs(10),
-        || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages },
-        |n| *n == 0,
-    )
-    .await;
-    assert_eq!(drained, 0);
+    wait_until_drained(&env, &js).await;
     assert_eq!(env.count("SELECT count(*) FROM api_usage").await, 1);
     assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
     worker.stop().await;
@@ -137,13 +141,7 @@ async fn a_partition_made_by_hand_gets_the_unique_index_that_keeps_events_once()
     env.wait_for_count(&format!("SELECT count(*) FROM {partition}"), 1).await;
     // Again under another message id, in a batch of its own: only the index can tell it is the same event.
     publish(&js, &subject, "again", payload).await;
-    let drained = crate::harness::wait_until(
-        std::time::Duration::from_secs(10),
-        || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages },
-        |n| *n == 0,
-    )
-    .await;
-    assert_eq!(drained, 0);
+    wait_until_drained(&env, &js).await;
     assert_eq!(env.count(&format!("SELECT count(*) FROM {partition}")).await, 1);
     assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 1);
     worker.stop().await;
