@@ -32,8 +32,9 @@ BEGIN
     SELECT oid::regclass INTO partition
     FROM parts
     WHERE bounds IS NOT NULL
-      AND (bounds[1] = 'MINVALUE' OR bounds[1]::timestamptz <= month_start)
-      AND (bounds[2] = 'MAXVALUE' OR bounds[2]::timestamptz >= month_end)
+      -- CASE, not OR: the casts must not be tried on MINVALUE / MAXVALUE.
+      AND CASE WHEN bounds[1] = 'MINVALUE' THEN true ELSE bounds[1]::timestamptz <= month_start END
+      AND CASE WHEN bounds[2] = 'MAXVALUE' THEN true ELSE bounds[2]::timestamptz >= month_end END
     LIMIT 1;
     IF partition IS NULL THEN
         EXECUTE format('CREATE TABLE IF NOT EXISTS %I (LIKE api_usage INCLUDING DEFAULTS INCLUDING CONSTRAINTS '
@@ -42,7 +43,7 @@ BEGIN
     END IF;
     IF NOT EXISTS (SELECT 1 FROM pg_index x JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attname = 'event_id'
                    WHERE x.indrelid = partition AND x.indisunique AND x.indisvalid AND x.indimmediate
-                     AND x.indpred IS NULL AND x.indexprs IS NULL AND x.indnatts = 1 AND x.indkey[0] = a.attnum) THEN
+                     AND x.indpred IS NULL AND x.indexprs IS NULL AND x.indnkeyatts = 1 AND x.indkey[0] = a.attnum) THEN
         -- A partition that went without the index may hold an event twice: the index cannot be built then, and
         -- saying so beats failing on it at every batch with PostgreSQL's bare message.
         EXECUTE format('SELECT EXISTS (SELECT 1 FROM %s GROUP BY event_id HAVING count(*) > 1)', partition)

@@ -304,7 +304,7 @@ pub struct KeySpec {
     /// The organization's id or slug.
     #[arg(long)]
     pub org: String,
-    /// Display name, 1 to 200 characters but no control characters (shown to the API as X-Tollgate-Key-Name).
+    /// Display name, 1 to 200 characters and no line breaks (shown to the API as X-Tollgate-Key-Name).
     #[arg(long)]
     pub name: String,
     /// What the key may do (routes can require a role).

@@ -144,7 +144,7 @@ impl KeyCache {
             lookups: Arc::new(LabeledCounter::new(
                 KEY_LOOKUPS,
                 ["source"],
-                [["cache"], ["negative_cache"], ["database"]],
+                [["cache"], ["negative_cache"], ["database"], ["recheck"]],
             )),
         }
     }
@@ -182,6 +182,7 @@ impl KeyCache {
                 if self.failed_reads.get(&hash).is_some_and(|failed| failed.elapsed() < DATABASE_TIMEOUT) {
                     return Err(Miss::Failed(LookupError::ReadFailedLately));
                 }
+                self.lookups.increment(["database"]);
                 match self.read(hash).await {
                     Ok(Some(record)) => Ok(Cached::new(Arc::new(record))),
                     Ok(None) => {
@@ -206,7 +207,6 @@ impl KeyCache {
     /// is waited for it. A query that fails (PostgreSQL not reached) marks PostgreSQL away until the refresher hears
     /// from it again; one that is only slow does not (a cold cache's burst of lookups can queue for a connection).
     async fn read(&self, hash: KeyHash) -> Result<Option<KeyRecord>, LookupError> {
-        self.lookups.increment(["database"]);
         let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
         let query = sqlx::query(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool);
         let row = match tokio::time::timeout(DATABASE_TIMEOUT, query).await {
@@ -235,6 +235,8 @@ impl KeyCache {
         self.reloading.insert(hash, Instant::now());
         let cache = self.clone();
         tokio::spawn(async move {
+            // Not a lookup a request waited on: counted apart.
+            cache.lookups.increment(["recheck"]);
             match cache.read(hash).await {
                 Ok(Some(record)) => cache.apply(hash, record),
                 Ok(None) => {

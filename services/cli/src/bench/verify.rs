@@ -158,10 +158,12 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     bench.remove(servers).await;
     let report = report?;
     crate::output::print(json, &report, render)?;
+    let Shortfall { decided_without_redis, keys_read_from_postgres, events_spooled } = report.shortfall;
     anyhow::ensure!(
         report.shortfall == Shortfall::default(),
-        "some measured verifies were not full ones ({:?}): these figures are not all of full verification; run again",
-        report.shortfall
+        "measured verifies that were not full ones: {decided_without_redis} decided without Redis, \
+         {keys_read_from_postgres} keys read from PostgreSQL, {events_spooled} events spooled; these figures are not \
+         all of full verification: run again"
     );
     Ok(())
 }
@@ -208,16 +210,16 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let round = args.duration / args.rounds;
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(closed_loop(&mut trivial, &keys, round).await);
-        verify_tally.add(closed_loop(&mut measured, &keys, round).await);
+        trivial_tally.add(closed_loop(&mut trivial, &keys, round).await?);
+        verify_tally.add(closed_loop(&mut measured, &keys, round).await?);
     }
     let (trivial_throughput, verify_throughput) = (trivial_tally.phase(), verify_tally.phase());
     let rate = args.rate.unwrap_or((verify_throughput.per_second / 4.0) as u64).max(1);
     eprintln!("open loop at {rate}/s, {:?} each, in {} alternating rounds…", args.duration, args.rounds);
     let (mut trivial_tally, mut verify_tally) = (Tally::default(), Tally::default());
     for _ in 0..args.rounds {
-        trivial_tally.add(open_loop(&mut trivial, &keys, rate, round).await);
-        verify_tally.add(open_loop(&mut measured, &keys, rate, round).await);
+        trivial_tally.add(open_loop(&mut trivial, &keys, rate, round).await?);
+        verify_tally.add(open_loop(&mut measured, &keys, rate, round).await?);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
     let validator_rss_mb = rss_mb(measured.pid)?;
@@ -416,7 +418,7 @@ impl Tally {
 }
 
 /// A loop per connection, each sending one request after another for `duration`.
-async fn closed_loop(server: &mut Server, keys: &Arc<Vec<String>>, duration: Duration) -> Tally {
+async fn closed_loop(server: &mut Server, keys: &Arc<Vec<String>>, duration: Duration) -> anyhow::Result<Tally> {
     let started = Instant::now();
     let (first, concurrency) = (server.next_key, server.connections.len());
     run_loops(started, server, |n, mut connection| {
@@ -442,7 +444,12 @@ async fn closed_loop(server: &mut Server, keys: &Arc<Vec<String>>, duration: Dur
 /// would also count the client's timer, which wakes up to a millisecond late: on this machine that added about
 /// 1.1 ms to the trivial handler's p50 and 2 ms to its p99, the same on both sides, which hid most of the difference
 /// in the p99 ratio (BENCHMARKS.md, 2026-11-30).
-async fn open_loop(server: &mut Server, keys: &Arc<Vec<String>>, rate: u64, duration: Duration) -> Tally {
+async fn open_loop(
+    server: &mut Server,
+    keys: &Arc<Vec<String>>,
+    rate: u64,
+    duration: Duration,
+) -> anyhow::Result<Tally> {
     let started = Instant::now();
     let interval = Duration::from_secs(1).div_f64(rate as f64);
     let total = (duration.as_secs_f64() * rate as f64) as usize;
@@ -501,7 +508,11 @@ impl Seen {
 /// Runs a request loop per connection of `server`, side by side until all end, and sums what they saw since
 /// `started`, with the CPU time the server and the whole machine used meanwhile. The connections come back to
 /// `server`, and its next round starts in the keys after the requests of this one.
-async fn run_loops<F>(started: Instant, server: &mut Server, request_loop: impl Fn(usize, Connection) -> F) -> Tally
+async fn run_loops<F>(
+    started: Instant,
+    server: &mut Server,
+    request_loop: impl Fn(usize, Connection) -> F,
+) -> anyhow::Result<Tally>
 where
     F: std::future::Future<Output = (Seen, Connection)> + Send + 'static,
 {
@@ -512,8 +523,9 @@ where
         .map(|(n, connection)| tokio::spawn(request_loop(n, connection)));
     let mut tally = Tally::default();
     for finished in futures::future::join_all(loops).await {
-        // A loop only ends by returning: a panic in one is the bench's bug, not a figure to leave out.
-        let (seen, connection) = finished.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        // A loop only ends by returning: a panic in one is the bench's bug, not a figure to leave out (and an error,
+        // so that the bench's database, stream and keys are still removed).
+        let (seen, connection) = finished.context("a request loop panicked")?;
         tally.seen.add(&seen);
         server.connections.push(connection);
     }
@@ -521,7 +533,7 @@ where
     tally.server_cpu = cpu_of(server.pid).zip(cpu).map(|(now, before)| now.saturating_sub(before));
     tally.machine = MachineCpu::now().zip(machine).map(|(now, before)| now.since(before));
     server.next_key += (tally.seen.histogram.len() + tally.seen.errors) as usize;
-    tally
+    Ok(tally)
 }
 
 #[cfg(test)]
@@ -547,7 +559,7 @@ mod tests {
         tokio::spawn(async move { axum::serve(listener, slow).await });
         let keys = Arc::new(vec!["Bearer k".to_owned()]);
 
-        let tally = open_loop(&mut server, &keys, 1000, Duration::from_millis(30)).await;
+        let tally = open_loop(&mut server, &keys, 1000, Duration::from_millis(30)).await.expect("a round");
 
         assert_eq!((tally.seen.histogram.len(), tally.seen.errors), (30, 0));
         let slowest = tally.seen.histogram.max();

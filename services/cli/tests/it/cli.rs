@@ -283,7 +283,7 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
     for (given, says) in [
         (&["--name", "x", "--expires-at", "2020-01-01T00:00:00Z"][..], "has passed"),
         (&["--name", "x", "--expires-in", "500000000y"], "too far ahead"),
-        (&["--name", "line\nbreak"], "a key's name cannot hold control characters"),
+        (&["--name", "line\nbreak"], "a key's name cannot hold line breaks or other control characters"),
     ] {
         let args = [&["key", "create", "--org", "acme-corp"][..], given].concat();
         let stderr = refusal(&env, &args);

@@ -711,3 +711,32 @@ async fn graceful_shutdown_loses_no_decision() {
     next_worker.stop().await;
     env.cleanup().await;
 }
+
+/// A cached key read again in the background (its recheck) counts as `source="recheck"`, apart from the lookups a
+/// request waited on PostgreSQL for: `tollgate bench verify` holds a run with any of those to be invalid.
+#[tokio::test]
+async fn a_recheck_counts_apart_from_lookups_that_read_postgresql() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator = env.spawn_validator_process(&[("TOLLGATE_KEY_RECHECK", "100ms".into())]);
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    let auth = || client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+    assert_eq!(auth().await.expect("request").status(), StatusCode::OK);
+    let series = |source: &str| format!("tollgate_key_lookups_total{{source=\"{source}\"}}");
+    let rechecked = wait_until(
+        Duration::from_secs(10),
+        || async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            assert_eq!(auth().await.expect("request").status(), StatusCode::OK);
+            validator.metric(&series("recheck")).await
+        },
+        |n| n.is_some_and(|n| n >= 1.0),
+    )
+    .await;
+    assert!(rechecked.is_some_and(|n| n >= 1.0), "no recheck counted: {rechecked:?}");
+    assert_eq!(validator.metric(&series("database")).await, Some(1.0), "only the first lookup read PostgreSQL");
+    drop(validator);
+    env.cleanup().await;
+}
