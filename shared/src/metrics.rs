@@ -83,7 +83,10 @@ fn describe() {
         "Verify requests, by outcome (including missing/malformed/unknown keys, and invalid_request: refused unread)."
     );
     describe_histogram!(VERIFY_DURATION, Unit::Seconds, "Time to decide a verify request.");
-    describe_counter!(KEY_LOOKUPS, "Key lookups, by source: cache, negative_cache, database; and recheck, a cached key read again in the background.");
+    describe_counter!(
+        KEY_LOOKUPS,
+        "Key lookups, by source: cache, negative_cache, database; and recheck, a cached key read again in the background."
+    );
     describe_gauge!(
         KEY_REFRESH_AGE,
         Unit::Seconds,

@@ -114,6 +114,16 @@ async fn a_dropped_partition_is_made_again_for_a_late_event() {
     env.cleanup().await;
 }
 
+/// `name`, the partition of `ts`'s month (UTC) made by hand, as an operator would: no unique index on `event_id`.
+async fn partition_by_hand(env: &TestEnv, name: &str, ts: chrono::DateTime<Utc>) {
+    let month = ts.format("%Y-%m-01");
+    let sql = format!(
+        "CREATE TABLE {name} PARTITION OF api_usage FOR VALUES FROM ('{month} 00:00+00') TO \
+         (('{month}'::date + interval '1 month')::timestamp AT TIME ZONE 'UTC')"
+    );
+    sqlx::query(&sql).execute(&env.pool).await.expect("a partition made by hand");
+}
+
 /// A month's partition made by hand (`CREATE TABLE ... PARTITION OF`) lacks the unique index on `event_id`, the
 /// one thing that makes a re-delivered event a no-op: the worker gives it one before writing to it.
 #[tokio::test]
@@ -128,12 +138,7 @@ async fn a_partition_made_by_hand_gets_the_unique_index_that_keeps_events_once()
     };
     // Under the name the worker gives a month's partition.
     let partition = format!("api_usage_{}", event.ts.format("%Y_%m"));
-    let month = event.ts.format("%Y-%m-01").to_string();
-    let by_hand = format!(
-        "CREATE TABLE {partition} PARTITION OF api_usage FOR VALUES FROM ('{month} 00:00+00') TO \
-         (('{month}'::date + interval '1 month')::timestamp AT TIME ZONE 'UTC')"
-    );
-    sqlx::query(&by_hand).execute(&env.pool).await.expect("a partition made by hand");
+    partition_by_hand(&env, &partition, event.ts).await;
 
     let payload = codec::encode_batch(vec![event]);
     let worker = env.start_worker().await;
@@ -154,12 +159,7 @@ async fn a_partition_made_by_hand_gets_the_unique_index_that_keeps_events_once()
 async fn a_partition_holding_an_event_twice_is_named_with_what_to_do() {
     let env = TestEnv::new().await;
     let ts = Utc::now() - chrono::TimeDelta::days(95);
-    let month = ts.format("%Y-%m-01").to_string();
-    let by_hand = format!(
-        "CREATE TABLE doubled PARTITION OF api_usage FOR VALUES FROM ('{month} 00:00+00') TO \
-         (('{month}'::date + interval '1 month')::timestamp AT TIME ZONE 'UTC')"
-    );
-    sqlx::query(&by_hand).execute(&env.pool).await.expect("a partition made by hand");
+    partition_by_hand(&env, "doubled", ts).await;
     let twice = "INSERT INTO api_usage (event_id, ts, org_id, key_id, latency_us, outcome, method, path) \
                  SELECT $1, $2, $1, $1, 1, 'allowed', 'GET', '/' FROM generate_series(1, 2)";
     sqlx::query(twice).bind(Uuid::now_v7()).bind(ts).execute(&env.pool).await.expect("an event twice");
