@@ -191,6 +191,8 @@ pub struct ValidatorArgs {
         default_value = "127.0.0.0/8,::1/128"
     )]
     pub trusted_proxies: ProxyNets,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
     /// Events held in memory between the HTTP handlers and the NATS publisher.
     #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000,
           value_parser = positive_count)]
@@ -234,6 +236,22 @@ pub struct ValidatorArgs {
     pub publish_timeout: Duration,
     #[command(flatten)]
     pub limits: LimiterArgs,
+}
+
+/// How many connections an HTTP server holds, and how long it waits for each request.
+#[derive(clap::Args, Debug, Clone, Copy)]
+pub struct ConnectionArgs {
+    /// Connections served at once (gateways keep theirs open); more wait to be accepted until one closes. Each is an
+    /// open file: keep it under the hard limit of `ulimit -n`.
+    #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", value_name = "TOLLGATE_MAX_CONNECTIONS", default_value_t = 10_000,
+          value_parser = positive_count)]
+    pub max_connections: usize,
+    /// Longest wait for a request: for its headers, from when its connection opened or its previous answer went (so
+    /// a keep-alive connection idle this long is closed too), then for its body. Keep it above your gateway's idle
+    /// timeout for upstream connections (nginx's `keepalive_timeout` is 60 s), so that the gateway closes them first.
+    #[arg(long, env = "TOLLGATE_READ_TIMEOUT", value_name = "TOLLGATE_READ_TIMEOUT", default_value = "65s",
+          value_parser = positive_duration)]
+    pub read_timeout: Duration,
 }
 
 /// How the rate limiter behaves, above all when Redis is slow or away.

@@ -1,9 +1,24 @@
-//! Listening sockets for Tollgate's own HTTP servers.
+//! Listening sockets for Tollgate's own HTTP servers, and serving them.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpSocket};
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower_service::Service;
+
+use crate::config::ConnectionArgs;
 
 /// Connections the kernel may complete before the server accepts them: as many as it allows, since Linux caps this
 /// at `net.core.somaxconn`, which operators tune. Tokio's and the standard library's 128 is too few for a fleet of
@@ -17,6 +32,68 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(BACKLOG)
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, within `limits` (past its connections, more wait in the
+/// kernel's queue, [`BACKLOG`] long); `open` follows the connections served. Then it accepts no more, lets the requests
+/// in flight finish, and returns once every connection is closed.
+///
+/// Why not `axum::serve`: it sets no timer, so hyper's header timeout never runs, and it caps no connections, so a
+/// client that opens many and sends nothing would hold them (and their file descriptors) for ever.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ConnectionArgs,
+    open: metrics::Gauge,
+    shutdown: impl Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = GracefulShutdown::new();
+    let mut http = http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.read_timeout);
+    let mut shutdown = pin!(shutdown);
+    loop {
+        let (stream, peer, slot) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = accept(&listener, &slots) => accepted,
+        };
+        let router = router.clone();
+        // What axum's `into_make_service_with_connect_info` would add: the handlers read the peer's address.
+        let service = service_fn(move |mut request: hyper::Request<Incoming>| {
+            request.extensions_mut().insert(ConnectInfo(peer));
+            router.clone().call(request)
+        });
+        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        open.increment(1.0);
+        let open = open.clone();
+        tokio::spawn(async move {
+            // The client's doing (it went away, took too long, or sent what is not HTTP); hyper answered what it could.
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, %peer, "connection closed");
+            }
+            open.decrement(1.0);
+            drop(slot);
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// The next connection, once one of `slots` is free.
+async fn accept(listener: &TcpListener, slots: &Arc<Semaphore>) -> (TcpStream, SocketAddr, OwnedSemaphorePermit) {
+    let slot = Arc::clone(slots).acquire_owned().await.expect("the semaphore is never closed");
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => return (stream, peer, slot),
+            // The client gave up before it was accepted.
+            Err(e) if matches!(e.kind(), io::ErrorKind::ConnectionAborted | io::ErrorKind::ConnectionReset) => {}
+            // Out of file descriptors or memory: that passes as connections close, and retrying at once would spin.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot accept a connection; trying again in 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

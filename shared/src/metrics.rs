@@ -9,6 +9,8 @@ use metrics::{Counter, Label};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 
+use crate::config::ConnectionArgs;
+
 pub const VERIFY_REQUESTS: &str = "tollgate_verify_requests_total";
 pub const VERIFY_DURATION: &str = "tollgate_verify_duration_seconds";
 pub const KEY_LOOKUPS: &str = "tollgate_key_lookups_total";
@@ -44,6 +46,7 @@ pub const RATELIMIT_REDIS_DURATION: &str = "tollgate_ratelimit_redis_duration_se
 pub const RATELIMIT_REDIS_ERRORS: &str = "tollgate_ratelimit_redis_errors_total";
 pub const RATELIMIT_BREAKER_OPEN: &str = "tollgate_ratelimit_breaker_open";
 pub const IP_FAILURES_LIMITED: &str = "tollgate_ip_failures_limited_total";
+pub const HTTP_CONNECTIONS: &str = "tollgate_http_connections";
 
 /// Latency buckets from 10 µs: the validator answers in well under a millisecond.
 const FAST_BUCKETS: &[f64] =
@@ -148,6 +151,11 @@ fn describe() {
     );
     describe_gauge!(RATELIMIT_BREAKER_OPEN, "1 while the rate limiter's Redis circuit breaker is open, else 0.");
     describe_counter!(IP_FAILURES_LIMITED, "Requests answered 429 because their client IP sent too many bad keys.");
+    describe_gauge!(
+        HTTP_CONNECTIONS,
+        "Open HTTP connections, by listener: api (the validator's, at most TOLLGATE_MAX_CONNECTIONS; more wait to be \
+         accepted) and metrics."
+    );
 }
 
 /// A labelled counter on a hot path: its handles for the label values it is expected to see, taken from the registry
@@ -199,10 +207,7 @@ pub fn start_labeled_at_zero(name: &'static str, label: &'static str, values: im
 }
 
 /// Serves Prometheus text at `/metrics` until `shutdown` completes.
-pub async fn serve(
-    listener: TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
+pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     let handle = install();
     let upkeep = handle.clone();
     // Keeps histogram storage bounded between scrapes.
@@ -213,10 +218,13 @@ pub async fn serve(
         }
     });
     let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
-    let result = axum::serve(listener, app).with_graceful_shutdown(shutdown).await;
+    let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "metrics");
+    crate::listen::serve(listener, app, SCRAPERS, open, shutdown).await;
     upkeep_task.abort();
-    result
 }
+
+/// Prometheus scrapes over one keep-alive connection, every 15 to 60 s.
+const SCRAPERS: ConnectionArgs = ConnectionArgs { max_connections: 64, read_timeout: Duration::from_secs(65) };
 
 /// Binds the metrics listener, with an error that names the variable.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

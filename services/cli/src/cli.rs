@@ -112,6 +112,9 @@ pub enum BenchCommand {
     TrivialServer {
         #[arg(long)]
         listen: std::net::SocketAddr,
+        /// The validator's, so that both serve HTTP alike.
+        #[command(flatten)]
+        connections: tollgate_shared::config::ConnectionArgs,
     },
 }
 

@@ -67,7 +67,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             manage::tier(&connect::postgres(&servers.database_url, 2).await?, json, command).await
         }
         Command::Bench(BenchCommand::Verify(args)) => bench::verify::run(&servers, args, json).await,
-        Command::Bench(BenchCommand::TrivialServer { listen }) => bench::trivial_server(listen).await,
+        Command::Bench(BenchCommand::TrivialServer { listen, connections }) => {
+            bench::trivial_server(listen, connections).await
+        }
         Command::Usage(command) => {
             let pool = connect::postgres(&servers.database_url, 2).await?;
             let redis = connect::redis(&servers.redis_url).await?;

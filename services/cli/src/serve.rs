@@ -110,7 +110,8 @@ fn raise_open_files_limit() {
 
 async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
     tracing::info!(address = %listener.local_addr()?, "metrics at /metrics");
-    tollgate_shared::metrics::serve(listener, shutdown.cancelled_owned()).await.context("metrics endpoint failed")
+    tollgate_shared::metrics::serve(listener, shutdown.cancelled_owned()).await;
+    Ok(())
 }
 
 async fn wait_for_signal() {

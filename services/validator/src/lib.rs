@@ -8,7 +8,6 @@ mod limiter;
 mod publisher;
 mod request;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,6 +16,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use tollgate_shared::config::ValidatorArgs;
+use tollgate_shared::listen;
+use tollgate_shared::metrics::HTTP_CONNECTIONS;
 use tollgate_shared::topology::Topology;
 
 use publisher::spool::{Spool, SpoolOptions};
@@ -73,11 +74,12 @@ pub async fn run(
         nats: connections.nats,
         redis_prefix: topology.redis_prefix.clone(),
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
+        read_timeout: args.connections.read_timeout,
         metrics: http::RequestMetrics::new(),
     });
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     tracing::info!(address = %listener.local_addr()?, "validator listening");
-    axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned()).await?;
+    let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");
+    listen::serve(listener, http::router(state), args.connections, open, shutdown.clone().cancelled_owned()).await;
 
     // The router, and with it every handle on the event queue, is gone: the publisher drains and stops.
     publishing.await.context("the event publisher panicked")?;

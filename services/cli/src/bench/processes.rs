@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use tollgate_shared::config::{NamespaceArgs, ServerArgs, ServerUrl};
+use tollgate_shared::config::{ConnectionArgs, NamespaceArgs, ServerArgs, ServerUrl};
+use tollgate_shared::listen;
+use tollgate_shared::metrics::HTTP_CONNECTIONS;
 
 /// A loopback port that is free now; another process may take it before a child binds it (see [`start_server`]).
 fn free_port() -> anyhow::Result<u16> {
@@ -58,9 +60,10 @@ pub fn spawn_trivial(port: u16, threads: u16) -> anyhow::Result<Child> {
 }
 
 /// The baseline: the same HTTP stack answering 200 without doing anything.
-pub async fn trivial_server(listen: std::net::SocketAddr) -> anyhow::Result<()> {
+pub async fn trivial_server(listen: std::net::SocketAddr, connections: ConnectionArgs) -> anyhow::Result<()> {
     let app = axum::Router::new().fallback(|| async { axum::http::StatusCode::OK });
-    axum::serve(tollgate_shared::listen::bind(listen)?, app).await?;
+    let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");
+    listen::serve(listen::bind(listen)?, app, connections, open, std::future::pending()).await;
     Ok(())
 }
 

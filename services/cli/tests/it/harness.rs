@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use tollgate_shared::admin::{self, Actor, NewKey, NewOrg};
 use tollgate_shared::config::{
-    FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
+    ConnectionArgs, FsyncPolicy, LimiterArgs, NamespaceArgs, ServerUrl, SpoolFullPolicy, ValidatorArgs, WorkerArgs,
 };
 use tollgate_shared::domain::Outcome;
 use tollgate_shared::domain::{LimitSetting, PlanName, Role, TierName};
@@ -126,6 +126,7 @@ impl TestEnv {
         ValidatorArgs {
             listen: "127.0.0.1:0".parse().expect("addr"),
             trusted_proxies: "127.0.0.0/8".parse().expect("nets"),
+            connections: ConnectionArgs { max_connections: 1_000, read_timeout: Duration::from_secs(65) },
             event_queue: 10_000,
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),

@@ -3,6 +3,7 @@
 
 mod billing;
 mod cli;
+mod connections;
 mod dashboard;
 mod end_to_end;
 mod faults_publisher;

@@ -52,6 +52,8 @@ pub struct AppState {
     pub redis_prefix: String,
     /// 401s per client IP per minute before 429; 0 = no limit.
     pub ip_failures_per_minute: u32,
+    /// Longest a `/v1/verify` body may take to arrive.
+    pub read_timeout: std::time::Duration,
     pub metrics: RequestMetrics,
 }
 

@@ -5,9 +5,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
-use axum::http::HeaderMap;
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -126,13 +125,18 @@ pub async fn verify(
     State(state): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    body: Result<Bytes, BytesRejection>,
+    request: Request,
 ) -> Response {
     let started = Instant::now();
-    let body = match body {
-        Ok(body) => body,
+    // Headers have a deadline (hyper's); a body sent slowly would hold its connection for ever without one.
+    let body = match tokio::time::timeout(state.read_timeout, Bytes::from_request(request, &())).await {
+        Ok(Ok(body)) => body,
         // Larger than a request can be (413), or cut off: the same JSON as any refused request, not axum's plain text.
-        Err(rejection) => return state.refused(refused_request(rejection.status(), ".", &rejection.body_text())),
+        Ok(Err(rejection)) => return state.refused(refused_request(rejection.status(), ".", &rejection.body_text())),
+        Err(_) => {
+            let message = "the body did not arrive within TOLLGATE_READ_TIMEOUT";
+            return state.refused(refused_request(StatusCode::REQUEST_TIMEOUT, ".", message));
+        }
     };
     // Checked first: serde would also read a struct from an array, by position (`["tg_live_…", 2]`), and its words for
     // any other value ("expected struct VerifyBody") would name our type, not the mistake.

@@ -1,0 +1,110 @@
+//! What the validator's HTTP server holds for its clients: connections that send no request in time are closed (slow
+//! headers, slow bodies, idle keep-alive), and past its connection limit new ones wait until one closes.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::harness::{wait_until, TestEnv, REDIS_URL};
+
+const HEALTH: &[u8] = b"GET /healthz HTTP/1.1\r\nHost: tollgate\r\n\r\n";
+
+/// Sends `/healthz` on `stream` and reads its answer (`ok`), failing after `patience`.
+async fn health(stream: &mut TcpStream, patience: Duration) -> Result<String, &'static str> {
+    stream.write_all(HEALTH).await.map_err(|_| "cannot send")?;
+    let mut answer = Vec::new();
+    let read = async {
+        let mut buf = [0; 1024];
+        while !answer.ends_with(b"\r\n\r\nok") {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return Err("closed"),
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(patience, read).await.map_err(|_| "no answer")??;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+/// How long after `since` the server closed `stream`, and what it sent before.
+async fn closed_after(mut stream: TcpStream, since: Instant) -> (Duration, String) {
+    let mut received = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut received)).await;
+    (since.elapsed(), String::from_utf8_lossy(&received).into_owned())
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_no_request_in_time_is_closed_and_a_busy_one_is_not() {
+    let env = TestEnv::new().await;
+    let timeout = Duration::from_secs(1);
+    let mut args = env.validator_args();
+    args.connections.read_timeout = timeout;
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+    let connect = || async { TcpStream::connect(validator.address).await.expect("connects") };
+
+    let mut slow_headers = connect().await;
+    let mut idle = connect().await;
+    let mut slow_body = connect().await;
+    let mut busy = connect().await;
+    let since = Instant::now();
+    slow_headers.write_all(b"GET /v1/auth HTTP/1.1\r\nHost: tollgate\r\n").await.expect("sends");
+    health(&mut idle, Duration::from_secs(5)).await.expect("an answer before it idles");
+    let body_start = b"POST /v1/verify HTTP/1.1\r\nHost: tollgate\r\nContent-Type: application/json\r\n\
+                       Content-Length: 100\r\n\r\n{\"key\": ";
+    slow_body.write_all(body_start).await.expect("sends");
+    let closes = [slow_headers, idle, slow_body].map(|stream| tokio::spawn(closed_after(stream, since)));
+
+    // A request every 0.4 s for 2.4 s, on one connection: each restarts the wait, so none is cut off.
+    for request in 0..6 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let answer = health(&mut busy, Duration::from_secs(5)).await;
+        assert!(answer.is_ok_and(|a| a.starts_with("HTTP/1.1 200")), "request {request} on a busy connection");
+    }
+
+    let [slow_headers, idle, slow_body] = futures::future::join_all(closes).await.try_into().expect("three");
+    for (what, closed) in [("slow headers", &slow_headers), ("idle keep-alive", &idle), ("slow body", &slow_body)] {
+        let (after, _) = closed.as_ref().expect("the read task ran");
+        assert!(
+            *after >= timeout && *after < timeout + Duration::from_secs(2),
+            "{what}: closed after {after:?}, with a read timeout of {timeout:?}"
+        );
+    }
+    let (_, sent) = slow_headers.expect("ran");
+    assert_eq!(sent, "", "headers never finished get no answer");
+    let (_, sent) = slow_body.expect("ran");
+    assert!(sent.starts_with("HTTP/1.1 408"), "a body never finished: {sent}");
+    assert!(sent.contains("TOLLGATE_READ_TIMEOUT"), "the answer names the setting: {sent}");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn connections_past_the_limit_wait_until_one_closes() {
+    let env = TestEnv::new().await;
+    let validator = env.spawn_validator_process(&[("TOLLGATE_MAX_CONNECTIONS", "2".into())]);
+    validator.answering().await;
+    let open = || async { validator.metric(r#"tollgate_http_connections{listener="api"}"#).await };
+    let connect = || async { TcpStream::connect(("127.0.0.1", validator.port)).await.expect("connects") };
+
+    let mut first = connect().await;
+    let mut second = connect().await;
+    for stream in [&mut first, &mut second] {
+        health(stream, Duration::from_secs(5)).await.expect("served: under the limit");
+    }
+    let served = wait_until(Duration::from_secs(5), open, |n| *n == Some(2.0)).await;
+    assert_eq!(served, Some(2.0), "open connections");
+
+    // The kernel completes the connection; the validator does not take it while two are open.
+    let mut third = connect().await;
+    assert_eq!(health(&mut third, Duration::from_millis(500)).await, Err("no answer"), "past the limit");
+    drop(first);
+    let answer = health(&mut third, Duration::from_secs(5)).await.expect("served once one closed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(open().await, Some(2.0), "open connections after one closed and one was accepted");
+
+    drop((second, third));
+    env.cleanup().await;
+}
