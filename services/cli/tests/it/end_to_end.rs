@@ -57,8 +57,28 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
         .expect("request");
     assert_eq!(root.status(), StatusCode::OK);
     env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/'", 1).await;
+    // Under Envoy the client's own query follows the path: it is recorded with it, and requires nothing of the key.
+    let query = reqwest::Client::new()
+        .get(validator.url("/v1/auth/search?scope=all&role=admin"))
+        .header("X-API-Key", key.expose())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(query.status(), StatusCode::OK, "the client's query is not Tollgate's parameters");
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE path = '/search?scope=all&role=admin'", 1).await;
+    // A method sent straight to /v1/auth, longer than an event holds: cut to fit, so that its message is written
+    // rather than set aside as impossible with the events of other requests it carries.
+    let method = reqwest::Method::from_bytes(b"PROPFIND-EXTENDED-EDITION").expect("a method");
+    let long = reqwest::Client::new()
+        .request(method, validator.url("/v1/auth"))
+        .header("X-API-Key", key.expose())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(long.status(), StatusCode::OK);
+    env.wait_for_count("SELECT count(*) FROM api_usage WHERE method = 'PROPFIND-EXTENDE'", 1).await;
 
-    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 5).await;
     let (outcome, method, path, ip, request_id): (String, String, String, String, String) = sqlx::query_as(
         "SELECT outcome::text, method, path, host(client_ip), request_id FROM api_usage WHERE key_id = $1 AND method = 'PUT'",
     )
@@ -70,9 +90,9 @@ async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
         (outcome.as_str(), method.as_str(), path.as_str(), ip.as_str(), request_id.as_str()),
         ("allowed", "PUT", "/orders/42?x=1", "203.0.113.7", "req-1")
     );
-    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 3);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 5);
     assert_eq!(env.count("SELECT sum(denied) FROM usage_hourly").await, 0);
-    env.wait_for_count("SELECT total_requests FROM api_keys", 3).await;
+    env.wait_for_count("SELECT total_requests FROM api_keys", 5).await;
 
     validator.service.stop().await;
     worker.stop().await;
@@ -387,6 +407,39 @@ async fn changes_made_in_sql_reach_the_validators() {
         let seen = wait_until(Duration::from_secs(5), || status(key), |s| *s == StatusCode::UNAUTHORIZED).await;
         assert_eq!(seen, StatusCode::UNAUTHORIZED, "a change made in SQL reached the validator");
     }
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// PostgreSQL's `'infinity'` cannot be read into a time (reading one panicked, and stopped the key refresher for
+/// good): the database refuses it, naming what to write instead, and the validators keep picking up changes.
+#[tokio::test]
+async fn an_infinite_key_time_is_refused_in_sql_and_changes_keep_reaching_the_validators() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let status = |key| validator.auth_status(&client, key);
+    assert_eq!(status(&key).await, StatusCode::OK);
+
+    for (column, value, constraint) in [
+        ("expires_at", "infinity", "api_keys_expires_at_finite_null_is_never"),
+        ("expires_at", "-infinity", "api_keys_expires_at_finite_null_is_never"),
+        ("revoked_at", "infinity", "api_keys_revoked_at_finite"),
+    ] {
+        let sql = format!("UPDATE api_keys SET {column} = '{value}' WHERE id = $1");
+        let refused = sqlx::query(&sql).bind(key_id).execute(&env.pool).await.expect_err("an infinite time");
+        assert!(refused.to_string().contains(constraint), "{column} = {value}: {refused}");
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sqlx::query("UPDATE api_keys SET revoked_at = now(), active = false WHERE id = $1")
+        .bind(key_id)
+        .execute(&env.pool)
+        .await
+        .expect("revoke");
+    let seen = wait_until(Duration::from_secs(5), || status(&key), |s| *s == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(seen, StatusCode::UNAUTHORIZED, "the revocation reached the validator");
     validator.service.stop().await;
     env.cleanup().await;
 }

@@ -281,6 +281,16 @@ async fn a_degraded_decision_is_counted_once_under_the_policy_that_decided_it() 
     let degraded = |policy: &str| format!("tollgate_ratelimit_degraded_total{{policy=\"{policy}\"}}");
     assert_eq!(validator.metric(&degraded("closed")).await, Some(5.0));
     assert_eq!(validator.metric(&degraded("local")).await, Some(0.0));
+    // An organization whose limit is in shadow mode: that limit never refuses, closed or not, so the key's own limit
+    // (local) decides.
+    let shadow = env.org().await;
+    let changes =
+        OrgChanges { rate_limit_per_minute: Some(LimitSetting::Max(100)), shadow: Some(true), ..OrgChanges::default() };
+    admin::update_org(&env.pool, &shadow, changes).await.expect("org");
+    let (_, key) = env.key_with(&shadow, |k| k.custom_rate_limit_per_minute = Some(100)).await;
+    let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(response.status(), StatusCode::OK, "a shadow limit's closed policy refused");
+    assert_eq!(validator.metric(&degraded("local")).await, Some(1.0));
     drop(validator);
     env.cleanup().await;
 }

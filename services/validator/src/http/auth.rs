@@ -9,7 +9,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use tollgate_shared::codec::MAX_TEXT_LEN;
+use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
 use tollgate_shared::domain::Outcome;
 
 use super::answers::{
@@ -35,17 +35,23 @@ pub async fn auth(
     let started = Instant::now();
     // Taken apart rather than extracted piece by piece: the `HeaderMap` extractor would copy every header.
     let (Parts { method, uri, headers, .. }, _) = request.into_parts();
-    let (cost, requirement) = match (cost_header(&headers), requirement(uri.query(), &headers)) {
+    // Under Envoy the original path and query follow the prefix (/v1/auth/search?scope=all): that query is the
+    // client's, and only one sent to /v1/auth itself (as nginx and Traefik do) says what the route requires.
+    let original = uri.path_and_query().map_or("", |p| p.as_str()).strip_prefix("/v1/auth").unwrap_or_default();
+    let ours = original.is_empty() || original.starts_with('?');
+    let query = if ours { uri.query() } else { None };
+    let (cost, requirement) = match (cost_header(&headers), requirement(query, &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
         (Err((field, message)), _) | (_, Err((field, message))) => return state.refused(bad_request(field, &message)),
     };
     let attempt = Attempt {
         started,
         credential: request::credential(&headers),
-        method: request::original_method(&headers).unwrap_or_else(|| method.as_str().to_owned()),
+        // A method sent straight here may be any token, of any length: cut like the one in X-Original-Method.
+        method: request::original_method(&headers)
+            .unwrap_or_else(|| request::truncate(method.as_str(), MAX_METHOD_LEN)),
         path: request::original_uri(&headers).unwrap_or_else(|| {
-            // Under Envoy the original path follows the prefix: /v1/auth/orders/1 → /orders/1.
-            let path = uri.path().strip_prefix("/v1/auth").filter(|rest| !rest.is_empty()).unwrap_or(uri.path());
+            let path = if ours { uri.path() } else { original };
             request::truncate(path, MAX_TEXT_LEN)
         }),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, None),

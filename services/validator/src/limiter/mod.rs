@@ -174,8 +174,10 @@ impl Limiter {
             LimitKind::Quota => self.policies.quota,
             LimitKind::Ip => self.policies.ip,
         };
-        let mut used: Vec<FailurePolicy> = plan.windows.iter().map(|w| policy(w.kind())).collect();
-        if plan.quota.is_some() {
+        // A shadow limit never refuses, so its policy cannot be what decides.
+        let mut used: Vec<FailurePolicy> =
+            plan.windows.iter().filter(|w| !w.shadow).map(|w| policy(w.kind())).collect();
+        if plan.quota.as_ref().is_some_and(|q| !q.shadow) {
             used.push(policy(LimitKind::Quota));
         }
         // Counted once, under the policy that decides: a closed limit refuses whatever the others say, then a local
