@@ -9,6 +9,8 @@
 //! When a publish fails or is not acknowledged within the publish timeout, the publisher *diverts*: every message
 //! still in flight, in the order they were sent, and then every new one go to the disk [`spool`], while a replayer
 //! publishes the spool's oldest messages (with their original message ids) and deletes them once acknowledged.
+//! It diverts too when NATS is alive but acknowledges slower than events come even with the most messages in flight
+//! (new messages go to the spool; those in flight still complete), so that requests never wait for room in the queue.
 //! When the spool is empty again, publishing is direct again. A message that did reach JetStream before its ack was
 //! lost is spooled and replayed under the same id, so the duplicate window (then the worker's `ON CONFLICT`) drops
 //! it. What a previous run left in the spool is replayed first.
@@ -380,6 +382,15 @@ impl Publisher {
         };
         let mut batch = Vec::with_capacity(MAX_EVENTS_PER_MESSAGE);
         loop {
+            if !run.spooling && !run.closed && self.falling_behind(&run) {
+                // What is in flight still completes; the replay delivers the rest as NATS allows.
+                tracing::warn!(
+                    in_flight = run.in_flight.len(),
+                    queued = self.queue.len(),
+                    "NATS acknowledges slower than events come; spooling them until it catches up"
+                );
+                run.spooling = true;
+            }
             if run.spooling && run.replay.is_none() && !run.gave_up {
                 run.replay = Some(replay_step(self.spool.clone(), self.target.clone(), run.retry_delay).boxed());
             }
@@ -393,8 +404,9 @@ impl Publisher {
             let behind = self.queue.len() >= MAX_EVENTS_PER_MESSAGE.min(self.queue.max_capacity());
             let max_in_flight = if behind { MAX_IN_FLIGHT_BEHIND } else { MAX_IN_FLIGHT };
             let receive = !run.closed && has_room && (run.spooling || run.in_flight.len() < max_in_flight);
-            // Acks so slow that a full message queues up before one comes back: look again then, not at the ack.
-            let watch_backlog = !receive && !run.closed && !run.spooling && run.in_flight.len() < MAX_IN_FLIGHT_BEHIND;
+            // Acks so slow that a full message queues up before one comes back: look again then, not at the ack (with
+            // the most in flight, to divert before the queue fills).
+            let watch_backlog = !receive && !run.closed && !run.spooling;
             tokio::select! {
                 Some((seq, result)) = run.in_flight.acks.next(), if run.in_flight.len() > 0 => {
                     self.acknowledged(&mut run, seq, result).await;
@@ -517,6 +529,12 @@ impl Publisher {
                 self.spool_full.send_replace(false);
             }
         }
+    }
+
+    /// Even with the most messages in flight, NATS acknowledges them slower than events come (acks near the publish
+    /// timeout, say): the queue is half full, and once it is full requests would wait for room in it.
+    fn falling_behind(&self, run: &Run) -> bool {
+        run.in_flight.len() >= MAX_IN_FLIGHT_BEHIND && self.queue.len() * 2 >= self.queue.max_capacity()
     }
 
     /// The queue is closed: messages waiting for room in the spool get it as long as replaying to NATS makes some;
