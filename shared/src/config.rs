@@ -244,7 +244,7 @@ pub struct ConnectionArgs {
     /// Connections served at once (gateways keep theirs open); more wait to be accepted until one closes. Each is an
     /// open file: keep it under the hard limit of `ulimit -n`.
     #[arg(long, env = "TOLLGATE_MAX_CONNECTIONS", value_name = "TOLLGATE_MAX_CONNECTIONS", default_value_t = 10_000,
-          value_parser = positive_count)]
+          value_parser = connection_count)]
     pub max_connections: usize,
     /// Longest wait for a request: for its headers, from when its connection opened or its previous answer went (so
     /// a keep-alive connection idle this long is closed too), then for its body. Keep it above your gateway's idle
@@ -477,6 +477,16 @@ fn positive_count(s: &str) -> Result<usize, String> {
         Ok(0) => Err("must be at least 1".to_owned()),
         parsed => parsed.map_err(|e| e.to_string()),
     }
+}
+
+/// At least 1, and no more than a semaphore counts.
+fn connection_count(s: &str) -> Result<usize, String> {
+    let count = positive_count(s)?;
+    let max = tokio::sync::Semaphore::MAX_PERMITS;
+    if count > max {
+        return Err(format!("must be at most {max}"));
+    }
+    Ok(count)
 }
 
 /// A byte count: digits with an optional `KiB`, `MiB` or `GiB` suffix.

@@ -64,19 +64,34 @@ pub async fn serve(
             router.clone().call(request)
         });
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
-        open.increment(1.0);
-        let open = open.clone();
+        let counted = Counted::new(&open);
         tokio::spawn(async move {
             // The client's doing (it went away, took too long, or sent what is not HTTP); hyper answered what it could.
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, %peer, "connection closed");
             }
-            open.decrement(1.0);
-            drop(slot);
+            // Also dropped if a handler panics.
+            drop((counted, slot));
         });
     }
     drop(listener);
     connections.shutdown().await;
+}
+
+/// A connection counted in a gauge for as long as this lives.
+struct Counted(metrics::Gauge);
+
+impl Counted {
+    fn new(gauge: &metrics::Gauge) -> Counted {
+        gauge.increment(1.0);
+        Counted(gauge.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
 }
 
 /// The next connection, once one of `slots` is free.

@@ -539,9 +539,9 @@ async fn hammer(validator: &RunningValidator, key: &ApiKey, clients: usize, seco
     took
 }
 
-/// NATS that acknowledges each message 2 s late (under JetStream's ack timeout, so no publish fails and nothing is
-/// spooled): with two messages in flight, the publisher would deliver only 1000 events a second, its queue would fill
-/// and requests would wait for room in it. Behind a backlog it keeps more in flight, and no request waits.
+/// NATS that acknowledges each message 2 s late (under JetStream's ack timeout, so no publish fails): with two
+/// messages in flight, the publisher would deliver only 1000 events a second, its queue would fill and requests
+/// would wait for room in it. Behind a backlog it keeps more in flight, and no request waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_nats_makes_no_request_wait() {
     let (proxy, env, key, validator, worker) = behind_a_slow_proxy(1_500).await;
@@ -559,8 +559,9 @@ async fn a_slow_nats_makes_no_request_wait() {
     assert!(rate > 1400.0, "{rate:.0} verifies/s: requests waited for room in the queue, or the machine is slow");
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?} at {rate:.0}/s: requests waited for room in the queue");
 
+    // (Whether some events went through the spool depends on the machine's speed: up to 8 000 verifies a second,
+    // 16 full messages per ack carry them all.)
     assert_counted_once(&env, 1 + took.len() as i64).await;
-    assert_eq!(spooled_segments(&env.spool_dir()), 0, "nothing went to the spool");
     validator.service.stop().await;
     worker.stop().await;
     env.cleanup().await;
@@ -583,7 +584,6 @@ async fn a_nats_slower_than_the_traffic_makes_no_request_wait_and_loses_nothing(
     // Requests that wait for room in the queue wait for an ack, 2 s at a time (without spooling: p99 1.6 s at 1 270
     // verifies/s on a 2-core machine; with it, 9 ms at 6 300/s).
     assert!(p99 < Duration::from_secs(1), "p99 {p99:?} at {rate:.0}/s: requests waited for room in the queue");
-    assert!(rate > 2000.0, "{rate:.0} verifies/s: requests waited for room in the queue, or the machine is slow");
 
     assert_counted_once(&env, 1 + took.len() as i64).await;
     validator.service.stop().await;

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
@@ -18,7 +18,7 @@ use super::answers::{
 };
 use super::params::{cost_header, requirement};
 use super::{AppState, Attempt, Verdict};
-use crate::request;
+use crate::request::{self, X_FORWARDED_URI};
 
 const X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
 const X_TOLLGATE_ORG_ID: HeaderName = HeaderName::from_static("x-tollgate-org-id");
@@ -35,11 +35,7 @@ pub async fn auth(
     let started = Instant::now();
     // Taken apart rather than extracted piece by piece: the `HeaderMap` extractor would copy every header.
     let (Parts { method, uri, headers, .. }, _) = request.into_parts();
-    // Under Envoy the original path and query follow the prefix (/v1/auth/search?scope=all): that query is the
-    // client's, and only one sent to /v1/auth itself (as nginx and Traefik do) says what the route requires.
-    let original = uri.path_and_query().map_or("", |p| p.as_str()).strip_prefix("/v1/auth").unwrap_or_default();
-    let ours = original.is_empty() || original.starts_with('?');
-    let query = if ours { uri.query() } else { None };
+    let query = if is_envoy_check(&uri, &headers) { None } else { uri.query() };
     let (cost, requirement) = match (cost_header(&headers), requirement(query, &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
         (Err((field, message)), _) | (_, Err((field, message))) => return state.refused(bad_request(field, &message)),
@@ -51,7 +47,8 @@ pub async fn auth(
         method: request::original_method(&headers)
             .unwrap_or_else(|| request::truncate(method.as_str(), MAX_METHOD_LEN)),
         path: request::original_uri(&headers).unwrap_or_else(|| {
-            let path = if ours { uri.path() } else { original };
+            // Under Envoy the original path follows the prefix: /v1/auth/orders/1 → /orders/1.
+            let path = uri.path().strip_prefix("/v1/auth").filter(|rest| !rest.is_empty()).unwrap_or(uri.path());
             request::truncate(path, MAX_TEXT_LEN)
         }),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, None),
@@ -89,4 +86,13 @@ pub async fn auth(
         Verdict::SpoolFull => spool_full(),
         Verdict::LimiterUnavailable => limiter_unavailable(),
     }
+}
+
+/// Whether this is Envoy's check, sent to `/v1/auth` + the client's own path and query, which Envoy also sends as
+/// X-Forwarded-Uri (as `gateways/envoy` configures it): its query is then the client's, and the route's requirements
+/// come in headers. Any other query says what the route requires (nginx and Traefik put it in the auth URL), so
+/// that a gateway's requirement is never taken for a client's query and ignored.
+fn is_envoy_check(uri: &Uri, headers: &HeaderMap) -> bool {
+    let rest = uri.path_and_query().map_or("", |p| p.as_str()).strip_prefix("/v1/auth").unwrap_or_default();
+    rest.starts_with('/') && headers.get(X_FORWARDED_URI).is_some_and(|uri| uri.as_bytes() == rest.as_bytes())
 }
