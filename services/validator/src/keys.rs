@@ -123,6 +123,19 @@ pub enum LookupError {
     Unreadable(sqlx::Error),
 }
 
+/// Why a refresh read no changes.
+#[derive(Debug, thiserror::Error)]
+pub enum RefreshError {
+    /// Every pooled connection is lent out (to a burst of lookups of keys not cached, say): PostgreSQL is busy, not
+    /// away, and keys not cached are still read.
+    #[error("no pooled connection came free within {DATABASE_TIMEOUT:?}")]
+    PoolBusy,
+    #[error("PostgreSQL did not answer within {DATABASE_TIMEOUT:?}")]
+    NoAnswer,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
 /// Why a cache miss produced no record.
 enum Miss {
     Unknown,
@@ -287,11 +300,19 @@ impl KeyCache {
     }
 
     /// Applies every key, organization and tier change since `since`.
-    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, sqlx::Error> {
+    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, RefreshError> {
+        // The wait for a connection apart from the query's: a pool with none to spare is not an outage.
+        let mut connection = match tokio::time::timeout(DATABASE_TIMEOUT, self.pool.acquire()).await {
+            Ok(connection) => connection?,
+            Err(_) if self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections() => {
+                return Err(RefreshError::PoolBusy);
+            }
+            Err(_) => return Err(RefreshError::NoAnswer),
+        };
         // Bounded, unlike the changes' query (a bulk change takes as long as it takes): an outage shows within it.
-        let probe = sqlx::query_scalar("SELECT now()").fetch_one(&self.pool);
+        let probe = sqlx::query_scalar("SELECT now()").fetch_one(&mut *connection);
         let now: DateTime<Utc> =
-            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| sqlx::Error::PoolTimedOut)??;
+            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
@@ -299,7 +320,7 @@ impl KeyCache {
              UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 AND k.updated_at <= $1 \
              UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1 AND k.updated_at <= $1 AND o.updated_at <= $1"
         );
-        let mut rows = sqlx::query(&sql).bind(since).fetch(&self.pool);
+        let mut rows = sqlx::query(&sql).bind(since).fetch(&mut *connection);
         let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
             changed += 1;
@@ -336,6 +357,10 @@ impl KeyCache {
                     since = refreshed.next_since;
                     heard = Instant::now();
                     self.database_away.store(false, Ordering::Relaxed);
+                }
+                // Lookups keep reading keys not cached; the age shows if it lasts.
+                Err(RefreshError::PoolBusy) => {
+                    tracing::debug!("no pooled connection free for the key refresher; trying again at the next tick");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refresh the key cache; keys not cached get 503 until it can");

@@ -492,6 +492,37 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     env.cleanup().await;
 }
 
+/// A pool with no connection to spare (a burst of lookups holds them all) is not PostgreSQL away: the refresher tries
+/// again at its next tick, and a key not cached is still read, instead of answered 503 at once.
+#[tokio::test]
+async fn a_busy_pool_does_not_count_as_postgresql_away() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let options = (*env.pool.connect_options()).clone();
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("pool");
+    let cache = KeyCache::new(pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
+    let held = pool.acquire().await.expect("the pool's one connection");
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let refresher = tokio::spawn(cache.clone().keep_fresh(Duration::from_millis(100), shutdown.clone()));
+
+    // Past the refresher's 1 s wait for a connection, a lookup of a key not cached; then the connection comes free.
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let lookup = tokio::spawn({
+        let cache = cache.clone();
+        async move { cache.lookup(key.hash()).await.map(|record| record.is_some()) }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(held);
+    let found = lookup.await.expect("the lookup's task");
+    assert!(matches!(found, Ok(true)), "a lookup while the pool was busy: {found:?}");
+
+    shutdown.cancel();
+    refresher.await.expect("the refresher's task");
+    pool.close().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_changed() {
     let env = TestEnv::new().await;
