@@ -346,13 +346,15 @@ async fn a_validator_stopped_with_a_full_spool_while_nats_is_away_stops_promptly
 }
 
 /// Requests already waiting for room in a full queue when the spool fills are answered 503 too, instead of waiting
-/// for a publisher that takes nothing from the queue until NATS is back.
+/// for a publisher that takes nothing from the queue until NATS is back; and since they wait before the decision, no
+/// limit counted them.
 #[tokio::test]
 async fn requests_waiting_on_a_full_queue_are_refused_once_the_spool_is_full() {
     let mut nats = PrivateNats::start();
     let env = TestEnv::with_nats(&nats.url()).await;
     let org = env.org().await;
-    let (_, key) = env.key(&org).await;
+    // A limit far above the burst: what it counts shows which requests a limit counted.
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
     let worker = env.start_worker().await;
     let validator = env
         .start_validator_with(ValidatorArgs { event_queue: 1, spool_max_bytes: 8 << 10, ..args(&env) }, REDIS_URL)
@@ -376,6 +378,11 @@ async fn requests_waiting_on_a_full_queue_are_refused_once_the_spool_is_full() {
 
     nats.restart();
     assert_counted_once(&env, allowed + 1).await;
+    // The refused ones took room in the queue before any limit counted them: none did.
+    let next = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(next.status(), StatusCode::OK);
+    let used = next.headers()["x-ratelimit-used"].to_str().expect("ascii").parse::<i64>().expect("a number");
+    assert_eq!(used, allowed + 2, "units counted: the first verify, the {allowed} allowed and this one");
     validator.service.stop().await;
     worker.stop().await;
     env.cleanup().await;

@@ -202,11 +202,11 @@ impl AppState {
         if outcome == Outcome::Allowed && !attempt.requirement.is_met_by(&record) {
             outcome = Outcome::InsufficientScope;
         }
-        // No event can be recorded (a full spool, policy `block`): no decision either, and no limit counts a request
-        // that gets 503.
-        if self.events.ensure_accepting().is_err() {
+        // Room for the event first: if none can be had (a full spool, policy `block`), no decision either, and no
+        // limit counts a request that gets 503.
+        let Ok(slot) = self.events.reserve().await else {
             return Verdict::SpoolFull;
-        }
+        };
         let mut usage = None;
         let mut shadow_outcome = None;
         if outcome == Outcome::Allowed {
@@ -228,28 +228,21 @@ impl AppState {
         }
         let event_id = Uuid::now_v7();
         let latency_us = u32::try_from(attempt.started.elapsed().as_micros()).unwrap_or(u32::MAX);
-        let queued = self
-            .events
-            .push(UsageEvent {
-                event_id,
-                ts: now,
-                org_id: record.org_id,
-                key_id: record.id,
-                outcome,
-                method: attempt.method,
-                path: attempt.path,
-                client_ip: Some(attempt.client_ip),
-                user_agent: attempt.user_agent,
-                request_id: attempt.request_id,
-                units: attempt.cost,
-                latency_us,
-                shadow_outcome,
-            })
-            .await;
-        // The spool filled meanwhile: an event that cannot be recorded must not be a decision either.
-        if queued.is_err() {
-            return Verdict::SpoolFull;
-        }
+        slot.send(UsageEvent {
+            event_id,
+            ts: now,
+            org_id: record.org_id,
+            key_id: record.id,
+            outcome,
+            method: attempt.method,
+            path: attempt.path,
+            client_ip: Some(attempt.client_ip),
+            user_agent: attempt.user_agent,
+            request_id: attempt.request_id,
+            units: attempt.cost,
+            latency_us,
+            shadow_outcome,
+        });
         Verdict::Decided { outcome, record, event_id, usage }
     }
 

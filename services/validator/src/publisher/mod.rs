@@ -78,50 +78,51 @@ pub struct EventQueue {
     full_policy: SpoolFullPolicy,
 }
 
-/// The event was not queued: the spool is full and its policy is `block`. The caller answers 503.
+/// No event can be queued: the spool is full and its policy is `block` (or the publisher stopped). The caller answers
+/// 503.
 #[derive(Debug)]
 pub struct Rejected;
 
+/// Room for one event in the queue, taken before the decision the event records: queuing it then never waits, nor
+/// fails.
+pub struct Slot<'a>(mpsc::Permit<'a, UsageEvent>);
+
+impl Slot<'_> {
+    pub fn send(self, event: UsageEvent) {
+        self.0.send(event);
+    }
+}
+
 impl EventQueue {
-    /// Fails (counted as a refused event) while events are refused: the spool is full and its policy is `block`. A
-    /// request is then answered 503 before any limit counts it.
-    pub fn ensure_accepting(&self) -> Result<(), Rejected> {
-        if self.full_policy == SpoolFullPolicy::Block && *self.spool_full.borrow() {
+    /// Room for one event: at once, or once there is room (counted in `tollgate_event_queue_full_total`), so that no
+    /// decision is lost. Refused (counted as a refused event) while the spool is full and its policy is `block`,
+    /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless): the
+    /// request is then answered 503, before any limit counts it.
+    pub async fn reserve(&self) -> Result<Slot<'_>, Rejected> {
+        let blocking = self.full_policy == SpoolFullPolicy::Block;
+        if blocking && *self.spool_full.borrow() {
             return reject();
         }
-        Ok(())
-    }
-
-    /// Queues an event. If the queue is full the caller waits (counted in `tollgate_event_queue_full_total`), so
-    /// that no decision is lost; if the spool is full and its policy is `block`, the event is refused instead,
-    /// including while waiting (the publisher takes nothing from the queue then, so the wait could be endless).
-    pub async fn push(&self, event: UsageEvent) -> Result<(), Rejected> {
-        self.ensure_accepting()?;
-        let blocking = self.full_policy == SpoolFullPolicy::Block;
-        let event = match self.sender.try_send(event) {
-            Ok(()) => return Ok(()),
-            Err(mpsc::error::TrySendError::Full(event)) => event,
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                tracing::error!("usage event queue is closed; the publisher stopped early");
-                return Ok(());
-            }
+        let closed = || {
+            tracing::error!("usage event queue is closed; the publisher stopped early");
+            Rejected
         };
+        match self.sender.try_reserve() {
+            Ok(permit) => return Ok(Slot(permit)),
+            Err(mpsc::error::TrySendError::Full(())) => {}
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(closed()),
+        }
         metrics::counter!(EVENT_QUEUE_FULL).increment(1);
         let mut spool_full = self.spool_full.clone();
         tokio::select! {
-            sent = self.sender.send(event) => {
-                if sent.is_err() {
-                    tracing::error!("usage event queue is closed; the publisher stopped early");
-                }
-                Ok(())
-            }
-            // A cancelled `send` has not queued the event.
+            permit = self.sender.reserve() => permit.map(Slot).map_err(|_| closed()),
+            // A cancelled `reserve` holds no room.
             Ok(_) = spool_full.wait_for(|full| *full), if blocking => reject(),
         }
     }
 }
 
-fn reject() -> Result<(), Rejected> {
+fn reject<T>() -> Result<T, Rejected> {
     metrics::counter!(EVENTS_REJECTED).increment(1);
     Err(Rejected)
 }
