@@ -8,7 +8,7 @@
 //! [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -85,6 +85,9 @@ pub struct KeyCache {
     /// Whether the refresher's last attempt, or a lookup's since, could not reach PostgreSQL: then only the refresher
     /// asks it.
     database_away: Arc<AtomicBool>,
+    /// When PostgreSQL last answered one of this cache's queries: a pool with no connection to spare is only busy
+    /// if it did lately, and otherwise hung (its connections each stuck in a query).
+    answered: Arc<Mutex<Instant>>,
     /// Stale records being read again, with when the attempt began: one attempt per key at a time, and none for
     /// [`RELOAD_RETRY`] after a failed one.
     reloading: Arc<Cache<KeyHash, Instant>>,
@@ -127,7 +130,7 @@ pub enum LookupError {
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
     /// Every pooled connection is lent out (to a burst of lookups of keys not cached, say): PostgreSQL is busy, not
-    /// away, and keys not cached are still read.
+    /// away, if it answered lately, and keys not cached are still read.
     #[error("no pooled connection came free within {DATABASE_TIMEOUT:?}")]
     PoolBusy,
     #[error("PostgreSQL did not answer within {DATABASE_TIMEOUT:?}")]
@@ -151,6 +154,7 @@ impl KeyCache {
             negative_ttl,
             recheck,
             database_away: Arc::new(AtomicBool::new(false)),
+            answered: Arc::new(Mutex::new(Instant::now())),
             reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
             failed_reads: Arc::new(Cache::new(FAILED_READS_CAPACITY)),
             pool,
@@ -223,7 +227,10 @@ impl KeyCache {
         let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
         let query = sqlx::query(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool);
         let row = match tokio::time::timeout(DATABASE_TIMEOUT, query).await {
-            Ok(Ok(row)) => row,
+            Ok(Ok(row)) => {
+                self.heard_from_database();
+                row
+            }
             Ok(Err(e)) => {
                 self.database_away.store(true, Ordering::Relaxed);
                 return Err(LookupError::Query(e.to_string()));
@@ -313,6 +320,7 @@ impl KeyCache {
         let probe = sqlx::query_scalar("SELECT now()").fetch_one(&mut *connection);
         let now: DateTime<Utc> =
             tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
+        self.heard_from_database();
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
@@ -339,6 +347,15 @@ impl KeyCache {
         Ok(Refreshed { next_since: now - REFRESH_OVERLAP, changed })
     }
 
+    fn heard_from_database(&self) {
+        *self.answered.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
+    }
+
+    /// Whether PostgreSQL answered within a few query timeouts.
+    fn answered_lately(&self) -> bool {
+        self.answered.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < 3 * DATABASE_TIMEOUT
+    }
+
     /// Polls for changes every `interval` until `shutdown`.
     pub async fn keep_fresh(self, interval: Duration, shutdown: CancellationToken) {
         let mut since = Utc::now() - REFRESH_OVERLAP;
@@ -359,7 +376,7 @@ impl KeyCache {
                     self.database_away.store(false, Ordering::Relaxed);
                 }
                 // Lookups keep reading keys not cached; the age shows if it lasts.
-                Err(RefreshError::PoolBusy) => {
+                Err(RefreshError::PoolBusy) if self.answered_lately() => {
                     tracing::debug!("no pooled connection free for the key refresher; trying again at the next tick");
                 }
                 Err(e) => {

@@ -15,9 +15,8 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const ORIGINAL_METHOD: [HeaderName; 2] =
     [HeaderName::from_static("x-original-method"), HeaderName::from_static("x-forwarded-method")];
-/// Traefik's and (as `gateways/envoy` configures it) Envoy's original URI.
-pub const X_FORWARDED_URI: HeaderName = HeaderName::from_static("x-forwarded-uri");
-const ORIGINAL_URI: [HeaderName; 2] = [HeaderName::from_static("x-original-uri"), X_FORWARDED_URI];
+const ORIGINAL_URI: [HeaderName; 2] =
+    [HeaderName::from_static("x-original-uri"), HeaderName::from_static("x-forwarded-uri")];
 const REQUEST_ID: [HeaderName; 1] = [HeaderName::from_static("x-request-id")];
 
 /// What the caller presented as a key.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri};
+use axum::http::{HeaderName, HeaderValue, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 
 use tollgate_shared::codec::{MAX_METHOD_LEN, MAX_TEXT_LEN};
@@ -18,7 +18,7 @@ use super::answers::{
 };
 use super::params::{cost_header, requirement};
 use super::{AppState, Attempt, Verdict};
-use crate::request::{self, X_FORWARDED_URI};
+use crate::request;
 
 const X_TOLLGATE_KEY_ID: HeaderName = HeaderName::from_static("x-tollgate-key-id");
 const X_TOLLGATE_ORG_ID: HeaderName = HeaderName::from_static("x-tollgate-org-id");
@@ -35,7 +35,8 @@ pub async fn auth(
     let started = Instant::now();
     // Taken apart rather than extracted piece by piece: the `HeaderMap` extractor would copy every header.
     let (Parts { method, uri, headers, .. }, _) = request.into_parts();
-    let query = if is_envoy_check(&uri, &headers) { None } else { uri.query() };
+    let envoy = envoy_original(&uri);
+    let query = if envoy.is_some() { None } else { uri.query() };
     let (cost, requirement) = match (cost_header(&headers), requirement(query, &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
         (Err((field, message)), _) | (_, Err((field, message))) => return state.refused(bad_request(field, &message)),
@@ -47,8 +48,10 @@ pub async fn auth(
         method: request::original_method(&headers)
             .unwrap_or_else(|| request::truncate(method.as_str(), MAX_METHOD_LEN)),
         path: request::original_uri(&headers).unwrap_or_else(|| {
-            // Under Envoy the original path follows the prefix: /v1/auth/orders/1 → /orders/1.
-            let path = uri.path().strip_prefix("/v1/auth").filter(|rest| !rest.is_empty()).unwrap_or(uri.path());
+            // Otherwise an original path may follow the prefix (as Envoy's did before ENVOY_PREFIX): /v1/auth/orders/1.
+            let path = envoy.unwrap_or_else(|| {
+                uri.path().strip_prefix("/v1/auth").filter(|rest| !rest.is_empty()).unwrap_or(uri.path())
+            });
             request::truncate(path, MAX_TEXT_LEN)
         }),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, None),
@@ -88,11 +91,13 @@ pub async fn auth(
     }
 }
 
-/// Whether this is Envoy's check, sent to `/v1/auth` + the client's own path and query, which Envoy also sends as
-/// X-Forwarded-Uri (as `gateways/envoy` configures it): its query is then the client's, and the route's requirements
-/// come in headers. Any other query says what the route requires (nginx and Traefik put it in the auth URL), so
-/// that a gateway's requirement is never taken for a client's query and ignored.
-fn is_envoy_check(uri: &Uri, headers: &HeaderMap) -> bool {
-    let rest = uri.path_and_query().map_or("", |p| p.as_str()).strip_prefix("/v1/auth").unwrap_or_default();
-    rest.starts_with('/') && headers.get(X_FORWARDED_URI).is_some_and(|uri| uri.as_bytes() == rest.as_bytes())
+/// Where `gateways/envoy` sends its checks: this prefix + the client's own path and query. That query is then the
+/// client's, and the route's requirements come in headers; a query anywhere else on `/v1/auth` says what the route
+/// requires (nginx and Traefik put it in their auth URL). A prefix, not a header, marks Envoy's checks: no client can
+/// choose it, where a header it sent could reach Tollgate through another gateway.
+const ENVOY_PREFIX: &str = "/v1/auth/envoy";
+
+/// The client's path and query of an Envoy check.
+fn envoy_original(uri: &Uri) -> Option<&str> {
+    uri.path_and_query()?.as_str().strip_prefix(ENVOY_PREFIX).filter(|rest| rest.starts_with('/'))
 }

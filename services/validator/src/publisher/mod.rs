@@ -52,10 +52,6 @@ const HEADERS_ROOM: usize = 1024;
 /// How long a message waits for more events before it is published. Per-message costs (nats-server's, the ack's)
 /// dominate small messages; 5 ms is nothing to a usage event and, at 25k verifies/s, makes ~130-event messages.
 const LINGER: Duration = Duration::from_millis(5);
-/// How long a message waits for more events while messages go to the spool. The replay sends [`REPLAY_WINDOW`]
-/// messages per ack's round trip, so they must be as full as those published directly behind a backlog, or a NATS
-/// that acks slowly would take fewer events through the spool than it took directly (and spooling is no hurry).
-const SPOOL_LINGER: Duration = Duration::from_millis(200);
 /// Messages published but not yet acknowledged, when publishing directly. Two keep JetStream busy while events
 /// pile up into the next message: with 16, messages left nearly empty and nats-server spent 37% of a core at
 /// 25k verifies/s against 19% with 2 (`tollgate bench verify`, 2-core machine).
@@ -64,8 +60,12 @@ const MAX_IN_FLIGHT: usize = 2;
 /// events come faster than two messages per ack's round trip carry (NATS far away or busy), and keeping to two would
 /// fill the queue and make requests wait for room in it. The messages are as full as the queue then.
 const MAX_IN_FLIGHT_BEHIND: usize = 16;
-/// Spooled messages published together by one replay step.
-const REPLAY_WINDOW: usize = 16;
+/// Spooled messages published together by one replay step, at most, and their bytes: as many events per ack's round
+/// trip as direct publishing carries behind a backlog (16 full messages), even when the spool holds small messages
+/// (those made while spooling hold what came within [`LINGER`]), or a NATS that acks slowly would take fewer events
+/// through the spool than it took directly.
+const REPLAY_MESSAGES: usize = 1024;
+const REPLAY_BYTES: usize = 16 * MAX_MESSAGE_BYTES;
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Kept short so replay resumes within about this long once NATS is back.
 const RETRY_MAX: Duration = Duration::from_secs(2);
@@ -273,7 +273,7 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let batch = match on_spool(&spool, |s| s.read(REPLAY_WINDOW)).await {
+    let batch = match on_spool(&spool, |s| s.read(REPLAY_MESSAGES, REPLAY_BYTES)).await {
         Ok(batch) => batch,
         Err(e) => return Replayed { events: 0, consumed: false, failed: Some(e.into()) },
     };
@@ -423,7 +423,7 @@ impl Publisher {
                         self.closing(&mut run).await;
                         continue;
                     }
-                    run.closed = self.fill(&mut batch, if run.spooling { SPOOL_LINGER } else { LINGER }).await;
+                    run.closed = self.fill(&mut batch).await;
                     for (payload, events) in codec::encode_batches(std::mem::take(&mut batch), self.target.message_bytes()) {
                         let message =
                             SpooledMessage { id: Uuid::now_v7().to_string(), events: events as u32, payload: payload.into() };
@@ -465,10 +465,9 @@ impl Publisher {
         }
     }
 
-    /// Adds to `batch` what arrives within `linger`, up to a full message, looking at most every [`LINGER`]; true if
-    /// the queue is closed and empty.
-    async fn fill(&mut self, batch: &mut Vec<UsageEvent>, linger: Duration) -> bool {
-        let deadline = tokio::time::Instant::now() + linger;
+    /// Adds to `batch` what arrives within [`LINGER`], up to a full message; true if the queue is closed and empty.
+    async fn fill(&mut self, batch: &mut Vec<UsageEvent>) -> bool {
+        let deadline = tokio::time::Instant::now() + LINGER;
         loop {
             while batch.len() < MAX_EVENTS_PER_MESSAGE {
                 match self.queue.try_recv() {
@@ -482,7 +481,7 @@ impl Publisher {
             }
             // One wake-up per message, where looking every millisecond cost five. A message that fills during this
             // sleep still waits out its linger; the next one then starts with what queued meanwhile.
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + LINGER)).await;
+            tokio::time::sleep_until(deadline).await;
         }
     }
 

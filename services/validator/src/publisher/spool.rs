@@ -235,16 +235,18 @@ impl Spool {
         Ok(())
     }
 
-    /// Up to `max` records from the head, in order, each with the cursor just past it. Nothing is consumed but torn
-    /// or corrupt bytes at the head with no whole record read after them: they would be read again forever, and a
-    /// spool holding only those would never count as empty, so replay would never end.
-    pub fn read(&mut self, max: usize) -> Result<Vec<(SpooledMessage, Cursor)>, SpoolError> {
+    /// Up to `max` records from the head, in order, each with the cursor just past it, stopping once their payloads
+    /// reach `max_bytes`. Nothing is consumed but torn or corrupt bytes at the head with no whole record read after
+    /// them: they would be read again forever, and a spool holding only those would never count as empty, so replay
+    /// would never end.
+    pub fn read(&mut self, max: usize, max_bytes: usize) -> Result<Vec<(SpooledMessage, Cursor)>, SpoolError> {
         let mut out = Vec::new();
+        let mut bytes = 0;
         let mut offset = self.head_offset;
         let mut index = 0;
         let mut file: Option<(u64, File)> = None;
         let mut skipped_to = None;
-        while out.len() < max && index < self.segments.len() {
+        while out.len() < max && bytes < max_bytes && index < self.segments.len() {
             let (seq, len, path) = {
                 let s = &self.segments[index];
                 (s.seq, s.len, s.path.clone())
@@ -275,6 +277,7 @@ impl Spool {
             match read_record(reader, len - offset).map_err(io_error("read", &path))? {
                 Record::Whole(message, used) => {
                     offset += used;
+                    bytes += message.payload.len();
                     out.push((message, Cursor { seq, offset }));
                 }
                 Record::Corrupt(used) => {
@@ -487,7 +490,7 @@ mod tests {
     fn drain(spool: &mut Spool) -> Vec<SpooledMessage> {
         let mut all = Vec::new();
         loop {
-            let batch = spool.read(3).expect("read");
+            let batch = spool.read(3, usize::MAX).expect("read");
             let Some((_, last)) = batch.last() else { break };
             spool.consume_to(*last).expect("consume");
             all.extend(batch.into_iter().map(|(m, _)| m));
@@ -506,6 +509,22 @@ mod tests {
     }
 
     #[test]
+    fn a_read_stops_once_its_payloads_reach_the_bytes_asked_for() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), options()).expect("open");
+        for n in 0..5 {
+            spool.append(&message(n)).expect("append");
+        }
+        // Payloads of 100, 101, 102… bytes: the second reaches 150, and a read always takes one.
+        let read = |spool: &mut Spool, bytes| spool.read(16, bytes).expect("read").len();
+        assert_eq!(read(&mut spool, 150), 2);
+        assert_eq!(read(&mut spool, 201), 2);
+        assert_eq!(read(&mut spool, 202), 3);
+        assert_eq!(read(&mut spool, 1), 1);
+        assert_eq!(read(&mut spool, usize::MAX), 5);
+    }
+
+    #[test]
     fn messages_come_back_in_order_across_segments_and_restarts() {
         let dir = tempfile::tempdir().expect("dir");
         {
@@ -515,7 +534,7 @@ mod tests {
                 spool.append(&message(n)).expect("append");
             }
             assert!(spool.segments() > 2, "small segments rotate");
-            let first = spool.read(2).expect("read");
+            let first = spool.read(2, usize::MAX).expect("read");
             assert_eq!(first.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(), vec![message(0), message(1)]);
             spool.consume_to(first[1].1).expect("consume");
         }
@@ -552,7 +571,7 @@ mod tests {
         }
         let mut spool = Spool::open(dir.path(), options()).expect("open");
         assert!(!spool.is_empty());
-        assert!(spool.read(16).expect("read").is_empty());
+        assert!(spool.read(16, usize::MAX).expect("read").is_empty());
         assert!(spool.is_empty(), "a replay waiting for it to empty would spin for ever");
         assert_eq!(segment_files(dir.path()).len(), 0);
     }
@@ -585,7 +604,7 @@ mod tests {
             {
                 let mut spool = Spool::open(dir.path(), options()).expect("open");
                 spool.append(&message(1)).expect("append");
-                let batch = spool.read(1).expect("read");
+                let batch = spool.read(1, usize::MAX).expect("read");
                 spool.consume_to(batch[0].1).expect("consume");
                 spool.append(&message(2)).expect("append");
             }
@@ -602,7 +621,7 @@ mod tests {
             }
             let mut spool = Spool::open(dir.path(), options()).expect("reopen");
             assert!(!spool.is_empty());
-            assert!(spool.read(16).expect("read").is_empty(), "{damage}");
+            assert!(spool.read(16, usize::MAX).expect("read").is_empty(), "{damage}");
             assert!(spool.is_empty(), "{damage}: nothing is left to replay");
             assert_eq!(spool.corrupt_records(), 1, "{damage}: counted once");
             assert!(segment_files(dir.path()).is_empty(), "{damage}: the segment is deleted");
@@ -627,7 +646,7 @@ mod tests {
         fs::write(&segment, bytes).expect("write");
         let mut spool = Spool::open(dir.path(), options()).expect("reopen");
         // Read twice (as a failed publish would): the bad record is counted once.
-        assert_eq!(spool.read(10).expect("read").len(), 2);
+        assert_eq!(spool.read(10, usize::MAX).expect("read").len(), 2);
         let events: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
         assert_eq!(events, vec![0, 2]);
         assert_eq!(spool.corrupt_records(), 1);
@@ -646,7 +665,7 @@ mod tests {
         assert!(appended >= 10, "{appended}");
         assert!(matches!(spool.append(&message(1)), Err(SpoolError::Full { .. })));
         assert!(spool.bytes() <= 2000);
-        let batch = spool.read(5).expect("read");
+        let batch = spool.read(5, usize::MAX).expect("read");
         spool.consume_to(batch[4].1).expect("consume");
         assert!(spool.has_room_for(&message(1)), "consumed segments free their space");
         spool.append(&message(1)).expect("append after consuming");
