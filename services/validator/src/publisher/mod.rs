@@ -61,11 +61,11 @@ const MAX_IN_FLIGHT: usize = 2;
 /// fill the queue and make requests wait for room in it. The messages are as full as the queue then.
 const MAX_IN_FLIGHT_BEHIND: usize = 16;
 /// Spooled messages published together by one replay step, at most, and their bytes: as many events per ack's round
-/// trip as direct publishing carries behind a backlog (16 full messages), even when the spool holds small messages
-/// (those made while spooling hold what came within [`LINGER`]), or a NATS that acks slowly would take fewer events
-/// through the spool than it took directly.
+/// trip as direct publishing carries behind a backlog (its most in flight, full), even when the spool holds small
+/// messages (those made while spooling hold what came within [`LINGER`]), or a NATS that acks slowly would take fewer
+/// events through the spool than it took directly.
 const REPLAY_MESSAGES: usize = 1024;
-const REPLAY_BYTES: usize = 16 * MAX_MESSAGE_BYTES;
+const REPLAY_BYTES: usize = MAX_IN_FLIGHT_BEHIND * MAX_MESSAGE_BYTES;
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 /// Kept short so replay resumes within about this long once NATS is back.
 const RETRY_MAX: Duration = Duration::from_secs(2);
