@@ -90,9 +90,10 @@ pub enum DlqCommand {
     /// List dead letters: sequence, time, size, reason.
     List,
     /// Republish dead letters to the usage stream, then delete them from the dead-letter stream.
+    #[command(group(clap::ArgGroup::new("which").args(["seq", "all"]).required(true)))]
     Replay {
         /// The dead letter's sequence (from `dlq list`).
-        #[arg(long, required_unless_present = "all", conflicts_with = "all")]
+        #[arg(long)]
         seq: Option<u64>,
         /// Every dead letter.
         #[arg(long)]
@@ -270,11 +271,13 @@ pub enum KeyCommand {
     /// Show one key.
     Show {
         /// The key's id (from `key list`).
+        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
         id: Uuid,
     },
     /// Revoke a key for good.
     Revoke {
         /// The key's id (from `key list`).
+        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
         id: Uuid,
         /// Why, for the audit trail.
         #[arg(long)]
@@ -283,6 +286,7 @@ pub enum KeyCommand {
     /// Change a key's settings.
     Update {
         /// The key's id (from `key list`).
+        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
         id: Uuid,
         /// Rate-limit tier (see `tier list`).
         #[arg(long)]
@@ -320,7 +324,7 @@ pub struct KeySpec {
     #[arg(long, value_delimiter = ',')]
     pub scopes: Vec<String>,
     /// The key's own limit in units per minute.
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
     pub rate_limit_per_minute: Option<u32>,
     /// Expire after this long (e.g. 30d, 12h).
     #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "expires_at")]
@@ -333,6 +337,12 @@ pub struct KeySpec {
 /// An expiry to set: a time, or none.
 #[derive(Debug, Clone, Copy)]
 pub struct Expiry(pub Option<DateTime<Utc>>);
+
+/// A key's id, with a hint for what people paste instead: the key itself, or its listing.
+fn parse_key_id(s: &str) -> Result<Uuid, String> {
+    Uuid::parse_str(s)
+        .map_err(|_| "expected a key id (a UUID, as `tollgate key list --org ORG` shows it), not the key".into())
+}
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
     DateTime::parse_from_rfc3339(s)
@@ -390,5 +400,42 @@ mod tests {
         }
         assert!(parse(&["--limit", "20", "--window", "10s", "--burst-limit", "5", "--burst-window", "1s"]).is_ok());
         assert!(parse(&["--per-hour", "none", "--per-minute", "50"]).is_ok());
+    }
+
+    #[test]
+    fn what_people_paste_instead_of_a_key_id_gets_told_what_to_paste() {
+        for pasted in ["tg_live_4eC39HqLyjWDarjtT1zdp7dcZ8GJrC0ZXSYIanj10aVcn1", "tg_live_…aVcn"] {
+            let error = Cli::try_parse_from(["tollgate", "key", "show", pasted]).expect_err("not an id").to_string();
+            assert!(error.contains("expected a key id") && error.contains("key list"), "{error}");
+        }
+        let id = "0b6f3a52-1c3e-4f2a-9d8e-2f6a4c1b7e90";
+        assert!(Cli::try_parse_from(["tollgate", "key", "revoke", id]).is_ok());
+    }
+
+    #[test]
+    fn a_new_keys_own_limit_is_a_positive_number() {
+        let parse = |n: &str| {
+            Cli::try_parse_from([
+                "tollgate",
+                "key",
+                "create",
+                "--org",
+                "acme",
+                "--name",
+                "ci",
+                "--rate-limit-per-minute",
+                n,
+            ])
+        };
+        assert!(parse("0").is_err(), "0 admits nothing: a disabled key says so");
+        assert!(parse("1").is_ok());
+    }
+
+    #[test]
+    fn a_replay_names_both_ways_to_choose_what_it_replays() {
+        let error = Cli::try_parse_from(["tollgate", "dlq", "replay"]).expect_err("nothing chosen").to_string();
+        assert!(error.contains("--seq") && error.contains("--all"), "{error}");
+        assert!(Cli::try_parse_from(["tollgate", "dlq", "replay", "--seq", "3", "--all"]).is_err());
+        assert!(Cli::try_parse_from(["tollgate", "dlq", "replay", "--all"]).is_ok());
     }
 }

@@ -160,6 +160,32 @@ async fn print_demo(pool: &sqlx::PgPool, address: std::net::SocketAddr) -> anyho
     };
     let (_, key) = admin::create_key(pool, &Actor::cli(), new, KeyEnv::Test).await?;
     println!("Demo key (organization `{DEMO_SLUG}`, works for a day), shown once:\n\n  {}\n", key.expose());
-    println!("Try it:\n\n  curl -i -H 'Authorization: Bearer {}' http://{address}/v1/auth\n", key.expose());
+    println!(
+        "Try it:\n\n  curl -i -H 'Authorization: Bearer {}' http://{}/v1/auth\n",
+        key.expose(),
+        reachable(address)
+    );
     Ok(())
+}
+
+/// Where a client on this machine reaches a listener: a wildcard address (0.0.0.0, ::) is no destination.
+fn reachable(mut address: std::net::SocketAddr) -> std::net::SocketAddr {
+    match address.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => address.set_ip(std::net::Ipv4Addr::LOCALHOST.into()),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => address.set_ip(std::net::Ipv6Addr::LOCALHOST.into()),
+        _ => {}
+    }
+    address
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_wildcard_listener_is_reached_on_loopback() {
+        for (listening, reached) in
+            [("0.0.0.0:8080", "127.0.0.1:8080"), ("[::]:8080", "[::1]:8080"), ("192.0.2.7:8080", "192.0.2.7:8080")]
+        {
+            assert_eq!(super::reachable(listening.parse().expect("an address")).to_string(), reached);
+        }
+    }
 }
