@@ -18,6 +18,10 @@ use crate::event::UsageEvent;
 pub const CURRENT_VERSION: u8 = 2;
 /// Upper bound on one message, so a corrupt length prefix cannot make the decoder allocate without bound.
 const MAX_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+/// Events in one message, at most: large enough to amortise per-message costs (a typical event is ~100–300 bytes),
+/// and a bound the decoder holds every message to, so that a worker's batch of messages stays near the events it
+/// asked for (a megabyte of the smallest events would be some 28 000).
+pub const MAX_EVENTS_PER_MESSAGE: usize = 1000;
 /// Field bounds; the validator truncates to these before it publishes.
 pub const MAX_METHOD_LEN: usize = 16;
 pub const MAX_TEXT_LEN: usize = 2048;
@@ -83,15 +87,15 @@ fn config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<MAX_MESSAGE_BYTES>()
 }
 
-/// Encodes a batch in the current version, as one message.
+/// Encodes a batch of at most [`MAX_EVENTS_PER_MESSAGE`] events in the current version, as one message.
 pub fn encode_batch(events: Vec<UsageEvent>) -> Vec<u8> {
     let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
     encode_wire(&wire)
 }
 
-/// Encodes a batch in the current version as messages of at most `max_bytes` each, in order, each with its number of
-/// events: one message when the batch fits, else its halves, each split again as needed (an event alone that is
-/// larger still gets a message of its own).
+/// Encodes a batch in the current version as messages of at most `max_bytes` and [`MAX_EVENTS_PER_MESSAGE`] events
+/// each, in order, each with its number of events: one message when the batch fits, else its halves, each split again
+/// as needed (an event alone that is larger still gets a message of its own).
 pub fn encode_batches(events: Vec<UsageEvent>, max_bytes: usize) -> Vec<(Vec<u8>, usize)> {
     let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
     let mut messages = Vec::with_capacity(1);
@@ -100,10 +104,12 @@ pub fn encode_batches(events: Vec<UsageEvent>, max_bytes: usize) -> Vec<(Vec<u8>
 }
 
 fn encode_within(wire: &[WireEventV2], max_bytes: usize, messages: &mut Vec<(Vec<u8>, usize)>) {
-    let message = encode_wire(wire);
-    if message.len() <= max_bytes || wire.len() <= 1 {
-        messages.push((message, wire.len()));
-        return;
+    if wire.len() <= MAX_EVENTS_PER_MESSAGE {
+        let message = encode_wire(wire);
+        if message.len() <= max_bytes || wire.len() <= 1 {
+            messages.push((message, wire.len()));
+            return;
+        }
     }
     let (first, second) = wire.split_at(wire.len() / 2);
     encode_within(first, max_bytes, messages);
@@ -136,6 +142,9 @@ fn decode_body<W: Decode<()>>(body: &[u8]) -> Result<Vec<W>, CodecError> {
     }
     if wire.is_empty() {
         return Err(CodecError::Impossible("a batch with no events"));
+    }
+    if wire.len() > MAX_EVENTS_PER_MESSAGE {
+        return Err(CodecError::Impossible("more events than a message holds"));
     }
     Ok(wire)
 }
@@ -281,6 +290,20 @@ mod tests {
         assert_eq!(encode_batches(small.clone(), 64 * 1024), vec![(encode_batch(small), 3)]);
         // An event larger than the bound alone still goes, in a message of its own.
         assert_eq!(encode_batches(vec![large(0), large(1)], 1000).len(), 2);
+    }
+
+    #[test]
+    fn a_message_holds_at_most_its_number_of_events_and_the_decoder_refuses_more() {
+        let events: Vec<UsageEvent> = (0..MAX_EVENTS_PER_MESSAGE + 1).map(|_| sample(Outcome::Allowed)).collect();
+        let messages = encode_batches(events.clone(), usize::MAX);
+        assert_eq!(messages.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [500, 501]);
+        let decoded: Vec<UsageEvent> =
+            messages.iter().flat_map(|(m, _)| decode_batch(m).expect("within the bound")).collect();
+        assert_eq!(decoded, events);
+
+        // One message of them all, as a sender that ignored the bound would make it.
+        let wire: Vec<WireEventV2> = events.into_iter().map(to_wire).collect();
+        assert_eq!(decode_batch(&encode_wire(&wire)), Err(CodecError::Impossible("more events than a message holds")));
     }
 
     #[test]

@@ -4,6 +4,7 @@ use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
+use tollgate_shared::codec;
 use tollgate_shared::config::{MetricsArgs, NamespaceArgs, ServerArgs, ValidatorArgs, WorkerArgs};
 use tollgate_shared::domain::{LimitSetting, PlanName, Role, TierName};
 use tollgate_shared::key::KeyEnv;
@@ -127,8 +128,8 @@ pub struct BenchPipelineArgs {
     /// How long to publish.
     #[arg(long, default_value_t = 20)]
     pub seconds: u64,
-    /// Events per NATS message (as the validator's publisher batches them).
-    #[arg(long, default_value_t = 100)]
+    /// Events per NATS message (as the validator's publisher batches them; at most 1000).
+    #[arg(long, default_value_t = 100, value_parser = events_per_message)]
     pub events_per_message: usize,
     /// Organizations (and one key each) the events are spread over.
     #[arg(long, default_value_t = 100)]
@@ -337,6 +338,13 @@ pub struct KeySpec {
 /// An expiry to set: a time, or none.
 #[derive(Debug, Clone, Copy)]
 pub struct Expiry(pub Option<DateTime<Utc>>);
+
+fn events_per_message(s: &str) -> Result<usize, String> {
+    match s.parse() {
+        Ok(n) if (1..=codec::MAX_EVENTS_PER_MESSAGE).contains(&n) => Ok(n),
+        _ => Err(format!("expected a number of events from 1 to {}", codec::MAX_EVENTS_PER_MESSAGE)),
+    }
+}
 
 /// A key's id, with a hint for what people paste instead: the key itself, or its listing.
 fn parse_key_id(s: &str) -> Result<Uuid, String> {

@@ -31,7 +31,7 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, watch};
 use uuid::Uuid;
 
-use tollgate_shared::codec;
+use tollgate_shared::codec::{self, MAX_EVENTS_PER_MESSAGE};
 use tollgate_shared::config::{FsyncPolicy, SpoolFullPolicy};
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
@@ -41,8 +41,6 @@ use tollgate_shared::metrics::{
 
 use spool::{Spool, SpoolError, SpooledMessage};
 
-/// Events per NATS message: large enough to amortise per-message costs (a typical event is ~100–300 bytes).
-pub const MAX_EVENTS_PER_MESSAGE: usize = 1000;
 /// Bytes per NATS message, at most: a batch of large events (paths, user agents and request ids are each kept up to
 /// 2 KB) is split to fit. nats-server closes the connection on a message over its `max_payload` (1 MB by default), so
 /// such a message could never be published, and the spool would replay it forever, holding up every event behind it.
