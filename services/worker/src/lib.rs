@@ -449,6 +449,11 @@ impl Fetcher {
                         Some(status) => {
                             tracing::warn!(%status, description = ?message.description,
                                 "error while fetching from JetStream");
+                            // Such a refusal (a consumer edited to allow smaller pulls, say) comes again at once:
+                            // pause as after a failed request rather than ask again in a tight loop.
+                            if messages.is_empty() {
+                                tokio::time::sleep(BACKOFF_FIRST).await;
+                            }
                             break;
                         }
                     }

@@ -438,3 +438,35 @@ async fn user_agents_are_stored_once_and_read_back_through_their_id() {
     worker.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_not_at_once() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    // An operator's edit the workers keep: pulls of more than one message are refused (409) by the server.
+    let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
+    let config = pull::Config {
+        durable_name: Some(env.topology.workers_consumer()),
+        filter_subject: env.topology.usage_filter(),
+        ack_policy: AckPolicy::Explicit,
+        max_batch: 1,
+        ..Default::default()
+    };
+    stream.create_consumer(config).await.expect("workers consumer");
+    let pulls_subject =
+        format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", env.topology.stream, env.topology.workers_consumer());
+    let mut pulls = env.nats.subscribe(pulls_subject).await.expect("watch the pulls");
+
+    let worker = env.start_worker().await;
+    // Each refused pull is one request on this subject; a worker pausing 100 ms after each makes at most 20 in 2 s.
+    let until = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    let mut seen = 0;
+    while let Ok(Some(_)) = tokio::time::timeout_at(until, pulls.next()).await {
+        seen += 1;
+    }
+    assert!((1..=25).contains(&seen), "{seen} pulls in 2 s");
+    worker.stop().await;
+    env.cleanup().await;
+}
