@@ -6,9 +6,11 @@ use sqlx::PgPool;
 
 use tollgate_shared::event::UsageEvent;
 
-/// Ids remembered before the memory is cleared and rebuilt from the table (a flood of made-up user agents must not
-/// grow a worker without bound).
-const REMEMBERED: usize = 100_000;
+/// Bytes of remembered ids (see [`cost`]) before the memory is cleared and rebuilt from the table: a flood of made-up
+/// user agents, each up to 2 KB, must not grow a worker without bound. A real API's clients send a few thousand.
+const REMEMBERED_BYTES: usize = 8 * 1024 * 1024;
+/// What the map spends on an entry besides the string's bytes, about.
+const ENTRY_BYTES: usize = 64;
 /// Attempts at resolving a batch: a string another worker is inserting at the same moment is only visible to a
 /// second statement.
 const ATTEMPTS: usize = 3;
@@ -54,6 +56,13 @@ const LAST_ID: &str = concat!("SELECT ", last_id!());
 #[derive(Debug, Default)]
 pub struct UserAgents {
     ids: HashMap<String, Option<i32>>,
+    /// What `ids` costs, by [`cost`].
+    bytes: usize,
+}
+
+/// What remembering one string's id costs.
+fn cost(user_agent: &str) -> usize {
+    user_agent.len() + ENTRY_BYTES
 }
 
 impl UserAgents {
@@ -65,14 +74,17 @@ impl UserAgents {
         if missing.is_empty() {
             return Ok(());
         }
-        if self.ids.len() + missing.len() > REMEMBERED {
+        if !self.has_room_for(&missing) {
             self.ids.clear();
+            self.bytes = 0;
             missing = asked.iter().map(|ua| (*ua).to_owned()).collect();
         }
         for _ in 0..ATTEMPTS {
             let found: Vec<(i32, String)> =
                 sqlx::query_as(RESOLVE).bind(&missing).bind(STORED_MAX).fetch_all(pool).await?;
-            self.ids.extend(found.into_iter().map(|(id, ua)| (ua, Some(id))));
+            for (id, ua) in found {
+                self.remember(ua, Some(id));
+            }
             missing.retain(|ua| !self.ids.contains_key(ua));
             if missing.is_empty() {
                 return Ok(());
@@ -83,15 +95,49 @@ impl UserAgents {
                     new = missing.len(),
                     "user_agents holds its most distinct strings ({STORED_MAX}); new ones are recorded as none"
                 );
-                self.ids.extend(missing.into_iter().map(|ua| (ua, None)));
+                for ua in missing {
+                    self.remember(ua, None);
+                }
                 return Ok(());
             }
         }
         Err(sqlx::Error::Protocol(format!("{} user agents have no id after {ATTEMPTS} attempts", missing.len())))
     }
 
+    fn has_room_for(&self, missing: &[String]) -> bool {
+        self.bytes + missing.iter().map(|ua| cost(ua)).sum::<usize>() <= REMEMBERED_BYTES
+    }
+
+    fn remember(&mut self, user_agent: String, id: Option<i32>) {
+        let bytes = cost(&user_agent);
+        if self.ids.insert(user_agent, id).is_none() {
+            self.bytes += bytes;
+        }
+    }
+
     /// The id of `user_agent`, which [`UserAgents::resolve`] saw (`None` too for one the table had no room for).
     pub fn id(&self, user_agent: Option<&str>) -> Option<i32> {
         user_agent.and_then(|ua| self.ids.get(ua).copied().flatten())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_is_counted_in_bytes_so_long_made_up_strings_fill_it_sooner() {
+        let mut agents = UserAgents::default();
+        let long = |i: usize| format!("{i:0>2048}");
+        let fitting = REMEMBERED_BYTES / cost(&long(0));
+        for i in 0..fitting {
+            agents.remember(long(i), Some(i as i32));
+        }
+        assert_eq!(agents.bytes, fitting * cost(&long(0)));
+        // Remembered again (another batch, or another attempt): not counted twice.
+        agents.remember(long(0), Some(0));
+        assert_eq!(agents.bytes, fitting * cost(&long(0)));
+        assert!(!agents.has_room_for(&[long(fitting)]), "{fitting} strings of 2 KB fill the memory, not 100 000");
+        assert!(UserAgents::default().has_room_for(&["curl/8".to_owned()]));
     }
 }
