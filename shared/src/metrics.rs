@@ -118,7 +118,10 @@ fn describe() {
     );
     describe_gauge!(SPOOL_BYTES, Unit::Bytes, "Bytes of usage messages in the validator's disk spool.");
     describe_gauge!(SPOOL_SEGMENTS, "Segment files in the validator's disk spool.");
-    describe_counter!(SPOOL_CORRUPT_RECORDS, "Spool records skipped on replay: torn tails and checksum failures.");
+    describe_counter!(
+        SPOOL_CORRUPT_RECORDS,
+        "Spool records skipped on replay (torn tails, checksum failures) and segments set aside (unreadable, undeletable)."
+    );
     describe_histogram!(PUBLISH_DURATION, Unit::Seconds, "Time from publishing a usage message to its JetStream ack.");
     describe_counter!(PUBLISH_RETRIES, "Publish attempts of spooled messages made after a failed attempt.");
     describe_counter!(EVENTS_SPOOLED, "Usage events written to the disk spool because NATS was unreachable or slow.");

@@ -10,7 +10,8 @@
 //! a crash cut short (a torn tail) or whose checksum fails is skipped and counted, never replayed. A consumed
 //! segment is deleted; the read position inside the oldest segment is kept in memory only, so after a crash the
 //! part of it already replayed is replayed again (harmless: JetStream's duplicate window, then the worker's
-//! `ON CONFLICT DO NOTHING`).
+//! `ON CONFLICT DO NOTHING`). A segment that cannot be read, or deleted once replayed, is set aside for the rest of
+//! the run rather than hold up every message after it: left on disk, it is read again at the next start.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -228,7 +229,12 @@ impl Spool {
             return Ok(());
         };
         if writer.dirty {
-            writer.file.sync_data().map_err(io_error("fsync", &segment.path))?;
+            if let Err(source) = writer.file.sync_data() {
+                // Linux reports a failed writeback once: a later fsync of the same file would succeed without
+                // making those pages durable, so the next record goes to a new segment.
+                self.writer = None;
+                return Err(SpoolError::Io { what: "fsync", path: segment.path.clone(), source });
+            }
             writer.dirty = false;
         }
         writer.last_sync = Instant::now();
@@ -239,7 +245,7 @@ impl Spool {
     /// reach `max_bytes`. Nothing is consumed but torn or corrupt bytes at the head with no whole record read after
     /// them: they would be read again forever, and a spool holding only those would never count as empty, so replay
     /// would never end.
-    pub fn read(&mut self, max: usize, max_bytes: usize) -> Result<Vec<(SpooledMessage, Cursor)>, SpoolError> {
+    pub fn read(&mut self, max: usize, max_bytes: usize) -> Vec<(SpooledMessage, Cursor)> {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut offset = self.head_offset;
@@ -261,20 +267,33 @@ impl Spool {
             }
             let reader = match &mut file {
                 Some((open, reader)) if *open == seq => reader,
-                _ => {
-                    let mut opened = File::open(&path).map_err(io_error("open", &path))?;
-                    if !has_magic(&mut opened).map_err(io_error("read", &path))? {
+                _ => match File::open(&path).and_then(|mut f| has_magic(&mut f).map(|magic| (f, magic))) {
+                    Ok((opened, true)) => &mut file.insert((seq, opened)).1,
+                    Ok((_, false)) => {
                         self.count_corrupt(Cursor { seq, offset: 0 });
                         offset = len;
                         skipped_to = Some(Cursor { seq, offset });
                         continue;
                     }
-                    &mut file.insert((seq, opened)).1
+                    Err(e) => {
+                        self.set_aside(index, "read", &e);
+                        offset = HEADER_LEN;
+                        continue;
+                    }
+                },
+            };
+            let at = Cursor { seq, offset };
+            let record = reader.seek(SeekFrom::Start(offset)).and_then(|_| read_record(reader, len - offset));
+            let record = match record {
+                Ok(record) => record,
+                Err(e) => {
+                    file = None;
+                    self.set_aside(index, "read", &e);
+                    offset = HEADER_LEN;
+                    continue;
                 }
             };
-            reader.seek(SeekFrom::Start(offset)).map_err(io_error("read", &path))?;
-            let at = Cursor { seq, offset };
-            match read_record(reader, len - offset).map_err(io_error("read", &path))? {
+            match record {
                 Record::Whole(message, used) => {
                     offset += used;
                     bytes += message.payload.len();
@@ -293,32 +312,57 @@ impl Spool {
             }
         }
         if let (true, Some(cursor)) = (out.is_empty(), skipped_to) {
-            self.consume_to(cursor)?;
+            self.consume_to(cursor);
         }
-        Ok(out)
+        out
     }
 
     /// Marks everything before `cursor` as delivered, deleting segments that are wholly behind it.
-    pub fn consume_to(&mut self, cursor: Cursor) -> Result<(), SpoolError> {
+    pub fn consume_to(&mut self, cursor: Cursor) {
         while let Some(front) = self.segments.front() {
             let done = front.seq < cursor.seq || (front.seq == cursor.seq && cursor.offset >= front.len);
             if !done {
                 break;
             }
-            let is_writer = self.segments.len() == 1 && self.writer.is_some();
-            if is_writer {
-                self.writer = None;
+            match fs::remove_file(&front.path) {
+                Ok(()) => self.drop_segment(0),
+                // Deleted by hand already: what it held was replayed all the same.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => self.drop_segment(0),
+                Err(e) => self.set_aside(0, "delete", &e),
             }
-            fs::remove_file(&front.path).map_err(io_error("delete", &front.path))?;
-            self.bytes -= front.len;
-            self.segments.pop_front();
-            self.head_offset = HEADER_LEN;
         }
         if self.segments.front().is_some_and(|f| f.seq == cursor.seq) {
             self.head_offset = cursor.offset;
         }
         self.report();
-        Ok(())
+    }
+
+    /// Leaves the segment at `index` out of this run (see the module's comment): it stays on disk, unless it is gone
+    /// already, and is read again at the next start.
+    fn set_aside(&mut self, index: usize, what: &str, error: &io::Error) {
+        let path = self.segments[index].path.clone();
+        if error.kind() == io::ErrorKind::NotFound {
+            tracing::error!(segment = %path.display(), "a spool segment was deleted by hand; the events in it are lost");
+        } else {
+            tracing::error!(segment = %path.display(), %error,
+                "cannot {what} a spool segment; set aside until the next start, which reads it again");
+        }
+        metrics::counter!(SPOOL_CORRUPT_RECORDS).increment(1);
+        self.drop_segment(index);
+    }
+
+    /// Forgets the segment at `index`, and its writer if it had one.
+    fn drop_segment(&mut self, index: usize) {
+        if index + 1 == self.segments.len() {
+            self.writer = None;
+        }
+        if let Some(segment) = self.segments.remove(index) {
+            self.bytes -= segment.len;
+        }
+        if index == 0 {
+            self.head_offset = HEADER_LEN;
+        }
+        self.report();
     }
 
     fn start_segment(&mut self) -> Result<(), SpoolError> {
@@ -490,9 +534,9 @@ mod tests {
     fn drain(spool: &mut Spool) -> Vec<SpooledMessage> {
         let mut all = Vec::new();
         loop {
-            let batch = spool.read(3, usize::MAX).expect("read");
+            let batch = spool.read(3, usize::MAX);
             let Some((_, last)) = batch.last() else { break };
-            spool.consume_to(*last).expect("consume");
+            spool.consume_to(*last);
             all.extend(batch.into_iter().map(|(m, _)| m));
         }
         all
@@ -516,7 +560,7 @@ mod tests {
             spool.append(&message(n)).expect("append");
         }
         // Payloads of 100, 101, 102… bytes: the second reaches 150, and a read always takes one.
-        let read = |spool: &mut Spool, bytes| spool.read(16, bytes).expect("read").len();
+        let read = |spool: &mut Spool, bytes| spool.read(16, bytes).len();
         assert_eq!(read(&mut spool, 150), 2);
         assert_eq!(read(&mut spool, 201), 2);
         assert_eq!(read(&mut spool, 202), 3);
@@ -534,9 +578,9 @@ mod tests {
                 spool.append(&message(n)).expect("append");
             }
             assert!(spool.segments() > 2, "small segments rotate");
-            let first = spool.read(2, usize::MAX).expect("read");
+            let first = spool.read(2, usize::MAX);
             assert_eq!(first.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(), vec![message(0), message(1)]);
-            spool.consume_to(first[1].1).expect("consume");
+            spool.consume_to(first[1].1);
         }
         let mut spool = Spool::open(dir.path(), options()).expect("reopen");
         spool.append(&message(20)).expect("append after reopen");
@@ -549,6 +593,61 @@ mod tests {
         assert_eq!(spool.bytes(), 0);
         assert!(segment_files(dir.path()).is_empty(), "consumed segments are deleted");
         assert_eq!(spool.corrupt_records(), 0);
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_read_is_set_aside_for_the_run_and_read_again_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), options()).expect("open");
+        for n in 0..20 {
+            spool.append(&message(n)).expect("append");
+        }
+        let files = segment_files(dir.path());
+        assert!(files.len() >= 3, "small segments rotate");
+        // The second segment cannot be read (a directory in its place: opening works, reading fails).
+        let kept = fs::read(&files[1]).expect("read");
+        fs::remove_file(&files[1]).expect("remove");
+        fs::create_dir(&files[1]).expect("a directory in its place");
+
+        let read: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
+        assert!(!read.is_empty() && read.ends_with(&[19]), "the segments after it are read: {read:?}");
+        assert!(spool.is_empty(), "the replay ends");
+        assert_eq!(spool.bytes(), 0);
+        assert!(files[1].is_dir(), "set aside, not deleted");
+        drop(spool);
+
+        // Readable again at the next start: its messages come back, and only they.
+        fs::remove_dir(&files[1]).expect("remove the directory");
+        fs::write(&files[1], kept).expect("restore");
+        let mut spool = Spool::open(dir.path(), options()).expect("reopen");
+        let set_aside: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
+        let mut all = [read, set_aside.clone()].concat();
+        all.sort_unstable();
+        assert_eq!(all, (0..20).collect::<Vec<u32>>(), "{set_aside:?}");
+        assert_eq!(spool.corrupt_records(), 0);
+    }
+
+    #[test]
+    fn segments_deleted_by_hand_hold_up_nothing_whether_replayed_or_not() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut spool = Spool::open(dir.path(), options()).expect("open");
+        for n in 0..20 {
+            spool.append(&message(n)).expect("append");
+        }
+        let files = segment_files(dir.path());
+        let first = spool.read(2, usize::MAX);
+        // The first segment, being replayed, and the second, not yet read, are deleted by hand.
+        fs::remove_file(&files[0]).expect("remove");
+        fs::remove_file(&files[1]).expect("remove");
+        spool.consume_to(first[1].1);
+        let rest: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
+        assert!(rest.ends_with(&[19]) && !rest.contains(&1), "{rest:?}");
+        assert!(spool.is_empty());
+        assert_eq!(spool.bytes(), 0);
+        assert!(segment_files(dir.path()).is_empty());
+        // The writer's segment went too: the next message starts a new one.
+        spool.append(&message(20)).expect("append");
+        assert_eq!(drain(&mut spool), vec![message(20)]);
     }
 
     #[test]
@@ -571,7 +670,7 @@ mod tests {
         }
         let mut spool = Spool::open(dir.path(), options()).expect("open");
         assert!(!spool.is_empty());
-        assert!(spool.read(16, usize::MAX).expect("read").is_empty());
+        assert!(spool.read(16, usize::MAX).is_empty());
         assert!(spool.is_empty(), "a replay waiting for it to empty would spin for ever");
         assert_eq!(segment_files(dir.path()).len(), 0);
     }
@@ -604,8 +703,8 @@ mod tests {
             {
                 let mut spool = Spool::open(dir.path(), options()).expect("open");
                 spool.append(&message(1)).expect("append");
-                let batch = spool.read(1, usize::MAX).expect("read");
-                spool.consume_to(batch[0].1).expect("consume");
+                let batch = spool.read(1, usize::MAX);
+                spool.consume_to(batch[0].1);
                 spool.append(&message(2)).expect("append");
             }
             let segment = segment_files(dir.path()).pop().expect("a segment");
@@ -621,7 +720,7 @@ mod tests {
             }
             let mut spool = Spool::open(dir.path(), options()).expect("reopen");
             assert!(!spool.is_empty());
-            assert!(spool.read(16, usize::MAX).expect("read").is_empty(), "{damage}");
+            assert!(spool.read(16, usize::MAX).is_empty(), "{damage}");
             assert!(spool.is_empty(), "{damage}: nothing is left to replay");
             assert_eq!(spool.corrupt_records(), 1, "{damage}: counted once");
             assert!(segment_files(dir.path()).is_empty(), "{damage}: the segment is deleted");
@@ -646,7 +745,7 @@ mod tests {
         fs::write(&segment, bytes).expect("write");
         let mut spool = Spool::open(dir.path(), options()).expect("reopen");
         // Read twice (as a failed publish would): the bad record is counted once.
-        assert_eq!(spool.read(10, usize::MAX).expect("read").len(), 2);
+        assert_eq!(spool.read(10, usize::MAX).len(), 2);
         let events: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
         assert_eq!(events, vec![0, 2]);
         assert_eq!(spool.corrupt_records(), 1);
@@ -665,8 +764,8 @@ mod tests {
         assert!(appended >= 10, "{appended}");
         assert!(matches!(spool.append(&message(1)), Err(SpoolError::Full { .. })));
         assert!(spool.bytes() <= 2000);
-        let batch = spool.read(5, usize::MAX).expect("read");
-        spool.consume_to(batch[4].1).expect("consume");
+        let batch = spool.read(5, usize::MAX);
+        spool.consume_to(batch[4].1);
         assert!(spool.has_room_for(&message(1)), "consumed segments free their space");
         spool.append(&message(1)).expect("append after consuming");
     }
