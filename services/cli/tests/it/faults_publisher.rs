@@ -435,6 +435,32 @@ async fn large_verifies(validator: &RunningValidator, key: &ApiKey, count: usize
     }
 }
 
+/// An operator set the usage stream's `max_msg_size` below what the server takes: the stream refuses the validator's
+/// messages as too large, they are spooled, and the replay sends them in halves, cut again until they fit.
+#[tokio::test]
+async fn messages_the_stream_refuses_as_too_large_are_replayed_in_parts_that_it_takes() {
+    let env = TestEnv::new().await;
+    let js = async_nats::jetstream::new(env.nats.clone());
+    let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
+    let mut config = stream.cached_info().config.clone();
+    config.max_message_size = 16 * 1024; // two or three of these events
+    js.update_stream(config).await.expect("a smaller max_msg_size");
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let worker = env.start_worker().await;
+    let validator = env.start_validator_with(args(&env), REDIS_URL).await;
+    large_verifies(&validator, &key, 200).await;
+
+    assert_counted_once(&env, 200).await;
+    let drained =
+        wait_until(Duration::from_secs(10), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "nothing is left in the spool");
+
+    validator.service.stop().await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 /// Messages spooled by a validator that has not reached NATS yet, so does not know the server's `max_payload`: cut to
 /// the default bound, they are larger than this server takes. Replay sends each in parts that fit.
 #[tokio::test]

@@ -193,26 +193,50 @@ impl Target {
     /// [`Target::publish`] for a message read back from the spool. One larger than the server takes (spooled while
     /// its limit was not known yet, or by an earlier build) goes as parts that fit, each with an id derived from the
     /// message's and the events it holds, so that a part replayed again is dropped as a duplicate, and a part cut
-    /// otherwise (the server's limit changed meanwhile) is not taken for one.
+    /// otherwise (the server's limit changed meanwhile) is not taken for one. One the stream refuses as too large (an
+    /// operator set its `max_msg_size` below the server's limit) goes in halves, each cut again as needed.
     async fn publish_spooled(&self, message: &SpooledMessage) -> Result<(), async_nats::Error> {
-        let bound = self.message_bytes();
-        if message.payload.len() <= bound {
-            return self.publish(message).await;
+        self.publish_within(message, self.message_bytes()).await
+    }
+
+    fn publish_within<'a>(
+        &'a self,
+        message: &'a SpooledMessage,
+        bound: usize,
+    ) -> BoxFuture<'a, Result<(), async_nats::Error>> {
+        async move {
+            if message.payload.len() <= bound || message.events <= 1 {
+                return match self.publish(message).await {
+                    Err(e) if refused_as_too_large(&e) && message.events > 1 => {
+                        self.publish_within(message, message.payload.len() / 2).await
+                    }
+                    Err(e) if refused_as_too_large(&e) => {
+                        // Retrying it would hold up everything behind it for good.
+                        metrics::counter!(EVENTS_DROPPED).increment(u64::from(message.events));
+                        tracing::error!(id = %message.id, bytes = message.payload.len(),
+                            "dropping a usage event larger than the stream takes (its max_msg_size)");
+                        Ok(())
+                    }
+                    other => other,
+                };
+            }
+            let Ok(events) = codec::decode_batch(&message.payload) else {
+                // The server would close the connection on it at every attempt, holding up everything behind it.
+                metrics::counter!(EVENTS_DROPPED).increment(u64::from(message.events));
+                tracing::error!(id = %message.id, bytes = message.payload.len(), events = message.events,
+                    "dropping a spooled message larger than NATS takes that cannot be decoded to be cut");
+                return Ok(());
+            };
+            let mut first = 0;
+            for (payload, events) in codec::encode_batches(events, bound) {
+                let id = format!("{}.{first}+{events}", message.id);
+                let part = SpooledMessage { id, events: events as u32, payload: payload.into() };
+                self.publish_within(&part, bound).await?;
+                first += events;
+            }
+            Ok(())
         }
-        let Ok(events) = codec::decode_batch(&message.payload) else {
-            // The server would close the connection on it at every attempt, holding up everything behind it.
-            metrics::counter!(EVENTS_DROPPED).increment(u64::from(message.events));
-            tracing::error!(id = %message.id, bytes = message.payload.len(), events = message.events,
-                "dropping a spooled message larger than NATS takes that cannot be decoded to be cut");
-            return Ok(());
-        };
-        let mut first = 0;
-        for (payload, events) in codec::encode_batches(events, bound) {
-            let id = format!("{}.{first}+{events}", message.id);
-            self.publish(&SpooledMessage { id, events: events as u32, payload: payload.into() }).await?;
-            first += events;
-        }
-        Ok(())
+        .boxed()
     }
 
     /// One attempt at a message cut to [`Target::message_bytes`]: published and acknowledged within the timeout, or
@@ -244,6 +268,16 @@ impl Target {
         }
         result
     }
+}
+
+/// Whether JetStream answered that the message is larger than the stream takes: no retry of it can succeed.
+fn refused_as_too_large(error: &async_nats::Error) -> bool {
+    use async_nats::jetstream::{context::PublishError, ErrorCode};
+    error
+        .downcast_ref::<PublishError>()
+        .and_then(std::error::Error::source)
+        .and_then(|source| source.downcast_ref::<async_nats::jetstream::Error>())
+        .is_some_and(|e| e.error_code() == ErrorCode::STREAM_MESSAGE_EXCEEDS_MAXIMUM)
 }
 
 /// What one replay step did.
