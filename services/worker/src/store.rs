@@ -219,10 +219,16 @@ impl UsageStore {
 
     /// Makes sure the partitions of the events' months exist, and of the month after each, so that a month's
     /// partition is there before its first event: one that cannot be made ahead now is tried again a minute later.
+    /// An event of a past month (replayed late from a spool or the dead letters) makes its own month's only: the next
+    /// may have been detached for archiving.
     async fn ensure_partitions(&mut self, events: &[&UsageEvent]) -> Result<(), sqlx::Error> {
         let months: BTreeSet<NaiveDate> = events.iter().map(|e| month_of(e.ts)).collect();
+        let current = month_of(chrono::Utc::now());
         for month in months {
             self.ensure_partition(month).await?;
+            if month < current {
+                continue;
+            }
             let next = month + Months::new(1);
             // A failed attempt waited out the function's lock timeout: not again with every batch.
             if self.partitions.contains(&next) || self.ahead_not_before.is_some_and(|t| Instant::now() < t) {
