@@ -100,7 +100,10 @@ fn describe() {
     describe_gauge!(EVENT_QUEUE_DEPTH, "Usage events waiting in the validator's queue for the publisher.");
     describe_counter!(EVENT_QUEUE_FULL, "Verify requests that had to wait because the event queue was full.");
     describe_counter!(USAGE_ROWS_WRITTEN, "Rows inserted into api_usage.");
-    describe_counter!(USAGE_DUPLICATES, "Re-delivered events that were already in api_usage (and changed nothing).");
+    describe_counter!(
+        USAGE_DUPLICATES,
+        "Events that changed nothing: already in api_usage (re-delivered), or repeated within a batch."
+    );
     describe_histogram!(WORKER_BATCH_SIZE, "Events per batch written by a worker.");
     describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
     describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");

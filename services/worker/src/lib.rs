@@ -148,6 +148,9 @@ impl Worker {
             deliveries.iter().filter_map(|d| d.events.as_ref().ok()).flatten().cloned().collect();
         let written = self.store.write(&events).await?;
         let committed_at = Utc::now();
+        // Counted once committed, whatever fails after: a retry finds the rows there, as duplicates.
+        metrics::counter!(USAGE_ROWS_WRITTEN).increment(written.inserted);
+        metrics::counter!(USAGE_DUPLICATES).increment(written.duplicates);
         // Before anything else can fail: a batch retried after its commit raises its counters again, but only to
         // what is committed.
         if let Some(quota) = &self.quota {
@@ -173,8 +176,6 @@ impl Worker {
         if let Some(observer) = &self.observer {
             observer(&events, committed_at);
         }
-        metrics::counter!(USAGE_ROWS_WRITTEN).increment(written.inserted);
-        metrics::counter!(USAGE_DUPLICATES).increment(written.duplicates);
         metrics::histogram!(WORKER_BATCH_SIZE).record(events.len() as f64);
         metrics::histogram!(WORKER_BATCH_DURATION).record(started.elapsed().as_secs_f64());
         Ok(BatchOutcome {

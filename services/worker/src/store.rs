@@ -147,8 +147,10 @@ impl UsageStore {
         }
     }
 
-    /// Writes `events` in one transaction. Events repeated within the batch are written once.
+    /// Writes `events` in one transaction. Events repeated within the batch are written once (and counted as
+    /// duplicates, as are those written before: every event offered is inserted or a duplicate).
     pub async fn write(&mut self, events: &[UsageEvent]) -> Result<Written, sqlx::Error> {
+        let offered = events.len() as u64;
         let mut seen = HashSet::with_capacity(events.len());
         let events: Vec<&UsageEvent> = events.iter().filter(|e| seen.insert(e.event_id)).collect();
         if events.is_empty() {
@@ -172,7 +174,7 @@ impl UsageStore {
                     return Err(e);
                 }
                 Ok((inserted, totals)) => {
-                    return Ok(Written { inserted, duplicates: events.len() as u64 - inserted, totals });
+                    return Ok(Written { inserted, duplicates: offered - inserted, totals });
                 }
             }
         }
