@@ -6,7 +6,9 @@
 //! duplicate window a no-op; past that window a duplicate message is still harmless, because the workers write
 //! each event once.
 
-use async_nats::jetstream::{self, stream::Stream};
+use async_nats::jetstream;
+use async_nats::jetstream::message::StreamMessage;
+use async_nats::jetstream::stream::{LastRawMessageError, LastRawMessageErrorKind, Stream};
 use chrono::{DateTime, Utc};
 
 use tollgate_shared::topology::Topology;
@@ -48,37 +50,39 @@ async fn open(js: &jetstream::Context, topology: &Topology) -> Result<Stream, Dl
     js.get_stream(&name).await.map_err(|e| DlqError::Stream { stream: name, reason: e.to_string() })
 }
 
-/// Every dead letter, oldest first.
+/// Every dead letter, oldest first: each asked for as the first one from a sequence on, so that the gaps replays
+/// leave cost nothing.
 pub async fn list(js: &jetstream::Context, topology: &Topology) -> Result<Vec<DeadLetter>, DlqError> {
-    let mut stream = open(js, topology).await?;
-    let name = topology.dead_letter_stream();
-    let state =
-        stream.info().await.map_err(|e| DlqError::Stream { stream: name, reason: e.to_string() })?.state.clone();
+    let stream = open(js, topology).await?;
     let mut letters = Vec::new();
-    if state.messages == 0 {
-        return Ok(letters);
-    }
-    for sequence in state.first_sequence..=state.last_sequence {
-        // Gaps are messages already replayed (deleted).
-        if let Some(letter) = get(&stream, topology, sequence).await {
-            letters.push(letter);
+    let mut from = 1;
+    loop {
+        match stream.get_first_raw_message_by_subject(">", from).await {
+            Ok(message) => {
+                from = message.sequence + 1;
+                letters.push(dead_letter(message, topology));
+            }
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => return Ok(letters),
+            Err(e) => return Err(unreadable(topology, e)),
         }
     }
-    Ok(letters)
 }
 
-async fn get(stream: &Stream, topology: &Topology, sequence: u64) -> Option<DeadLetter> {
-    let message = stream.get_raw_message(sequence).await.ok()?;
+fn unreadable(topology: &Topology, error: LastRawMessageError) -> DlqError {
+    DlqError::Stream { stream: topology.dead_letter_stream(), reason: error.to_string() }
+}
+
+fn dead_letter(message: StreamMessage, topology: &Topology) -> DeadLetter {
     let header = |name: &str| message.headers.get(name).map(|v| v.to_string());
     let time = DateTime::from_timestamp(message.time.unix_timestamp(), message.time.nanosecond())
         .unwrap_or(DateTime::UNIX_EPOCH);
-    Some(DeadLetter {
-        sequence,
+    DeadLetter {
+        sequence: message.sequence,
         time,
         reason: header(REASON_HEADER).unwrap_or_default(),
         subject: header(SUBJECT_HEADER).unwrap_or_else(|| topology.usage_subject()),
         size: message.payload.len(),
-    })
+    }
 }
 
 /// Republishes the selected dead letters to their usage subject and deletes them from the dead-letter stream;
@@ -92,7 +96,13 @@ pub async fn replay(js: &jetstream::Context, topology: &Topology, selection: Sel
     let usage_prefix = format!("{}.usage.", topology.subject_prefix);
     let mut replayed = Vec::new();
     for sequence in sequences {
-        let message = stream.get_raw_message(sequence).await.map_err(|_| DlqError::NotFound(sequence))?;
+        let message = match stream.get_raw_message(sequence).await {
+            Ok(message) => message,
+            Err(e) if matches!(e.kind(), LastRawMessageErrorKind::NoMessageFound) => {
+                return Err(DlqError::NotFound(sequence))
+            }
+            Err(e) => return Err(unreadable(topology, e)),
+        };
         // Only ever back into this deployment's usage stream, whatever the header says.
         let subject = message
             .headers

@@ -242,12 +242,13 @@ async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
     .expect("publish")
     .await
     .expect("stored");
+    publish_raw(&js, &env.topology.dead_letter_subject(), b"a third".to_vec()).await;
 
     let output = tollgate(&env, &["--json", "dlq", "list"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let letters: Value = serde_json::from_slice(&output.stdout).expect("json");
     let letters = letters.as_array().expect("array");
-    assert_eq!(letters.len(), 2);
+    assert_eq!(letters.len(), 3);
     assert_eq!(letters[0]["sequence"], 1);
     assert!(letters[0]["reason"].as_str().expect("reason").contains("undecodable"));
     assert_eq!(letters[0]["size"], 20);
@@ -260,7 +261,11 @@ async fn dead_letters_are_listed_and_replayed_into_the_usage_stream() {
     assert_eq!(event_id, good.event_id);
     let output = tollgate(&env, &["--json", "dlq", "list"]);
     let letters: Value = serde_json::from_slice(&output.stdout).expect("json");
-    assert_eq!(letters.as_array().expect("array").len(), 1, "the replayed one left the dead-letter stream");
+    let sequences: Vec<&Value> = letters.as_array().expect("array").iter().map(|l| &l["sequence"]).collect();
+    assert_eq!(sequences, [1, 3], "the replayed one left the dead-letter stream, and the one after it is listed");
+    let output = tollgate(&env, &["dlq", "replay", "--seq", "2"]);
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("no dead letter with sequence 2"));
 
     worker.stop().await;
     env.cleanup().await;
