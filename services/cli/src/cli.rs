@@ -149,6 +149,9 @@ pub enum TierCommand {
     List,
     /// Change a tier's limits, or make a new tier. Examples: `--per-hour 1000 --per-minute 50`, `--limit 20 --window
     /// 10s`. A new tier has only the limits given.
+    #[command(group(
+        clap::ArgGroup::new("change").args(["per_hour", "limit", "per_minute", "burst_limit", "shadow"]).required(true).multiple(true)
+    ))]
     Set {
         /// The tier: unlimited, premium, standard, limited, or a name of your own (a-z, 0-9, '_', '-').
         name: TierName,
@@ -408,6 +411,9 @@ mod tests {
         }
         assert!(parse(&["--limit", "20", "--window", "10s", "--burst-limit", "5", "--burst-window", "1s"]).is_ok());
         assert!(parse(&["--per-hour", "none", "--per-minute", "50"]).is_ok());
+        assert!(parse(&["--shadow", "true"]).is_ok());
+        let error = parse(&[]).expect_err("nothing to set").to_string();
+        assert!(error.contains("--per-hour") && error.contains("--shadow"), "{error}");
     }
 
     #[test]
