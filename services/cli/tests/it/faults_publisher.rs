@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 use std::path::Path;
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -199,6 +200,44 @@ async fn nothing_waits_in_the_nats_client_while_nats_is_away() {
     assert!(received <= stored + 32, "{received} messages received after the restart for {stored} stored");
 
     validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// While NATS is away, each replay attempt tries one spooled message, not a step's worth (up to 1024 messages, 8
+/// MiB) read from disk and sent each time only to fail: `tollgate_publish_retries_total` counts what the attempts
+/// after a failure sent.
+#[tokio::test]
+async fn while_nats_is_away_each_replay_attempt_tries_one_message() {
+    let mut nats = PrivateNats::start();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator =
+        env.spawn_validator_process_on(&nats.url(), &[("TOLLGATE_PUBLISH_TIMEOUT", "1s".into())], Stdio::null());
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    let verify = || async {
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK);
+    };
+    verify().await;
+    nats.stop();
+    verify().await;
+    tokio::time::sleep(PUBLISH_TIMEOUT + Duration::from_secs(1)).await;
+    // Events far enough apart to be a message each: 40 spooled messages.
+    for _ in 0..40 {
+        verify().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Attempts 0.1, 0.2, 0.4, 0.8, 1.6, then 2 s apart: some 8 in these 6 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let retries = validator.metric("tollgate_publish_retries_total").await.expect("the retries counter");
+    assert!((1.0..=16.0).contains(&retries), "{retries} messages sent by the attempts after a failure");
+
+    nats.restart();
+    let drained =
+        wait_until(Duration::from_secs(20), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
+    assert_eq!(drained, 0, "the spool is replayed once NATS is back");
     env.cleanup().await;
 }
 

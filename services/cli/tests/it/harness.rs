@@ -459,6 +459,16 @@ impl TestEnv {
         settings: &[(&str, String)],
         log: std::process::Stdio,
     ) -> ValidatorProcess {
+        self.spawn_validator_process_on(NATS_URL, settings, log)
+    }
+
+    /// [`TestEnv::spawn_validator_process_logging`] on the NATS server at `nats_url`.
+    pub fn spawn_validator_process_on(
+        &self,
+        nats_url: &str,
+        settings: &[(&str, String)],
+        log: std::process::Stdio,
+    ) -> ValidatorProcess {
         let (port, metrics_port) = (free_port(), free_port());
         let mut all = vec![
             ("TOLLGATE_LISTEN", format!("127.0.0.1:{port}")),
@@ -466,7 +476,7 @@ impl TestEnv {
             ("TOLLGATE_SPOOL_DIR", self.spool_dir().display().to_string()),
         ];
         all.extend_from_slice(settings);
-        let process = self.spawn_service_logging("validator", NATS_URL, &all, log);
+        let process = self.spawn_service_logging("validator", nats_url, &all, log);
         ValidatorProcess { port, metrics_port, _process: process }
     }
 

@@ -305,7 +305,10 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     if let Some(delay) = delay {
         tokio::time::sleep(delay).await;
     }
-    let batch = on_spool(&spool, |s| s.read(REPLAY_MESSAGES, REPLAY_BYTES)).await;
+    // After a failure, one message first: a NATS still away (or a connection that takes nothing, half open) then
+    // costs a message read and sent, not a step's worth.
+    let (messages, bytes) = if delay.is_some() { (1, usize::MAX) } else { (REPLAY_MESSAGES, REPLAY_BYTES) };
+    let batch = on_spool(&spool, move |s| s.read(messages, bytes)).await;
     if delay.is_some() {
         metrics::counter!(PUBLISH_RETRIES).increment(batch.len() as u64);
     }
