@@ -196,7 +196,8 @@ async fn nothing_waits_in_the_nats_client_while_nats_is_away() {
     let js = async_nats::jetstream::new(env.nats.clone());
     let stored = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages;
     assert!(stored >= 2, "{stored} messages in the stream");
-    // A replay window (16) resent once is still nothing like the copies of every failed attempt (over a hundred).
+    // A few messages sent twice (an attempt that timed out as NATS came back) are nothing like the copies of every
+    // failed attempt (over a hundred).
     assert!(received <= stored + 32, "{received} messages received after the restart for {stored} stored");
 
     validator.service.stop().await;
