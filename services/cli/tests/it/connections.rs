@@ -107,5 +107,6 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     assert_eq!(open().await, Some(2.0), "open connections after one closed and one was accepted");
 
     drop((second, third));
+    drop(validator); // stopped before its namespace is removed
     env.cleanup().await;
 }

@@ -244,6 +244,7 @@ async fn requests_refused_before_a_decision_are_counted() {
     }
     assert_eq!(statuses, [400, 400, 413]);
     assert_eq!(validator.metric(refused).await, Some(3.0));
+    drop(validator); // stopped before its namespace is removed
     env.cleanup().await;
 }
 
@@ -697,6 +698,7 @@ async fn without_postgresql_cached_keys_keep_deciding_unseen_ones_get_503_at_onc
         wait_until(Duration::from_secs(30), auth, |(status, _)| *status == Some(StatusCode::UNAUTHORIZED)).await;
     assert_eq!(status, Some(StatusCode::UNAUTHORIZED), "a deleted key after its recheck");
 
+    drop(validator); // stopped before its namespace is removed
     env.cleanup().await;
 }
 

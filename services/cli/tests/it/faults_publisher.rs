@@ -239,6 +239,7 @@ async fn while_nats_is_away_each_replay_attempt_tries_one_message() {
     let drained =
         wait_until(Duration::from_secs(20), || async { spooled_segments(&env.spool_dir()) }, |n| *n == 0).await;
     assert_eq!(drained, 0, "the spool is replayed once NATS is back");
+    drop(validator); // stopped before its namespace is removed
     env.cleanup().await;
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use tollgate_shared::admin::{self, OrgChanges, TierChanges, WindowSetting};
-use tollgate_shared::config::{FailurePolicies, FailurePolicy, ValidatorArgs};
+use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs, ValidatorArgs};
 use tollgate_shared::domain::{LimitSetting, Role, TierName};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
@@ -254,6 +254,7 @@ async fn a_decision_takes_one_redis_round_trip_and_a_key_without_limits_none() {
 fn policy_args(env: &TestEnv, policy: FailurePolicy) -> ValidatorArgs {
     let mut args = env.validator_args();
     args.limits.failure_policy = FailurePolicies::all(policy);
+    args.limits.redis_timeout = LimiterArgs::defaults().redis_timeout;
     args.limits.breaker_cooldown = Duration::from_millis(200);
     args
 }
@@ -493,6 +494,7 @@ async fn a_validator_started_while_redis_is_away_serves_by_policy_and_uses_redis
     assert_eq!(ready.0, StatusCode::OK, "ready again: {ready:?}");
     assert_eq!((ready.1["redis"].clone(), ready.1["ratelimit"].clone()), (json!("ok"), json!("ok")));
 
+    drop(validator); // stopped before its namespace is removed
     env.cleanup().await;
 }
 

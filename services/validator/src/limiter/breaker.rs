@@ -91,21 +91,22 @@ mod tests {
 
     #[test]
     fn the_breaker_opens_probes_once_and_closes() {
-        let breaker = Breaker::new(2, Duration::from_millis(30));
+        // A cooldown long next to a loaded machine's pauses between two lines of this test.
+        let breaker = Breaker::new(2, Duration::from_millis(300));
         assert!(breaker.permit());
         breaker.failure();
         assert!(breaker.is_closed());
         breaker.failure();
         assert!(!breaker.permit());
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(breaker.permit(), "one probe after the cooldown");
         assert!(!breaker.permit(), "only one");
         breaker.failure();
         assert!(!breaker.permit());
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(breaker.permit(), "a probe that never reports");
         assert!(!breaker.permit());
-        std::thread::sleep(Duration::from_millis(40));
+        std::thread::sleep(Duration::from_millis(350));
         assert!(breaker.permit(), "lets another probe after the cooldown");
         breaker.success();
         assert!(breaker.is_closed() && breaker.permit());
