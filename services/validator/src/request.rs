@@ -56,9 +56,11 @@ pub fn credential(headers: &HeaderMap) -> Credential {
     }
 }
 
-/// The first of `names` that is present and readable, cut to `max` bytes.
+/// The first of `names` that is present, cut to `max` bytes; bytes that are not UTF-8 (a raw path as nginx passes
+/// it on, say) read as U+FFFD rather than lose the whole value.
 pub fn header_text(headers: &HeaderMap, names: &[HeaderName], max: usize) -> Option<String> {
-    names.iter().find_map(|name| headers.get(name)?.to_str().ok()).map(|text| truncate(text, max))
+    let value = names.iter().find_map(|name| headers.get(name))?;
+    Some(truncate(&String::from_utf8_lossy(value.as_bytes()), max))
 }
 
 pub fn original_method(headers: &HeaderMap) -> Option<String> {
@@ -118,9 +120,9 @@ impl TrustedProxies {
         // and skipping it would let a client pick the address it is limited by.
         let mut nearest = peer;
         for value in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-            let Ok(value) = value.to_str() else { return nearest };
-            for entry in value.rsplit(',') {
-                match forwarded_address(entry) {
+            // Entry by entry: a proxy joins what the client sent, readable or not, with the address it saw.
+            for entry in value.as_bytes().rsplit(|b| *b == b',') {
+                match std::str::from_utf8(entry).ok().and_then(forwarded_address) {
                     Some(ip) if self.trusts(ip) => nearest = ip,
                     Some(ip) => return ip,
                     None => return nearest,
@@ -225,6 +227,18 @@ mod tests {
         let mut unreadable = headers(&[("x-forwarded-for", "198.51.100.1")]);
         unreadable.append("x-forwarded-for", HeaderValue::from_bytes(b"\xff").expect("obs-text"));
         assert_eq!(trusted.client_ip(proxy, &unreadable, None), proxy);
+        // The client's unreadable entry joined on one line with the address the proxy saw (nginx's
+        // $proxy_add_x_forwarded_for): the proxy's entry is read.
+        let mut joined = HeaderMap::new();
+        joined.append("x-forwarded-for", HeaderValue::from_bytes(b"\x80, 203.0.113.9").expect("obs-text"));
+        assert_eq!(trusted.client_ip(proxy, &joined, None), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_kept_with_replacement_characters() {
+        let mut map = HeaderMap::new();
+        map.insert("x-original-uri", HeaderValue::from_bytes(b"/caf\xc3\xa9/\xff?q=1").expect("obs-text"));
+        assert_eq!(original_uri(&map).as_deref(), Some("/café/\u{fffd}?q=1"));
     }
 
     #[test]
