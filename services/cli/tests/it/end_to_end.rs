@@ -731,6 +731,10 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert_eq!((body["valid"].clone(), body["code"].clone()), (json!(false), json!("REVOKED")));
     let (_, body) = verify(json!({ "key": "not-a-key" })).await;
     assert_eq!((body["valid"].clone(), body["code"].clone()), (json!(false), json!("INVALID")));
+    // A key read from a file, newline and all; the end client's User-Agent, which the calling service passes on.
+    let from_file = format!("{}\n", key.expose());
+    let (_, body) = verify(json!({ "key": from_file, "user_agent": "shop-app/2.1", "request_id": "ua" })).await;
+    assert_eq!(body["code"], "VALID", "{body}");
 
     let (status, body) = verify(json!({ "key": key.expose(), "ip": "not an ip" })).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
@@ -741,12 +745,15 @@ async fn verify_answers_json_and_names_the_bad_field() {
     let (status, body) = verify(json!({ "key": key.expose(), "cost": 0 })).await;
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
     // A NUL could never be written to PostgreSQL, and would take the other events of its message with it.
-    for field in ["method", "path", "request_id"] {
+    for field in ["method", "path", "request_id", "user_agent"] {
         let (status, body) = verify(json!({ "key": key.expose(), field: "a\u{0}b" })).await;
         assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!(field)), "{body}");
     }
     let garbage = client.post(validator.url("/v1/verify")).body("{not json").send().await.expect("request");
     assert_eq!(garbage.status(), StatusCode::BAD_REQUEST);
+    let two = format!(r#"{{"key":"{0}"}}{{"key":"{0}"}}"#, key.expose());
+    let two = client.post(validator.url("/v1/verify")).body(two).send().await.expect("request");
+    assert_eq!(two.status(), StatusCode::BAD_REQUEST, "a second object after the first is not ignored");
     // Past the 64 KiB a request needs: 413, with the same JSON as any refused request.
     let oversized = json!({ "key": key.expose(), "path": "p".repeat(100_000) });
     let (status, body) = verify(oversized).await;
@@ -768,8 +775,15 @@ async fn verify_answers_json_and_names_the_bad_field() {
         assert!(body["message"].as_str().expect("message").contains("POST /v1/verify"), "{body}");
     }
 
-    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
-    env.wait_for_count("SELECT sum(units) FROM usage_hourly", 3).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    env.wait_for_count("SELECT sum(units) FROM usage_hourly", 4).await;
+    let agent: String = sqlx::query_scalar(
+        "SELECT a.user_agent FROM api_usage u JOIN user_agents a ON a.id = u.user_agent_id WHERE u.request_id = 'ua'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .expect("the row of the key read from a file");
+    assert_eq!(agent, "shop-app/2.1");
 
     let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
     assert_eq!(ready.status(), StatusCode::OK);

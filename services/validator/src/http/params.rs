@@ -70,7 +70,8 @@ pub fn requirement_from(scopes: &[String], roles: &[String]) -> Result<Requireme
         .iter()
         .map(|r| r.trim())
         .filter(|r| !r.is_empty())
-        .map(|r| r.parse::<Role>().map_err(|_| ("role", "must be admin, user or guest".to_owned())))
+        // The value is named, since it may come from the query or from X-Tollgate-Require-Role.
+        .map(|r| r.parse::<Role>().map_err(|_| ("role", format!("{r:?} is not a role: use admin, user or guest"))))
         .collect::<Result<Vec<Role>, _>>()?;
     // Several required roles: the highest applies.
     let role = roles.into_iter().max_by_key(|r| Requirement::rank(*r));

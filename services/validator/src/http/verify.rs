@@ -38,6 +38,10 @@ struct VerifyBody {
     ip: Option<IpAddr>,
     #[serde(default)]
     request_id: Option<String>,
+    /// The end client's User-Agent, which the calling service knows (its own request's would say only what the
+    /// service is written with); without it, this request's.
+    #[serde(default)]
+    user_agent: Option<String>,
     /// Scopes the key must have (comma- or space-separated).
     #[serde(default)]
     scope: Option<String>,
@@ -143,16 +147,25 @@ pub async fn verify(
     if body.trim_ascii_start().first() != Some(&b'{') {
         return state.refused(bad_request(".", "the body must be a JSON object, such as {\"key\": \"tg_live_…\"}"));
     }
-    let body: VerifyBody = match serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&body)) {
+    let mut json = serde_json::Deserializer::from_slice(&body);
+    let body: VerifyBody = match serde_path_to_error::deserialize(&mut json) {
         Ok(body) => body,
         Err(e) => return state.refused(bad_request(&e.path().to_string(), &e.inner().to_string())),
     };
+    if json.end().is_err() {
+        return state.refused(bad_request(".", "the body must be one JSON object, with nothing after it"));
+    }
     if body.cost == 0 || body.cost > MAX_COST {
         return state.refused(bad_request("cost", &format!("must be between 1 and {MAX_COST}")));
     }
     // PostgreSQL text cannot hold a NUL: the event could never be written, and the workers would set aside the whole
     // message it shares with other requests' events.
-    let texts = [("method", &body.method), ("path", &body.path), ("request_id", &body.request_id)];
+    let texts = [
+        ("method", &body.method),
+        ("path", &body.path),
+        ("request_id", &body.request_id),
+        ("user_agent", &body.user_agent),
+    ];
     if let Some((field, _)) = texts.into_iter().find(|(_, text)| text.as_deref().is_some_and(|t| t.contains('\0'))) {
         return state.refused(bad_request(field, "must not contain a NUL character"));
     }
@@ -163,11 +176,15 @@ pub async fn verify(
     };
     let attempt = Attempt {
         started,
-        credential: Credential::from_text(&body.key),
+        // As in a header: a key read from a file often ends with a newline.
+        credential: Credential::from_text(body.key.trim()),
         method: request::truncate(&body.method.unwrap_or_default(), MAX_METHOD_LEN),
         path: request::truncate(&body.path.unwrap_or_default(), MAX_TEXT_LEN),
         client_ip: state.proxies.client_ip(peer.ip(), &headers, body.ip),
-        user_agent: request::user_agent(&headers),
+        user_agent: match body.user_agent {
+            Some(agent) => Some(request::truncate(&agent, MAX_TEXT_LEN)),
+            None => request::user_agent(&headers),
+        },
         request_id: body.request_id.map(|id| request::truncate(&id, MAX_TEXT_LEN)),
         cost: body.cost,
         requirement,
