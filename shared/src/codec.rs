@@ -1,8 +1,8 @@
 //! The wire format of usage events on NATS: the only place that knows it.
 //!
 //! A message is one version byte followed by a bincode 2 (standard config) encoding of a batch of events. Several
-//! events per message keep NATS overhead per event small. Decoding validates what it reads, so a garbage or
-//! impossible message is rejected here (and dead-lettered by the worker) instead of reaching the database.
+//! events per message keep NATS overhead per event small. Decoding validates what it reads, so a garbage message or
+//! an impossible event is rejected here (and dead-lettered by the worker) instead of reaching the database.
 //!
 //! Versions: 1 is the original event; 2 adds `shadow_outcome`. Version 1 messages still decode (with no shadow
 //! outcome), so workers can be upgraded before or after validators.
@@ -124,14 +124,21 @@ fn encode_wire(wire: &[WireEventV2]) -> Vec<u8> {
     out
 }
 
-/// Decodes a message of any supported version.
+/// Decodes a message of any supported version, all of it or nothing.
 pub fn decode_batch(message: &[u8]) -> Result<Vec<UsageEvent>, CodecError> {
+    decode_each(message)?.into_iter().collect()
+}
+
+/// Decodes a message of any supported version event by event: the message as a whole may be unreadable (the outer
+/// error), or hold some events whose values are impossible (an inner error each), which need not take the others
+/// with them.
+pub fn decode_each(message: &[u8]) -> Result<Vec<Result<UsageEvent, CodecError>>, CodecError> {
     let (&version, body) = message.split_first().ok_or(CodecError::Empty)?;
-    match version {
+    Ok(match version {
         1 => decode_body::<WireEventV1>(body)?.into_iter().map(|w| from_wire(w, None)).collect(),
         2 => decode_body::<WireEventV2>(body)?.into_iter().map(|w| from_wire(w.v1, w.shadow_outcome)).collect(),
-        other => Err(CodecError::UnknownVersion(other)),
-    }
+        other => return Err(CodecError::UnknownVersion(other)),
+    })
 }
 
 fn decode_body<W: Decode<()>>(body: &[u8]) -> Result<Vec<W>, CodecError> {
@@ -350,6 +357,20 @@ mod tests {
         let mut bytes = encode_batch(vec![sample(Outcome::Allowed)]);
         bytes.push(0);
         assert_eq!(decode_batch(&bytes), Err(CodecError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn an_impossible_event_is_rejected_alone_by_decode_each_and_with_its_message_by_decode_batch() {
+        let (first, last) = (sample(Outcome::Allowed), sample(Outcome::Revoked));
+        let impossible = UsageEvent { units: 0, ..sample(Outcome::Allowed) };
+        let bytes = encode_batch(vec![first.clone(), impossible, last.clone()]);
+        let units = CodecError::Impossible("units out of range");
+        assert_eq!(decode_each(&bytes), Ok(vec![Ok(first), Err(units.clone()), Ok(last)]));
+        assert_eq!(decode_batch(&bytes), Err(units));
+        assert_eq!(
+            decode_each(b"\x01this is not bincode").map(|_| ()),
+            decode_batch(b"\x01this is not bincode").map(|_| ())
+        );
     }
 
     #[test]

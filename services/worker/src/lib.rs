@@ -77,14 +77,31 @@ pub type CommitObserver = Arc<dyn Fn(&[UsageEvent], DateTime<Utc>) + Send + Sync
 /// A fetched message and what decoding it gave.
 pub struct Delivery {
     pub message: Message,
-    pub events: Result<Vec<UsageEvent>, CodecError>,
+    /// The events that decoded: all of them, unless the message is unreadable or holds impossible ones.
+    pub events: Vec<UsageEvent>,
+    /// Why the message goes to the dead-letter stream (the first impossible event's, if it is readable). Its good
+    /// events are written all the same: a replay of it writes them again as no-ops.
+    pub rejected: Option<CodecError>,
 }
 
 impl Delivery {
-    /// Decodes `message`, keeping a decoding failure for the dead-letter stream.
+    /// Decodes `message`, keeping what went wrong for the dead-letter stream.
     pub fn decode(message: Message) -> Delivery {
-        let events = codec::decode_batch(&message.payload);
-        Delivery { message, events }
+        let (mut events, mut rejected) = (Vec::new(), None);
+        match codec::decode_each(&message.payload) {
+            Ok(each) => {
+                for event in each {
+                    match event {
+                        Ok(event) => events.push(event),
+                        Err(e) => {
+                            rejected.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => rejected = Some(e),
+        }
+        Delivery { message, events, rejected }
     }
 }
 
@@ -144,8 +161,7 @@ impl Worker {
     /// [`Worker::process_batch`] on messages already decoded.
     pub async fn process_deliveries(&mut self, deliveries: &[Delivery]) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
-        let events: Vec<UsageEvent> =
-            deliveries.iter().filter_map(|d| d.events.as_ref().ok()).flatten().cloned().collect();
+        let events: Vec<UsageEvent> = deliveries.iter().flat_map(|d| &d.events).cloned().collect();
         let written = self.store.write(&events).await?;
         let committed_at = Utc::now();
         // Counted once committed, whatever fails after: a retry finds the rows there, as duplicates.
@@ -158,7 +174,7 @@ impl Worker {
         }
         let mut dead_lettered = 0;
         for delivery in deliveries {
-            if let Err(e) = &delivery.events {
+            if let Some(e) = &delivery.rejected {
                 self.dead_letters.store(&delivery.message, e).await.map_err(BatchError::DeadLetter)?;
                 dead_lettered += 1;
             }
@@ -398,7 +414,7 @@ impl Fetcher {
             }
             for message in pulled {
                 let delivery = Delivery::decode(message);
-                events += delivery.events.as_ref().map_or(0, Vec::len);
+                events += delivery.events.len();
                 deliveries.push(delivery);
             }
         }

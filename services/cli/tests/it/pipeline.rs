@@ -86,6 +86,45 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
     env.cleanup().await;
 }
 
+/// A message holding one impossible event among good ones (a publisher with a bug, say): the good ones are written,
+/// and the message is dead-lettered whole with the reason; replayed, it writes nothing twice.
+#[tokio::test]
+async fn an_impossible_event_does_not_take_the_others_of_its_message_with_it() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let (org, key) = (Uuid::now_v7(), Uuid::now_v7());
+    let good = || usage_event(org, key, Outcome::Allowed, 1);
+    let impossible = UsageEvent { units: 0, ..good() };
+    let message = codec::encode_batch(vec![good(), impossible, good()]);
+    publish(&js, &env.topology.usage_subject(), "mixed", message.clone()).await;
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
+    let dead_letters = || async {
+        js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").info().await.expect("info").state.clone()
+    };
+    let state = crate::harness::wait_until(std::time::Duration::from_secs(10), dead_letters, |s| s.messages == 1).await;
+    assert_eq!(state.messages, 1);
+    let stream = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq");
+    let letter = stream.get_raw_message(state.last_sequence).await.expect("the dead letter");
+    let reason = letter.headers.get(tollgate_worker::REASON_HEADER).expect("reason header").to_string();
+    assert!(reason.contains("units out of range"), "{reason}");
+    assert_eq!(letter.payload.as_ref(), message.as_slice(), "the message whole");
+
+    // Replayed (as an operator would, once a worker can read it): the good events are there already.
+    let replayed =
+        tollgate_worker::dlq::replay(&js, &env.topology, tollgate_worker::dlq::Selection::All).await.expect("replay");
+    assert_eq!(replayed.len(), 1);
+    let again =
+        crate::harness::wait_until(std::time::Duration::from_secs(10), dead_letters, |s| s.last_sequence > 1).await;
+    assert_eq!(again.messages, 1, "dead-lettered again, being no more possible than before");
+    assert_eq!(env.count("SELECT count(*) FROM api_usage").await, 2);
+    assert_eq!(env.count("SELECT sum(allowed) FROM usage_hourly").await, 2);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 /// A month's partition dropped while a worker runs (by an operator, or retention) comes back with the next event
 /// of that month, instead of that event failing its batch for ever on what the worker remembered.
 #[tokio::test]
