@@ -405,9 +405,11 @@ impl Fetcher {
         let mut events = 0;
         // The first pull waits up to `batch_wait` for enough messages; the next ones take only what is there.
         let mut wait = Some(self.batch_wait);
+        // A consumer edited to take smaller pulls refuses larger ones: asked for no more than it allows.
+        let allowed = usize::try_from(consumer.cached_info().config.max_batch).ok().filter(|n| *n > 0);
         while deliveries.len() < self.batch_messages && events < self.batch_events {
             let wanted = ((self.batch_events - events) as f64 / self.events_per_message).ceil() as usize;
-            let wanted = wanted.clamp(1, self.batch_messages - deliveries.len());
+            let wanted = wanted.clamp(1, self.batch_messages - deliveries.len()).min(allowed.unwrap_or(usize::MAX));
             let pulled = self.pull(consumer, wanted, wait.take()).await;
             if pulled.is_empty() {
                 break;
@@ -466,7 +468,7 @@ impl Fetcher {
                         Some(status) => {
                             tracing::warn!(%status, description = ?message.description,
                                 "error while fetching from JetStream");
-                            // Such a refusal (a consumer edited to allow smaller pulls, say) comes again at once:
+                            // Such a refusal (a consumer edited to allow shorter pulls, say) comes again at once:
                             // pause as after a failed request rather than ask again in a tight loop.
                             if messages.is_empty() {
                                 tokio::time::sleep(BACKOFF_FIRST).await;

@@ -488,13 +488,13 @@ async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_
     use futures::StreamExt;
     let env = TestEnv::new().await;
     let js = jetstream::new(env.nats.clone());
-    // An operator's edit the workers keep: pulls of more than one message are refused (409) by the server.
+    // An operator's edit the workers keep: pulls that wait longer than 1 ms are refused (409) by the server.
     let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
     let config = pull::Config {
         durable_name: Some(env.topology.workers_consumer()),
         filter_subject: env.topology.usage_filter(),
         ack_policy: AckPolicy::Explicit,
-        max_batch: 1,
+        max_expires: std::time::Duration::from_millis(1),
         ..Default::default()
     };
     stream.create_consumer(config).await.expect("workers consumer");
@@ -512,6 +512,31 @@ async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_
         seen += 1;
     }
     assert!((2..=25).contains(&seen), "{seen} pulls in 2 s");
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+/// A consumer edited to hand out at most one message a pull: the workers ask for no more, and consume.
+#[tokio::test]
+async fn a_consumer_allowing_smaller_pulls_is_asked_for_no_more_than_it_allows() {
+    use async_nats::jetstream::consumer::{pull, AckPolicy};
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
+    let config = pull::Config {
+        durable_name: Some(env.topology.workers_consumer()),
+        filter_subject: env.topology.usage_filter(),
+        ack_policy: AckPolicy::Explicit,
+        max_batch: 1,
+        ..Default::default()
+    };
+    stream.create_consumer(config).await.expect("workers consumer");
+    let worker = env.start_worker().await;
+    for n in 0..3 {
+        let event = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+        publish(&js, &env.topology.usage_subject(), &format!("m{n}"), codec::encode_batch(vec![event])).await;
+    }
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
     worker.stop().await;
     env.cleanup().await;
 }
