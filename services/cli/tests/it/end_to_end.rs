@@ -744,7 +744,7 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert!(body["message"].as_str().expect("message").contains("key"), "{body}");
     let (status, body) = verify(json!({ "key": key.expose(), "cost": 0 })).await;
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
-    // A NUL could never be written to PostgreSQL, and would take the other events of its message with it.
+    // A NUL could never be written to PostgreSQL: refused here, not recorded as an event no worker can write.
     for field in ["method", "path", "request_id", "user_agent"] {
         let (status, body) = verify(json!({ "key": key.expose(), field: "a\u{0}b" })).await;
         assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!(field)), "{body}");

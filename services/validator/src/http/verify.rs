@@ -158,8 +158,8 @@ pub async fn verify(
     if body.cost == 0 || body.cost > MAX_COST {
         return state.refused(bad_request("cost", &format!("must be between 1 and {MAX_COST}")));
     }
-    // PostgreSQL text cannot hold a NUL: the event could never be written, and the workers would set aside the whole
-    // message it shares with other requests' events.
+    // PostgreSQL text cannot hold a NUL: the event could never be written, and its message would go to the
+    // dead-letter stream.
     let texts = [
         ("method", &body.method),
         ("path", &body.path),

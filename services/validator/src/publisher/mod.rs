@@ -224,7 +224,7 @@ impl Target {
                 // The server would close the connection on it at every attempt, holding up everything behind it.
                 metrics::counter!(EVENTS_DROPPED).increment(u64::from(message.events));
                 tracing::error!(id = %message.id, bytes = message.payload.len(), events = message.events,
-                    "dropping a spooled message larger than NATS takes that cannot be decoded to be cut");
+                    "dropping a spooled message larger than NATS or the stream takes that cannot be decoded to be cut");
                 return Ok(());
             };
             let mut first = 0;
@@ -308,7 +308,10 @@ async fn replay_step(spool: Arc<Mutex<Spool>>, target: Target, delay: Option<Dur
     // After a failure, one message first: a NATS still away (or a connection that takes nothing, half open) then
     // costs a message read and sent, not a step's worth.
     let (messages, bytes) = if delay.is_some() { (1, usize::MAX) } else { (REPLAY_MESSAGES, REPLAY_BYTES) };
-    let batch = on_spool(&spool, move |s| s.read(messages, bytes)).await;
+    let batch = match on_spool(&spool, move |s| s.read(messages, bytes)).await {
+        Ok(batch) => batch,
+        Err(e) => return Replayed { events: 0, consumed: false, failed: Some(e.into()) },
+    };
     if delay.is_some() {
         metrics::counter!(PUBLISH_RETRIES).increment(batch.len() as u64);
     }
@@ -582,7 +585,7 @@ impl Publisher {
             };
             let held = run.held.len();
             let replayed = replay.await;
-            // NATS is away, or what it took cannot be let go of (the spool cannot delete it): no room will come.
+            // NATS is away, or the spool could not be read: no room will come.
             let stuck = replayed.failed.is_some() || !replayed.consumed;
             self.replayed(run, replayed).await;
             if stuck && run.held.len() >= held {

@@ -244,8 +244,9 @@ impl Spool {
     /// Up to `max` records from the head, in order, each with the cursor just past it, stopping once their payloads
     /// reach `max_bytes`. Nothing is consumed but torn or corrupt bytes at the head with no whole record read after
     /// them: they would be read again forever, and a spool holding only those would never count as empty, so replay
-    /// would never end.
-    pub fn read(&mut self, max: usize, max_bytes: usize) -> Vec<(SpooledMessage, Cursor)> {
+    /// would never end. An error of the process rather than of a segment (out of file descriptors or memory) fails
+    /// the read, to be tried again; a segment that cannot be read is set aside.
+    pub fn read(&mut self, max: usize, max_bytes: usize) -> Result<Vec<(SpooledMessage, Cursor)>, SpoolError> {
         let mut out = Vec::new();
         let mut bytes = 0;
         let mut offset = self.head_offset;
@@ -275,6 +276,7 @@ impl Spool {
                         skipped_to = Some(Cursor { seq, offset });
                         continue;
                     }
+                    Err(e) if of_the_process(&e) => return Err(SpoolError::Io { what: "open", path, source: e }),
                     Err(e) => {
                         self.set_aside(index, "read", &e);
                         offset = HEADER_LEN;
@@ -286,6 +288,7 @@ impl Spool {
             let record = reader.seek(SeekFrom::Start(offset)).and_then(|_| read_record(reader, len - offset));
             let record = match record {
                 Ok(record) => record,
+                Err(e) if of_the_process(&e) => return Err(SpoolError::Io { what: "read", path, source: e }),
                 Err(e) => {
                     file = None;
                     self.set_aside(index, "read", &e);
@@ -314,7 +317,7 @@ impl Spool {
         if let (true, Some(cursor)) = (out.is_empty(), skipped_to) {
             self.consume_to(cursor);
         }
-        out
+        Ok(out)
     }
 
     /// Marks everything before `cursor` as delivered, deleting segments that are wholly behind it.
@@ -448,6 +451,15 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
     Ok(file)
 }
 
+/// Whether `error` says the process is short of something (file descriptors, memory) rather than that a file is
+/// unreadable: every segment would fail alike, and none should be set aside for it.
+fn of_the_process(error: &io::Error) -> bool {
+    matches!(error.kind(), io::ErrorKind::OutOfMemory | io::ErrorKind::Interrupted)
+        || matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
+            || code == rustix::io::Errno::NFILE.raw_os_error()
+            || code == rustix::io::Errno::NOMEM.raw_os_error())
+}
+
 fn record_len(message: &SpooledMessage) -> u64 {
     RECORD_HEADER_LEN + 4 + 1 + message.id.len() as u64 + message.payload.len() as u64
 }
@@ -534,7 +546,7 @@ mod tests {
     fn drain(spool: &mut Spool) -> Vec<SpooledMessage> {
         let mut all = Vec::new();
         loop {
-            let batch = spool.read(3, usize::MAX);
+            let batch = spool.read(3, usize::MAX).expect("read");
             let Some((_, last)) = batch.last() else { break };
             spool.consume_to(*last);
             all.extend(batch.into_iter().map(|(m, _)| m));
@@ -560,7 +572,7 @@ mod tests {
             spool.append(&message(n)).expect("append");
         }
         // Payloads of 100, 101, 102… bytes: the second reaches 150, and a read always takes one.
-        let read = |spool: &mut Spool, bytes| spool.read(16, bytes).len();
+        let read = |spool: &mut Spool, bytes| spool.read(16, bytes).expect("read").len();
         assert_eq!(read(&mut spool, 150), 2);
         assert_eq!(read(&mut spool, 201), 2);
         assert_eq!(read(&mut spool, 202), 3);
@@ -578,7 +590,7 @@ mod tests {
                 spool.append(&message(n)).expect("append");
             }
             assert!(spool.segments() > 2, "small segments rotate");
-            let first = spool.read(2, usize::MAX);
+            let first = spool.read(2, usize::MAX).expect("read");
             assert_eq!(first.iter().map(|(m, _)| m.clone()).collect::<Vec<_>>(), vec![message(0), message(1)]);
             spool.consume_to(first[1].1);
         }
@@ -628,6 +640,17 @@ mod tests {
     }
 
     #[test]
+    fn only_errors_of_the_process_fail_a_read_rather_than_set_a_segment_aside() {
+        use rustix::io::Errno;
+        for errno in [Errno::MFILE, Errno::NFILE, Errno::NOMEM] {
+            assert!(of_the_process(&io::Error::from_raw_os_error(errno.raw_os_error())), "{errno:?}");
+        }
+        for errno in [Errno::NOENT, Errno::ISDIR, Errno::IO, Errno::ACCESS] {
+            assert!(!of_the_process(&io::Error::from_raw_os_error(errno.raw_os_error())), "{errno:?}");
+        }
+    }
+
+    #[test]
     fn segments_deleted_by_hand_hold_up_nothing_whether_replayed_or_not() {
         let dir = tempfile::tempdir().expect("dir");
         let mut spool = Spool::open(dir.path(), options()).expect("open");
@@ -635,7 +658,7 @@ mod tests {
             spool.append(&message(n)).expect("append");
         }
         let files = segment_files(dir.path());
-        let first = spool.read(2, usize::MAX);
+        let first = spool.read(2, usize::MAX).expect("read");
         // The first segment, being replayed, and the second, not yet read, are deleted by hand.
         fs::remove_file(&files[0]).expect("remove");
         fs::remove_file(&files[1]).expect("remove");
@@ -670,7 +693,7 @@ mod tests {
         }
         let mut spool = Spool::open(dir.path(), options()).expect("open");
         assert!(!spool.is_empty());
-        assert!(spool.read(16, usize::MAX).is_empty());
+        assert!(spool.read(16, usize::MAX).expect("read").is_empty());
         assert!(spool.is_empty(), "a replay waiting for it to empty would spin for ever");
         assert_eq!(segment_files(dir.path()).len(), 0);
     }
@@ -703,7 +726,7 @@ mod tests {
             {
                 let mut spool = Spool::open(dir.path(), options()).expect("open");
                 spool.append(&message(1)).expect("append");
-                let batch = spool.read(1, usize::MAX);
+                let batch = spool.read(1, usize::MAX).expect("read");
                 spool.consume_to(batch[0].1);
                 spool.append(&message(2)).expect("append");
             }
@@ -720,7 +743,7 @@ mod tests {
             }
             let mut spool = Spool::open(dir.path(), options()).expect("reopen");
             assert!(!spool.is_empty());
-            assert!(spool.read(16, usize::MAX).is_empty(), "{damage}");
+            assert!(spool.read(16, usize::MAX).expect("read").is_empty(), "{damage}");
             assert!(spool.is_empty(), "{damage}: nothing is left to replay");
             assert_eq!(spool.corrupt_records(), 1, "{damage}: counted once");
             assert!(segment_files(dir.path()).is_empty(), "{damage}: the segment is deleted");
@@ -745,7 +768,7 @@ mod tests {
         fs::write(&segment, bytes).expect("write");
         let mut spool = Spool::open(dir.path(), options()).expect("reopen");
         // Read twice (as a failed publish would): the bad record is counted once.
-        assert_eq!(spool.read(10, usize::MAX).len(), 2);
+        assert_eq!(spool.read(10, usize::MAX).expect("read").len(), 2);
         let events: Vec<u32> = drain(&mut spool).iter().map(|m| m.events).collect();
         assert_eq!(events, vec![0, 2]);
         assert_eq!(spool.corrupt_records(), 1);
@@ -764,7 +787,7 @@ mod tests {
         assert!(appended >= 10, "{appended}");
         assert!(matches!(spool.append(&message(1)), Err(SpoolError::Full { .. })));
         assert!(spool.bytes() <= 2000);
-        let batch = spool.read(5, usize::MAX);
+        let batch = spool.read(5, usize::MAX).expect("read");
         spool.consume_to(batch[4].1);
         assert!(spool.has_room_for(&message(1)), "consumed segments free their space");
         spool.append(&message(1)).expect("append after consuming");
