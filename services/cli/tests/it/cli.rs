@@ -204,6 +204,15 @@ async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("does not exist") && stderr.contains("`tollgate migrate`"), "{stderr}");
+    // As it says: migrate makes the database, and the command then works.
+    let url = format!("postgres://postgres@127.0.0.1:5432/{missing}");
+    for command in [&["migrate"][..], &["org", "list"]] {
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_tollgate")).args(command).env("DATABASE_URL", &url).output().expect("run");
+        assert!(output.status.success(), "{command:?}: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    let server = sqlx::PgPool::connect("postgres://postgres@127.0.0.1:5432/postgres").await.expect("postgres");
+    sqlx::query(&format!("DROP DATABASE {missing} WITH (FORCE)")).execute(&server).await.expect("drop it again");
 
     // A role that may connect to its own database only (as on managed PostgreSQL): migrate needs nothing else.
     let postgres = PrivatePostgres::start();
