@@ -76,11 +76,28 @@ async fn two_workers_share_the_consumer_and_one_is_killed() {
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
     let validator = env.start_validator().await;
-    let mut first = env.spawn_worker_process(NATS_URL);
-    let second = env.spawn_worker_process(NATS_URL);
+    let ports = [crate::servers::free_port(), crate::servers::free_port()];
+    let worker = |port: u16| {
+        let settings =
+            [("TOLLGATE_BATCH_WAIT", "20ms".into()), ("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{port}"))];
+        env.spawn_service("worker", NATS_URL, &settings)
+    };
+    let (mut first, second) = (worker(ports[0]), worker(ports[1]));
     let load = Load::start(&validator, &key, 4);
 
     env.wait_for_count_at_least("SELECT count(*) FROM api_usage", 300).await;
+    // Both took batches: they share the consumer.
+    let written = |port: u16| async move {
+        let text = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.ok()?.text().await.ok()?;
+        crate::harness::series_value(&text, "tollgate_usage_rows_written_total")
+    };
+    let both = wait_until(
+        Duration::from_secs(10),
+        || async { (written(ports[0]).await.unwrap_or(0.0), written(ports[1]).await.unwrap_or(0.0)) },
+        |(a, b)| *a > 0.0 && *b > 0.0,
+    )
+    .await;
+    assert!(both.0 > 0.0 && both.1 > 0.0, "rows written by each worker: {both:?}");
     first.kill();
     // The survivor takes over, including what the killed one held once its ack wait expires.
     tokio::time::sleep(Duration::from_secs(1)).await;
