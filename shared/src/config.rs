@@ -195,25 +195,26 @@ pub struct ValidatorArgs {
     pub connections: ConnectionArgs,
     /// Events held in memory between the HTTP handlers and the NATS publisher.
     #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000,
-          value_parser = positive_count)]
+          value_parser = count_up_to(10_000_000))]
     pub event_queue: usize,
     /// Most key records held in the in-process cache.
-    #[arg(long, env = "TOLLGATE_KEY_CACHE", value_name = "TOLLGATE_KEY_CACHE", default_value_t = 1_000_000)]
+    #[arg(long, env = "TOLLGATE_KEY_CACHE", value_name = "TOLLGATE_KEY_CACHE", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub key_cache: u64,
     /// How long an unknown key is remembered as unknown (one database lookup per key per this period at most).
     #[arg(long, env = "TOLLGATE_NEGATIVE_CACHE_TTL", value_name = "TOLLGATE_NEGATIVE_CACHE_TTL",
-          default_value = "30s", value_parser = humantime::parse_duration)]
+          default_value = "30s", value_parser = positive_duration)]
     pub negative_cache_ttl: Duration,
     /// How often the validator asks PostgreSQL which keys and organizations changed (revocations reach the cache
     /// within about this long).
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
-          default_value = "1s", value_parser = positive_duration)]
+          default_value = "1s", value_parser = period(Duration::from_millis(10), LONGEST))]
     pub key_refresh: Duration,
     /// How old a cached key record may get before a request that uses it has it read again, in the background (no
     /// answer waits for it, and while PostgreSQL is away the record keeps deciding): a safety net for changes the
     /// refresher cannot see, such as a key row deleted outright.
     #[arg(long, env = "TOLLGATE_KEY_RECHECK", value_name = "TOLLGATE_KEY_RECHECK",
-          default_value = "5m", value_parser = positive_duration)]
+          default_value = "5m", value_parser = period(Duration::from_millis(10), LONGEST))]
     pub key_recheck: Duration,
     /// Where usage messages wait on disk while NATS is unreachable or slow (relative paths are from the working
     /// directory). One validator per directory: a lock file refuses a second one.
@@ -223,7 +224,8 @@ pub struct ValidatorArgs {
     /// such as `1s` (at most that much is unsynced).
     #[arg(long, env = "TOLLGATE_SPOOL_FSYNC", value_name = "TOLLGATE_SPOOL_FSYNC", default_value = "always")]
     pub spool_fsync: FsyncPolicy,
-    /// Largest size of the spool on disk, in bytes (suffixes KiB, MiB, GiB allowed).
+    /// Largest size of the spool on disk, in bytes (suffixes KiB, MiB, GiB allowed), at least 1 MiB (a message may
+    /// take 512 KiB).
     #[arg(long, env = "TOLLGATE_SPOOL_MAX_BYTES", value_name = "TOLLGATE_SPOOL_MAX_BYTES",
           default_value = "1GiB", value_parser = parse_bytes)]
     pub spool_max_bytes: u64,
@@ -270,7 +272,7 @@ pub struct LimiterArgs {
     pub breaker_failures: u32,
     /// How long the breaker stays open before one request probes Redis again.
     #[arg(long, env = "TOLLGATE_BREAKER_COOLDOWN", value_name = "TOLLGATE_BREAKER_COOLDOWN",
-          default_value = "1s", value_parser = humantime::parse_duration)]
+          default_value = "1s", value_parser = positive_duration)]
     pub breaker_cooldown: Duration,
     /// What a limit does without Redis: `open` (allow), `closed` (deny with 503) or `local` (enforce limit ÷
     /// TOLLGATE_REPLICAS in this process). One policy for all limits, or per limit kind, e.g.
@@ -362,9 +364,9 @@ impl FromStr for FsyncPolicy {
         match s {
             "always" => Ok(FsyncPolicy::Always),
             "never" => Ok(FsyncPolicy::Never),
-            period => match humantime::parse_duration(period) {
-                Ok(d) if !d.is_zero() => Ok(FsyncPolicy::Every(d)),
-                _ => Err("use `always`, `never` or a period such as `1s`".to_owned()),
+            every => match period(Duration::from_millis(10), LONGEST)(every) {
+                Ok(d) => Ok(FsyncPolicy::Every(d)),
+                Err(e) => Err(format!("use `always`, `never` or a period such as `1s` ({e})")),
             },
         }
     }
@@ -426,15 +428,15 @@ pub enum SpoolFullPolicy {
 pub struct WorkerArgs {
     /// Most NATS messages per batch (each message carries up to 1000 events).
     #[arg(long, env = "TOLLGATE_BATCH_MESSAGES", value_name = "TOLLGATE_BATCH_MESSAGES", default_value_t = 50,
-          value_parser = positive_count)]
+          value_parser = count_up_to(10_000))]
     pub batch_messages: usize,
-    /// Longest a worker waits to fill a batch.
+    /// Longest a worker waits to fill a batch (1ms to 10s: well under the consumer's 30 s ack wait).
     #[arg(long, env = "TOLLGATE_BATCH_WAIT", value_name = "TOLLGATE_BATCH_WAIT",
-          default_value = "50ms", value_parser = humantime::parse_duration)]
+          default_value = "50ms", value_parser = period(Duration::from_millis(1), Duration::from_secs(10)))]
     pub batch_wait: Duration,
     /// A batch closes once it holds this many events (or on `TOLLGATE_BATCH_MESSAGES`, or `TOLLGATE_BATCH_WAIT`).
     #[arg(long, env = "TOLLGATE_BATCH_EVENTS", value_name = "TOLLGATE_BATCH_EVENTS", default_value_t = 5000,
-          value_parser = positive_count)]
+          value_parser = count_up_to(1_000_000))]
     pub batch_events: usize,
     /// Worker loops in this process sharing the consumer; several keep PostgreSQL busy while others fetch and
     /// decode.
@@ -463,12 +465,27 @@ impl FromStr for ProxyNets {
     }
 }
 
-/// A period longer than zero (a zero one would make a timer spin, or every call time out).
-fn positive_duration(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(period) if period.is_zero() => Err("must be longer than 0".to_owned()),
-        parsed => parsed.map_err(|e| e.to_string()),
+/// The longest any setting's period may be: none needs more, and a clock moved on by much more overflows.
+const LONGEST: Duration = Duration::from_secs(24 * 3600);
+
+/// A period from `min` to `max`: a zero one would make a timer spin or every call time out.
+pub fn period(
+    min: Duration,
+    max: Duration,
+) -> impl Fn(&str) -> Result<Duration, String> + Clone + Send + Sync + 'static {
+    move |s| {
+        let parsed = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+        if parsed < min || parsed > max {
+            let (min, max) = (humantime::format_duration(min), humantime::format_duration(max));
+            return Err(format!("must be from {min} to {max}"));
+        }
+        Ok(parsed)
     }
+}
+
+/// A period longer than zero and no longer than a day.
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    period(Duration::from_nanos(1), LONGEST)(s)
 }
 
 /// A count of at least 1 (of a queue's places, say, which cannot be 0).
@@ -476,6 +493,14 @@ fn positive_count(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(0) => Err("must be at least 1".to_owned()),
         parsed => parsed.map_err(|e| e.to_string()),
+    }
+}
+
+/// A count from 1 to `max` (what one process can hold in memory, say).
+fn count_up_to(max: usize) -> impl Fn(&str) -> Result<usize, String> + Clone + Send + Sync + 'static {
+    move |s| match positive_count(s)? {
+        count if count > max => Err(format!("must be at most {max}")),
+        count => Ok(count),
     }
 }
 
@@ -506,13 +531,16 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .parse::<u64>()
         .ok()
         .and_then(|n| n.checked_mul(multiplier))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| "use a positive number of bytes, optionally with KiB, MiB or GiB".to_owned())
+        .filter(|n| *n >= MIN_SPOOL_BYTES)
+        .ok_or_else(|| "use a number of bytes of at least 1 MiB, optionally with KiB, MiB or GiB".to_owned())
 }
+
+/// The smallest spool: room for the largest message the publisher writes (512 KiB), twice.
+const MIN_SPOOL_BYTES: u64 = 1 << 20;
 
 fn parse_stream_name(s: &str) -> Result<String, String> {
     let ok = !s.is_empty() && s.len() <= 200 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-    ok.then(|| s.to_owned()).ok_or_else(|| "use letters, digits, '_' and '-' only".to_owned())
+    ok.then(|| s.to_owned()).ok_or_else(|| "use 1 to 200 letters, digits, '_' and '-'".to_owned())
 }
 
 fn parse_subject_prefix(s: &str) -> Result<String, String> {
@@ -574,6 +602,14 @@ mod tests {
             &["--event-queue", "0"],
             &["--batch-messages", "0"],
             &["--batch-events", "0"],
+            // Past what a setting needs, and what a clock or a process can hold.
+            &["--redis-timeout", "300000000000y"],
+            &["--breaker-cooldown", "0s"],
+            &["--negative-cache-ttl", "0s"],
+            &["--batch-wait", "0s"],
+            &["--batch-wait", "1m"],
+            &["--event-queue", "3000000000000000000"],
+            &["--batch-events", "100000000"],
         ] {
             let refused = parse(zero).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(refused.contains("must be"), "{zero:?}: {refused}");
@@ -635,13 +671,15 @@ mod tests {
     #[test]
     fn spool_settings_parse() {
         assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("1048576"), Ok(1 << 20));
         assert_eq!(parse_bytes("64 MiB"), Ok(64 << 20));
         assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("512KiB").is_err(), "a spool that cannot hold the largest message twice");
         assert!(parse_bytes("1GB").is_err());
         assert_eq!("always".parse(), Ok(FsyncPolicy::Always));
         assert_eq!("never".parse(), Ok(FsyncPolicy::Never));
         assert_eq!("200ms".parse(), Ok(FsyncPolicy::Every(Duration::from_millis(200))));
         assert!("sometimes".parse::<FsyncPolicy>().is_err());
+        assert!("1ns".parse::<FsyncPolicy>().is_err(), "a timer that could never keep up");
     }
 }

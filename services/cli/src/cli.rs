@@ -1,6 +1,7 @@
 //! The command line: every subcommand and flag, with `--help` everywhere.
 
 use chrono::{DateTime, Utc};
+use clap::builder::RangedU64ValueParser;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
@@ -123,16 +124,16 @@ pub enum BenchCommand {
 #[derive(Args, Debug)]
 pub struct BenchPipelineArgs {
     /// Target events per second.
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
     pub rate: u64,
-    /// How long to publish.
-    #[arg(long, default_value_t = 20)]
+    /// How long to publish, in seconds (at least 3: the first 2 s are a warm-up).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(3..=3600))]
     pub seconds: u64,
     /// Events per NATS message (as the validator's publisher batches them; at most 1000).
     #[arg(long, default_value_t = 100, value_parser = events_per_message)]
     pub events_per_message: usize,
     /// Organizations (and one key each) the events are spread over.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub orgs: usize,
     #[command(flatten)]
     pub worker: WorkerArgs,

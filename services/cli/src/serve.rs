@@ -30,7 +30,9 @@ pub async fn serve(
     roles: Roles,
 ) -> anyhow::Result<()> {
     raise_open_files_limit();
-    let pool = connect::postgres_migrated(&servers.database_url, 16).await?;
+    // Each worker loop holds a connection while it writes: beside them, the validator's key reads and refresher.
+    let connections = 16.max(8 + roles.worker.as_ref().map_or(0, |w| u32::from(w.worker_tasks)));
+    let pool = connect::postgres_migrated(&servers.database_url, connections).await?;
     let nats = match connect::nats(&servers.nats_url).await {
         Ok(nats) => nats,
         // A validator alone serves while NATS is away, start included: its usage events wait in the spool. (Not when

@@ -27,7 +27,9 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use uuid::Uuid;
 
-use tollgate_shared::config::ServerArgs;
+use clap::builder::RangedU64ValueParser;
+
+use tollgate_shared::config::{period, ServerArgs};
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_shared::metrics::{EVENTS_SPOOLED, KEY_LOOKUPS, RATELIMIT_DEGRADED};
@@ -40,14 +42,14 @@ use super::processes::{spawn_trivial, spawn_validator, start_server};
 #[derive(clap::Args, Debug)]
 pub struct VerifyBenchArgs {
     /// Keys to create and spread the load over (all are cached before measuring).
-    #[arg(long, default_value_t = 100_000)]
+    #[arg(long, default_value_t = 100_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
     pub keys: usize,
     /// Connections of each phase (the default is enough to keep both servers busy in the closed loop: with 32, a
     /// verify waiting on Redis left a fifth of this 2-core machine idle).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, default_value_t = 64, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000))]
     pub concurrency: usize,
-    /// Length of each measured phase.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    /// Length of each measured phase (1s to 1h).
+    #[arg(long, default_value = "10s", value_parser = period(Duration::from_secs(1), Duration::from_secs(3600)))]
     pub duration: Duration,
     /// Rounds each kind of phase (closed loop, then open loop) is split into, alternating trivial and verify (the
     /// default is enough to even out the machine's drifts: with the trivial handler on both sides, `--calibrate`, the
@@ -57,7 +59,7 @@ pub struct VerifyBenchArgs {
     pub rounds: u32,
     /// Requests per second of the latency phase (by default a quarter of the validator's closed-loop throughput, a
     /// rate this machine's client can hold on schedule).
-    #[arg(long)]
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub rate: Option<u64>,
     /// Give the keys and their organization no rate limit (no Redis call): the rate limiter's cost is the
     /// difference from a run without this flag.

@@ -414,7 +414,12 @@ impl Publisher {
             gave_up: false,
         };
         let mut fsync_timer = match self.settings.fsync {
-            FsyncPolicy::Every(period) => Some(tokio::time::interval(period)),
+            FsyncPolicy::Every(period) => {
+                // A tick missed (a slow fsync) is not made up in a burst of syncs.
+                let mut timer = tokio::time::interval(period);
+                timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                Some(timer)
+            }
             FsyncPolicy::Always | FsyncPolicy::Never => None,
         };
         let mut batch = Vec::with_capacity(MAX_EVENTS_PER_MESSAGE);
