@@ -506,20 +506,28 @@ impl TestEnv {
     }
 
     /// Creates the usage stream and the workers' consumer with a short ack wait, so that what a killed worker held
-    /// is re-delivered quickly (workers find the consumer and use it as it is).
+    /// is re-delivered quickly.
     pub async fn short_ack_wait(&self, ack_wait: Duration) {
-        use async_nats::jetstream::consumer::{pull, AckPolicy};
+        self.workers_consumer_with(|config| {
+            config.ack_wait = ack_wait;
+            config.max_deliver = -1;
+            config.max_ack_pending = 100_000;
+        })
+        .await;
+    }
+
+    /// Creates the usage stream and the workers' consumer as an operator might have edited it (workers find the
+    /// consumer and use it as it is).
+    pub async fn workers_consumer_with(&self, edit: impl FnOnce(&mut async_nats::jetstream::consumer::pull::Config)) {
         let js = async_nats::jetstream::new(self.nats.clone());
         let stream = self.topology.ensure_usage_stream(&js).await.expect("usage stream");
-        let config = pull::Config {
+        let mut config = async_nats::jetstream::consumer::pull::Config {
             durable_name: Some(self.topology.workers_consumer()),
             filter_subject: self.topology.usage_filter(),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait,
-            max_deliver: -1,
-            max_ack_pending: 100_000,
+            ack_policy: async_nats::jetstream::consumer::AckPolicy::Explicit,
             ..Default::default()
         };
+        edit(&mut config);
         stream.create_consumer(config).await.expect("workers consumer");
     }
 

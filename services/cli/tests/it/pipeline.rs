@@ -484,20 +484,10 @@ async fn user_agents_are_stored_once_and_read_back_through_their_id() {
 
 #[tokio::test]
 async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_not_at_once() {
-    use async_nats::jetstream::consumer::{pull, AckPolicy};
     use futures::StreamExt;
     let env = TestEnv::new().await;
-    let js = jetstream::new(env.nats.clone());
     // An operator's edit the workers keep: pulls that wait longer than 1 ms are refused (409) by the server.
-    let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
-    let config = pull::Config {
-        durable_name: Some(env.topology.workers_consumer()),
-        filter_subject: env.topology.usage_filter(),
-        ack_policy: AckPolicy::Explicit,
-        max_expires: std::time::Duration::from_millis(1),
-        ..Default::default()
-    };
-    stream.create_consumer(config).await.expect("workers consumer");
+    env.workers_consumer_with(|config| config.max_expires = std::time::Duration::from_millis(1)).await;
     let pulls_subject =
         format!("$JS.API.CONSUMER.MSG.NEXT.{}.{}", env.topology.stream, env.topology.workers_consumer());
     let mut pulls = env.nats.subscribe(pulls_subject).await.expect("watch the pulls");
@@ -519,18 +509,9 @@ async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_
 /// A consumer edited to hand out at most one message a pull: the workers ask for no more, and consume.
 #[tokio::test]
 async fn a_consumer_allowing_smaller_pulls_is_asked_for_no_more_than_it_allows() {
-    use async_nats::jetstream::consumer::{pull, AckPolicy};
     let env = TestEnv::new().await;
     let js = jetstream::new(env.nats.clone());
-    let stream = env.topology.ensure_usage_stream(&js).await.expect("usage stream");
-    let config = pull::Config {
-        durable_name: Some(env.topology.workers_consumer()),
-        filter_subject: env.topology.usage_filter(),
-        ack_policy: AckPolicy::Explicit,
-        max_batch: 1,
-        ..Default::default()
-    };
-    stream.create_consumer(config).await.expect("workers consumer");
+    env.workers_consumer_with(|config| config.max_batch = 1).await;
     let worker = env.start_worker().await;
     for n in 0..3 {
         let event = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
