@@ -535,7 +535,7 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
         .ok_or_else(|| "use a number of bytes of at least 1 MiB, optionally with KiB, MiB or GiB".to_owned())
 }
 
-/// The smallest spool: room for the largest message the publisher writes (512 KiB), twice.
+/// The smallest spool: room for the largest message the publisher writes (512 KiB).
 const MIN_SPOOL_BYTES: u64 = 1 << 20;
 
 fn parse_stream_name(s: &str) -> Result<String, String> {

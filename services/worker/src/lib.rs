@@ -10,7 +10,7 @@ mod store;
 mod user_agents;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -275,12 +275,14 @@ pub async fn run_observed(
     }
     // JetStream does not answer a pull for a consumer that is gone: the consumer's regular reading finds out.
     let consumer_gone = Arc::new(AtomicBool::new(false));
-    let watcher = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone()));
+    // The consumer's largest pull as last read (0: any): an operator may lower it while the workers run.
+    let max_batch = Arc::new(AtomicI64::new(consumer.cached_info().config.max_batch));
+    let watcher = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone(), max_batch.clone()));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     'consume: while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
-        let deliveries = fetcher.fetch(&consumer).await;
+        let deliveries = fetcher.fetch(&consumer, max_batch.load(Ordering::Relaxed)).await;
         if consumer_gone.swap(false, Ordering::Relaxed) {
             match recreate_consumer(&topology, &jetstream, &shutdown).await {
                 Some(recreated) => consumer = recreated,
@@ -342,12 +344,17 @@ async fn recreate_consumer(
 
 /// Reads the consumer's pending counts into gauges every few seconds, and sets `gone` when the consumer or its
 /// stream no longer exists.
-async fn watch_consumer(mut consumer: jetstream::consumer::Consumer<pull::Config>, gone: Arc<AtomicBool>) {
+async fn watch_consumer(
+    mut consumer: jetstream::consumer::Consumer<pull::Config>,
+    gone: Arc<AtomicBool>,
+    max_batch: Arc<AtomicI64>,
+) {
     loop {
         match consumer.info().await {
             Ok(info) => {
                 metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
                 metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
+                max_batch.store(info.config.max_batch, Ordering::Relaxed);
             }
             Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound) => {
                 tracing::warn!(error = %e, "the workers' consumer is gone; creating it again");
@@ -400,13 +407,14 @@ impl Fetcher {
         })
     }
 
-    async fn fetch(&mut self, consumer: &jetstream::consumer::Consumer<pull::Config>) -> Vec<Delivery> {
+    /// A batch from `consumer`, whose pulls may take at most `max_batch` messages (0: any number).
+    async fn fetch(&mut self, consumer: &jetstream::consumer::Consumer<pull::Config>, max_batch: i64) -> Vec<Delivery> {
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut events = 0;
         // The first pull waits up to `batch_wait` for enough messages; the next ones take only what is there.
         let mut wait = Some(self.batch_wait);
         // A consumer edited to take smaller pulls refuses larger ones: asked for no more than it allows.
-        let allowed = usize::try_from(consumer.cached_info().config.max_batch).ok().filter(|n| *n > 0);
+        let allowed = usize::try_from(max_batch).ok().filter(|n| *n > 0);
         while deliveries.len() < self.batch_messages && events < self.batch_events {
             let wanted = ((self.batch_events - events) as f64 / self.events_per_message).ceil() as usize;
             let wanted = wanted.clamp(1, self.batch_messages - deliveries.len()).min(allowed.unwrap_or(usize::MAX));

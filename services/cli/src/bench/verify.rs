@@ -41,8 +41,9 @@ use super::processes::{spawn_trivial, spawn_validator, start_server};
 
 #[derive(clap::Args, Debug)]
 pub struct VerifyBenchArgs {
-    /// Keys to create and spread the load over (all are cached before measuring).
-    #[arg(long, default_value_t = 100_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=10_000_000))]
+    /// Keys to create and spread the load over (all are cached before measuring: at most the validator's default key
+    /// cache).
+    #[arg(long, default_value_t = 100_000, value_parser = RangedU64ValueParser::<usize>::new().range(1..=1_000_000))]
     pub keys: usize,
     /// Connections of each phase (the default is enough to keep both servers busy in the closed loop: with 32, a
     /// verify waiting on Redis left a fifth of this 2-core machine idle).
@@ -55,7 +56,7 @@ pub struct VerifyBenchArgs {
     /// default is enough to even out the machine's drifts: with the trivial handler on both sides, `--calibrate`, the
     /// throughput ratio strayed from 100 % by 1.3 points on average and 4.7 at most with 20 rounds, against 3.4 and
     /// 9.0 with 5; BENCHMARKS.md).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub rounds: u32,
     /// Requests per second of the latency phase (by default a quarter of the validator's closed-loop throughput, a
     /// rate this machine's client can hold on schedule).

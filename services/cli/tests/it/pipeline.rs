@@ -506,7 +506,9 @@ async fn a_consumer_that_refuses_the_workers_pulls_is_asked_again_after_a_pause_
     env.cleanup().await;
 }
 
-/// A consumer edited to hand out at most one message a pull: the workers ask for no more, and consume.
+/// A consumer edited to hand out at most one message a pull: the workers ask for no more, and consume. (They read the
+/// consumer again every 5 s, for an edit made while they run; nats-server 2.9 keeps enforcing the limit a consumer was
+/// created with, so only an edit made before they start is tested here.)
 #[tokio::test]
 async fn a_consumer_allowing_smaller_pulls_is_asked_for_no_more_than_it_allows() {
     let env = TestEnv::new().await;

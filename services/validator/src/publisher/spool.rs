@@ -454,10 +454,8 @@ fn lock(dir: &Path) -> Result<File, SpoolError> {
 /// Whether `error` says the process is short of something (file descriptors, memory) rather than that a file is
 /// unreadable: every segment would fail alike, and none should be set aside for it.
 fn of_the_process(error: &io::Error) -> bool {
-    matches!(error.kind(), io::ErrorKind::OutOfMemory | io::ErrorKind::Interrupted)
-        || matches!(error.raw_os_error(), Some(code) if code == rustix::io::Errno::MFILE.raw_os_error()
-            || code == rustix::io::Errno::NFILE.raw_os_error()
-            || code == rustix::io::Errno::NOMEM.raw_os_error())
+    use rustix::io::Errno;
+    matches!(Errno::from_io_error(error), Some(Errno::MFILE | Errno::NFILE | Errno::NOMEM))
 }
 
 fn record_len(message: &SpooledMessage) -> u64 {
