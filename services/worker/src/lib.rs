@@ -342,8 +342,8 @@ async fn recreate_consumer(
     }
 }
 
-/// Reads the consumer's pending counts into gauges every few seconds, and sets `gone` when the consumer or its
-/// stream no longer exists.
+/// Reads the consumer every few seconds: its pending counts into gauges, its largest pull into `max_batch`, and sets
+/// `gone` when the consumer or its stream no longer exists.
 async fn watch_consumer(
     mut consumer: jetstream::consumer::Consumer<pull::Config>,
     gone: Arc<AtomicBool>,
