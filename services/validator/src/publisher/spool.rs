@@ -540,6 +540,15 @@ mod tests {
         SpoolOptions { max_bytes: 1 << 20, segment_bytes: 1000, fsync: FsyncPolicy::Always }
     }
 
+    /// A spool in `dir` holding `count` messages, `message(0)` first.
+    fn holding(dir: &Path, count: u32) -> Spool {
+        let mut spool = Spool::open(dir, options()).expect("open");
+        for n in 0..count {
+            spool.append(&message(n)).expect("append");
+        }
+        spool
+    }
+
     /// Reads and consumes everything.
     fn drain(spool: &mut Spool) -> Vec<SpooledMessage> {
         let mut all = Vec::new();
@@ -565,10 +574,7 @@ mod tests {
     #[test]
     fn a_read_stops_once_its_payloads_reach_the_bytes_asked_for() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut spool = Spool::open(dir.path(), options()).expect("open");
-        for n in 0..5 {
-            spool.append(&message(n)).expect("append");
-        }
+        let mut spool = holding(dir.path(), 5);
         // Payloads of 100, 101, 102… bytes: the second reaches 150, and a read always takes one.
         let read = |spool: &mut Spool, bytes| spool.read(16, bytes).expect("read").len();
         assert_eq!(read(&mut spool, 150), 2);
@@ -608,10 +614,7 @@ mod tests {
     #[test]
     fn a_segment_that_cannot_be_read_is_set_aside_for_the_run_and_read_again_at_the_next_start() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut spool = Spool::open(dir.path(), options()).expect("open");
-        for n in 0..20 {
-            spool.append(&message(n)).expect("append");
-        }
+        let mut spool = holding(dir.path(), 20);
         let files = segment_files(dir.path());
         assert!(files.len() >= 3, "small segments rotate");
         // The second segment cannot be read (a directory in its place: opening works, reading fails).
@@ -651,10 +654,7 @@ mod tests {
     #[test]
     fn segments_deleted_by_hand_hold_up_nothing_whether_replayed_or_not() {
         let dir = tempfile::tempdir().expect("dir");
-        let mut spool = Spool::open(dir.path(), options()).expect("open");
-        for n in 0..20 {
-            spool.append(&message(n)).expect("append");
-        }
+        let mut spool = holding(dir.path(), 20);
         let files = segment_files(dir.path());
         let first = spool.read(2, usize::MAX).expect("read");
         // The first segment, being replayed, and the second, not yet read, are deleted by hand.
