@@ -13,9 +13,10 @@ pub struct WindowReply {
     pub at_us: Option<i64>,
 }
 
-/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies (one the cost exceeds
-/// outright first, since no wait helps then; then the quota; then the window that frees up last); otherwise the most
-/// restrictive limit is reported.
+/// Turns the per-limit answers into one decision: any enforced limit that does not fit denies, and the one reported
+/// is the one the cost exceeds outright (no wait helps then), else the one that frees up last (the quota on a tie), so
+/// that a retry at its reset is not denied by another. Otherwise the limit with the least remaining is reported, and
+/// of those the one that frees up last.
 pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], quota: Option<(u64, bool)>) -> Decision {
     let window_usage = |w: &WindowLimit, r: &WindowReply, admitted: bool| {
         let geometry = Window::seconds(w.seconds);
@@ -55,7 +56,7 @@ pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], qu
     let denied = quota_denial
         .into_iter()
         .chain(window_denials)
-        .max_by_key(|u| (u.never_fits, u.kind == LimitKind::Quota, u.reset_at_us));
+        .max_by_key(|u| (u.never_fits, u.reset_at_us, u.kind == LimitKind::Quota));
     if let Some(usage) = denied {
         return Decision::Denied { usage, now_us: now };
     }
@@ -76,7 +77,7 @@ pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], qu
             candidates.push(quota_usage(q, used, true));
         }
     }
-    let usage = candidates.into_iter().min_by_key(|u| (u.remaining(), u.window_seconds));
+    let usage = candidates.into_iter().min_by_key(|u| (u.remaining(), std::cmp::Reverse(u.reset_at_us)));
     Decision::Allowed { usage, shadow, now_us: now }
 }
 
@@ -108,6 +109,39 @@ mod tests {
         let denied = decide_from(&plan, 1, 0, &[reply(10, false, Some(5)), reply(100, false, Some(9))], None);
         let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
         assert_eq!((usage.kind, usage.used, usage.reset_at_us), (LimitKind::Org, 100, 9));
+    }
+
+    #[test]
+    fn of_limits_equally_close_the_one_that_frees_up_last_is_reported() {
+        let plan = Plan {
+            windows: vec![
+                window(Subject::Key(ID), 10, false),
+                WindowLimit { subject: Subject::TierWindow(ID), limit: 100, seconds: 3600, shadow: false },
+            ],
+            quota: None,
+        };
+        // Both have one unit left: a client told the key's (earlier) reset would retry into the tier's denial.
+        let replies = [reply(8, true, Some(5_000_000)), reply(98, true, Some(3_000_000_000))];
+        let allowed = decide_from(&plan, 1, 0, &replies, None);
+        let Decision::Allowed { usage: Some(usage), .. } = allowed else { panic!("{allowed:?}") };
+        assert_eq!((usage.kind, usage.remaining(), usage.reset_at_us), (LimitKind::Tier, 1, 3_000_000_000));
+    }
+
+    #[test]
+    fn a_denial_by_the_quota_and_a_window_that_frees_up_later_says_to_retry_after_the_window() {
+        // The last seconds of a month: the quota resets in 10 s, the tier's window in 40 minutes.
+        let quota = QuotaLimit { redis_key: "q".into(), limit: 1000, reset_at_us: 10_000_000, shadow: false };
+        let plan = Plan {
+            windows: vec![WindowLimit { subject: Subject::TierWindow(ID), limit: 100, seconds: 3600, shadow: false }],
+            quota: Some(quota),
+        };
+        let denied = decide_from(&plan, 1, 0, &[reply(100, false, Some(2_400_000_000))], Some((1000, false)));
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.reset_at_us), (LimitKind::Tier, 2_400_000_000));
+        // A window that frees up first leaves the quota reported.
+        let denied = decide_from(&plan, 1, 0, &[reply(100, false, Some(5_000_000))], Some((1000, false)));
+        let Decision::Denied { usage, .. } = denied else { panic!("{denied:?}") };
+        assert_eq!((usage.kind, usage.reset_at_us), (LimitKind::Quota, 10_000_000));
     }
 
     #[test]
