@@ -139,7 +139,10 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(Duration::from_secs(1))
-        .set_number_of_retries(1);
+        // One attempt per reconnection: the crate waits 1 to 2 s before a retry (its backoff starts at a second
+        // whatever the factor), and every call made meanwhile waits with it, so a Redis back from a restart went
+        // unused for that long. The callers retry on their own terms (the limiter's breaker, the quota raiser).
+        .set_number_of_retries(0);
     let refused = |e: redis::RedisError| match (e.kind(), e.code()) {
         (redis::ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH")) => {
             login_refused("Redis", url, "REDIS_URL", e)

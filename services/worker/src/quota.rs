@@ -122,9 +122,11 @@ impl QuotaCounters {
     }
 }
 
-/// First and longest wait before raising again after Redis failed.
-const RETRY_FIRST: Duration = Duration::from_millis(100);
-const RETRY_MAX: Duration = Duration::from_secs(5);
+/// First and longest wait before raising again after Redis failed. The longest is short: when Redis comes back
+/// empty (a restart), each counter reads 0 until it is raised, so every moment the raiser sleeps past that lets an
+/// organization over its quota through (the quota may overshoot by at most a second of its traffic).
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_MAX: Duration = Duration::from_millis(250);
 /// Longest a stopping worker waits for the counters it still holds to be raised.
 const FINISH_WAIT: Duration = Duration::from_secs(2);
 

@@ -328,6 +328,53 @@ async fn a_hung_redis_holds_up_no_batch_and_the_quota_counter_catches_up_on_its_
     env.cleanup().await;
 }
 
+/// A Redis that comes back empty after seconds away gets its counters back within a second, even when it comes back
+/// just after the worker's latest attempt failed: until then each organization's quota counts from 0.
+#[tokio::test]
+async fn a_redis_back_after_seconds_away_gets_its_quota_counter_within_a_second() {
+    let env = TestEnv::new().await;
+    let mut redis = PrivateRedis::start();
+    let (org_id, key_id) = key_of_new_org(&env).await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let metrics_port = crate::servers::free_port();
+    let settings = [
+        ("REDIS_URL", redis.url()),
+        ("TOLLGATE_BATCH_WAIT", "20ms".into()),
+        ("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}")),
+    ];
+    let worker = env.spawn_service("worker", NATS_URL, &settings);
+    let subject = env.topology.usage_subject();
+    let counter = quota_counter::key_at(&env.topology.redis_prefix, org_id, chrono::Utc::now());
+    let client = redis::Client::open(redis.url()).expect("url");
+    let units = || async {
+        let mut connection = client.get_multiplexed_async_connection().await.ok()?;
+        redis::cmd("GET").arg(&counter).query_async::<Option<i64>>(&mut connection).await.ok()?
+    };
+    let failed_attempts = || async {
+        let text = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.ok()?.text().await.ok()?;
+        crate::harness::series_value(&text, "tollgate_quota_counter_errors_total")
+    };
+    publish(&js, &subject, "m1".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 1)]).await;
+    assert_eq!(wait_until(Duration::from_secs(20), units, |u| *u == Some(1)).await, Some(1), "before Redis goes");
+
+    redis.stop();
+    publish(&js, &subject, "m2".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 1)]).await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 2).await;
+    // Long enough for the waits between the worker's attempts to have grown as far as they go.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let before = failed_attempts().await.expect("the worker's error counter");
+    let after = wait_until(Duration::from_secs(10), failed_attempts, |n| n.is_some_and(|n| n > before)).await;
+    assert!(after > Some(before), "the worker kept trying: {before} failed attempts, then {after:?}");
+    redis.restart();
+    let back = std::time::Instant::now();
+    let caught_up = wait_until(Duration::from_secs(10), units, |u| *u == Some(2)).await;
+    assert_eq!(caught_up, Some(2), "the counter once Redis answered again, with no batch since");
+    assert!(back.elapsed() < Duration::from_secs(1), "the counter came back {:?} after Redis", back.elapsed());
+    drop(worker);
+    env.cleanup().await;
+}
+
 /// A worker started while Redis is away writes usage to PostgreSQL all the same (Redis holds only the quota counters),
 /// and brings its organization's counter up to PostgreSQL's total once Redis answers.
 #[tokio::test]
