@@ -81,6 +81,15 @@ fn queries(dashboard: &str) -> Vec<String> {
     let panels = dashboard["panels"].as_array().expect("panels");
     let ids: BTreeSet<_> = panels.iter().map(|panel| panel["id"].as_u64().expect("a panel id")).collect();
     assert_eq!(ids.len(), panels.len(), "panel ids are unique");
+    // Imported into a Grafana whose Prometheus has another uid, the dashboard asks which one rather than breaking.
+    let variables = dashboard["templating"]["list"].as_array().expect("templating variables");
+    assert!(
+        variables.iter().any(|v| v["name"] == "datasource" && v["type"] == "datasource" && v["query"] == "prometheus"),
+        "a Prometheus data source variable named datasource: {variables:?}"
+    );
+    for panel in panels {
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {} picks the variable's source", panel["id"]);
+    }
     let queries: Vec<String> = panels
         .iter()
         .flat_map(|panel| panel["targets"].as_array().expect("targets"))
