@@ -212,7 +212,9 @@ pub fn start_labeled_at_zero(name: &'static str, label: &'static str, values: im
     }
 }
 
-/// Serves Prometheus text at `/metrics` until `shutdown` completes.
+/// Serves Prometheus text at `/metrics`, and `/healthz`, until `shutdown` completes. `/healthz` here is the probe that
+/// never waits: the API's own waits in the kernel's queue once `TOLLGATE_MAX_CONNECTIONS` are open (a liveness probe
+/// that failed then would restart a validator for being busy), and a worker has no other.
 pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     let handle = install();
     let upkeep = handle.clone();
@@ -223,7 +225,9 @@ pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Out
             upkeep.run_upkeep();
         }
     });
-    let app = axum::Router::new().route("/metrics", axum::routing::get(move || async move { handle.render() }));
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(move || async move { handle.render() }))
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
     let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "metrics");
     crate::listen::serve(listener, app, SCRAPERS, open, shutdown).await;
     upkeep_task.abort();

@@ -101,6 +101,10 @@ async fn connections_past_the_limit_wait_until_one_closes() {
     // The kernel completes the connection; the validator does not take it while two are open.
     let mut third = connect().await;
     assert_eq!(health(&mut third, Duration::from_millis(500)).await, Err("no answer"), "past the limit");
+    // The metrics listener's probe is not in that queue.
+    let mut probe = TcpStream::connect(("127.0.0.1", validator.metrics_port)).await.expect("connects");
+    let answer = health(&mut probe, Duration::from_secs(5)).await.expect("the metrics port's /healthz, at the limit");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     drop(first);
     let answer = health(&mut third, Duration::from_secs(5)).await.expect("served once one closed");
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
