@@ -44,10 +44,11 @@ for i, key in ipairs(KEYS) do
 end
 return 0";
 
-/// KEYS[1]: a counter; ARGV: the value observed ('' when missing), the value to set, the TTL. Sets it only if it
-/// still holds the observed value, so a repair never overwrites a newer total a worker wrote meanwhile.
+/// KEYS[1]: a counter; ARGV: the value observed ('' when missing or not a string), the value to set, the TTL. Sets
+/// it only if it still holds the observed value, so a repair never overwrites a newer total a worker wrote meanwhile.
 const REPLACE_IF: &str = r"
-local current = redis.call('GET', KEYS[1]) or ''
+local stored = redis.pcall('GET', KEYS[1])
+local current = type(stored) == 'string' and stored or ''
 if current == ARGV[1] then
     redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
     return 1
@@ -98,8 +99,9 @@ impl QuotaCounters {
         Ok(())
     }
 
-    /// The counters' current values (None when missing), in the order given.
-    pub async fn read(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<Vec<Option<i64>>> {
+    /// The counters as stored (None when missing or not a string), in the order given: as text, since a counter
+    /// holding what is not a number is one to repair, not a reason to fail.
+    pub async fn read(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<Vec<Option<String>>> {
         if totals.is_empty() {
             return Ok(Vec::new());
         }
@@ -107,9 +109,10 @@ impl QuotaCounters {
         redis::cmd("MGET").arg(keys).query_async(&mut self.connection()?).await
     }
 
-    /// Sets the counter to `total.units` if it still holds `observed`; true if it did.
-    pub async fn replace_if(&mut self, total: &PeriodTotal, observed: Option<i64>) -> redis::RedisResult<bool> {
-        let observed = observed.map(|v| v.to_string()).unwrap_or_default();
+    /// Sets the counter to `total.units` if it still holds `observed` (as [`QuotaCounters::read`] gave it); true if
+    /// it did.
+    pub async fn replace_if(&mut self, total: &PeriodTotal, observed: Option<&str>) -> redis::RedisResult<bool> {
+        let observed = observed.unwrap_or_default();
         let replaced: i64 = self
             .replace_if
             .key(self.key(total))

@@ -126,7 +126,8 @@ pub async fn reconcile(
     let mut periods = Vec::with_capacity(rows.len());
     for row in rows {
         let counted = row.1 == this_month;
-        let counter = if counted { counters.next().flatten() } else { None };
+        let stored = if counted { counters.next().flatten() } else { None };
+        let counter = units_in(stored.as_deref());
         let (org_id, month, billing_requests, hourly_allowed, rows_allowed, billing_units, hourly_units, rows_units) =
             row;
         let mut check = PeriodCheck {
@@ -147,7 +148,7 @@ pub async fn reconcile(
             check.drift = counter.unwrap_or(0) - committed;
             if repair && counter != Some(committed) {
                 let total = PeriodTotal { org_id, month, units: committed };
-                check.repaired = quota.replace_if(&total, counter).await?;
+                check.repaired = quota.replace_if(&total, stored.as_deref()).await?;
             }
         }
         periods.push(check);
@@ -156,6 +157,11 @@ pub async fn reconcile(
     let drift_units = periods.iter().map(|p| p.drift.abs()).sum();
     let repaired = periods.iter().filter(|p| p.repaired).count();
     Ok(Report { periods, violations, drift_units, repaired })
+}
+
+/// The units a counter holds; none when it is missing or holds what is not a whole number.
+fn units_in(stored: Option<&str>) -> Option<i64> {
+    stored?.parse().ok()
 }
 
 /// An organization's committed units for a month, read afresh: a worker may have committed (and be about to
@@ -182,7 +188,8 @@ pub async fn counter_drift(pool: &PgPool, quota: &mut QuotaCounters, month: Naiv
     .collect();
     let counters = quota.read(&totals).await?;
     let mut drift = 0;
-    for (total, counter) in totals.iter().zip(counters) {
+    for (total, stored) in totals.iter().zip(counters) {
+        let counter = units_in(stored.as_deref());
         if counter != Some(total.units) {
             drift += (counter.unwrap_or(0) - committed_units(pool, total.org_id, total.month).await?).abs();
         }
