@@ -3,17 +3,19 @@
 //! Known keys are held by hash; unknown hashes are held in a bounded negative cache for a TTL, so a flood of
 //! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
 //! keys, organizations and tiers changed and applies those changes, so a revocation reaches the cache within about
-//! that long. A record older than `key_recheck` is read again in the background while it keeps deciding, so that no
+//! that long, on a connection of its own: a flood of made-up keys may hold every pooled one, and must not hold up a
+//! revocation. A record older than `key_recheck` is read again in the background while it keeps deciding, so that no
 //! answer waits for PostgreSQL, and an outage of PostgreSQL fails no key the cache holds. [`KeyCache::apply`] and
 //! [`KeyCache::flush`] are the entry points a pushed change feed will use.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use quick_cache::sync::Cache;
+use sqlx::postgres::PgPoolOptions;
 use sqlx::{FromRow, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -85,16 +87,16 @@ pub struct KeyCache {
     /// Whether the refresher's last attempt, or a lookup's since, could not reach PostgreSQL: then only the refresher
     /// asks it.
     database_away: Arc<AtomicBool>,
-    /// When PostgreSQL last answered one of this cache's queries: a pool with no connection to spare is only busy
-    /// if it did lately, and otherwise hung (its connections each stuck in a query).
-    answered: Arc<Mutex<Instant>>,
     /// Stale records being read again, with when the attempt began: one attempt per key at a time, and none for
     /// [`RELOAD_RETRY`] after a failed one.
     reloading: Arc<Cache<KeyHash, Instant>>,
     /// Keys whose last read failed (timed out, or found a row this release cannot read), with when: their lookups
     /// fail at once for [`DATABASE_TIMEOUT`] rather than each waiting out a read of its own, or logging again.
     failed_reads: Arc<Cache<KeyHash, Instant>>,
+    /// For lookups and rechecks.
     pool: PgPool,
+    /// The refresher's own connection (made when first needed), on the same server and settings.
+    refresher: PgPool,
     /// Lookups by where the answer came from.
     lookups: Arc<LabeledCounter<1>>,
 }
@@ -129,10 +131,6 @@ pub enum LookupError {
 /// Why a refresh read no changes.
 #[derive(Debug, thiserror::Error)]
 pub enum RefreshError {
-    /// Every pooled connection is lent out (to a burst of lookups of keys not cached, say): PostgreSQL is busy, not
-    /// away, if it answered lately, and keys not cached are still read.
-    #[error("no pooled connection came free within {DATABASE_TIMEOUT:?}")]
-    PoolBusy,
     #[error("PostgreSQL did not answer within {DATABASE_TIMEOUT:?}")]
     NoAnswer,
     #[error(transparent)]
@@ -154,9 +152,9 @@ impl KeyCache {
             negative_ttl,
             recheck,
             database_away: Arc::new(AtomicBool::new(false)),
-            answered: Arc::new(Mutex::new(Instant::now())),
             reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
             failed_reads: Arc::new(Cache::new(FAILED_READS_CAPACITY)),
+            refresher: PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone()),
             pool,
             lookups: Arc::new(LabeledCounter::new(
                 KEY_LOOKUPS,
@@ -227,10 +225,7 @@ impl KeyCache {
         let sql = format!("{RECORD_SELECT} WHERE k.key_hash = $1");
         let query = sqlx::query(&sql).bind(hash.as_bytes()).fetch_optional(&self.pool);
         let row = match tokio::time::timeout(DATABASE_TIMEOUT, query).await {
-            Ok(Ok(row)) => {
-                self.heard_from_database();
-                row
-            }
+            Ok(Ok(row)) => row,
             Ok(Err(e)) => {
                 self.database_away.store(true, Ordering::Relaxed);
                 return Err(LookupError::Query(e.to_string()));
@@ -308,19 +303,12 @@ impl KeyCache {
 
     /// Applies every key, organization and tier change since `since`.
     pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, RefreshError> {
-        // The wait for a connection apart from the query's: a pool with none to spare is not an outage.
-        let mut connection = match tokio::time::timeout(DATABASE_TIMEOUT, self.pool.acquire()).await {
-            Ok(connection) => connection?,
-            Err(_) if self.pool.num_idle() == 0 && self.pool.size() >= self.pool.options().get_max_connections() => {
-                return Err(RefreshError::PoolBusy);
-            }
-            Err(_) => return Err(RefreshError::NoAnswer),
-        };
+        let acquire = tokio::time::timeout(DATABASE_TIMEOUT, self.refresher.acquire());
+        let mut connection = acquire.await.map_err(|_| RefreshError::NoAnswer)??;
         // Bounded, unlike the changes' query (a bulk change takes as long as it takes): an outage shows within it.
         let probe = sqlx::query_scalar("SELECT now()").fetch_one(&mut *connection);
         let now: DateTime<Utc> =
             tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
-        self.heard_from_database();
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
@@ -347,15 +335,6 @@ impl KeyCache {
         Ok(Refreshed { next_since: now - REFRESH_OVERLAP, changed })
     }
 
-    fn heard_from_database(&self) {
-        *self.answered.lock().unwrap_or_else(PoisonError::into_inner) = Instant::now();
-    }
-
-    /// Whether PostgreSQL answered within a few query timeouts.
-    fn answered_lately(&self) -> bool {
-        self.answered.lock().unwrap_or_else(PoisonError::into_inner).elapsed() < 3 * DATABASE_TIMEOUT
-    }
-
     /// Polls for changes every `interval` until `shutdown`.
     pub async fn keep_fresh(self, interval: Duration, shutdown: CancellationToken) {
         let mut since = Utc::now() - REFRESH_OVERLAP;
@@ -374,10 +353,6 @@ impl KeyCache {
                     since = refreshed.next_since;
                     heard = Instant::now();
                     self.database_away.store(false, Ordering::Relaxed);
-                }
-                // Lookups keep reading keys not cached; the age shows if it lasts.
-                Err(RefreshError::PoolBusy) if self.answered_lately() => {
-                    tracing::debug!("no pooled connection free for the key refresher; trying again at the next tick");
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot refresh the key cache; keys not cached get 503 until it can");

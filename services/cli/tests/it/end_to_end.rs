@@ -492,26 +492,40 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     env.cleanup().await;
 }
 
-/// A pool with no connection to spare (a burst of lookups holds them all) is not PostgreSQL away: the refresher tries
-/// again at its next tick, and a key not cached is still read, instead of answered 503 at once.
+/// Lookups that hold every pooled connection (a flood of made-up keys, each a query) hold up no revocation: the
+/// refresher has a connection of its own. Nor do they count as PostgreSQL away: a key not cached is still read once a
+/// connection comes free, instead of answered 503 at once.
 #[tokio::test]
-async fn a_busy_pool_does_not_count_as_postgresql_away() {
+async fn lookups_holding_every_pooled_connection_hold_up_no_revocation() {
     let env = TestEnv::new().await;
     let org = env.org().await;
-    let (_, key) = env.key(&org).await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    let (_, other) = env.key(&org).await;
     let options = (*env.pool.connect_options()).clone();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("pool");
     let cache = KeyCache::new(pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
+    let cached = cache.lookup(revoked.hash()).await.expect("lookup").expect("the key");
+    assert!(cached.revoked_at.is_none());
     let held = pool.acquire().await.expect("the pool's one connection");
     let shutdown = tokio_util::sync::CancellationToken::new();
     let refresher = tokio::spawn(cache.clone().keep_fresh(Duration::from_millis(100), shutdown.clone()));
 
-    // Half-way through the refresher's second 1 s wait for a connection (its first one over), a lookup of a key not
-    // cached; then the connection comes free.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+        .bind(revoked_id)
+        .execute(&env.pool)
+        .await
+        .expect("revoke");
+    let seen = wait_until(
+        Duration::from_secs(3),
+        || async { cache.lookup(revoked.hash()).await.ok().flatten().and_then(|record| record.revoked_at) },
+        Option::is_some,
+    )
+    .await;
+    assert!(seen.is_some(), "the revocation reached the cache while the pool had no connection to spare");
+
     let lookup = tokio::spawn({
         let cache = cache.clone();
-        async move { cache.lookup(key.hash()).await.map(|record| record.is_some()) }
+        async move { cache.lookup(other.hash()).await.map(|record| record.is_some()) }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     drop(held);
