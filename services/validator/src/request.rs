@@ -37,14 +37,16 @@ impl Credential {
 }
 
 /// The credential from `X-API-Key` or `X-Service-Key`, else from `Authorization: Bearer …`: a header that can only
-/// hold an API key wins over `Authorization`, which often carries the caller's own token (a JWT) beside the key.
+/// hold an API key wins over `Authorization`, which often carries the caller's own token (a JWT) beside the key. A
+/// blank one counts as absent, as nginx, which does not pass on empty headers, would have it: the same request gets
+/// the same answer behind any gateway.
 pub fn credential(headers: &HeaderMap) -> Credential {
     for name in [X_API_KEY, X_SERVICE_KEY] {
-        if let Some(value) = headers.get(&name) {
-            return match value.to_str() {
-                Ok(text) => Credential::from_text(text.trim()),
-                Err(_) => Credential::Malformed(KeyFormatError::BadCharacters),
-            };
+        let Some(value) = headers.get(&name) else { continue };
+        match value.to_str().map(str::trim) {
+            Ok("") => {}
+            Ok(text) => return Credential::from_text(text),
+            Err(_) => return Credential::Malformed(KeyFormatError::BadCharacters),
         }
     }
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else { return Credential::Missing };
@@ -172,8 +174,12 @@ mod tests {
         // The caller's own token in `Authorization` beside the key: the key's header wins.
         let jwt_and_key =
             headers(&[("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig"), ("x-api-key", key.expose())]);
-        assert_eq!(credential(&jwt_and_key), Credential::Key(key));
+        assert_eq!(credential(&jwt_and_key), Credential::Key(key.clone()));
         assert_eq!(credential(&headers(&[("authorization", "Basic dXNlcjpwdw==")])), Credential::Missing);
+        // A blank key header (an unset variable in a gateway's config, say) hides nothing.
+        let blank_and_bearer = headers(&[("x-api-key", ""), ("x-service-key", " "), ("authorization", &bearer)]);
+        assert_eq!(credential(&blank_and_bearer), Credential::Key(key));
+        assert_eq!(credential(&headers(&[("x-api-key", "")])), Credential::Missing);
     }
 
     #[test]
