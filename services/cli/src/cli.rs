@@ -1,7 +1,10 @@
 //! The command line: every subcommand and flag, with `--help` everywhere.
 
+use std::ffi::OsStr;
+
 use chrono::{DateTime, Utc};
-use clap::builder::RangedU64ValueParser;
+use clap::builder::{RangedU64ValueParser, TypedValueParser};
+use clap::error::ErrorKind;
 use clap::{Args, Parser, Subcommand};
 use uuid::Uuid;
 
@@ -276,13 +279,13 @@ pub enum KeyCommand {
     /// Show one key.
     Show {
         /// The key's id (from `key list`).
-        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
+        #[arg(value_name = "KEY_ID", value_parser = KeyIdParser)]
         id: Uuid,
     },
     /// Revoke a key for good.
     Revoke {
         /// The key's id (from `key list`).
-        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
+        #[arg(value_name = "KEY_ID", value_parser = KeyIdParser)]
         id: Uuid,
         /// Why, for the audit trail.
         #[arg(long)]
@@ -291,7 +294,7 @@ pub enum KeyCommand {
     /// Change a key's settings.
     Update {
         /// The key's id (from `key list`).
-        #[arg(value_name = "KEY_ID", value_parser = parse_key_id)]
+        #[arg(value_name = "KEY_ID", value_parser = KeyIdParser)]
         id: Uuid,
         /// Rate-limit tier (see `tier list`).
         #[arg(long)]
@@ -350,10 +353,24 @@ fn events_per_message(s: &str) -> Result<usize, String> {
     }
 }
 
-/// A key's id, with a hint for what people paste instead: the key itself, or its listing.
-fn parse_key_id(s: &str) -> Result<Uuid, String> {
-    Uuid::parse_str(s)
-        .map_err(|_| "expected a key id (a UUID, as `tollgate key list --org ORG` shows it), not the key".into())
+/// A key's id, with a hint for what people paste instead: the key itself, or its listing. Unlike clap's own errors,
+/// the refusal does not repeat the value, which may be a live key headed for a terminal's scrollback or a CI log.
+#[derive(Clone)]
+struct KeyIdParser;
+
+impl TypedValueParser for KeyIdParser {
+    type Value = Uuid;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &OsStr) -> Result<Uuid, clap::Error> {
+        value.to_str().and_then(|s| Uuid::parse_str(s).ok()).ok_or_else(|| {
+            let arg = arg.map_or_else(|| "KEY_ID".to_owned(), ToString::to_string);
+            let message = format!(
+                "invalid value for '{arg}': expected a key id (a UUID, as `tollgate key list --org ORG` shows it), \
+                 not the key (the value is not repeated here, in case it was one)\n"
+            );
+            clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd)
+        })
+    }
 }
 
 fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
@@ -422,6 +439,7 @@ mod tests {
         for pasted in ["tg_live_4eC39HqLyjWDarjtT1zdp7dcZ8GJrC0ZXSYIanj10aVcn1", "tg_live_…aVcn"] {
             let error = Cli::try_parse_from(["tollgate", "key", "show", pasted]).expect_err("not an id").to_string();
             assert!(error.contains("expected a key id") && error.contains("key list"), "{error}");
+            assert!(!error.contains(pasted), "the refusal repeats what was pasted: {error}");
         }
         let id = "0b6f3a52-1c3e-4f2a-9d8e-2f6a4c1b7e90";
         assert!(Cli::try_parse_from(["tollgate", "key", "revoke", id]).is_ok());
