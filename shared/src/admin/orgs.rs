@@ -59,6 +59,12 @@ pub async fn create_org(pool: &PgPool, new: NewOrg) -> Result<Organization, Admi
         Some(slug) => slug,
         None => slugify(&new.name),
     };
+    // Another organization's id, were it one: `--org` takes either, and would then name two.
+    if Uuid::parse_str(&slug).is_ok() {
+        return Err(AdminError::Invalid(format!(
+            "a slug cannot be a UUID ({slug:?}), since --org takes ids too: pick another with --slug"
+        )));
+    }
     let per_minute = new.rate_limit_per_minute.unwrap_or(LimitSetting::Max(DEFAULT_RATE_LIMIT_PER_MINUTE));
     let sql = format!(
         "INSERT INTO organizations (id, name, slug, plan, rate_limit_per_minute, monthly_request_limit, max_api_keys)
@@ -84,10 +90,12 @@ pub async fn list_orgs(pool: &PgPool) -> Result<Vec<Organization>, AdminError> {
     Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM organizations ORDER BY created_at")).fetch_all(pool).await?)
 }
 
-/// Finds an organization by id or slug.
+/// Finds an organization by id or slug (a UUID is an id: a slug never is one).
 pub async fn find_org(pool: &PgPool, id_or_slug: &str) -> Result<Organization, AdminError> {
     let id = Uuid::parse_str(id_or_slug).ok();
-    sqlx::query_as(&format!("SELECT {COLUMNS} FROM organizations WHERE id = $1 OR slug = $2"))
+    let sql =
+        format!("SELECT {COLUMNS} FROM organizations WHERE CASE WHEN $1::uuid IS NULL THEN slug = $2 ELSE id = $1 END");
+    sqlx::query_as(&sql)
         .bind(id)
         .bind(id_or_slug)
         .fetch_optional(pool)

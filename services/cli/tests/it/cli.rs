@@ -265,6 +265,8 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
     for (args, says) in [
         (&["org", "create", "--name", ""][..], "a name must be 1 to 200 characters"),
         (&["org", "create", "--name", "x", "--slug=-x"], "a slug must be 1 to 63 of a-z, 0-9 and '-'"),
+        // Another organization's id, which `--org` would then find twice.
+        (&["org", "create", "--name", "x", "--slug", org["id"].as_str().expect("id")], "a slug cannot be a UUID"),
     ] {
         let stderr = refusal(&env, args);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
