@@ -492,6 +492,53 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     env.cleanup().await;
 }
 
+/// An imported key that a validator refused before its import (its client already presents it) is accepted once the
+/// import commits, even when the import waited for its organization's lock longer than the refresher looks back.
+#[tokio::test]
+async fn an_import_that_waited_for_a_lock_still_reaches_a_validator_that_refused_its_key() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let key = ApiKey::parse("sk_prod_0f1e2d3c4b5a69788796a5b4c3d2e1f0").expect("an importable key");
+    let status = || validator.auth_status(&client, &key);
+    assert_eq!(status().await, StatusCode::UNAUTHORIZED, "not imported yet");
+
+    // Another import, or an operator's transaction, holding the organization's row.
+    let mut holder = env.pool.begin().await.expect("begin");
+    sqlx::query("SELECT 1 FROM organizations WHERE slug = $1 FOR UPDATE")
+        .bind(&org)
+        .execute(&mut *holder)
+        .await
+        .expect("lock");
+    let (pool, org_slug) = (env.pool.clone(), org.clone());
+    let importing = tokio::spawn(async move {
+        let new = admin::NewKey {
+            org: org_slug,
+            name: "imported".into(),
+            role: tollgate_shared::domain::Role::User,
+            tier: tollgate_shared::domain::TierName::from_static("unlimited"),
+            scopes: vec!["read".into()],
+            custom_rate_limit_per_minute: None,
+            expires_at: None,
+        };
+        let key = ApiKey::parse("sk_prod_0f1e2d3c4b5a69788796a5b4c3d2e1f0").expect("key");
+        admin::import_key(&pool, &Actor("test".into()), new, &key).await.map(|_| ())
+    });
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    env.wait_for_count(waiting, 1).await;
+    // Longer than the refresher looks back (5 s).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    holder.commit().await.expect("commit");
+    importing.await.expect("task").expect("import");
+
+    let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::OK).await;
+    assert_eq!(seen, StatusCode::OK, "the import reached the validator");
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 /// Lookups that hold every pooled connection (a flood of made-up keys, each a query) hold up no revocation: the
 /// refresher has a connection of its own. Nor do they count as PostgreSQL away: a key not cached is still read once a
 /// connection comes free, instead of answered 503 at once.
