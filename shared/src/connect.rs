@@ -141,7 +141,8 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
         .set_response_timeout(Duration::from_secs(1))
         // One attempt per reconnection: the crate waits 1 to 2 s before a retry (its backoff starts at a second
         // whatever the factor), and every call made meanwhile waits with it, so a Redis back from a restart went
-        // unused for that long. The callers retry on their own terms (the limiter's breaker, the quota raiser).
+        // unused for that long. The long-running callers retry on their own terms (the limiter's breaker, the quota
+        // raiser, the background connect); a one-off command fails at once with the error, as when Redis is away.
         .set_number_of_retries(0);
     let refused = |e: redis::RedisError| match (e.kind(), e.code()) {
         (redis::ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH")) => {

@@ -212,9 +212,10 @@ pub fn start_labeled_at_zero(name: &'static str, label: &'static str, values: im
     }
 }
 
-/// Serves Prometheus text at `/metrics`, and `/healthz`, until `shutdown` completes. `/healthz` here is the probe that
-/// never waits: the API's own waits in the kernel's queue once `TOLLGATE_MAX_CONNECTIONS` are open (a liveness probe
-/// that failed then would restart a validator for being busy), and a worker has no other.
+/// Serves Prometheus text at `/metrics`, and `/healthz`, until `shutdown` completes. `/healthz` here is the probe
+/// that busy API connections do not hold up: the API's own waits in the kernel's queue once
+/// `TOLLGATE_MAX_CONNECTIONS` are open (a liveness probe that failed then would restart a validator for being busy),
+/// and a worker has no other.
 pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Output = ()>) {
     let handle = install();
     let upkeep = handle.clone();

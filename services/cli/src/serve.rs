@@ -30,7 +30,8 @@ pub async fn serve(
     roles: Roles,
 ) -> anyhow::Result<()> {
     raise_open_files_limit();
-    // Each worker loop holds a connection while it writes: beside them, the validator's key reads and refresher.
+    // Each worker loop holds a connection while it writes: beside them, the validator's key reads (its key refresher
+    // has one of its own).
     let connections = 16.max(8 + roles.worker.as_ref().map_or(0, |w| u32::from(w.worker_tasks)));
     let pool = connect::postgres_migrated(&servers.database_url, connections).await?;
     let nats = match connect::nats(&servers.nats_url).await {

@@ -154,7 +154,13 @@ impl KeyCache {
             database_away: Arc::new(AtomicBool::new(false)),
             reloading: Arc::new(Cache::new(RELOADING_CAPACITY)),
             failed_reads: Arc::new(Cache::new(FAILED_READS_CAPACITY)),
-            refresher: PgPoolOptions::new().max_connections(1).connect_lazy_with((*pool.connect_options()).clone()),
+            refresher: PgPoolOptions::new()
+                .max_connections(1)
+                // Kept for good, rather than made again every 30 minutes by sqlx's default, which on a server out of
+                // connections would fail a refresh that needed none.
+                .max_lifetime(None)
+                .idle_timeout(None)
+                .connect_lazy_with((*pool.connect_options()).clone()),
             pool,
             lookups: Arc::new(LabeledCounter::new(
                 KEY_LOOKUPS,

@@ -99,9 +99,9 @@ impl QuotaCounters {
         Ok(())
     }
 
-    /// The counters as stored (None when missing or not a string), in the order given: as text, since a counter
-    /// holding what is not a number is one to repair, not a reason to fail.
-    pub async fn read(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<Vec<Option<String>>> {
+    /// The counters as stored (None when missing or not a string), in the order given: as bytes, since a counter
+    /// holding what is not a number (not even text) is one to repair, not a reason to fail.
+    pub async fn read(&mut self, totals: &[PeriodTotal]) -> redis::RedisResult<Vec<Option<Vec<u8>>>> {
         if totals.is_empty() {
             return Ok(Vec::new());
         }
@@ -111,7 +111,7 @@ impl QuotaCounters {
 
     /// Sets the counter to `total.units` if it still holds `observed` (as [`QuotaCounters::read`] gave it); true if
     /// it did.
-    pub async fn replace_if(&mut self, total: &PeriodTotal, observed: Option<&str>) -> redis::RedisResult<bool> {
+    pub async fn replace_if(&mut self, total: &PeriodTotal, observed: Option<&[u8]>) -> redis::RedisResult<bool> {
         let observed = observed.unwrap_or_default();
         let replaced: i64 = self
             .replace_if

@@ -160,8 +160,8 @@ pub async fn reconcile(
 }
 
 /// The units a counter holds; none when it is missing or holds what is not a whole number.
-fn units_in(stored: Option<&str>) -> Option<i64> {
-    stored?.parse().ok()
+fn units_in(stored: Option<&[u8]>) -> Option<i64> {
+    std::str::from_utf8(stored?).ok()?.parse().ok()
 }
 
 /// An organization's committed units for a month, read afresh: a worker may have committed (and be about to

@@ -90,11 +90,13 @@ pub async fn list_orgs(pool: &PgPool) -> Result<Vec<Organization>, AdminError> {
     Ok(sqlx::query_as(&format!("SELECT {COLUMNS} FROM organizations ORDER BY created_at")).fetch_all(pool).await?)
 }
 
-/// Finds an organization by id or slug (a UUID is an id: a slug never is one).
+/// Finds an organization by id or slug: by id first, so that an organization whose slug is another's id (made
+/// before slugs that are UUIDs were refused) is found by its slug only when no organization has that id.
 pub async fn find_org(pool: &PgPool, id_or_slug: &str) -> Result<Organization, AdminError> {
     let id = Uuid::parse_str(id_or_slug).ok();
-    let sql =
-        format!("SELECT {COLUMNS} FROM organizations WHERE CASE WHEN $1::uuid IS NULL THEN slug = $2 ELSE id = $1 END");
+    let sql = format!(
+        "SELECT {COLUMNS} FROM organizations WHERE id = $1 OR slug = $2 ORDER BY id = $1 DESC NULLS LAST LIMIT 1"
+    );
     sqlx::query_as(&sql)
         .bind(id)
         .bind(id_or_slug)

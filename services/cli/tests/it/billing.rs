@@ -206,11 +206,13 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     assert_eq!(counter(&key).await, Some(7));
 
     // A counter holding what is not a number, or not even a string, is drift to repair, not a reason to fail.
-    let _: () = redis::cmd("SET").arg(&key).arg("twelve").query_async(&mut redis).await.expect("SET");
-    assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
-    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
-    assert_eq!((report.drift_units, report.repaired), (7, 1));
-    assert_eq!(counter(&key).await, Some(7));
+    for garbage in [&b"twelve"[..], b"\xff\xfe"] {
+        let _: () = redis::cmd("SET").arg(&key).arg(garbage).query_async(&mut redis).await.expect("SET");
+        assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
+        let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
+        assert_eq!((report.drift_units, report.repaired), (7, 1));
+        assert_eq!(counter(&key).await, Some(7));
+    }
     delete(&key).await;
     let _: () = redis::cmd("RPUSH").arg(&key).arg("x").query_async(&mut redis).await.expect("RPUSH");
     let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");

@@ -271,6 +271,24 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         let stderr = refusal(&env, args);
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
+    // One made before such slugs were refused: found by that slug while no organization has it as its id, and the
+    // organization whose id it is found by that id.
+    let legacy = uuid::Uuid::new_v4().to_string();
+    let make_legacy = "INSERT INTO organizations (id, name, slug) VALUES (gen_random_uuid(), 'legacy', $1)";
+    sqlx::query(make_legacy).bind(&legacy).execute(&env.pool).await.expect("a legacy organization");
+    let found = |id_or_slug: String| {
+        let pool = env.pool.clone();
+        async move { tollgate_shared::admin::find_org(&pool, &id_or_slug).await.expect("found").name }
+    };
+    assert_eq!(found(legacy.clone()).await, "legacy");
+    let acme_id = org["id"].as_str().expect("id").to_owned();
+    sqlx::query("UPDATE organizations SET slug = $1 WHERE slug = $2")
+        .bind(&acme_id)
+        .bind(&legacy)
+        .execute(&env.pool)
+        .await
+        .expect("its slug");
+    assert_eq!(found(acme_id).await, "Acme Corp");
 
     let created = json_of(&tollgate(
         &env,

@@ -563,7 +563,7 @@ async fn lookups_holding_every_pooled_connection_hold_up_no_revocation() {
         .await
         .expect("revoke");
     let seen = wait_until(
-        Duration::from_secs(3),
+        Duration::from_secs(10),
         || async { cache.lookup(revoked.hash()).await.ok().flatten().and_then(|record| record.revoked_at) },
         Option::is_some,
     )

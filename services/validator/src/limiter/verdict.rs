@@ -164,7 +164,7 @@ mod tests {
     }
 
     #[test]
-    fn shadow_limits_are_reported_but_never_deny_and_the_quota_denies_first() {
+    fn shadow_limits_are_reported_but_never_deny() {
         let quota = QuotaLimit { redis_key: "q".into(), limit: 5, reset_at_us: 1_000_000_000, shadow: false };
         let plan = Plan { windows: vec![window(Subject::TierWindow(ID), 10, true)], quota: Some(quota.clone()) };
         let allowed = decide_from(&plan, 1, 0, &[reply(10, false, Some(5))], Some((1, true)));
