@@ -117,7 +117,8 @@ async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> an
     Ok(())
 }
 
-async fn wait_for_signal() {
+/// Until Ctrl-C (SIGINT) or SIGTERM.
+pub async fn wait_for_signal() {
     let interrupt = tokio::signal::ctrl_c();
     let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(signal) => signal,

@@ -1,6 +1,8 @@
 //! The database, stream and Redis prefix a bench makes for itself on the configured servers, so that it can run
 //! beside anything else, and removes when it is done.
 
+use std::future::Future;
+
 use tollgate_shared::config::{NamespaceArgs, ServerArgs, ServerUrl};
 use tollgate_shared::connect;
 use tollgate_shared::topology::Topology;
@@ -30,6 +32,24 @@ impl BenchNamespace {
             topology: Topology::new(&names),
             names,
         }
+    }
+
+    /// Runs `bench` on this namespace, then removes it: also when Ctrl-C or SIGTERM stops the bench midway, which
+    /// drops what the bench started (its child servers are killed with their handles).
+    pub async fn run<T>(
+        &self,
+        servers: &ServerArgs,
+        bench: impl Future<Output = anyhow::Result<T>>,
+    ) -> anyhow::Result<T> {
+        let result = tokio::select! {
+            result = bench => result,
+            () = crate::serve::wait_for_signal() => {
+                eprintln!("bench: stopped; removing its database, stream and Redis keys");
+                Err(anyhow::anyhow!("stopped before the end: no figures"))
+            }
+        };
+        self.remove(servers).await;
+        result
     }
 
     /// Removes the streams, the Redis keys (left to expire, a run's counters would linger for minutes and be

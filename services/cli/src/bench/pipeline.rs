@@ -71,9 +71,8 @@ pub async fn pipeline(servers: &ServerArgs, json: bool, args: BenchPipelineArgs)
     let bench = BenchNamespace::new(servers);
     let nats = connect::nats(&servers.nats_url).await?;
     eprintln!("bench: database {}, stream {}", bench.database, bench.topology.stream);
-    let result = run(servers, &bench.database_url, &bench.names, &bench.topology, nats, &args).await;
-    bench.remove(servers).await;
-    let report = result?;
+    let report =
+        bench.run(servers, run(servers, &bench.database_url, &bench.names, &bench.topology, nats, &args)).await?;
     print(json, &report, show)
 }
 

@@ -156,10 +156,7 @@ impl Shortfall {
 
 pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> anyhow::Result<()> {
     let bench = BenchNamespace::new(servers);
-    // Removed however the measuring ends; its servers are stopped by then.
-    let report = measure(servers, &bench, &args).await;
-    bench.remove(servers).await;
-    let report = report?;
+    let report = bench.run(servers, measure(servers, &bench, &args)).await?;
     crate::output::print(json, &report, render)?;
     let Shortfall { decided_without_redis, keys_read_from_postgres, events_spooled } = report.shortfall;
     anyhow::ensure!(

@@ -453,3 +453,63 @@ async fn a_validator_started_with_a_low_soft_open_files_limit_takes_the_hard_one
     assert_eq!(seen, Some((hard.clone(), hard)), "the validator's soft and hard open-files limits");
     env.cleanup().await;
 }
+
+/// A bench stopped with Ctrl-C midway removes its database and stream all the same, and says it gave no figures.
+#[tokio::test]
+async fn a_bench_stopped_midway_removes_what_it_made() {
+    use std::io::{BufRead, BufReader};
+    let mut bench = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["bench", "pipeline", "--rate", "1000", "--seconds", "60", "--orgs", "1"])
+        .env("DATABASE_URL", format!("{DATABASE_SERVER}/postgres"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run the bench");
+    let mut stderr = BufReader::new(bench.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    while !line.starts_with("bench: database ") {
+        line.clear();
+        assert!(
+            stderr.read_line(&mut line).expect("the bench's stderr") > 0,
+            "the bench ended before saying its names"
+        );
+    }
+    // "bench: database NAME, stream NAME"
+    let names: Vec<&str> = line.trim().trim_start_matches("bench: database ").split(", stream ").collect();
+    let (database, stream) = (names[0].to_owned(), names[1].to_owned());
+    let admin = sqlx::PgPool::connect(&format!("{DATABASE_SERVER}/postgres")).await.expect("postgres");
+    let exists = || async {
+        sqlx::query_scalar::<_, bool>("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&database)
+            .fetch_one(&admin)
+            .await
+            .expect("pg_database")
+    };
+    assert!(wait_until(Duration::from_secs(20), exists, |made| *made).await, "the bench made its database");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let status = Command::new("kill").args(["-INT", &bench.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let mut said = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut said).expect("the rest of stderr");
+    let exit = bench.wait().expect("the bench's exit");
+    assert!(!exit.success(), "a stopped bench gives no figures and fails: {said}");
+    assert!(said.contains("stopped"), "{said}");
+    assert!(!exists().await, "database {database} left behind: {said}");
+    let nats = async_nats::connect(NATS_URL).await.expect("nats");
+    let stream = async_nats::jetstream::new(nats).get_stream(&stream).await;
+    assert!(stream.is_err(), "stream left behind: {said}");
+    let prefix = format!("bench:{}:*", database.trim_start_matches("tollgate_bench_"));
+    let redis = redis::Client::open(crate::harness::REDIS_URL).expect("url");
+    let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
+    let (_, left): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(0)
+        .arg("MATCH")
+        .arg(&prefix)
+        .arg("COUNT")
+        .arg(100_000)
+        .query_async(&mut redis)
+        .await
+        .expect("SCAN");
+    assert!(left.is_empty(), "Redis keys left behind: {left:?}");
+}
