@@ -805,6 +805,22 @@ async fn verify_answers_json_and_names_the_bad_field() {
     assert!(body["message"].as_str().expect("message").contains("key"), "{body}");
     let (status, body) = verify(json!({ "key": key.expose(), "cost": 0 })).await;
     assert_eq!((status, body["field"].clone()), (StatusCode::BAD_REQUEST, json!("cost")));
+    // A misspelt requirement is refused, not dropped with the check it asked for.
+    let (status, body) = verify(json!({ "key": key.expose(), "scopes": "admin" })).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    assert!(body["message"].as_str().expect("message").contains("scopes"), "{body}");
+    let misspelt = client.get(validator.url("/v1/auth?scopes=admin")).bearer_auth(key.expose());
+    let misspelt = misspelt.send().await.expect("request");
+    assert_eq!(misspelt.status(), StatusCode::BAD_REQUEST);
+    // No answer may be kept by a cache on the way: an allowed one served again would skip the check.
+    let allowed = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+    let refused = client.get(validator.url("/v1/auth")).send().await.expect("request");
+    for (answer, status) in
+        [(allowed, StatusCode::OK), (refused, StatusCode::UNAUTHORIZED), (misspelt, StatusCode::BAD_REQUEST)]
+    {
+        assert_eq!(answer.status(), status);
+        assert_eq!(answer.headers()["cache-control"], "no-store", "{status}");
+    }
     // A NUL could never be written to PostgreSQL: refused here, not recorded as an event no worker can write.
     for field in ["method", "path", "request_id", "user_agent"] {
         let (status, body) = verify(json!({ "key": key.expose(), field: "a\u{0}b" })).await;
@@ -836,8 +852,9 @@ async fn verify_answers_json_and_names_the_bad_field() {
         assert!(body["message"].as_str().expect("message").contains("POST /v1/verify"), "{body}");
     }
 
-    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
-    env.wait_for_count("SELECT sum(units) FROM usage_hourly", 4).await;
+    // The three verifies above that decided on a known key, and the one allowed `/v1/auth`.
+    env.wait_for_count("SELECT count(*) FROM api_usage", 4).await;
+    env.wait_for_count("SELECT sum(units) FROM usage_hourly", 5).await;
     let agent: String = sqlx::query_scalar(
         "SELECT a.user_agent FROM api_usage u JOIN user_agents a ON a.id = u.user_agent_id WHERE u.request_id = 'ua'",
     )

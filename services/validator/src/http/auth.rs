@@ -16,7 +16,7 @@ use super::answers::{
     bad_request, forbidden, limit_headers, limiter_unavailable, spool_full, too_many, unauthorized, unavailable,
     HeaderValues,
 };
-use super::params::{cost_header, requirement};
+use super::params::{cost_header, requirement, OtherNames};
 use super::{AppState, Attempt, Verdict};
 use crate::request;
 
@@ -37,7 +37,9 @@ pub async fn auth(
     let (Parts { method, uri, headers, .. }, _) = request.into_parts();
     let envoy = envoy_original(&uri);
     let query = if envoy.is_some() { None } else { uri.query() };
-    let (cost, requirement) = match (cost_header(&headers), requirement(query, &headers)) {
+    // On `/v1/auth` itself the query is the route's; after an original path it may be the client's.
+    let others = if uri.path() == "/v1/auth" { OtherNames::Refused } else { OtherNames::Ignored };
+    let (cost, requirement) = match (cost_header(&headers), requirement(query, others, &headers)) {
         (Ok(cost), Ok(requirement)) => (cost, requirement),
         (Err((field, message)), _) | (_, Err((field, message))) => return state.refused(bad_request(field, &message)),
     };

@@ -19,6 +19,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::http::header::CACHE_CONTROL;
+use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
@@ -88,7 +90,15 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(answers::not_found)
         .method_not_allowed_fallback(answers::method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::map_response(no_store))
         .with_state(state)
+}
+
+/// No cache between a client and Tollgate may keep an answer: an allowed one served again would let the next
+/// request through unchecked and uncounted (an nginx `proxy_cache` inherited by the auth subrequest, say).
+async fn no_store(mut response: Response) -> Response {
+    response.headers_mut().insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
 }
 
 /// One verify request, whichever endpoint it came through.

@@ -37,16 +37,27 @@ pub fn cost_header(headers: &HeaderMap) -> Result<u32, BadParameter> {
     Ok(cost.unwrap_or(1))
 }
 
+/// Where a query's names other than `scope` and `role` come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherNames {
+    /// The query is the route's own, a gateway's setting: any other name is a mistake (`scopes=admin` for
+    /// `scope=admin`) that would drop a check, so it is refused.
+    Refused,
+    /// The query may be the client's (after an original path, as some gateways send it): other names are its own.
+    Ignored,
+}
+
 /// Scopes and role a route requires, from the query (`scope=a,b&role=admin`) and from
 /// `X-Tollgate-Require-Scope` / `X-Tollgate-Require-Role`; all of them apply.
-pub fn requirement(query: Option<&str>, headers: &HeaderMap) -> Result<Requirement, BadParameter> {
+pub fn requirement(query: Option<&str>, others: OtherNames, headers: &HeaderMap) -> Result<Requirement, BadParameter> {
     let mut scopes: Vec<String> = Vec::new();
     let mut roles: Vec<String> = Vec::new();
     for (name, value) in url::form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
         match &*name {
             "scope" => scopes.push(value.into_owned()),
             "role" => roles.push(value.into_owned()),
-            _ => {}
+            _ if others == OtherNames::Ignored => {}
+            other => return Err(("query", format!("{other:?} is not a parameter: use scope and role"))),
         }
     }
     for value in headers.get_all(X_TOLLGATE_REQUIRE_SCOPE) {
@@ -89,11 +100,17 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-tollgate-require-scope", HeaderValue::from_static("orders"));
         headers.append("x-tollgate-require-role", HeaderValue::from_static("guest"));
-        let need = requirement(Some("scope=read,write&scope=a%20b&role=admin&other=1"), &headers).expect("valid");
+        let query = Some("scope=read,write&scope=a%20b&role=admin&other=1");
+        let need = requirement(query, OtherNames::Ignored, &headers).expect("valid");
         assert_eq!(need.scopes, ["read", "write", "a", "b", "orders"]);
         assert_eq!(need.role, Some(Role::Admin));
-        assert_eq!(requirement(None, &HeaderMap::new()).expect("valid"), Requirement::default());
-        assert!(requirement(Some("role=root"), &HeaderMap::new()).is_err());
+        assert_eq!(requirement(None, OtherNames::Refused, &HeaderMap::new()).expect("valid"), Requirement::default());
+        assert!(requirement(Some("role=root"), OtherNames::Ignored, &HeaderMap::new()).is_err());
+        // A misspelt requirement in a route's own query is refused, not dropped with its check.
+        let (field, message) = requirement(query, OtherNames::Refused, &headers).expect_err("other=1");
+        assert_eq!(field, "query");
+        assert!(message.contains("\"other\""), "{message}");
+        assert!(requirement(Some("scopes=admin"), OtherNames::Refused, &HeaderMap::new()).is_err());
     }
 
     #[test]

@@ -25,7 +25,10 @@ use super::{AppState, Attempt, Verdict};
 use crate::limiter::Usage;
 use crate::request::{self, Credential};
 
+/// Unknown fields are refused: a misspelt requirement (`"scopes": "admin"` for `"scope"`) would otherwise be dropped,
+/// and the key let through without the check.
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct VerifyBody {
     key: String,
     #[serde(default = "one")]
