@@ -8,6 +8,7 @@ mod output;
 mod serve;
 mod usage;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -31,6 +32,8 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn")),
         )
         .with_writer(std::io::stderr)
+        // Colours for a terminal only: a log collector would keep the escape codes around every level and field.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -99,12 +99,14 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
 async fn up_demo_prints_a_key_that_verifies_for_a_day() {
     use std::io::BufRead;
     let env = TestEnv::new().await;
+    let log = tempfile::NamedTempFile::new().expect("a log file");
     let mut command = Command::new(env!("CARGO_BIN_EXE_tollgate"));
     env.servers_and_namespace(command.args(["up", "--demo"]), NATS_URL)
         .env("TOLLGATE_LISTEN", "127.0.0.1:0")
         .env("TOLLGATE_SPOOL_DIR", env.spool_dir())
+        .env("RUST_LOG", "info")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null());
+        .stderr(log.reopen().expect("the log file, to write"));
     /// Killed if the test fails before it stops it.
     struct Up(Option<std::process::Child>);
     impl Drop for Up {
@@ -139,6 +141,10 @@ async fn up_demo_prints_a_key_that_verifies_for_a_day() {
     let mut child = up.0.take().expect("running");
     let status = tokio::task::spawn_blocking(move || child.wait()).await.expect("join").expect("wait");
     assert!(status.success(), "Ctrl-C stops it with exit 0: {status}");
+    // Written to a file, as a log collector reads it: plain text, no terminal colours.
+    let logged = std::fs::read_to_string(log.path()).expect("the log");
+    assert!(logged.contains("validator listening"), "{logged}");
+    assert!(!logged.contains('\u{1b}'), "escape codes in a log that is not a terminal: {logged:?}");
     env.cleanup().await;
 }
 
