@@ -9,8 +9,11 @@ use sqlx::{ConnectOptions, Connection, PgPool};
 
 use crate::config::ServerUrl;
 
-/// Migrations in `migrations/`, embedded at build time.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+/// Migrations in `migrations/`, embedded at build time. Those a newer release applied are let be: during a rolling
+/// update, or after rolling one back, a process of this release restarted against a database the newer one migrated
+/// must still start (each release reads what it knows of the schema and leaves the rest).
+pub static MIGRATOR: sqlx::migrate::Migrator =
+    sqlx::migrate::Migrator { ignore_missing: true, ..sqlx::migrate!("../migrations") };
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often the NATS client pings the server: a connection that went dead without a reset (a host gone, a firewall
