@@ -46,10 +46,14 @@ pub async fn run(
     // Then, so that a second validator on the same spool directory stops before it touches anything else.
     let spool = open_spool(&args).await?;
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
-    if connections.nats.connection_state() == async_nats::connection::State::Connected {
-        topology.ensure_usage_stream(&jetstream).await?;
+    let stream = if connections.nats.connection_state() == async_nats::connection::State::Connected {
+        topology.ensure_usage_stream(&jetstream).await.map(drop).map_err(|e| e.to_string())
     } else {
-        tracing::warn!("NATS does not answer: serving anyway, usage events go to the spool until it does");
+        Err("NATS does not answer".to_owned())
+    };
+    // Either way it serves: a NATS without JetStream (a cluster between JetStream leaders) is one away for usage.
+    if let Err(e) = stream {
+        tracing::warn!(error = %e, "no usage stream yet: serving anyway, usage events go to the spool until it is made");
         tokio::spawn(create_stream_when_nats_answers(topology.clone(), jetstream.clone(), shutdown.clone()));
     }
     let settings = publisher::Settings {
@@ -88,19 +92,25 @@ pub async fn run(
     Ok(())
 }
 
-/// Creates the usage stream once NATS answers (the spool's replay succeeds only then).
+/// Creates the usage stream once NATS and its JetStream answer (the spool's replay succeeds only then).
 async fn create_stream_when_nats_answers(
     topology: Topology,
     jetstream: async_nats::jetstream::Context,
     shutdown: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
-    while !shutdown.is_cancelled() {
+    for attempt in 1.. {
+        if shutdown.is_cancelled() {
+            return;
+        }
         match topology.ensure_usage_stream(&jetstream).await {
             Ok(_) => {
                 tracing::info!(stream = %topology.stream, "NATS answers; usage stream ready");
                 return;
             }
+            // Said again now and then (every minute or so once the wait is 2 s): what keeps it from being made may
+            // be a setting to mend (a stream of another name taking these subjects), not only time.
+            Err(e) if attempt % 30 == 0 => tracing::warn!(error = %e, "still no usage stream; events are spooled"),
             Err(e) => tracing::debug!(error = %e, "usage stream not ready yet"),
         }
         tokio::select! {

@@ -161,6 +161,36 @@ async fn nats_stopped_for_ten_seconds_loses_and_doubles_nothing() {
     env.cleanup().await;
 }
 
+/// A NATS that answers without JetStream (a cluster between JetStream leaders, say) does not stop the validator: it
+/// serves, spools the events, and delivers them once JetStream answers.
+#[tokio::test]
+async fn a_nats_without_jetstream_at_start_gets_the_events_once_jetstream_answers() {
+    let mut nats = PrivateNats::start_without_jetstream();
+    let env = TestEnv::with_nats(&nats.url()).await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let validator =
+        env.spawn_validator_process_on(&nats.url(), &[("TOLLGATE_PUBLISH_TIMEOUT", "1s".into())], Stdio::null());
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let response = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let spooled = || validator.metric("tollgate_events_spooled_total");
+    let spooled = wait_until(Duration::from_secs(10), spooled, |n| *n == Some(3.0)).await;
+    assert_eq!(spooled, Some(3.0), "the events wait in the spool");
+
+    nats.stop();
+    nats.jetstream = true;
+    nats.restart();
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    worker.stop().await;
+    drop(validator); // stopped before its namespace is removed
+    env.cleanup().await;
+}
+
 /// While NATS is away nothing is sent to it: each attempt would stay queued in the NATS client (which reads nothing
 /// of its queue while it reconnects), a copy of the message each, and all of them would go out once NATS is back,
 /// ahead of the replay. A long outage piled up hundreds of megabytes of such copies.

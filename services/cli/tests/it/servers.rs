@@ -46,6 +46,8 @@ pub struct PrivateNats {
     pub port: u16,
     store: TempDir,
     child: Option<Child>,
+    /// Whether it runs JetStream (from the next restart on).
+    pub jetstream: bool,
 }
 
 impl PrivateNats {
@@ -55,7 +57,17 @@ impl PrivateNats {
 
     /// One whose configuration file holds `config` (nats-server's format), besides the port and JetStream.
     pub fn start_with_config(config: &str) -> PrivateNats {
-        let mut nats = PrivateNats { port: free_port(), store: TempDir::new().expect("temp dir"), child: None };
+        PrivateNats::start_as(config, true)
+    }
+
+    /// One that answers without JetStream, as a cluster does while it has no JetStream leader.
+    pub fn start_without_jetstream() -> PrivateNats {
+        PrivateNats::start_as("", false)
+    }
+
+    fn start_as(config: &str, jetstream: bool) -> PrivateNats {
+        let store = TempDir::new().expect("temp dir");
+        let mut nats = PrivateNats { port: free_port(), store, child: None, jetstream };
         std::fs::write(nats.config_file(), config).expect("write the nats-server configuration");
         nats.restart();
         nats
@@ -79,7 +91,9 @@ impl PrivateNats {
         let child = Command::new("/usr/sbin/nats-server")
             .arg("-c")
             .arg(self.config_file())
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(self.jetstream.then_some("-js"))
+            .arg("-sd")
             .arg(self.store.path())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
