@@ -80,6 +80,7 @@ pub async fn run(
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
         read_timeout: args.connections.read_timeout,
         metrics: http::RequestMetrics::new(),
+        lookup_failures: http::LogThrottle::default(),
     });
     tracing::info!(address = %listener.local_addr()?, "validator listening");
     let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");

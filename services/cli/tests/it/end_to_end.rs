@@ -298,6 +298,31 @@ async fn lock_keys(pool: sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postg
     transaction
 }
 
+/// While PostgreSQL does not answer lookups in time (a lock on the keys, an overload), a flood of keys not cached
+/// writes a log line a second, not one a request.
+#[tokio::test]
+async fn lookups_that_time_out_are_logged_once_a_second_not_once_a_request() {
+    let env = TestEnv::new().await;
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let validator = env.spawn_validator_process_logging(&[], log.reopen().expect("the log file, to write").into());
+    validator.answering().await;
+    let lock = lock_keys(env.pool.clone()).await;
+    let client = reqwest::Client::new();
+    let requests = (0..20).map(|n| {
+        let request = client.get(validator.url("/v1/auth")).bearer_auth(format!("sk_flood_{n:032}"));
+        async move { request.send().await.expect("request").status() }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::SERVICE_UNAVAILABLE), "{statuses:?}");
+    drop(lock);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let logged = std::fs::read_to_string(log.path()).expect("the log");
+    let lines = logged.matches("cannot look up a key that is not cached").count();
+    assert!((1..=2).contains(&lines), "{lines} lines for 20 failed lookups: {logged}");
+    drop(validator); // stopped before its namespace is removed
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn revoked_expired_and_disabled_keys_get_401_and_are_recorded() {
     let env = TestEnv::new().await;

@@ -16,8 +16,9 @@ mod probes;
 mod verify;
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::http::header::CACHE_CONTROL;
 use axum::http::HeaderValue;
@@ -57,6 +58,21 @@ pub struct AppState {
     /// Longest a `/v1/verify` body may take to arrive.
     pub read_timeout: std::time::Duration,
     pub metrics: RequestMetrics,
+    /// Lookups of keys not cached that PostgreSQL did not answer in time: logged at most once a second.
+    pub lookup_failures: LogThrottle,
+}
+
+/// At most one log line a second for a failure that every request of a flood would otherwise log (each is counted in
+/// the metrics all the same).
+#[derive(Default)]
+pub struct LogThrottle(AtomicU64);
+
+impl LogThrottle {
+    /// Whether to log now: yes for the first call in each second.
+    pub fn allows(&self) -> bool {
+        let second = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |since| since.as_secs());
+        self.0.swap(second, Ordering::Relaxed) != second
+    }
 }
 
 /// Handles of the metrics every request updates, taken once (see [`LabeledCounter`]).
@@ -203,7 +219,13 @@ impl AppState {
                 return Verdict::Unavailable;
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot look up a key that is not cached");
+                if self.lookup_failures.allows() {
+                    tracing::error!(
+                        error = %e,
+                        "cannot look up a key that is not cached (said at most once a second; every such request is \
+                         counted in tollgate_verify_requests_total{{outcome=\"unavailable\"}})"
+                    );
+                }
                 return Verdict::Unavailable;
             }
         };
