@@ -176,10 +176,17 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
 
     let missing = client.get(url("/orders/1")).send().await.expect("request");
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
-    assert!(missing.headers()["www-authenticate"].to_str().expect("ascii").starts_with("Bearer"));
+    let challenges: Vec<_> = missing.headers().get_all("www-authenticate").iter().collect();
+    assert_eq!(challenges, ["Bearer realm=\"tollgate\""], "one challenge, Tollgate's");
+    // As JSON, as Tollgate answers, not nginx's HTML page.
+    assert_eq!(missing.headers()["content-type"], "application/json");
+    let body: serde_json::Value = missing.json().await.expect("a JSON body");
+    assert_eq!(body["error"], "unauthorized", "{body}");
 
     let forbidden = client.get(url("/admin/users")).bearer_auth(key.expose()).send().await.expect("request");
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
+    let body: serde_json::Value = forbidden.json().await.expect("a JSON body");
+    assert_eq!(body["error"], "insufficient_scope", "{body}");
 
     // A route that weighs more than the key's whole limit: 429 with no Retry-After, since no wait helps.
     let never = client.get(url("/reports/1")).bearer_auth(limited.expose()).send().await.expect("request");
