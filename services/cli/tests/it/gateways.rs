@@ -100,11 +100,16 @@ async fn assert_key_stays_with_the_gateway(client: &reqwest::Client, url: &str, 
     }
 }
 
+/// What the upstream answers at this path: a 403 of its own, which a gateway must pass on as it is.
+const UPSTREAM_FORBIDDEN: &str = "/orders/upstreams-own-403";
+
 /// An upstream that answers with the Tollgate and credential headers it received, as JSON.
 async fn start_upstream() -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr").to_string();
-    let app = axum::Router::new().fallback(|headers: HeaderMap| async move {
+    let app = axum::Router::new()
+        .route(UPSTREAM_FORBIDDEN, axum::routing::any(|| async { (StatusCode::FORBIDDEN, "the upstream's own 403") }));
+    let app = app.fallback(|headers: HeaderMap| async move {
         let seen: serde_json::Map<String, serde_json::Value> = headers
             .iter()
             .filter(|(name, _)| {
@@ -187,6 +192,10 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let body: serde_json::Value = forbidden.json().await.expect("a JSON body");
     assert_eq!(body["error"], "insufficient_scope", "{body}");
+    // The upstream's own 403 passes as it is.
+    let own = client.get(url(UPSTREAM_FORBIDDEN)).bearer_auth(key.expose()).send().await.expect("request");
+    assert_eq!(own.status(), StatusCode::FORBIDDEN);
+    assert_eq!(own.text().await.expect("body"), "the upstream's own 403");
 
     // A route that weighs more than the key's whole limit: 429 with no Retry-After, since no wait helps.
     let never = client.get(url("/reports/1")).bearer_auth(limited.expose()).send().await.expect("request");
