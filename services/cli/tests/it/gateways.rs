@@ -114,7 +114,7 @@ async fn start_upstream() -> String {
             .iter()
             .filter(|(name, _)| {
                 let name = name.as_str();
-                ["x-tollgate-", "x-ratelimit-", "ratelimit"].iter().any(|p| name.starts_with(p))
+                ["x-tollgate-", "x-ratelimit-", "ratelimit", "x-request-id"].iter().any(|p| name.starts_with(p))
                     || CREDENTIAL_HEADERS.contains(&name)
             })
             .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").into()))
@@ -192,6 +192,19 @@ async fn nginx_auth_request_gives_200_401_403_and_429() {
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let body: serde_json::Value = forbidden.json().await.expect("a JSON body");
     assert_eq!(body["error"], "insufficient_scope", "{body}");
+    // The usage row and the upstream hold the same request id: the client's own, else one nginx made.
+    let worker = env.start_worker().await;
+    let own_id = client.get(url("/orders/7")).bearer_auth(key.expose()).header("X-Request-Id", "r-42");
+    let seen: serde_json::Value = own_id.send().await.expect("request").json().await.expect("upstream echo");
+    assert_eq!(seen["x-request-id"], "r-42");
+    let made = client.get(url("/orders/8")).bearer_auth(key.expose()).send().await.expect("request");
+    let seen: serde_json::Value = made.json().await.expect("upstream echo");
+    let made = seen["x-request-id"].as_str().expect("a request id nginx made").to_owned();
+    for (path, id) in [("/orders/7", "r-42".to_owned()), ("/orders/8", made)] {
+        let sql = format!("SELECT count(*) FROM api_usage WHERE path = '{path}' AND request_id = '{id}'");
+        env.wait_for_count(&sql, 1).await;
+    }
+    worker.stop().await;
     // The upstream's own 403 passes as it is.
     let own = client.get(url(UPSTREAM_FORBIDDEN)).bearer_auth(key.expose()).send().await.expect("request");
     assert_eq!(own.status(), StatusCode::FORBIDDEN);
