@@ -298,6 +298,22 @@ async fn lock_keys(pool: sqlx::PgPool) -> sqlx::Transaction<'static, sqlx::Postg
     transaction
 }
 
+/// A key's name past ASCII arrives percent-encoded in its header (raw UTF-8 there reads as Latin-1, or not at all, in
+/// many HTTP libraries), and `%` with it, so that it decodes back.
+#[tokio::test]
+async fn a_key_name_past_ascii_arrives_percent_encoded() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.name = "Équipe 100% données".into()).await;
+    let validator = env.start_validator().await;
+    let response = reqwest::Client::new().get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await;
+    let response = response.expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["x-tollgate-key-name"], "%C3%89quipe 100%25 donn%C3%A9es");
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 /// While PostgreSQL does not answer lookups in time (a lock on the keys, an overload), a flood of keys not cached
 /// writes a log line a second, not one a request.
 #[tokio::test]

@@ -25,6 +25,9 @@ const X_TOLLGATE_ORG_ID: HeaderName = HeaderName::from_static("x-tollgate-org-id
 const X_TOLLGATE_ROLE: HeaderName = HeaderName::from_static("x-tollgate-role");
 const X_TOLLGATE_EVENT_ID: HeaderName = HeaderName::from_static("x-tollgate-event-id");
 const X_TOLLGATE_KEY_NAME: HeaderName = HeaderName::from_static("x-tollgate-key-name");
+/// What a key's name has encoded in its header besides every byte past ASCII: control characters (names cannot hold
+/// them but a tab) and `%`.
+const KEY_NAME_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 /// Forward auth for gateways: 200 with the key's identity in headers, or 401 with one uniform body.
 pub async fn auth(
@@ -76,8 +79,10 @@ pub async fn auth(
             values.insert(out, X_TOLLGATE_ORG_ID, format_args!("{}", record.org_id.hyphenated()));
             out.insert(X_TOLLGATE_ROLE, HeaderValue::from_static(record.role.as_str()));
             values.insert(out, X_TOLLGATE_EVENT_ID, format_args!("{}", event_id.hyphenated()));
-            // A name that cannot be a header value (control characters) is left out rather than failing the request.
-            values.insert(out, X_TOLLGATE_KEY_NAME, format_args!("{}", record.name));
+            // Percent-encoded past printable ASCII, which is all a header value is sure to carry intact (raw UTF-8
+            // reads as Latin-1 or not at all in many HTTP libraries), and `%` itself, so that it decodes back.
+            let name = percent_encoding::utf8_percent_encode(&record.name, KEY_NAME_ENCODED);
+            values.insert(out, X_TOLLGATE_KEY_NAME, format_args!("{name}"));
             response
         }
         Verdict::Decided { outcome: Outcome::InsufficientScope, .. } => forbidden(),
