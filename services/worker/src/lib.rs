@@ -277,7 +277,12 @@ pub async fn run_observed(
     let consumer_gone = Arc::new(AtomicBool::new(false));
     // The consumer's largest pull as last read (0: any): an operator may lower it while the workers run.
     let max_batch = Arc::new(AtomicI64::new(consumer.cached_info().config.max_batch));
-    let watcher = tokio::spawn(watch_consumer(consumer.clone(), consumer_gone.clone(), max_batch.clone()));
+    // Aborted with this future too (a bench stopped midway drops it), or it would make the consumer again for ever.
+    let watcher = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_consumer(
+        consumer.clone(),
+        consumer_gone.clone(),
+        max_batch.clone(),
+    )));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     'consume: while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::NaiveDate;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 use uuid::Uuid;
 
@@ -138,13 +138,14 @@ const FINISH_WAIT: Duration = Duration::from_secs(2);
 /// until Redis takes them.
 pub struct CounterRaiser {
     commits: mpsc::UnboundedSender<Vec<PeriodTotal>>,
-    task: JoinHandle<()>,
+    /// Aborted if the raiser is dropped without [`CounterRaiser::finish`] (its worker's future was dropped).
+    task: AbortOnDropHandle<()>,
 }
 
 impl CounterRaiser {
     pub fn spawn(quota: QuotaCounters) -> CounterRaiser {
         let (commits, totals) = mpsc::unbounded_channel();
-        let task = tokio::spawn(raise_counters(totals, quota).in_current_span());
+        let task = AbortOnDropHandle::new(tokio::spawn(raise_counters(totals, quota).in_current_span()));
         CounterRaiser { commits, task }
     }
 

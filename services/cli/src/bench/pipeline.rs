@@ -106,19 +106,21 @@ async fn run(
         })
     };
     let shutdown = CancellationToken::new();
-    let mut workers = Vec::new();
+    // A bench stopped midway drops this future: the workers stop with it (aborted with their set), before the
+    // bench's streams and keys are removed, rather than make them again.
+    let mut workers = tokio::task::JoinSet::new();
     let redis = connect::redis(&servers.redis_url).await?;
     for _ in 0..args.worker.worker_tasks {
         let connections =
             tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone().into() };
-        workers.push(tokio::spawn(tollgate_worker::run_observed(
+        workers.spawn(tollgate_worker::run_observed(
             args.worker.clone(),
             topology.clone(),
             namespace.redis_prefix.clone(),
             connections,
             Some(observer.clone()),
             shutdown.clone(),
-        )));
+        ));
     }
 
     // Publish at the target rate.
@@ -160,8 +162,8 @@ async fn run(
     }
     let drain_seconds = drain_started.elapsed().as_secs_f64();
     shutdown.cancel();
-    for worker in workers {
-        worker.await.context("a worker panicked")??;
+    while let Some(worker) = workers.join_next().await {
+        worker.context("a worker panicked")??;
     }
     let committed_rows = committed.load(Ordering::Relaxed);
     anyhow::ensure!(committed_rows >= published, "the workers committed {committed_rows} of {published} events");

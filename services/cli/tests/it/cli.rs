@@ -502,9 +502,10 @@ async fn a_bench_stopped_midway_removes_what_it_made() {
     assert!(!exit.success(), "a stopped bench gives no figures and fails: {said}");
     assert!(said.contains("stopped"), "{said}");
     assert!(!exists().await, "database {database} left behind: {said}");
-    let nats = async_nats::connect(NATS_URL).await.expect("nats");
-    let stream = async_nats::jetstream::new(nats).get_stream(&stream).await;
-    assert!(stream.is_err(), "stream left behind: {said}");
+    let js = async_nats::jetstream::new(async_nats::connect(NATS_URL).await.expect("nats"));
+    for stream in [stream.clone(), format!("{stream}_DLQ")] {
+        assert!(js.get_stream(&stream).await.is_err(), "stream {stream} left behind: {said}");
+    }
     let prefix = format!("bench:{}:*", database.trim_start_matches("tollgate_bench_"));
     let redis = redis::Client::open(crate::harness::REDIS_URL).expect("url");
     let mut redis = redis.get_multiplexed_async_connection().await.expect("redis");
