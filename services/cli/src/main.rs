@@ -32,8 +32,9 @@ async fn main() -> ExitCode {
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,sqlx::postgres::notice=warn")),
         )
         .with_writer(std::io::stderr)
-        // Colours for a terminal only: a log collector would keep the escape codes around every level and field.
-        .with_ansi(std::io::stderr().is_terminal())
+        // Colours for a terminal only (a log collector would keep the escape codes around every level and field),
+        // and not even there with NO_COLOR set, as the subscriber's own default has it.
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()))
         .init();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

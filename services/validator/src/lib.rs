@@ -77,6 +77,7 @@ pub async fn run(
         redis: connections.redis,
         nats: connections.nats,
         redis_prefix: topology.redis_prefix.clone(),
+        usage_stream: topology.stream.clone(),
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
         read_timeout: args.connections.read_timeout,
         metrics: http::RequestMetrics::new(),

@@ -234,9 +234,8 @@ async fn audit(
     Ok(())
 }
 
-/// A key's name goes to the upstream as `X-Tollgate-Key-Name`: one with an ASCII control character but tab (a line
-/// break, say) could not be a header value, and would be left out (so that under Envoy, a client's own header of
-/// that name would pass instead).
+/// A key's name goes to the upstream as `X-Tollgate-Key-Name` (percent-encoded past printable ASCII); a control
+/// character in it (a line break, say) is refused all the same, as a mistake in a name shown in listings and logs.
 fn validate_name(name: &str) -> Result<(), AdminError> {
     if name.chars().any(|c| c.is_ascii_control() && c != '\t') {
         return Err(AdminError::Invalid(format!(

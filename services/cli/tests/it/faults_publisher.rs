@@ -180,12 +180,19 @@ async fn a_nats_without_jetstream_at_start_gets_the_events_once_jetstream_answer
     let spooled = || validator.metric("tollgate_events_spooled_total");
     let spooled = wait_until(Duration::from_secs(10), spooled, |n| *n == Some(3.0)).await;
     assert_eq!(spooled, Some(3.0), "the events wait in the spool");
+    // And it says so, so that a stream that cannot be made (a setting to mend) is not found only once the spool fills.
+    let ready = client.get(validator.url("/readyz")).send().await.expect("readyz");
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let ready: serde_json::Value = ready.json().await.expect("json");
+    assert_eq!((ready["nats"].as_str(), ready["usage_stream"].as_str()), (Some("ok"), Some("unavailable")), "{ready}");
 
     nats.stop();
     nats.jetstream = true;
     nats.restart();
     let worker = env.start_worker().await;
     env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    let ready = || async { client.get(validator.url("/readyz")).send().await.expect("readyz").status() };
+    assert_eq!(wait_until(Duration::from_secs(10), ready, |s| *s == StatusCode::OK).await, StatusCode::OK);
     worker.stop().await;
     drop(validator); // stopped before its namespace is removed
     env.cleanup().await;

@@ -53,6 +53,8 @@ pub struct AppState {
     pub nats: async_nats::Client,
     pub limiter: Limiter,
     pub redis_prefix: String,
+    /// The JetStream stream usage events go to (`/readyz` says whether it is there).
+    pub usage_stream: String,
     /// 401s per client IP per minute before 429; 0 = no limit.
     pub ip_failures_per_minute: u32,
     /// Longest a `/v1/verify` body may take to arrive.

@@ -14,9 +14,11 @@ use crate::limiter::Health;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// 200 when PostgreSQL, Redis and NATS all answer; otherwise 503. The body gives each one's status, and `ratelimit`
-/// how the limiter decides (`degraded`: by the failure policies). The validator keeps answering meanwhile, so this is
-/// for alerts; load balancers check `/healthz`, since every replica shares the same servers.
+/// 200 when PostgreSQL, Redis and NATS all answer, and JetStream has the usage stream; otherwise 503. The body gives
+/// each one's status, and `ratelimit` how the limiter decides (`degraded`: by the failure policies). The validator
+/// keeps answering meanwhile (usage events go to the spool while the stream cannot take them, which a stream never
+/// made, by a setting to mend, would fill), so this is for alerts; load balancers check `/healthz`, since every
+/// replica shares the same servers.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
     let redis = async {
@@ -24,11 +26,14 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         redis::cmd("PING").query_async::<String>(&mut redis).await.is_ok()
     };
     let nats = async { state.nats.flush().await.is_ok() };
+    let jetstream =
+        async { async_nats::jetstream::new(state.nats.clone()).get_stream(&state.usage_stream).await.is_ok() };
     let within = |ok: Option<bool>| if ok == Some(true) { "ok" } else { "unavailable" };
-    let (postgres, redis, nats) = tokio::join!(
+    let (postgres, redis, nats, jetstream) = tokio::join!(
         tokio::time::timeout(PROBE_TIMEOUT, postgres),
         tokio::time::timeout(PROBE_TIMEOUT, redis),
         tokio::time::timeout(PROBE_TIMEOUT, nats),
+        tokio::time::timeout(PROBE_TIMEOUT, jetstream),
     );
     let redis_ok = redis.as_ref().ok() == Some(&true);
     let limiter = match (state.limiter.health(), redis_ok) {
@@ -39,9 +44,10 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         "postgres": within(postgres.ok()),
         "redis": within(redis.ok()),
         "nats": within(nats.ok()),
+        "usage_stream": within(jetstream.ok()),
         "ratelimit": limiter,
     });
-    let ready = ["postgres", "redis", "nats"].iter().all(|server| status[*server] == "ok");
+    let ready = ["postgres", "redis", "nats", "usage_stream"].iter().all(|server| status[*server] == "ok");
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(status)).into_response()
 }
