@@ -519,18 +519,27 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     let pool = env.pool.clone();
     let revoking =
         tokio::spawn(async move { admin::revoke_key(&pool, &Actor("test".into()), id, None).await.map(|_| ()) });
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    env.wait_for_count(waiting, 1).await;
-    // Longer than the refresher looks back (5 s).
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    batch.commit().await.expect("commit");
-    revoking.await.expect("task").expect("revoke");
+    release_past_the_refresh_lookback(&env, batch, revoking).await;
 
     let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::UNAUTHORIZED).await;
     assert_eq!(seen, StatusCode::UNAUTHORIZED, "the revocation reached the validator");
     validator.service.stop().await;
     env.cleanup().await;
+}
+
+/// Commits `holder` once `waiting`, a change held up by its lock, has waited longer than the key refresher looks back
+/// (5 s), then waits for that change.
+async fn release_past_the_refresh_lookback(
+    env: &TestEnv,
+    holder: sqlx::Transaction<'static, sqlx::Postgres>,
+    waiting: tokio::task::JoinHandle<Result<(), admin::AdminError>>,
+) {
+    let lock_waits =
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
+    env.wait_for_count(lock_waits, 1).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    holder.commit().await.expect("commit");
+    waiting.await.expect("task").expect("the change held up");
 }
 
 /// An imported key that a validator refused before its import (its client already presents it) is accepted once the
@@ -552,7 +561,7 @@ async fn an_import_that_waited_for_a_lock_still_reaches_a_validator_that_refused
         .execute(&mut *holder)
         .await
         .expect("lock");
-    let (pool, org_slug) = (env.pool.clone(), org.clone());
+    let (pool, org_slug, imported) = (env.pool.clone(), org.clone(), key.clone());
     let importing = tokio::spawn(async move {
         let new = admin::NewKey {
             org: org_slug,
@@ -563,16 +572,9 @@ async fn an_import_that_waited_for_a_lock_still_reaches_a_validator_that_refused
             custom_rate_limit_per_minute: None,
             expires_at: None,
         };
-        let key = ApiKey::parse("sk_prod_0f1e2d3c4b5a69788796a5b4c3d2e1f0").expect("key");
-        admin::import_key(&pool, &Actor("test".into()), new, &key).await.map(|_| ())
+        admin::import_key(&pool, &Actor("test".into()), new, &imported).await.map(|_| ())
     });
-    let waiting =
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'";
-    env.wait_for_count(waiting, 1).await;
-    // Longer than the refresher looks back (5 s).
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    holder.commit().await.expect("commit");
-    importing.await.expect("task").expect("import");
+    release_past_the_refresh_lookback(&env, holder, importing).await;
 
     let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::OK).await;
     assert_eq!(seen, StatusCode::OK, "the import reached the validator");
