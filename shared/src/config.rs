@@ -193,6 +193,12 @@ pub struct ValidatorArgs {
     pub trusted_proxies: ProxyNets,
     #[command(flatten)]
     pub connections: ConnectionArgs,
+    /// How long, after SIGTERM or Ctrl-C, the validator goes on serving while its `/healthz` answers 503, so that load
+    /// balancers take it out before it stops accepting connections (Kubernetes takes a few seconds to update its
+    /// endpoints). 0 stops accepting at once.
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_DELAY", value_name = "TOLLGATE_SHUTDOWN_DELAY", default_value = "0s",
+          value_parser = period(Duration::ZERO, LONGEST))]
+    pub shutdown_delay: Duration,
     /// Events held in memory between the HTTP handlers and the NATS publisher.
     #[arg(long, env = "TOLLGATE_EVENT_QUEUE", value_name = "TOLLGATE_EVENT_QUEUE", default_value_t = 100_000,
           value_parser = count_up_to(10_000_000))]
@@ -254,6 +260,12 @@ pub struct ConnectionArgs {
     #[arg(long, env = "TOLLGATE_READ_TIMEOUT", value_name = "TOLLGATE_READ_TIMEOUT", default_value = "65s",
           value_parser = positive_duration)]
     pub read_timeout: Duration,
+    /// Longest a shutdown (SIGTERM, Ctrl-C) waits for requests in flight before it closes their connections. Keep it,
+    /// with TOLLGATE_SHUTDOWN_DELAY and a few seconds for the usage events to reach JetStream or the spool, under the
+    /// time your orchestrator allows before it kills the process (Kubernetes: 30 s).
+    #[arg(long, env = "TOLLGATE_SHUTDOWN_GRACE", value_name = "TOLLGATE_SHUTDOWN_GRACE", default_value = "20s",
+          value_parser = period(Duration::ZERO, LONGEST))]
+    pub shutdown_grace: Duration,
 }
 
 /// How the rate limiter behaves, above all when Redis is slow or away.

@@ -16,6 +16,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_service::Service;
 
 use crate::config::ConnectionArgs;
@@ -36,7 +38,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 
 /// Serves `router` on `listener` until `shutdown` completes, within `limits` (past its connections, more wait in the
 /// kernel's queue, [`BACKLOG`] long); `open` follows the connections served. Then it accepts no more, lets the requests
-/// in flight finish, and returns once every connection is closed.
+/// in flight finish for up to `limits.shutdown_grace`, closes the connections still open after that, and returns once
+/// every connection is closed.
 ///
 /// Why not `axum::serve`: it sets no timer, so hyper's header timeout never runs, and it caps no connections, so a
 /// client that opens many and sends nothing would hold them (and their file descriptors) for ever.
@@ -49,6 +52,7 @@ pub async fn serve(
 ) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let connections = GracefulShutdown::new();
+    let (tasks, past_grace) = (TaskTracker::new(), CancellationToken::new());
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.read_timeout);
     let mut shutdown = pin!(shutdown);
@@ -65,17 +69,33 @@ pub async fn serve(
         });
         let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
         let counted = Counted::new(&open);
-        tokio::spawn(async move {
-            // The client's doing (it went away, took too long, or sent what is not HTTP); hyper answered what it could.
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, %peer, "connection closed");
+        let past_grace = past_grace.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                // The client's doing (it went away, took too long, or sent what is not HTTP); hyper answered what it
+                // could.
+                served = connection => if let Err(e) = served {
+                    tracing::debug!(error = %e, %peer, "connection closed");
+                },
+                // Dropping the connection closes it, with whatever request it was reading or answering.
+                () = past_grace.cancelled() => {}
             }
             // Also dropped if a handler panics.
             drop((counted, slot));
         });
     }
     drop(listener);
-    connections.shutdown().await;
+    tasks.close();
+    // A client halfway through sending a request would otherwise hold the shutdown for up to the read timeout.
+    if tokio::time::timeout(limits.shutdown_grace, connections.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace = ?limits.shutdown_grace,
+            connections = tasks.len(),
+            "requests still unfinished after the shutdown grace period (TOLLGATE_SHUTDOWN_GRACE): closing them"
+        );
+        past_grace.cancel();
+    }
+    tasks.wait().await;
 }
 
 /// A connection counted in a gauge for as long as this lives.

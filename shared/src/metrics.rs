@@ -235,7 +235,12 @@ pub async fn serve(listener: TcpListener, shutdown: impl std::future::Future<Out
 }
 
 /// Prometheus scrapes over one keep-alive connection, every 15 to 60 s.
-const SCRAPERS: ConnectionArgs = ConnectionArgs { max_connections: 64, read_timeout: Duration::from_secs(65) };
+const SCRAPERS: ConnectionArgs = ConnectionArgs {
+    max_connections: 64,
+    read_timeout: Duration::from_secs(65),
+    // It stops last (see `serve`): a scrape under way has had its time.
+    shutdown_grace: Duration::from_secs(1),
+};
 
 /// Binds the metrics listener, with an error that names the variable.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {

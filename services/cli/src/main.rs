@@ -49,8 +49,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let Cli { servers, namespace, json, command } = cli;
     match command {
         Command::Migrate => {
-            connect::postgres_migrated(&servers.database_url, 1).await?;
-            eprintln!("database {} is up to date", servers.database_url);
+            let pool = connect::postgres_migrated(&servers.database_url, 1).await?;
+            let newer = connect::newer_migrations(&pool).await?;
+            if newer.is_empty() {
+                eprintln!("database {} is up to date", servers.database_url);
+            } else {
+                eprintln!(
+                    "database {} has every migration of this release, and {} of a newer release, which this one runs \
+                     on but does not know: {}",
+                    servers.database_url,
+                    newer.len(),
+                    newer.join(", ")
+                );
+            }
             Ok(())
         }
         Command::Up(up) => {

@@ -34,6 +34,14 @@ pub async fn serve(
     // has one of its own).
     let connections = 16.max(8 + roles.worker.as_ref().map_or(0, |w| u32::from(w.worker_tasks)));
     let pool = connect::postgres_migrated(&servers.database_url, connections).await?;
+    match connect::newer_migrations(&pool).await {
+        Ok(newer) if !newer.is_empty() => tracing::warn!(
+            migrations = newer.join(", "),
+            "a newer release migrated this database; this one runs on it (during a rolling update or a rollback)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot read which migrations the database has"),
+    }
     let nats = match connect::nats(&servers.nats_url).await {
         Ok(nats) => nats,
         // A validator alone serves while NATS is away, start included: its usage events wait in the spool. (Not when
@@ -47,9 +55,15 @@ pub async fn serve(
     let topology = Topology::new(namespace);
     let shutdown = CancellationToken::new();
     let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
+    // Stopped last, so that the figures of a shutdown (a drain, the last events) can be read, and liveness probes on
+    // it pass until the end.
+    let services_stopped = CancellationToken::new();
+    let metrics = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(serve_metrics(
+        metrics_listener,
+        services_stopped.clone(),
+    )));
     let mut tasks = tokio::task::JoinSet::new();
 
-    tasks.spawn(serve_metrics(metrics_listener, shutdown.clone()));
     if let Some(worker) = roles.worker {
         // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.
         let redis = connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?;
@@ -86,17 +100,34 @@ pub async fn serve(
         }
         tasks.spawn(tollgate_validator::run(validator, topology, connections, listener, shutdown.clone()));
     }
-    tasks.spawn(async move {
+    let signalled = shutdown.clone();
+    let _signal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
         wait_for_signal().await;
-        tracing::info!("shutting down: finishing requests, flushing events and batches");
-        shutdown.cancel();
-        Ok(())
-    });
+        tracing::info!(
+            "shutting down: finishing requests, flushing events and batches (a second signal stops at once)"
+        );
+        signalled.cancel();
+        wait_for_signal().await;
+        tracing::warn!("second signal: stopping at once; usage events not yet in JetStream or the spool are lost");
+        std::process::exit(1);
+    }));
 
+    // A service that fails stops the others as a signal would, so that they finish what they hold.
+    let mut failure = None;
     while let Some(finished) = tasks.join_next().await {
-        finished.context("a service panicked")??;
+        if let Err(e) = finished.context("a service panicked").and_then(|result| result) {
+            if failure.is_none() {
+                tracing::error!("a service failed; stopping the others");
+                shutdown.cancel();
+                failure = Some(e);
+            } else {
+                tracing::error!(error = format!("{e:#}"), "another service failed while stopping");
+            }
+        }
     }
-    Ok(())
+    services_stopped.cancel();
+    metrics.await.context("the metrics endpoint panicked")??;
+    failure.map_or(Ok(()), Err)
 }
 
 /// Every connection is an open file: takes the hard limit as the soft one, as Go's runtime does, so that a soft limit of

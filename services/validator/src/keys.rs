@@ -170,6 +170,11 @@ impl KeyCache {
         }
     }
 
+    /// Whether the key's record is cached: its lookup would ask nothing of PostgreSQL.
+    pub fn holds(&self, hash: &KeyHash) -> bool {
+        self.known.get(hash).is_some()
+    }
+
     /// The record for a key hash, or `None` if no such key exists. Concurrent misses on one hash share one query.
     pub async fn lookup(&self, hash: KeyHash) -> Result<Option<Arc<KeyRecord>>, LookupError> {
         if let Some(cached) = self.known.get(&hash) {

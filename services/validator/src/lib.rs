@@ -8,6 +8,7 @@ mod limiter;
 mod publisher;
 mod request;
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,19 +80,33 @@ pub async fn run(
         redis_prefix: topology.redis_prefix.clone(),
         usage_stream: topology.stream.clone(),
         ip_failures_per_minute: args.limits.ip_failures_per_minute,
+        blocked_ips: http::BlockedIps::new(),
         read_timeout: args.connections.read_timeout,
         metrics: http::RequestMetrics::new(),
         lookup_failures: http::LogThrottle::default(),
+        draining: AtomicBool::new(false),
     });
     tracing::info!(address = %listener.local_addr()?, "validator listening");
     let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");
-    listen::serve(listener, http::router(state), args.connections, open, shutdown.clone().cancelled_owned()).await;
+    let stop_accepting = drain(state.clone(), args.shutdown_delay, shutdown.clone());
+    listen::serve(listener, http::router(state), args.connections, open, stop_accepting).await;
 
     // The router, and with it every handle on the event queue, is gone: the publisher drains and stops.
     publishing.await.context("the event publisher panicked")?;
     refreshing.await.context("the key refresher panicked")?;
     tracing::info!("validator stopped; every event is in JetStream or in the spool");
     Ok(())
+}
+
+/// Once `shutdown` is cancelled: turns `/healthz` to 503 and keeps serving for `delay`, so that load balancers stop
+/// sending requests before connections are refused.
+async fn drain(state: Arc<http::AppState>, delay: Duration, shutdown: CancellationToken) {
+    shutdown.cancelled().await;
+    state.draining.store(true, Ordering::Relaxed);
+    if !delay.is_zero() {
+        tracing::info!(?delay, "draining: /healthz answers 503; still serving until the delay is over");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 /// Creates the usage stream once NATS and its JetStream answer (the spool's replay succeeds only then).

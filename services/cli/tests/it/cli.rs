@@ -534,7 +534,10 @@ async fn a_database_a_newer_release_migrated_still_starts_this_one() {
     .await
     .expect("a newer release's migration");
     let output = tollgate(&env, &["migrate"], None);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    assert!(said.contains("1 of a newer release") && said.contains("29991231000001 a newer release's"), "{said}");
+    assert!(!said.contains("up to date"), "{said}");
     let output = tollgate(&env, &["org", "list"], None);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     env.cleanup().await;

@@ -1,5 +1,6 @@
 //! What the validator's HTTP server holds for its clients: connections that send no request in time are closed (slow
-//! headers, slow bodies, idle keep-alive), and past its connection limit new ones wait until one closes.
+//! headers, slow bodies, idle keep-alive), past its connection limit new ones wait until one closes, and a shutdown
+//! drains, then waits for requests in flight only so long.
 
 use std::time::{Duration, Instant};
 
@@ -112,5 +113,77 @@ async fn connections_past_the_limit_wait_until_one_closes() {
 
     drop((second, third));
     drop(validator); // stopped before its namespace is removed
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_shutdown_closes_requests_unfinished_after_its_grace_period_and_keeps_the_events() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let grace = Duration::from_secs(1);
+    let mut args = env.validator_args();
+    args.connections.shutdown_grace = grace;
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+    assert_eq!(validator.auth_status(&reqwest::Client::new(), &key).await, reqwest::StatusCode::OK);
+    // A body that never comes would hold the shutdown for the read timeout (65 s here) without a grace period.
+    let mut half_sent = TcpStream::connect(validator.address).await.expect("connects");
+    half_sent
+        .write_all(b"POST /v1/verify HTTP/1.1\r\nHost: tollgate\r\nContent-Length: 100\r\n\r\n{\"key\": ")
+        .await
+        .expect("sends");
+    // Accepted in turn: once a later connection is served, the half-sent one was taken in.
+    let mut later = TcpStream::connect(validator.address).await.expect("connects");
+    health(&mut later, Duration::from_secs(5)).await.expect("the server took the connections in");
+
+    let since = Instant::now();
+    validator.service.shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(10), validator.service.task).await;
+    let stopped_after = since.elapsed();
+    stopped.expect("stopped within 10 s").expect("no panic").expect("a clean stop");
+    assert!(
+        stopped_after >= grace && stopped_after < grace + Duration::from_secs(2),
+        "stopped {stopped_after:?} after being told to, with a grace period of {grace:?}"
+    );
+    let (_, sent) = closed_after(half_sent, since).await;
+    assert_eq!(sent, "", "a request cut off gets no answer");
+
+    // The event of the request answered before is not lost on the way.
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 1).await;
+    worker.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_validator_told_to_stop_serves_through_its_delay_with_healthz_saying_503() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key(&org).await;
+    let delay = Duration::from_secs(2);
+    let mut validator = env.spawn_validator_process(&[("TOLLGATE_SHUTDOWN_DELAY", "2s".into())]);
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    let get = |url: String| client.get(url).bearer_auth(key.expose()).send();
+    let metrics_health = format!("http://127.0.0.1:{}/healthz", validator.metrics_port);
+
+    let since = Instant::now();
+    validator.process.terminate();
+    let healthz = wait_until(
+        Duration::from_secs(1),
+        || get(validator.url("/healthz")),
+        |r| r.as_ref().is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE),
+    );
+    let healthz = healthz.await.expect("/healthz answers while draining");
+    assert_eq!(healthz.text().await.expect("body"), "draining");
+    let auth = get(validator.url("/v1/auth")).await.expect("served while draining");
+    assert_eq!(auth.status(), reqwest::StatusCode::OK);
+    let liveness = get(metrics_health.clone()).await.expect("the metrics listener answers while draining");
+    assert_eq!(liveness.status(), reqwest::StatusCode::OK);
+    assert!(since.elapsed() < delay, "checked within the delay ({:?} passed)", since.elapsed());
+
+    let exit = validator.process.exit_within(Duration::from_secs(15)).await.expect("stopped after its delay");
+    assert!(exit.success(), "a clean stop: {exit}");
+    assert!(since.elapsed() >= delay, "stopped {:?} after SIGTERM, before its delay of {delay:?}", since.elapsed());
     env.cleanup().await;
 }

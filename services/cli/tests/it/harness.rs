@@ -128,7 +128,12 @@ impl TestEnv {
         ValidatorArgs {
             listen: "127.0.0.1:0".parse().expect("addr"),
             trusted_proxies: "127.0.0.0/8".parse().expect("nets"),
-            connections: ConnectionArgs { max_connections: 1_000, read_timeout: Duration::from_secs(65) },
+            connections: ConnectionArgs {
+                max_connections: 1_000,
+                read_timeout: Duration::from_secs(65),
+                shutdown_grace: Duration::from_secs(20),
+            },
+            shutdown_delay: Duration::ZERO,
             event_queue: 10_000,
             key_cache: 10_000,
             negative_cache_ttl: Duration::from_secs(30),
@@ -338,6 +343,28 @@ impl ServiceProcess {
     }
 }
 
+impl ServiceProcess {
+    /// Sends SIGTERM, as an orchestrator stopping it does.
+    pub fn terminate(&self) {
+        let child = self.child.as_ref().expect("running");
+        let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        assert!(status.expect("kill").success(), "SIGTERM sent");
+    }
+
+    /// How it exited, if it did within `patience`.
+    pub async fn exit_within(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
+        let started = Instant::now();
+        let child = self.child.as_mut().expect("running");
+        while started.elapsed() < patience {
+            if let Some(status) = child.try_wait().expect("its status") {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
 impl Drop for ServiceProcess {
     fn drop(&mut self) {
         self.kill();
@@ -348,7 +375,7 @@ impl Drop for ServiceProcess {
 pub struct ValidatorProcess {
     pub port: u16,
     pub metrics_port: u16,
-    _process: ServiceProcess,
+    pub process: ServiceProcess,
 }
 
 impl ValidatorProcess {
@@ -479,7 +506,7 @@ impl TestEnv {
         ];
         all.extend_from_slice(settings);
         let process = self.spawn_service_logging("validator", nats_url, &all, log);
-        ValidatorProcess { port, metrics_port, _process: process }
+        ValidatorProcess { port, metrics_port, process }
     }
 
     /// Starts `tollgate SERVICE` as a child process on this environment's servers and namespace, with `settings`

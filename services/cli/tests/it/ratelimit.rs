@@ -754,6 +754,41 @@ async fn scopes_and_roles_are_enforced_before_limits() {
 }
 
 #[tokio::test]
+async fn a_blocked_client_s_made_up_keys_are_not_looked_up() {
+    let env = TestEnv::new().await;
+    let validator = env.spawn_validator_process(&[("TOLLGATE_IP_FAILURES_PER_MINUTE", "5".into())]);
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    let made_up = |ip: &str| {
+        let key = ApiKey::generate(KeyEnv::Live);
+        client.get(validator.url("/v1/auth")).header("X-Forwarded-For", ip).bearer_auth(key.expose()).send()
+    };
+    let looked_up = r#"tollgate_key_lookups_total{source="database"}"#;
+
+    for _ in 0..5 {
+        assert_eq!(made_up("203.0.113.60").await.expect("request").status(), StatusCode::UNAUTHORIZED);
+    }
+    let mut retry_after = i64::MAX;
+    for _ in 0..50 {
+        let blocked = made_up("203.0.113.60").await.expect("request");
+        assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS);
+        // The first block's time, counted down.
+        let retry = header(&blocked, "retry-after").parse::<i64>().expect("Retry-After in seconds");
+        assert!(retry >= 1 && retry <= retry_after, "Retry-After {retry} after {retry_after}");
+        retry_after = retry;
+    }
+    // The first 429 was a 401 until the limit counted it: the 6 keys before the block, none after.
+    assert_eq!(validator.metric(looked_up).await, Some(6.0), "lookups");
+    assert_eq!(validator.metric("tollgate_ip_failures_limited_total").await, Some(50.0));
+    // Another client's keys are looked up.
+    assert_eq!(made_up("203.0.113.61").await.expect("request").status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(validator.metric(looked_up).await, Some(7.0));
+
+    drop(validator); // stopped before its namespace is removed
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     let env = TestEnv::new().await;
     let org = env.org().await;
@@ -767,6 +802,9 @@ async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     };
     let made_up = ApiKey::generate(KeyEnv::Live);
     let attacker = "203.0.113.50";
+    // Used once, so that the validator holds it.
+    assert_eq!(from("198.51.100.20", good.expose()).send().await.expect("request").status(), StatusCode::OK);
+    let (_, not_held) = env.key(&org).await;
 
     for i in 0..5 {
         let bad = if i % 2 == 0 { made_up.expose().to_owned() } else { "nonsense".to_owned() };
@@ -777,8 +815,13 @@ async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     assert!(header(&blocked, "retry-after").parse::<i64>().is_ok_and(|s| s >= 1));
     let body: Value = blocked.json().await.expect("json");
     assert_eq!(body["error"], "rate_limited");
-    // A valid key from the same address is not blocked, and other addresses are not affected.
+    // A valid key the validator holds is not blocked from the same address, and other addresses are not affected.
     assert_eq!(from(attacker, good.expose()).send().await.expect("request").status(), StatusCode::OK);
+    // One it would have to look up is, until the block passes: that is what lets a flood of made-up keys cost nothing.
+    assert_eq!(
+        from(attacker, not_held.expose()).send().await.expect("request").status(),
+        StatusCode::TOO_MANY_REQUESTS
+    );
     assert_eq!(
         from("198.51.100.9", made_up.expose()).send().await.expect("request").status(),
         StatusCode::UNAUTHORIZED

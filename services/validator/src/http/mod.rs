@@ -7,16 +7,18 @@
 //! - `auth.rs`, `verify.rs`: the two endpoints, each reading its request into an [`Attempt`];
 //! - `params.rs`: a request's cost and the scopes and role its route requires;
 //! - `answers.rs`: the rate-limit headers and the bodies of refusals;
-//! - `probes.rs`: `/readyz` (`/healthz` is the router's one line).
+//! - `blocked_ips.rs`: clients past the bad-key limit, answered without a lookup until their block passes;
+//! - `probes.rs`: `/healthz` and `/readyz`.
 
 mod answers;
 mod auth;
+mod blocked_ips;
 mod params;
 mod probes;
 mod verify;
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +39,7 @@ use crate::keys::{KeyCache, KeyRecord, LookupError};
 use crate::limiter::{Decision, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{Credential, TrustedProxies};
+pub use blocked_ips::BlockedIps;
 
 /// The `outcome` label of a request refused before any decision (400, 413): what a gateway or client sent could not
 /// be read.
@@ -57,11 +60,14 @@ pub struct AppState {
     pub usage_stream: String,
     /// 401s per client IP per minute before 429; 0 = no limit.
     pub ip_failures_per_minute: u32,
+    pub blocked_ips: BlockedIps,
     /// Longest a `/v1/verify` body may take to arrive.
     pub read_timeout: std::time::Duration,
     pub metrics: RequestMetrics,
     /// Lookups of keys not cached that PostgreSQL did not answer in time: logged at most once a second.
     pub lookup_failures: LogThrottle,
+    /// Shutting down: `/healthz` answers 503 so that load balancers stop sending requests.
+    pub draining: AtomicBool,
 }
 
 /// At most one log line a second for a failure that every request of a flood would otherwise log (each is counted in
@@ -103,7 +109,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/auth/", any(auth::auth))
         .route("/v1/auth/{*original_path}", any(auth::auth))
         .route("/v1/verify", post(verify::verify))
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(probes::healthz))
         .route("/readyz", get(probes::readyz))
         .fallback(answers::not_found)
         .method_not_allowed_fallback(answers::method_not_allowed)
@@ -186,13 +192,21 @@ impl AppState {
     async fn decide(&self, attempt: Attempt) -> Verdict {
         let client_ip = attempt.client_ip;
         let started = attempt.started;
+        if let Some(usage) = self.blocked_ips.check(client_ip) {
+            // The answer would be 429 all the same, save for a key held here; anything else is not looked up.
+            if !matches!(&attempt.credential, Credential::Key(key) if self.keys.holds(&key.hash())) {
+                metrics::counter!(IP_FAILURES_LIMITED).increment(1);
+                return self.finish(started, Verdict::IpLimited(usage));
+            }
+        }
         let verdict = self.decide_key(attempt).await;
         let verdict = if verdict.is_unauthorized() { self.count_failure(client_ip, verdict).await } else { verdict };
         self.finish(started, verdict)
     }
 
-    /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429. A valid key is never
-    /// counted, so it is never blocked by this.
+    /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429, and the client is blocked
+    /// (see [`BlockedIps`]). A valid key is never counted; once the client is blocked, only a key this validator
+    /// holds is looked at.
     async fn count_failure(&self, ip: IpAddr, verdict: Verdict) -> Verdict {
         if self.ip_failures_per_minute == 0 {
             return verdict;
@@ -201,6 +215,7 @@ impl AppState {
         match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
+                self.blocked_ips.block(ip, usage);
                 Verdict::IpLimited(usage)
             }
             Decision::Allowed { .. } | Decision::Unavailable => verdict,

@@ -1,5 +1,6 @@
-//! `/readyz`: whether the servers answer, for alerts (load balancers check `/healthz`).
+//! `/healthz`, for load balancers, and `/readyz`: whether the servers answer, for alerts.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +14,15 @@ use super::AppState;
 use crate::limiter::Health;
 
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// 200 while the validator takes requests; 503 once it is shutting down (see `TOLLGATE_SHUTDOWN_DELAY`).
+pub async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, &'static str) {
+    if state.draining.load(Ordering::Relaxed) {
+        (StatusCode::SERVICE_UNAVAILABLE, "draining")
+    } else {
+        (StatusCode::OK, "ok")
+    }
+}
 
 /// 200 when PostgreSQL, Redis and NATS all answer, and JetStream has the usage stream; otherwise 503. The body gives
 /// each one's status, and `ratelimit` how the limiter decides (`degraded`: by the failure policies). The validator

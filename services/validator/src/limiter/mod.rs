@@ -40,7 +40,7 @@ use tollgate_shared::metrics::{
 use breaker::Breaker;
 use local::LocalLimiter;
 use plan::WindowLimit;
-pub use plan::{quota_key, LimitKind, Plan};
+pub use plan::{client_network, quota_key, LimitKind, Plan};
 use script::{CallError, Calls};
 
 /// Where one limit stands after a decision: what the rate-limit headers report.

@@ -158,7 +158,7 @@ impl Plan {
 
 /// The addresses counted as one client: an IPv4 address (one seen through an IPv6 socket too), or an IPv6 /64, the
 /// smallest block a subscriber is given, whose addresses it can use at will.
-fn client_network(ip: IpAddr) -> IpAddr {
+pub fn client_network(ip: IpAddr) -> IpAddr {
     match ip.to_canonical() {
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !(u128::from(u64::MAX)))),
         v4 => v4,

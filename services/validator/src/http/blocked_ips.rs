@@ -1,0 +1,86 @@
+//! Clients the bad-key limit has blocked, remembered until their block passes: everything such a client sends gets
+//! 429 anyway, save a key this validator holds, so the rest (made-up keys, above all) costs no Redis call and no
+//! PostgreSQL lookup.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use quick_cache::sync::Cache;
+
+use crate::limiter::{client_network, Usage};
+
+/// Blocked clients remembered at most: a flood from more addresses than this costs what it did before, no more.
+const CAPACITY: usize = 10_000;
+
+pub struct BlockedIps(Cache<IpAddr, Block>);
+
+#[derive(Clone, Copy)]
+struct Block {
+    /// The denial that blocked the client.
+    usage: Usage,
+    at: Instant,
+}
+
+impl BlockedIps {
+    pub fn new() -> BlockedIps {
+        BlockedIps(Cache::new(CAPACITY))
+    }
+
+    /// Remembers that the limit denied `ip`'s network, as `usage` says, until `usage` frees up.
+    pub fn block(&self, ip: IpAddr, usage: Usage) {
+        self.0.insert(client_network(ip), Block { usage, at: Instant::now() });
+    }
+
+    /// The denial `ip` would get now, if its network is still blocked: the one that blocked it, on the limiter's clock
+    /// moved on by the time since.
+    pub fn check(&self, ip: IpAddr) -> Option<Usage> {
+        let network = client_network(ip);
+        let block = self.0.get(&network)?;
+        let since_us = i64::try_from(block.at.elapsed().as_micros()).unwrap_or(i64::MAX);
+        let now_us = block.usage.now_us.saturating_add(since_us);
+        if now_us >= block.usage.reset_at_us {
+            self.0.remove(&network);
+            return None;
+        }
+        Some(Usage { now_us, ..block.usage })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::limiter::LimitKind;
+
+    fn denial(frees_in: Duration) -> Usage {
+        let now_us = 1_700_000_000_000_000;
+        Usage {
+            kind: LimitKind::Ip,
+            limit: 5,
+            used: 5,
+            window_seconds: 60,
+            reset_at_us: now_us + i64::try_from(frees_in.as_micros()).expect("small"),
+            now_us,
+            never_fits: false,
+        }
+    }
+
+    #[test]
+    fn a_block_holds_for_its_network_until_it_frees_up() {
+        let blocked = BlockedIps::new();
+        blocked.block("203.0.113.7".parse().expect("ip"), denial(Duration::from_millis(200)));
+        blocked.block("2001:db8:1:2::1".parse().expect("ip"), denial(Duration::from_secs(60)));
+
+        let again = blocked.check("203.0.113.7".parse().expect("ip")).expect("still blocked");
+        assert!(again.now_us > denial(Duration::ZERO).now_us, "its clock moved on");
+        assert!(blocked.check("::ffff:203.0.113.7".parse().expect("ip")).is_some(), "the same client over IPv6");
+        assert!(blocked.check("2001:db8:1:2:ffff::9".parse().expect("ip")).is_some(), "the same /64");
+        assert!(blocked.check("203.0.113.8".parse().expect("ip")).is_none(), "another client");
+        assert!(blocked.check("2001:db8:1:3::1".parse().expect("ip")).is_none(), "another /64");
+
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(blocked.check("203.0.113.7".parse().expect("ip")).is_none(), "freed up");
+        assert!(blocked.check("2001:db8:1:2::1".parse().expect("ip")).is_some(), "a longer block holds");
+    }
+}
