@@ -3,6 +3,8 @@
 //! for the configured stream and subject prefix and creates them idempotently, so any start order works. It also
 //! removes a namespace (its streams and its Redis keys) when a bench or a test is done with it.
 
+use std::collections::BTreeSet;
+
 use async_nats::jetstream::{self, consumer, stream};
 
 use crate::config::{NamespaceArgs, ServerUrl};
@@ -79,12 +81,12 @@ impl Topology {
 
     /// Creates the usage stream if missing (what a validator needs).
     pub async fn ensure_usage_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, TopologyError> {
-        ensure_stream(js, self.usage_stream_config()).await
+        ensure_stream(js, USAGE_STREAM, self.usage_stream_config()).await
     }
 
     /// Creates the dead-letter stream if missing.
     pub async fn ensure_dead_letter_stream(&self, js: &jetstream::Context) -> Result<stream::Stream, TopologyError> {
-        ensure_stream(js, self.dead_letter_stream_config()).await
+        ensure_stream(js, DEAD_LETTER_STREAM, self.dead_letter_stream_config()).await
     }
 
     /// Creates both streams and the workers' consumer if missing (what a worker needs).
@@ -96,11 +98,27 @@ impl Topology {
         self.ensure_dead_letter_stream(js).await?;
         let config = self.workers_consumer_config();
         let name = self.workers_consumer();
-        usage.get_or_create_consumer(&name, config).await.map_err(|e| TopologyError::Consumer {
-            stream: self.stream.clone(),
-            consumer: name,
-            reason: e.to_string(),
-        })
+        let mut consumer = usage.get_or_create_consumer(&name, config.clone()).await.map_err(|e| {
+            TopologyError::Consumer { stream: self.stream.clone(), consumer: name.clone(), reason: e.to_string() }
+        })?;
+        warn_of_drift(
+            "consumer",
+            &name,
+            differences(
+                WORKERS_CONSUMER,
+                &config,
+                &consumer
+                    .info()
+                    .await
+                    .map_err(|e| TopologyError::Consumer {
+                        stream: self.stream.clone(),
+                        consumer: name.clone(),
+                        reason: e.to_string(),
+                    })?
+                    .config,
+            ),
+        );
+        Ok(consumer)
     }
 
     /// Deletes both streams (tests clean up with this).
@@ -147,9 +165,53 @@ fn glob_escape(text: &str) -> String {
     escaped
 }
 
-async fn ensure_stream(js: &jetstream::Context, config: stream::Config) -> Result<stream::Stream, TopologyError> {
+async fn ensure_stream(
+    js: &jetstream::Context,
+    file: &str,
+    config: stream::Config,
+) -> Result<stream::Stream, TopologyError> {
     let name = config.name.clone();
-    js.get_or_create_stream(config).await.map_err(|e| TopologyError::Stream { stream: name, reason: e.to_string() })
+    let stream = js
+        .get_or_create_stream(config.clone())
+        .await
+        .map_err(|e| TopologyError::Stream { stream: name.clone(), reason: e.to_string() })?;
+    warn_of_drift("stream", &name, differences(file, &config, &stream.cached_info().config));
+    Ok(stream)
+}
+
+/// Settings of a definition that operators may set as they see fit on a stream or consumer Tollgate made: sizes,
+/// replicas, timings. Tollgate relies on every other one its files set.
+const TUNABLE: [&str; 7] =
+    ["name", "description", "num_replicas", "max_bytes", "max_msgs", "ack_wait", "max_ack_pending"];
+
+/// The settings that `file` sets, save the [`TUNABLE`] ones, on which `actual` differs from `expected`.
+fn differences(file: &str, expected: &impl serde::Serialize, actual: &impl serde::Serialize) -> Vec<String> {
+    let expected = serde_json::to_value(expected).unwrap_or_default();
+    let actual = serde_json::to_value(actual).unwrap_or_default();
+    let file: serde_json::Value = serde_json::from_str(file).expect("nats/*.json are valid JSON");
+    let settings = file.as_object().into_iter().flat_map(|settings| settings.keys());
+    settings
+        .filter(|setting| !TUNABLE.contains(&setting.as_str()) && expected.get(setting) != actual.get(setting))
+        .map(|setting| {
+            let value = |config: &serde_json::Value| config.get(setting).map_or("none".to_owned(), |v| v.to_string());
+            format!("{setting} is {} rather than {}", value(&actual), value(&expected))
+        })
+        .collect()
+}
+
+/// Tollgate changes no stream or consumer that exists (an operator may have made it, or a bench be using it): it says
+/// what differs, once per process (each worker task finds the same).
+fn warn_of_drift(what: &str, name: &str, differences: Vec<String>) {
+    static WARNED: std::sync::Mutex<BTreeSet<String>> = std::sync::Mutex::new(BTreeSet::new());
+    let differences = differences.join("; ");
+    let first = WARNED.lock().is_ok_and(|mut warned| warned.insert(format!("{what} {name}: {differences}")));
+    if !differences.is_empty() && first {
+        tracing::warn!(
+            %differences,
+            "JetStream {what} {name} is not as nats/*.json defines it, and Tollgate relies on that: edit it (`nats \
+             {what} edit`), or remove it once empty for Tollgate to make it again"
+        );
+    }
 }
 
 /// Reads a definition over the client's defaults, so the files need only say what matters. The files are part of
@@ -181,6 +243,33 @@ mod tests {
         assert_eq!(consumer.filter_subject, "it.x.usage.>");
         assert_eq!(topology.workers_consumer(), "tollgate-workers");
         assert!(topology.usage_subject().starts_with("it.x.usage."));
+    }
+
+    #[test]
+    fn what_tollgate_relies_on_is_compared_and_what_operators_tune_is_not() {
+        let topology = Topology { stream: "S1".into(), subject_prefix: "it.x".into(), redis_prefix: "it:".into() };
+        let expected = topology.usage_stream_config();
+        assert_eq!(differences(USAGE_STREAM, &expected, &expected), Vec::<String>::new());
+        let tuned = stream::Config { max_bytes: 1 << 30, num_replicas: 3, description: None, ..expected.clone() };
+        assert_eq!(differences(USAGE_STREAM, &expected, &tuned), Vec::<String>::new());
+        let drifted = stream::Config {
+            retention: stream::RetentionPolicy::Limits,
+            duplicate_window: std::time::Duration::from_secs(10),
+            ..expected.clone()
+        };
+        assert_eq!(
+            differences(USAGE_STREAM, &expected, &drifted),
+            [
+                "duplicate_window is 10000000000 rather than 120000000000",
+                "retention is \"limits\" rather than \"workqueue\""
+            ]
+        );
+
+        let consumer = topology.workers_consumer_config();
+        let tuned = consumer::pull::Config { ack_wait: std::time::Duration::from_secs(5), ..consumer.clone() };
+        assert_eq!(differences(WORKERS_CONSUMER, &consumer, &tuned), Vec::<String>::new());
+        let drifted = consumer::pull::Config { max_deliver: 5, ..consumer.clone() };
+        assert_eq!(differences(WORKERS_CONSUMER, &consumer, &drifted), ["max_deliver is 5 rather than -1"]);
     }
 
     #[test]

@@ -515,7 +515,7 @@ impl TestEnv {
         self.spawn_service_logging(service, nats_url, settings, std::process::Stdio::null())
     }
 
-    fn spawn_service_logging(
+    pub fn spawn_service_logging(
         &self,
         service: &str,
         nats_url: &str,

@@ -523,3 +523,52 @@ async fn a_consumer_allowing_smaller_pulls_is_asked_for_no_more_than_it_allows()
     worker.stop().await;
     env.cleanup().await;
 }
+
+/// The log of a worker started on `env`, once it consumes.
+async fn worker_log_once_consuming(env: &TestEnv) -> (String, crate::harness::ServiceProcess) {
+    let log = tempfile::NamedTempFile::new().expect("a log file");
+    let settings = [("RUST_LOG", "info".to_owned())];
+    let worker =
+        env.spawn_service_logging("worker", crate::harness::NATS_URL, &settings, log.reopen().expect("log").into());
+    let read = || async { std::fs::read_to_string(log.path()).expect("the log") };
+    let said = crate::harness::wait_until(std::time::Duration::from_secs(20), read, |l| l.contains("worker consuming"));
+    (said.await, worker)
+}
+
+#[tokio::test]
+async fn a_stream_or_consumer_not_as_defined_is_warned_of_and_left_as_it_is() {
+    let drift = "is not as nats/*.json defines it";
+    // As the worker makes them itself: nothing to say.
+    let env = TestEnv::new().await;
+    let (said, worker) = worker_log_once_consuming(&env).await;
+    assert!(said.contains("worker consuming") && !said.contains(drift), "{said}");
+    drop(worker);
+    env.cleanup().await;
+
+    // Made by hand, otherwise.
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    let stream = js
+        .create_stream(jetstream::stream::Config {
+            name: env.topology.stream.clone(),
+            subjects: vec![env.topology.usage_filter()],
+            duplicate_window: std::time::Duration::from_secs(10),
+            ..Default::default()
+        })
+        .await
+        .expect("a stream of limits retention");
+    env.workers_consumer_with(|config| config.max_deliver = 5).await;
+    let (said, worker) = worker_log_once_consuming(&env).await;
+    for difference in [
+        "retention is \"limits\" rather than \"workqueue\"",
+        "duplicate_window is 10000000000 rather than 120000000000",
+        "max_deliver is 5 rather than -1",
+    ] {
+        assert!(said.contains(difference), "{difference}: {said}");
+    }
+    assert!(said.contains(&format!("stream {} {drift}", env.topology.stream)), "{said}");
+    drop(worker);
+    let info = js.get_stream(stream.cached_info().config.name.clone()).await.expect("stream").cached_info().clone();
+    assert_eq!(info.config.retention, jetstream::stream::RetentionPolicy::Limits, "left as it was");
+    env.cleanup().await;
+}
