@@ -98,26 +98,10 @@ impl Topology {
         self.ensure_dead_letter_stream(js).await?;
         let config = self.workers_consumer_config();
         let name = self.workers_consumer();
-        let mut consumer = usage.get_or_create_consumer(&name, config.clone()).await.map_err(|e| {
+        let consumer = usage.get_or_create_consumer(&name, config.clone()).await.map_err(|e| {
             TopologyError::Consumer { stream: self.stream.clone(), consumer: name.clone(), reason: e.to_string() }
         })?;
-        warn_of_drift(
-            "consumer",
-            &name,
-            differences(
-                WORKERS_CONSUMER,
-                &config,
-                &consumer
-                    .info()
-                    .await
-                    .map_err(|e| TopologyError::Consumer {
-                        stream: self.stream.clone(),
-                        consumer: name.clone(),
-                        reason: e.to_string(),
-                    })?
-                    .config,
-            ),
-        );
+        warn_of_drift("consumer", &name, differences(WORKERS_CONSUMER, &config, &consumer.cached_info().config));
         Ok(consumer)
     }
 
