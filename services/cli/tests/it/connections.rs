@@ -187,3 +187,23 @@ async fn a_validator_told_to_stop_serves_through_its_delay_with_healthz_saying_5
     assert!(since.elapsed() >= delay, "stopped {:?} after SIGTERM, before its delay of {delay:?}", since.elapsed());
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_second_signal_stops_a_draining_validator_at_once() {
+    let env = TestEnv::new().await;
+    let mut validator = env.spawn_validator_process(&[("TOLLGATE_SHUTDOWN_DELAY", "60s".into())]);
+    validator.answering().await;
+    validator.process.terminate();
+    let client = reqwest::Client::new();
+    let draining = wait_until(
+        Duration::from_secs(5),
+        || client.get(validator.url("/healthz")).send(),
+        |r| r.as_ref().is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE),
+    );
+    draining.await.expect("draining after the first signal");
+
+    validator.process.terminate();
+    let exit = validator.process.exit_within(Duration::from_secs(5)).await.expect("stopped at the second signal");
+    assert!(!exit.success(), "a stop that may lose events is no success: {exit}");
+    env.cleanup().await;
+}
