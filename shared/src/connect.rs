@@ -135,16 +135,14 @@ pub async fn postgres_migrated(url: &ServerUrl, max_connections: u32) -> Result<
     Ok(pool)
 }
 
-/// Migrations applied to the database that this release does not have (a newer release ran them), as
-/// `VERSION description`, oldest first.
+/// Migrations applied to the database after this release's last (a newer release ran them), as `VERSION
+/// description`, oldest first.
 pub async fn newer_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    let known: Vec<i64> = MIGRATOR.iter().map(|m| m.version).collect();
-    sqlx::query_scalar(
-        "SELECT version || ' ' || description FROM _sqlx_migrations WHERE version <> ALL($1) ORDER BY version",
-    )
-    .bind(known)
-    .fetch_all(pool)
-    .await
+    let last = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    sqlx::query_scalar("SELECT version || ' ' || description FROM _sqlx_migrations WHERE version > $1 ORDER BY version")
+        .bind(last)
+        .fetch_all(pool)
+        .await
 }
 
 /// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away. A `PING`

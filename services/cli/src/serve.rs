@@ -3,6 +3,7 @@
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -53,8 +54,32 @@ pub async fn serve(
         Err(e) => return Err(e.into()),
     };
     let topology = Topology::new(namespace);
-    let shutdown = CancellationToken::new();
+
+    // Whatever can fail at start comes before any service runs: a service running when it failed would be aborted,
+    // not stopped.
+    let worker = match roles.worker {
+        // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.
+        Some(args) => Some((args, connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?)),
+        None => None,
+    };
+    let validator = match roles.validator {
+        Some(args) => {
+            let listener = listen::bind(args.listen)
+                .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", args.listen))?;
+            // Like NATS, Redis may be away when a validator starts: it serves meanwhile.
+            let meanwhile = "every rate limit follows its failure policy";
+            let redis = connect::redis_in_background(&servers.redis_url, meanwhile).await?;
+            if roles.demo {
+                print_demo(&pool, listener.local_addr()?).await?;
+            }
+            Some((args, listener, redis))
+        }
+        None => None,
+    };
     let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
+    let mut signals = Signals::new()?;
+
+    let shutdown = CancellationToken::new();
     // Stopped last, so that the figures of a shutdown (a drain, the last events) can be read, and liveness probes on
     // it pass until the end.
     let services_stopped = CancellationToken::new();
@@ -63,21 +88,18 @@ pub async fn serve(
         services_stopped.clone(),
     )));
     let mut tasks = tokio::task::JoinSet::new();
-
-    if let Some(worker) = roles.worker {
-        // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.
-        let redis = connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?;
+    if let Some((args, redis)) = worker {
         let quota = tollgate_worker::QuotaCounters::new(redis.clone(), namespace.redis_prefix.clone());
         let watch = tollgate_worker::reconcile::watch_counter_drift(pool.clone(), quota, DRIFT_CHECK, shutdown.clone());
         tasks.spawn(async move {
             watch.await;
             Ok(())
         });
-        for task in 0..worker.worker_tasks {
+        for task in 0..args.worker_tasks {
             let connections =
                 tollgate_worker::Connections { pool: pool.clone(), nats: nats.clone(), redis: redis.clone() };
             let run = tollgate_worker::run(
-                worker.clone(),
+                args.clone(),
                 topology.clone(),
                 namespace.redis_prefix.clone(),
                 connections,
@@ -87,27 +109,29 @@ pub async fn serve(
             tasks.spawn(run.instrument(tracing::info_span!("worker", task)));
         }
     }
-    if let Some(validator) = roles.validator {
-        let listener = listen::bind(validator.listen)
-            .with_context(|| format!("cannot listen on {} (TOLLGATE_LISTEN)", validator.listen))?;
-        let address = listener.local_addr()?;
-        // Like NATS, Redis may be away when a validator starts: it serves meanwhile.
-        let meanwhile = "every rate limit follows its failure policy";
-        let redis = connect::redis_in_background(&servers.redis_url, meanwhile).await?;
+    if let Some((args, listener, redis)) = validator {
         let connections = tollgate_validator::Connections { pool: pool.clone(), redis, nats: nats.clone() };
-        if roles.demo {
-            print_demo(&pool, address).await?;
-        }
-        tasks.spawn(tollgate_validator::run(validator, topology, connections, listener, shutdown.clone()));
+        tasks.spawn(tollgate_validator::run(args, topology, connections, listener, shutdown.clone()));
     }
     let signalled = shutdown.clone();
-    let _signal = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
-        wait_for_signal().await;
-        tracing::info!(
-            "shutting down: finishing requests, flushing events and batches (a second signal stops at once)"
-        );
-        signalled.cancel();
-        wait_for_signal().await;
+    let _signals = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(async move {
+        tokio::select! {
+            () = signals.next() => {
+                tracing::info!(
+                    "shutting down: finishing requests, flushing events and batches (a second signal stops at once)"
+                );
+                signalled.cancel();
+            }
+            // A service failed: the stop is under way.
+            () = signalled.cancelled() => {}
+        }
+        let since = std::time::Instant::now();
+        loop {
+            signals.next().await;
+            if since.elapsed() >= SAME_SIGNAL {
+                break;
+            }
+        }
         tracing::warn!("second signal: stopping at once; usage events not yet in JetStream or the spool are lost");
         std::process::exit(1);
     }));
@@ -126,8 +150,8 @@ pub async fn serve(
         }
     }
     services_stopped.cancel();
-    metrics.await.context("the metrics endpoint panicked")??;
-    failure.map_or(Ok(()), Err)
+    let metrics = metrics.await.context("the metrics endpoint panicked").and_then(|served| served);
+    failure.map_or(metrics, Err)
 }
 
 /// Every connection is an open file: takes the hard limit as the soft one, as Go's runtime does, so that a soft limit of
@@ -148,20 +172,28 @@ async fn serve_metrics(listener: TcpListener, shutdown: CancellationToken) -> an
     Ok(())
 }
 
-/// Until Ctrl-C (SIGINT) or SIGTERM.
-pub async fn wait_for_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(signal) => signal,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops tollgate");
-            let _ = interrupt.await;
-            return;
+/// How soon after the first signal another is taken as the same one (a terminal and a wrapper script may both pass
+/// on one Ctrl-C), not as the second that stops at once.
+const SAME_SIGNAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from when this is made, so that none arriving between two waits is lost.
+pub struct Signals {
+    interrupt: Signal,
+    terminate: Signal,
+}
+
+impl Signals {
+    pub fn new() -> anyhow::Result<Signals> {
+        let listen = |kind| tokio::signal::unix::signal(kind).context("cannot listen for SIGINT and SIGTERM");
+        Ok(Signals { interrupt: listen(SignalKind::interrupt())?, terminate: listen(SignalKind::terminate())? })
+    }
+
+    /// Until the next SIGINT or SIGTERM.
+    pub async fn next(&mut self) {
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
-    };
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
     }
 }
 

@@ -33,8 +33,9 @@ pub struct Connections {
     pub nats: async_nats::Client,
 }
 
-/// Serves the HTTP API on `listener` until `shutdown` is cancelled; then stops accepting, finishes in-flight
-/// requests, and returns once every queued event is acknowledged by JetStream or, if NATS is away, in the spool.
+/// Serves the HTTP API on `listener` until `shutdown` is cancelled; then drains (`/healthz` answers 503, requests are
+/// still served for `shutdown_delay`), stops accepting, gives requests in flight up to `shutdown_grace`, and returns
+/// once every queued event is acknowledged by JetStream or, if NATS is away, in the spool.
 pub async fn run(
     args: ValidatorArgs,
     topology: Topology,
@@ -46,6 +47,10 @@ pub async fn run(
     tollgate_shared::metrics::install();
     // Then, so that a second validator on the same spool directory stops before it touches anything else.
     let spool = open_spool(&args).await?;
+    // What serving needs goes on until serving is over, not only until the signal: revocations must still reach the
+    // cache while it drains.
+    let serving = CancellationToken::new();
+    let _stop_when_served = serving.clone().drop_guard();
     let jetstream = async_nats::jetstream::new(connections.nats.clone());
     let stream = if connections.nats.connection_state() == async_nats::connection::State::Connected {
         topology.ensure_usage_stream(&jetstream).await.map(drop).map_err(|e| e.to_string())
@@ -55,7 +60,7 @@ pub async fn run(
     // Either way it serves: a NATS without JetStream (a cluster between JetStream leaders) is one away for usage.
     if let Err(e) = stream {
         tracing::warn!(error = %e, "no usage stream yet: serving anyway, usage events go to the spool until it is made");
-        tokio::spawn(create_stream_when_nats_answers(topology.clone(), jetstream.clone(), shutdown.clone()));
+        tokio::spawn(create_stream_when_nats_answers(topology.clone(), jetstream.clone(), serving.clone()));
     }
     let settings = publisher::Settings {
         publish_timeout: args.publish_timeout,
@@ -67,7 +72,7 @@ pub async fn run(
     let publishing = tokio::spawn(publisher.run());
 
     let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck);
-    let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, shutdown.clone()));
+    let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, serving.clone()));
 
     let state = Arc::new(http::AppState {
         keys,
@@ -90,6 +95,7 @@ pub async fn run(
     let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");
     let stop_accepting = drain(state.clone(), args.shutdown_delay, shutdown.clone());
     listen::serve(listener, http::router(state), args.connections, open, stop_accepting).await;
+    serving.cancel();
 
     // The router, and with it every handle on the event queue, is gone: the publisher drains and stops.
     publishing.await.context("the event publisher panicked")?;
@@ -109,15 +115,16 @@ async fn drain(state: Arc<http::AppState>, delay: Duration, shutdown: Cancellati
     }
 }
 
-/// Creates the usage stream once NATS and its JetStream answer (the spool's replay succeeds only then).
+/// Creates the usage stream once NATS and its JetStream answer (the spool's replay succeeds only then), unless
+/// `serving` ends first.
 async fn create_stream_when_nats_answers(
     topology: Topology,
     jetstream: async_nats::jetstream::Context,
-    shutdown: CancellationToken,
+    serving: CancellationToken,
 ) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1.. {
-        if shutdown.is_cancelled() {
+        if serving.is_cancelled() {
             return;
         }
         match topology.ensure_usage_stream(&jetstream).await {
@@ -131,7 +138,7 @@ async fn create_stream_when_nats_answers(
             Err(e) => tracing::debug!(error = %e, "usage stream not ready yet"),
         }
         tokio::select! {
-            _ = shutdown.cancelled() => return,
+            _ = serving.cancelled() => return,
             _ = tokio::time::sleep(delay) => {}
         }
         delay = (delay * 2).min(Duration::from_secs(2));

@@ -41,12 +41,15 @@ impl BenchNamespace {
         servers: &ServerArgs,
         bench: impl Future<Output = anyhow::Result<T>>,
     ) -> anyhow::Result<T> {
-        let result = tokio::select! {
-            result = bench => result,
-            () = crate::serve::wait_for_signal() => {
-                eprintln!("bench: stopped; removing its database, stream and Redis keys");
-                Err(anyhow::anyhow!("stopped before the end: no figures"))
-            }
+        let result = match crate::serve::Signals::new() {
+            Ok(mut signals) => tokio::select! {
+                result = bench => result,
+                () = signals.next() => {
+                    eprintln!("bench: stopped; removing its database, stream and Redis keys");
+                    Err(anyhow::anyhow!("stopped before the end: no figures"))
+                }
+            },
+            Err(e) => Err(e),
         };
         self.remove(servers).await;
         result

@@ -189,7 +189,7 @@ async fn a_validator_told_to_stop_serves_through_its_delay_with_healthz_saying_5
 }
 
 #[tokio::test]
-async fn a_second_signal_stops_a_draining_validator_at_once() {
+async fn a_second_signal_stops_a_draining_validator_at_once_but_a_repeat_of_the_first_does_not() {
     let env = TestEnv::new().await;
     let mut validator = env.spawn_validator_process(&[("TOLLGATE_SHUTDOWN_DELAY", "60s".into())]);
     validator.answering().await;
@@ -201,9 +201,41 @@ async fn a_second_signal_stops_a_draining_validator_at_once() {
         |r| r.as_ref().is_ok_and(|r| r.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE),
     );
     draining.await.expect("draining after the first signal");
+    // At once again, as when a terminal and a wrapper script both pass on one Ctrl-C: the same signal.
+    validator.process.terminate();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let healthz = client.get(validator.url("/healthz")).send().await.expect("still draining after a repeat");
+    assert_eq!(healthz.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
 
     validator.process.terminate();
     let exit = validator.process.exit_within(Duration::from_secs(5)).await.expect("stopped at the second signal");
     assert!(!exit.success(), "a stop that may lose events is no success: {exit}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_key_revoked_while_the_validator_drains_is_refused() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let mut args = env.validator_args();
+    args.shutdown_delay = Duration::from_secs(5);
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+    let client = reqwest::Client::new();
+    assert_eq!(validator.auth_status(&client, &key).await, reqwest::StatusCode::OK, "cached");
+
+    validator.service.shutdown.cancel();
+    // Past a few of the refresher's turns (200 ms apart here) since the signal.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let actor = tollgate_shared::admin::Actor("test".into());
+    tollgate_shared::admin::revoke_key(&env.pool, &actor, key_id, None).await.expect("revoke");
+    let refused = wait_until(
+        Duration::from_secs(3),
+        || validator.auth_status(&client, &key),
+        |s| *s == reqwest::StatusCode::UNAUTHORIZED,
+    );
+    assert_eq!(refused.await, reqwest::StatusCode::UNAUTHORIZED, "the revocation reached the draining validator");
+
+    validator.service.task.await.expect("no panic").expect("a clean stop");
     env.cleanup().await;
 }

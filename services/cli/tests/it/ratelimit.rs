@@ -783,6 +783,14 @@ async fn a_blocked_client_s_made_up_keys_are_not_looked_up() {
     // Another client's keys are looked up.
     assert_eq!(made_up("203.0.113.61").await.expect("request").status(), StatusCode::UNAUTHORIZED);
     assert_eq!(validator.metric(looked_up).await, Some(7.0));
+    // A trusted proxy's own address (no X-Forwarded-For) stands for all its clients: limited, but not blocked.
+    for n in 0..8 {
+        let key = ApiKey::generate(KeyEnv::Live);
+        let status = client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send().await.expect("request");
+        let expected = if n < 5 { StatusCode::UNAUTHORIZED } else { StatusCode::TOO_MANY_REQUESTS };
+        assert_eq!(status.status(), expected, "request {n} from the proxy's own address");
+    }
+    assert_eq!(validator.metric(looked_up).await, Some(15.0), "every key from the proxy's address looked up");
 
     drop(validator); // stopped before its namespace is removed
     env.cleanup().await;

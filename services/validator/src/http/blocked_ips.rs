@@ -39,7 +39,8 @@ impl BlockedIps {
         let since_us = i64::try_from(block.at.elapsed().as_micros()).unwrap_or(i64::MAX);
         let now_us = block.usage.now_us.saturating_add(since_us);
         if now_us >= block.usage.reset_at_us {
-            self.0.remove(&network);
+            // Not a newer block made meanwhile.
+            self.0.remove_if(&network, |current| current.at == block.at);
             return None;
         }
         Some(Usage { now_us, ..block.usage })

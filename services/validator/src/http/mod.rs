@@ -149,7 +149,7 @@ enum Verdict {
         /// was refused before limits were looked at.
         usage: Option<Usage>,
     },
-    /// The client IP sent too many bad keys: 429 instead of 401.
+    /// The client IP sent too many bad keys: 429 instead of 401, and for any key not cached while it is blocked.
     IpLimited(Usage),
     /// The key is not cached and PostgreSQL did not answer.
     Unavailable,
@@ -205,8 +205,8 @@ impl AppState {
     }
 
     /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429, and the client is blocked
-    /// (see [`BlockedIps`]). A valid key is never counted; once the client is blocked, only a key this validator
-    /// holds is looked at.
+    /// (see [`BlockedIps`]) unless it is a trusted proxy. A valid key is never counted; once the client is blocked,
+    /// only a key this validator holds is looked at.
     async fn count_failure(&self, ip: IpAddr, verdict: Verdict) -> Verdict {
         if self.ip_failures_per_minute == 0 {
             return verdict;
@@ -215,7 +215,11 @@ impl AppState {
         match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
-                self.blocked_ips.block(ip, usage);
+                // A proxy's own address stands for every client behind it (no X-Forwarded-For, or one it could not
+                // read): blocking it would refuse them all.
+                if !self.proxies.trusts(ip) {
+                    self.blocked_ips.block(ip, usage);
+                }
                 Verdict::IpLimited(usage)
             }
             Decision::Allowed { .. } | Decision::Unavailable => verdict,
