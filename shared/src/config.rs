@@ -141,11 +141,11 @@ pub struct ServerArgs {
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Namespace")]
 pub struct NamespaceArgs {
-    /// JetStream stream for usage events.
+    /// JetStream stream for usage events (dead letters go to `<stream>_DLQ`).
     #[arg(long, env = "TOLLGATE_STREAM", value_name = "TOLLGATE_STREAM", global = true,
           default_value = "TOLLGATE_USAGE", value_parser = parse_stream_name)]
     pub stream: String,
-    /// First token of every NATS subject (usage events go to `<prefix>.usage.>`).
+    /// First token of every NATS subject (usage events go to `<prefix>.usage.>`, dead letters to `<prefix>.dlq.>`).
     #[arg(long, env = "TOLLGATE_SUBJECT_PREFIX", value_name = "TOLLGATE_SUBJECT_PREFIX", global = true,
           default_value = "tollgate", value_parser = parse_subject_prefix)]
     pub subject_prefix: String,
@@ -164,7 +164,8 @@ pub struct NamespaceArgs {
 #[derive(clap::Args, Debug, Clone)]
 #[command(next_help_heading = "Metrics")]
 pub struct MetricsArgs {
-    /// Address of the Prometheus endpoint (`/metrics`).
+    /// Address of the Prometheus endpoint (`/metrics`) and of the liveness probe (`/healthz`); each process on a host
+    /// needs its own.
     #[arg(
         long,
         env = "TOLLGATE_METRICS_LISTEN",
@@ -211,7 +212,7 @@ pub struct ValidatorArgs {
     #[arg(long, env = "TOLLGATE_NEGATIVE_CACHE_TTL", value_name = "TOLLGATE_NEGATIVE_CACHE_TTL",
           default_value = "30s", value_parser = positive_duration)]
     pub negative_cache_ttl: Duration,
-    /// How often the validator asks PostgreSQL which keys and organizations changed (revocations reach the cache
+    /// How often the validator asks PostgreSQL which keys, organizations and tiers changed (revocations reach the cache
     /// within about this long).
     #[arg(long, env = "TOLLGATE_KEY_REFRESH", value_name = "TOLLGATE_KEY_REFRESH",
           default_value = "1s", value_parser = period(Duration::from_millis(10), LONGEST))]

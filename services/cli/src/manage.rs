@@ -1,6 +1,6 @@
 //! `tollgate org …` and `tollgate key …`: thin wrappers over the shared admin operations.
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 
 use anyhow::Context;
 use chrono::Utc;
@@ -99,6 +99,9 @@ pub async fn key(pool: &PgPool, json: bool, command: KeyCommand) -> anyhow::Resu
         }
         KeyCommand::Import { key } => {
             let mut text = String::new();
+            if std::io::stdin().is_terminal() {
+                eprintln!("Paste the key, then press Enter and Ctrl-D:");
+            }
             std::io::stdin().read_to_string(&mut text).context("cannot read the key from standard input")?;
             let plaintext = ApiKey::parse(text.trim()).map_err(|e| anyhow::anyhow!("cannot import this key: {e}"))?;
             let info = admin::import_key(pool, &actor, new_key(key)?, &plaintext).await?;

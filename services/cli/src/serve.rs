@@ -55,8 +55,10 @@ pub async fn serve(
     };
     let topology = Topology::new(namespace);
 
-    // Whatever can fail at start comes before any service runs: a service running when it failed would be aborted,
-    // not stopped.
+    // Whatever can fail at start comes before any service runs (a service running when it failed would be aborted,
+    // not stopped), and before the demo key is made (a start that fails after it would have made one for nothing).
+    let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
+    let mut signals = Signals::new()?;
     let worker = match roles.worker {
         // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.
         Some(args) => Some((args, connect::redis_in_background(&servers.redis_url, "the quota counters wait").await?)),
@@ -76,8 +78,6 @@ pub async fn serve(
         }
         None => None,
     };
-    let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
-    let mut signals = Signals::new()?;
 
     let shutdown = CancellationToken::new();
     // Stopped last, so that the figures of a shutdown (a drain, the last events) can be read, and liveness probes on

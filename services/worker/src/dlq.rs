@@ -35,9 +35,12 @@ pub enum Selection {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DlqError {
-    #[error("cannot read dead-letter stream {stream}: {reason}")]
+    #[error(
+        "cannot read dead-letter stream {stream}: {reason} (a worker makes it when it starts; is TOLLGATE_STREAM the \
+         workers' own?)"
+    )]
     Stream { stream: String, reason: String },
-    #[error("no dead letter with sequence {0}")]
+    #[error("no dead letter with sequence {0} (`tollgate dlq list` lists them)")]
     NotFound(u64),
     #[error("cannot republish dead letter {sequence}: {reason}")]
     Publish { sequence: u64, reason: String },

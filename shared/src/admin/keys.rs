@@ -147,7 +147,7 @@ pub async fn show_key(pool: &PgPool, id: Uuid) -> Result<KeyInfo, AdminError> {
         .bind(id)
         .fetch_optional(pool)
         .await?
-        .ok_or_else(|| AdminError::NotFound(format!("key {id}")))
+        .ok_or_else(|| AdminError::NotFound(format!("key {id} not found (`tollgate key list --org ORG` lists them)")))
 }
 
 /// Revokes a key for good. Revoking twice keeps the first revocation's time and reason.
@@ -164,7 +164,7 @@ pub async fn revoke_key(pool: &PgPool, actor: &Actor, id: Uuid, reason: Option<S
         .bind(&reason)
         .fetch_optional(&mut *tx)
         .await?
-        .ok_or_else(|| AdminError::NotFound(format!("key {id}")))?;
+        .ok_or_else(|| AdminError::NotFound(format!("key {id} not found (`tollgate key list --org ORG` lists them)")))?;
     audit(&mut tx, actor, &info, "revoked", serde_json::json!({ "reason": reason })).await?;
     tx.commit().await?;
     Ok(info)
@@ -198,7 +198,7 @@ pub async fn update_key(pool: &PgPool, actor: &Actor, id: Uuid, changes: KeyChan
         .bind(changes.active)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))?;
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::from))?;
     let Some(info) = info else {
         // No row: the key is missing ("not found"), or it is revoked.
         show_key(pool, id).await?;

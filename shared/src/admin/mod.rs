@@ -25,14 +25,29 @@ impl Actor {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("{0} not found")]
+    /// What was not found, and how to list what there is.
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
+    #[error("the database has no Tollgate tables, or older ones ({0}): run `tollgate migrate`")]
+    Unmigrated(sqlx::Error),
     #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
+}
+
+impl From<sqlx::Error> for AdminError {
+    fn from(e: sqlx::Error) -> AdminError {
+        // A table, column, function or type that is not there: a database never migrated, or by an older release.
+        let undefined = e.as_database_error().and_then(|d| d.code());
+        if undefined.is_some_and(|code| matches!(&*code, "42P01" | "42703" | "42883" | "42704")) {
+            AdminError::Unmigrated(e)
+        } else {
+            AdminError::Database(e)
+        }
+    }
 }
 
 /// Maps a unique violation to a message the operator can act on.

@@ -102,7 +102,9 @@ pub async fn find_org(pool: &PgPool, id_or_slug: &str) -> Result<Organization, A
         .bind(id_or_slug)
         .fetch_optional(pool)
         .await?
-        .ok_or_else(|| AdminError::NotFound(format!("organization {id_or_slug:?}")))
+        .ok_or_else(|| {
+            AdminError::NotFound(format!("organization {id_or_slug:?} not found (`tollgate org list` lists them)"))
+        })
 }
 
 pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) -> Result<Organization, AdminError> {
@@ -131,7 +133,7 @@ pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) ->
         .bind(changes.shadow)
         .fetch_one(pool)
         .await
-        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::Database))
+        .map_err(|e| check_violation(e).unwrap_or_else(AdminError::from))
 }
 
 /// Turns a CHECK violation (or a key's tier, or an organization's plan, that no row has) into a message that says which value was refused
