@@ -244,13 +244,12 @@ const SCRAPERS: ConnectionArgs = ConnectionArgs {
 
 /// Binds the metrics listener, with an error that names the variable.
 pub fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
-    crate::listen::bind(addr)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {addr} for metrics (TOLLGATE_METRICS_LISTEN): {e}. Each Tollgate process on a host \
+    crate::listen::bind(addr).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {addr} for metrics (TOLLGATE_METRICS_LISTEN): {e}. Each Tollgate process on a host \
                  needs its own, e.g. TOLLGATE_METRICS_LISTEN=127.0.0.1:9465"
-            )
-        })
+        )
+    })
 }
 
 #[cfg(test)]

@@ -159,12 +159,10 @@ pub async fn revoke_key(pool: &PgPool, actor: &Actor, id: Uuid, reason: Option<S
                                           ELSE deactivated_reason END
          WHERE id = $1 RETURNING {COLUMNS}"
     );
-    let info: KeyInfo = sqlx::query_as(&sql)
-        .bind(id)
-        .bind(&reason)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| AdminError::NotFound(format!("key {id} not found (`tollgate key list --org ORG` lists them)")))?;
+    let info: KeyInfo =
+        sqlx::query_as(&sql).bind(id).bind(&reason).fetch_optional(&mut *tx).await?.ok_or_else(|| {
+            AdminError::NotFound(format!("key {id} not found (`tollgate key list --org ORG` lists them)"))
+        })?;
     audit(&mut tx, actor, &info, "revoked", serde_json::json!({ "reason": reason })).await?;
     tx.commit().await?;
     Ok(info)

@@ -97,14 +97,9 @@ pub async fn find_org(pool: &PgPool, id_or_slug: &str) -> Result<Organization, A
     let sql = format!(
         "SELECT {COLUMNS} FROM organizations WHERE id = $1 OR slug = $2 ORDER BY id = $1 DESC NULLS LAST LIMIT 1"
     );
-    sqlx::query_as(&sql)
-        .bind(id)
-        .bind(id_or_slug)
-        .fetch_optional(pool)
-        .await?
-        .ok_or_else(|| {
-            AdminError::NotFound(format!("organization {id_or_slug:?} not found (`tollgate org list` lists them)"))
-        })
+    sqlx::query_as(&sql).bind(id).bind(id_or_slug).fetch_optional(pool).await?.ok_or_else(|| {
+        AdminError::NotFound(format!("organization {id_or_slug:?} not found (`tollgate org list` lists them)"))
+    })
 }
 
 pub async fn update_org(pool: &PgPool, id_or_slug: &str, changes: OrgChanges) -> Result<Organization, AdminError> {

@@ -233,10 +233,16 @@ async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     }
     let url = postgres.url("app").replace("postgres@", "app@");
     // A database there but never migrated: the commands that do not migrate say what to run.
-    let output =
-        Command::new(env!("CARGO_BIN_EXE_tollgate")).args(["org", "list"]).env("DATABASE_URL", &url).output().expect("run");
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["org", "list"])
+        .env("DATABASE_URL", &url)
+        .output()
+        .expect("run");
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("no Tollgate tables") && stderr.contains("run `tollgate migrate`"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("no Tollgate tables") && stderr.contains("run `tollgate migrate`"),
+        "{stderr}"
+    );
     let output =
         Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("migrate").env("DATABASE_URL", &url).output().expect("run");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -572,3 +572,50 @@ async fn a_stream_or_consumer_not_as_defined_is_warned_of_and_left_as_it_is() {
     assert_eq!(info.config.retention, jetstream::stream::RetentionPolicy::Limits, "left as it was");
     env.cleanup().await;
 }
+
+/// A message PostgreSQL refuses whatever the attempt (here a plan's price whose bill overflows a bigint) goes to the
+/// dead-letter stream alone, and the messages it came with are written rather than retried with it for ever.
+#[tokio::test]
+async fn a_message_postgresql_refuses_is_dead_lettered_and_the_rest_of_its_batch_written() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    sqlx::query(
+        "INSERT INTO plans (name, included_units, price_per_thousand_minor, currency)
+         VALUES ('priceless', 0, 9223372036854775807, 'USD')",
+    )
+    .execute(&env.pool)
+    .await
+    .expect("a plan");
+    let slug = env.org().await;
+    let priceless: Uuid =
+        sqlx::query_scalar("UPDATE organizations SET plan = 'priceless' WHERE slug = $1 RETURNING id")
+            .bind(&slug)
+            .fetch_one(&env.pool)
+            .await
+            .expect("the org on it");
+    let subject = env.topology.usage_subject();
+    let good = |n| usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, n);
+    let (first, second, third) = (good(1), good(2), good(3));
+    publish(&js, &subject, "first", codec::encode_batch(vec![first.clone(), second.clone()])).await;
+    let refused = usage_event(priceless, Uuid::now_v7(), Outcome::Allowed, 1);
+    publish(&js, &subject, "refused", codec::encode_batch(vec![refused])).await;
+    publish(&js, &subject, "third", codec::encode_batch(vec![third.clone()])).await;
+
+    let worker = env.start_worker().await;
+    env.wait_for_count("SELECT count(*) FROM api_usage", 3).await;
+    wait_until_drained(&env, &js).await;
+    let written: Vec<Uuid> = sqlx::query_scalar("SELECT event_id FROM api_usage ORDER BY event_id")
+        .fetch_all(&env.pool)
+        .await
+        .expect("rows");
+    assert_eq!(written, [first.event_id, second.event_id, third.event_id]);
+    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dead-letter stream");
+    assert_eq!(dead_letters.cached_info().state.messages, 1);
+    let dead = dead_letters.get_raw_message(1).await.expect("the dead letter");
+    let reason = dead.headers.get(tollgate_worker::REASON_HEADER).expect("reason header").to_string();
+    assert!(reason.contains("refused by PostgreSQL (22003)"), "{reason}");
+
+    worker.stop().await;
+    env.cleanup().await;
+}
