@@ -87,8 +87,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Usage(command) => {
             let pool = connect::postgres(&servers.database_url, 2).await?;
-            let redis = connect::redis(&servers.redis_url).await?;
-            let quota = tollgate_worker::QuotaCounters::new(redis, namespace.redis_prefix.clone());
+            let quota = match connect::redis(&servers.redis_url).await {
+                Ok(redis) => Some(tollgate_worker::QuotaCounters::new(redis, namespace.redis_prefix.clone())),
+                Err(e @ connect::ConnectError::Unreachable { .. }) => {
+                    eprintln!("warning: {e}");
+                    None
+                }
+                Err(e) => return Err(e.into()),
+            };
             usage::usage(&pool, quota, json, command).await
         }
         Command::Dlq(command) => {

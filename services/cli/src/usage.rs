@@ -9,13 +9,23 @@ use tollgate_worker::QuotaCounters;
 use crate::cli::UsageCommand;
 use crate::output::{or_dash, print, table};
 
-pub async fn usage(pool: &PgPool, mut quota: QuotaCounters, json: bool, command: UsageCommand) -> anyhow::Result<()> {
+/// `quota` None: Redis does not answer, and the counters are not compared (the billing check needs PostgreSQL only,
+/// and must alert while Redis is away too).
+pub async fn usage(
+    pool: &PgPool,
+    mut quota: Option<QuotaCounters>,
+    json: bool,
+    command: UsageCommand,
+) -> anyhow::Result<()> {
     let UsageCommand::Reconcile { org, month, fix } = command;
     let org_id = match org {
         Some(org) => Some(admin::find_org(pool, &org).await?.id),
         None => None,
     };
-    let report = reconcile::reconcile(pool, &mut quota, Filter { org_id, month }, fix).await?;
+    if fix && quota.is_none() {
+        anyhow::bail!("--fix sets the quota counters in Redis, which does not answer: run it once Redis is back");
+    }
+    let report = reconcile::reconcile(pool, quota.as_mut(), Filter { org_id, month }, fix).await?;
     print(json, &report, show)?;
     if report.violations > 0 {
         anyhow::bail!(
@@ -46,12 +56,15 @@ fn show(report: &Report) -> String {
         })
         .collect();
     let header = ["MONTH", "ORG", "BILLED", "HOURLY", "ROWS", "UNITS", "COUNTER", "DRIFT", "INVARIANT", "COUNTER FIX"];
+    let counters = if report.counters_checked {
+        format!("quota counter drift {} unit(s), {} counter(s) repaired", report.drift_units, report.repaired)
+    } else {
+        "quota counters not checked (Redis does not answer)".to_owned()
+    };
     format!(
-        "{}\n\n{} period(s), {} invariant violation(s), quota counter drift {} unit(s), {} counter(s) repaired",
+        "{}\n\n{} period(s), {} invariant violation(s), {counters}",
         table(&header, rows),
         report.periods.len(),
-        report.violations,
-        report.drift_units,
-        report.repaired
+        report.violations
     )
 }

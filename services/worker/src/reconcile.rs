@@ -62,6 +62,8 @@ pub struct Report {
     /// Sum of |drift| over all counters, before any repair.
     pub drift_units: i64,
     pub repaired: usize,
+    /// Whether the Redis counters were compared (not when Redis was not asked).
+    pub counters_checked: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -106,10 +108,11 @@ fn this_month() -> NaiveDate {
     month_of(chrono::Utc::now())
 }
 
-/// Checks the invariant and the counters; with `repair`, sets missing or drifting counters to PostgreSQL's total.
+/// Checks the invariant and, with `quota`, the counters; with `repair`, sets missing or drifting counters to
+/// PostgreSQL's total.
 pub async fn reconcile(
     pool: &PgPool,
-    quota: &mut QuotaCounters,
+    mut quota: Option<&mut QuotaCounters>,
     filter: Filter,
     repair: bool,
 ) -> Result<Report, ReconcileError> {
@@ -122,10 +125,14 @@ pub async fn reconcile(
         .filter(|r| r.1 == this_month)
         .map(|r| PeriodTotal { org_id: r.0, month: r.1, units: r.5 })
         .collect();
-    let mut counters = quota.read(&totals).await?.into_iter();
+    let mut counters = match quota.as_deref_mut() {
+        Some(quota) => quota.read(&totals).await?,
+        None => Vec::new(),
+    }
+    .into_iter();
     let mut periods = Vec::with_capacity(rows.len());
     for row in rows {
-        let counted = row.1 == this_month;
+        let counted = row.1 == this_month && quota.is_some();
         let stored = if counted { counters.next().flatten() } else { None };
         let counter = units_in(stored.as_deref());
         let (org_id, month, billing_requests, hourly_allowed, rows_allowed, billing_units, hourly_units, rows_units) =
@@ -146,7 +153,7 @@ pub async fn reconcile(
         if counted && counter != Some(billing_units) {
             let committed = committed_units(pool, org_id, month).await?;
             check.drift = counter.unwrap_or(0) - committed;
-            if repair && counter != Some(committed) {
+            if let Some(quota) = quota.as_deref_mut().filter(|_| repair && counter != Some(committed)) {
                 let total = PeriodTotal { org_id, month, units: committed };
                 check.repaired = quota.replace_if(&total, stored.as_deref()).await?;
             }
@@ -156,7 +163,7 @@ pub async fn reconcile(
     let violations = periods.iter().filter(|p| !p.invariant_holds()).count();
     let drift_units = periods.iter().map(|p| p.drift.abs()).sum();
     let repaired = periods.iter().filter(|p| p.repaired).count();
-    Ok(Report { periods, violations, drift_units, repaired })
+    Ok(Report { periods, violations, drift_units, repaired, counters_checked: quota.is_some() })
 }
 
 /// The units a counter holds; none when it is missing or holds what is not a whole number.

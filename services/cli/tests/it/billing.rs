@@ -34,11 +34,15 @@ async fn org_id(env: &TestEnv, slug: &str) -> Uuid {
 }
 
 fn tollgate(env: &TestEnv, args: &[&str]) -> Output {
+    tollgate_on_redis(env, REDIS_URL, args)
+}
+
+fn tollgate_on_redis(env: &TestEnv, redis_url: &str, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .env("DATABASE_URL", env.database_url.expose())
         .env("NATS_URL", crate::harness::NATS_URL)
-        .env("REDIS_URL", REDIS_URL)
+        .env("REDIS_URL", redis_url)
         .env("TOLLGATE_STREAM", &env.topology.stream)
         .env("TOLLGATE_SUBJECT_PREFIX", &env.topology.subject_prefix)
         .env("TOLLGATE_REDIS_PREFIX", &env.topology.redis_prefix)
@@ -187,7 +191,7 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let key = quota_counter::key(&env.topology.redis_prefix, org, this_month());
     delete(&key).await;
     let mut quota = env.quota_counters().await;
-    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
+    let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), false).await.expect("reconcile");
     assert_eq!((report.violations, report.drift_units, report.repaired), (0, 7, 0));
     assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
     let output = tollgate(&env, &["--json", "usage", "reconcile", "--fix"]);
@@ -195,13 +199,13 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let json: Value = serde_json::from_slice(&output.stdout).expect("json");
     assert_eq!(json["repaired"], 1);
     assert_eq!(counter(&key).await, Some(7));
-    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), false).await.expect("reconcile");
+    let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), false).await.expect("reconcile");
     assert_eq!((report.violations, report.drift_units), (0, 0), "zero drift after the rebuild");
 
     // A counter ahead of PostgreSQL is drift too, and is brought down.
     let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
     let _: () = redis::cmd("SET").arg(&key).arg(100).query_async(&mut redis).await.expect("SET");
-    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
+    let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
     assert_eq!((report.drift_units, report.repaired), (93, 1));
     assert_eq!(counter(&key).await, Some(7));
 
@@ -209,22 +213,34 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     for garbage in [&b"twelve"[..], b"\xff\xfe"] {
         let _: () = redis::cmd("SET").arg(&key).arg(garbage).query_async(&mut redis).await.expect("SET");
         assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
-        let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
+        let report =
+            reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
         assert_eq!((report.drift_units, report.repaired), (7, 1));
         assert_eq!(counter(&key).await, Some(7));
     }
     delete(&key).await;
     let _: () = redis::cmd("RPUSH").arg(&key).arg("x").query_async(&mut redis).await.expect("RPUSH");
-    let report = reconcile::reconcile(&env.pool, &mut quota, Filter::default(), true).await.expect("reconcile");
+    let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
     assert_eq!((report.drift_units, report.repaired), (7, 1));
     assert_eq!(counter(&key).await, Some(7));
 
-    // Billing that disagrees with the rows: reported, and the command fails.
+    // Without Redis, billing is checked all the same (it is what to alert on), and the counters are said unchecked.
+    let away = format!("redis://127.0.0.1:{}", crate::servers::free_port());
+    let output = tollgate_on_redis(&env, &away, &["usage", "reconcile"]);
+    let said = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{said}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(said.contains("0 invariant violation(s), quota counters not checked"), "{said}");
+    let output = tollgate_on_redis(&env, &away, &["usage", "reconcile", "--fix"]);
+    assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("once Redis is back"));
+
+    // Billing that disagrees with the rows: reported, and the command fails, with Redis or without.
     sqlx::query("UPDATE billing_periods SET requests = requests + 1").execute(&env.pool).await.expect("break");
     let month = this_month().format("%Y-%m").to_string();
-    let output = tollgate(&env, &["usage", "reconcile", "--month", &month]);
-    assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stdout).contains("MISMATCH"));
+    for redis_url in [REDIS_URL, &away] {
+        let output = tollgate_on_redis(&env, redis_url, &["usage", "reconcile", "--month", &month]);
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stdout).contains("MISMATCH"));
+    }
 
     env.cleanup().await;
 }

@@ -572,7 +572,7 @@ impl TestEnv {
         self.wait_for_count("SELECT sum(requests) FROM billing_periods", allowed).await;
         assert_eq!(self.count("SELECT count(*) - count(DISTINCT event_id) FROM api_usage").await, 0, "an event twice");
         let mut quota = self.quota_counters().await;
-        let report = tollgate_worker::reconcile::reconcile(&self.pool, &mut quota, Default::default(), false)
+        let report = tollgate_worker::reconcile::reconcile(&self.pool, Some(&mut quota), Default::default(), false)
             .await
             .expect("reconcile");
         assert_eq!(report.violations, 0, "billing invariant: {:?}", report.periods);
@@ -580,7 +580,7 @@ impl TestEnv {
             Duration::from_secs(5),
             || async {
                 let mut quota = self.quota_counters().await;
-                tollgate_worker::reconcile::reconcile(&self.pool, &mut quota, Default::default(), false)
+                tollgate_worker::reconcile::reconcile(&self.pool, Some(&mut quota), Default::default(), false)
                     .await
                     .expect("reconcile")
                     .drift_units
