@@ -1,5 +1,4 @@
-//! Moving messages that cannot be written aside, to the dead-letter stream, so they never block the ones behind them:
-//! those that do not decode, and those PostgreSQL refuses for what they hold.
+//! Moving undecodable messages aside, to the dead-letter stream, so they never block the ones behind them.
 
 use async_nats::jetstream::context::{PublishError, PublishErrorKind};
 use async_nats::jetstream::{self, Message};
@@ -12,37 +11,6 @@ use tollgate_shared::topology::Topology;
 pub const REASON_HEADER: &str = "Tollgate-Dead-Letter-Reason";
 /// Header carrying the subject the message was first published to.
 pub const SUBJECT_HEADER: &str = "Tollgate-Original-Subject";
-
-/// Why a message goes to the dead-letter stream.
-pub enum Reason<'a> {
-    Undecodable(&'a CodecError),
-    /// PostgreSQL refused the message's events for what they hold (see `is_refusal`).
-    Refused(&'a sqlx::Error),
-}
-
-impl Reason<'_> {
-    /// The `reason` label of `tollgate_dead_letters_total`: the codec's kinds, and this.
-    pub const REFUSED: &'static str = "refused_by_postgresql";
-
-    fn kind(&self) -> &'static str {
-        match self {
-            Reason::Undecodable(e) => e.kind(),
-            Reason::Refused(_) => Reason::REFUSED,
-        }
-    }
-}
-
-impl std::fmt::Display for Reason<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Reason::Undecodable(e) => e.fmt(f),
-            Reason::Refused(e) => {
-                let code = e.as_database_error().and_then(|d| d.code()).unwrap_or_default();
-                write!(f, "refused by PostgreSQL ({code}): {e}")
-            }
-        }
-    }
-}
 
 /// Where a worker's dead letters go.
 pub struct DeadLetters {
@@ -60,29 +28,29 @@ impl DeadLetters {
     /// twice stores it once, while a message at the same position of a stream made again is another one. A stream that
     /// is gone (deleted by hand, or NATS restarted without its storage) is created again: otherwise the batch would
     /// be retried, and the messages behind it held, until someone noticed.
-    pub async fn store(&self, message: &Message, reason: &Reason<'_>) -> Result<(), async_nats::Error> {
-        match self.copy(message, reason).await {
+    pub async fn store(&self, message: &Message, error: &CodecError) -> Result<(), async_nats::Error> {
+        match self.copy(message, error).await {
             Err(e) if is_stream_not_found(&e) => {
                 tracing::warn!(stream = %self.topology.dead_letter_stream(), "the dead-letter stream is gone; creating it again");
                 self.topology.ensure_dead_letter_stream(&self.jetstream).await?;
-                self.copy(message, reason).await
+                self.copy(message, error).await
             }
             result => result,
         }
     }
 
-    async fn copy(&self, message: &Message, reason: &Reason<'_>) -> Result<(), async_nats::Error> {
+    async fn copy(&self, message: &Message, error: &CodecError) -> Result<(), async_nats::Error> {
         let info = message.info()?;
         let position = format!("{}-{}", info.stream, info.stream_sequence);
         let mut headers = async_nats::HeaderMap::new();
-        headers.insert(REASON_HEADER, reason.to_string().as_str());
+        headers.insert(REASON_HEADER, error.to_string().as_str());
         headers.insert(SUBJECT_HEADER, message.subject.as_str());
         let id = format!("dlq-{position}-{}", info.published.unix_timestamp_nanos());
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id.as_str());
         let subject = self.topology.dead_letter_subject();
         self.jetstream.publish_with_headers(subject, headers, message.payload.clone()).await?.await?;
-        metrics::counter!(DEAD_LETTERS, "reason" => reason.kind()).increment(1);
-        tracing::warn!(%reason, original = %position, "moved a usage message to the dead-letter stream");
+        metrics::counter!(DEAD_LETTERS, "reason" => error.kind()).increment(1);
+        tracing::warn!(reason = %error, original = %position, "moved an undecodable usage message to the dead-letter stream");
         Ok(())
     }
 }

@@ -71,24 +71,6 @@ pub enum BatchError {
     DeadLetter(async_nats::Error),
 }
 
-impl BatchOutcome {
-    fn add(&mut self, other: BatchOutcome) {
-        self.messages += other.messages;
-        self.inserted += other.inserted;
-        self.duplicates += other.duplicates;
-        self.dead_lettered += other.dead_lettered;
-    }
-}
-
-/// Whether PostgreSQL refused a write for what it holds, which a retry would not change: a value out of range or
-/// unreadable (class 22: a plan's price whose bill overflows, say) or a constraint (class 23), but not a duplicate
-/// (23505: a race the write resolves when retried). Every other failure (the server away, a deadlock, a table
-/// missing) is retried.
-fn is_refusal(e: &sqlx::Error) -> bool {
-    let code = e.as_database_error().and_then(|d| d.code()).unwrap_or_default();
-    code.starts_with("22") || (code.starts_with("23") && code != "23505")
-}
-
 /// Called after each commit with the batch's events and the commit time (the benchmark measures lag with it).
 pub type CommitObserver = Arc<dyn Fn(&[UsageEvent], DateTime<Utc>) + Send + Sync>;
 
@@ -147,11 +129,7 @@ impl Worker {
         quota: Option<QuotaCounters>,
     ) -> Worker {
         start_at_zero(&[USAGE_ROWS_WRITTEN, USAGE_DUPLICATES, WORKER_BATCH_ERRORS, QUOTA_COUNTER_ERRORS]);
-        start_labeled_at_zero(
-            DEAD_LETTERS,
-            "reason",
-            CodecError::KINDS.into_iter().chain([dead_letter::Reason::REFUSED]),
-        );
+        start_labeled_at_zero(DEAD_LETTERS, "reason", CodecError::KINDS);
         Worker {
             store: UsageStore::new(pool),
             dead_letters: DeadLetters::new(jetstream, topology),
@@ -180,46 +158,8 @@ impl Worker {
         self.process_deliveries(&deliveries).await
     }
 
-    /// [`Worker::process_batch`] on messages already decoded. A batch that PostgreSQL refuses twice for what it holds
-    /// (see [`is_refusal`]), not for being away, is written again in halves, until the message it refuses is alone and
-    /// goes to the dead-letter stream: one message must not hold up the others for ever, as retrying the whole batch
-    /// would.
+    /// [`Worker::process_batch`] on messages already decoded.
     pub async fn process_deliveries(&mut self, deliveries: &[Delivery]) -> Result<BatchOutcome, BatchError> {
-        let mut outcome = BatchOutcome::default();
-        // Each part with whether it was refused once already.
-        let mut parts = vec![(deliveries, false)];
-        while let Some((part, refused_once)) = parts.pop() {
-            match self.write_and_ack(part).await {
-                Ok(done) => outcome.add(done),
-                // Once more first: what was refused may be the store's to mend (a partition dropped since it was
-                // last seen fails the insert as a check violation; the next attempt makes it again).
-                Err(BatchError::Database(e)) if is_refusal(&e) && !refused_once => {
-                    tracing::debug!(error = %e, "batch refused; trying it once more before splitting it");
-                    parts.push((part, true));
-                }
-                Err(BatchError::Database(e)) if is_refusal(&e) => match part {
-                    [refused] => {
-                        let reason = dead_letter::Reason::Refused(&e);
-                        self.dead_letters.store(&refused.message, &reason).await.map_err(BatchError::DeadLetter)?;
-                        if let Err(e) = refused.message.ack().await {
-                            tracing::warn!(error = %e, "ack failed; the message will be re-delivered and refused again");
-                        }
-                        outcome.add(BatchOutcome { messages: 1, dead_lettered: 1, ..BatchOutcome::default() });
-                    }
-                    _ => {
-                        tracing::warn!(error = %e, messages = part.len(), "batch refused twice; writing it in halves");
-                        let (first, second) = part.split_at(part.len() / 2);
-                        parts.extend([(second, false), (first, false)]);
-                    }
-                },
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(outcome)
-    }
-
-    /// Writes what `deliveries` decoded to in one transaction, dead-letters what did not decode, then acks them all.
-    async fn write_and_ack(&mut self, deliveries: &[Delivery]) -> Result<BatchOutcome, BatchError> {
         let started = Instant::now();
         let events: Vec<UsageEvent> = deliveries.iter().flat_map(|d| &d.events).cloned().collect();
         let written = self.store.write(&events).await?;
@@ -235,8 +175,7 @@ impl Worker {
         let mut dead_lettered = 0;
         for delivery in deliveries {
             if let Some(e) = &delivery.rejected {
-                let reason = dead_letter::Reason::Undecodable(e);
-                self.dead_letters.store(&delivery.message, &reason).await.map_err(BatchError::DeadLetter)?;
+                self.dead_letters.store(&delivery.message, e).await.map_err(BatchError::DeadLetter)?;
                 dead_lettered += 1;
             }
         }
