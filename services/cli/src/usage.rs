@@ -56,10 +56,9 @@ fn show(report: &Report) -> String {
         })
         .collect();
     let header = ["MONTH", "ORG", "BILLED", "HOURLY", "ROWS", "UNITS", "COUNTER", "DRIFT", "INVARIANT", "COUNTER FIX"];
-    let counters = if report.counters_checked {
-        format!("quota counter drift {} unit(s), {} counter(s) repaired", report.drift_units, report.repaired)
-    } else {
-        "quota counters not checked (Redis does not answer)".to_owned()
+    let counters = match report.drift_units {
+        Some(drift) => format!("quota counter drift {drift} unit(s), {} counter(s) repaired", report.repaired),
+        None => "quota counters not checked (Redis does not answer)".to_owned(),
     };
     format!(
         "{}\n\n{} period(s), {} invariant violation(s), {counters}",

@@ -35,7 +35,7 @@ pub struct PeriodCheck {
     pub billing_units: i64,
     pub hourly_units: i64,
     pub rows_units: i64,
-    /// The Redis counter (None when missing, or for a past month, whose counter is not compared).
+    /// The Redis counter (None when missing, not read, or for a past month, whose counter is not compared).
     pub counter: Option<i64>,
     /// Counter minus committed units (0 when they agree).
     pub drift: i64,
@@ -59,11 +59,9 @@ pub struct Report {
     pub periods: Vec<PeriodCheck>,
     /// Organization-months whose three counts differ.
     pub violations: usize,
-    /// Sum of |drift| over all counters, before any repair.
-    pub drift_units: i64,
+    /// Sum of |drift| over all counters, before any repair; None when the counters were not read (Redis away).
+    pub drift_units: Option<i64>,
     pub repaired: usize,
-    /// Whether the Redis counters were compared (not when Redis was not asked).
-    pub counters_checked: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +159,9 @@ pub async fn reconcile(
         periods.push(check);
     }
     let violations = periods.iter().filter(|p| !p.invariant_holds()).count();
-    let drift_units = periods.iter().map(|p| p.drift.abs()).sum();
+    let drift_units = quota.is_some().then(|| periods.iter().map(|p| p.drift.abs()).sum());
     let repaired = periods.iter().filter(|p| p.repaired).count();
-    Ok(Report { periods, violations, drift_units, repaired, counters_checked: quota.is_some() })
+    Ok(Report { periods, violations, drift_units, repaired })
 }
 
 /// The units a counter holds; none when it is missing or holds what is not a whole number.

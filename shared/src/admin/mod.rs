@@ -32,7 +32,10 @@ pub enum AdminError {
     Conflict(String),
     #[error("{0}")]
     Invalid(String),
-    #[error("the database has no Tollgate tables, or older ones ({0}): run `tollgate migrate`")]
+    #[error(
+        "the database has no Tollgate tables, or older ones ({0}): run `tollgate migrate`, unless DATABASE_URL points \
+         at another database than Tollgate's"
+    )]
     Unmigrated(sqlx::Error),
     #[error("database error: {0}")]
     Database(sqlx::Error),

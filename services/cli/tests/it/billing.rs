@@ -192,7 +192,7 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     delete(&key).await;
     let mut quota = env.quota_counters().await;
     let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), false).await.expect("reconcile");
-    assert_eq!((report.violations, report.drift_units, report.repaired), (0, 7, 0));
+    assert_eq!((report.violations, report.drift_units, report.repaired), (0, Some(7), 0));
     assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
     let output = tollgate(&env, &["--json", "usage", "reconcile", "--fix"]);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -200,13 +200,13 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     assert_eq!(json["repaired"], 1);
     assert_eq!(counter(&key).await, Some(7));
     let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), false).await.expect("reconcile");
-    assert_eq!((report.violations, report.drift_units), (0, 0), "zero drift after the rebuild");
+    assert_eq!((report.violations, report.drift_units), (0, Some(0)), "zero drift after the rebuild");
 
     // A counter ahead of PostgreSQL is drift too, and is brought down.
     let mut redis = tollgate_shared::connect::redis(&REDIS_URL.parse().expect("url")).await.expect("redis");
     let _: () = redis::cmd("SET").arg(&key).arg(100).query_async(&mut redis).await.expect("SET");
     let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
-    assert_eq!((report.drift_units, report.repaired), (93, 1));
+    assert_eq!((report.drift_units, report.repaired), (Some(93), 1));
     assert_eq!(counter(&key).await, Some(7));
 
     // A counter holding what is not a number, or not even a string, is drift to repair, not a reason to fail.
@@ -215,13 +215,13 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
         assert_eq!(reconcile::counter_drift(&env.pool, &mut quota, this_month()).await.expect("drift"), 7);
         let report =
             reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
-        assert_eq!((report.drift_units, report.repaired), (7, 1));
+        assert_eq!((report.drift_units, report.repaired), (Some(7), 1));
         assert_eq!(counter(&key).await, Some(7));
     }
     delete(&key).await;
     let _: () = redis::cmd("RPUSH").arg(&key).arg("x").query_async(&mut redis).await.expect("RPUSH");
     let report = reconcile::reconcile(&env.pool, Some(&mut quota), Filter::default(), true).await.expect("reconcile");
-    assert_eq!((report.drift_units, report.repaired), (7, 1));
+    assert_eq!((report.drift_units, report.repaired), (Some(7), 1));
     assert_eq!(counter(&key).await, Some(7));
 
     // Without Redis, billing is checked all the same (it is what to alert on), and the counters are said unchecked.
@@ -230,6 +230,9 @@ async fn reconcile_reports_and_repairs_drift_and_fails_on_a_broken_invariant() {
     let said = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{said}{}", String::from_utf8_lossy(&output.stderr));
     assert!(said.contains("0 invariant violation(s), quota counters not checked"), "{said}");
+    let output = tollgate_on_redis(&env, &away, &["--json", "usage", "reconcile"]);
+    let json: Value = serde_json::from_slice(&output.stdout).expect("json");
+    assert_eq!(json["drift_units"], Value::Null, "no drift figure where none was measured");
     let output = tollgate_on_redis(&env, &away, &["usage", "reconcile", "--fix"]);
     assert!(!output.status.success() && String::from_utf8_lossy(&output.stderr).contains("once Redis is back"));
 

@@ -585,10 +585,10 @@ impl TestEnv {
                     .expect("reconcile")
                     .drift_units
             },
-            |drift| *drift == 0,
+            |drift| *drift == Some(0),
         )
         .await;
-        assert_eq!(drift, 0, "quota counters differ from PostgreSQL");
+        assert_eq!(drift, Some(0), "quota counters differ from PostgreSQL");
     }
 
     /// Waits until `sql` returns at least `minimum`, failing after 45 s.
