@@ -410,3 +410,21 @@ async fn the_monthly_quota_survives_a_redis_flush_overshooting_only_by_events_in
 async fn counter_of(key: String) -> Option<i64> {
     read_counter(&key).await.ok().flatten()
 }
+
+/// A price whose bills could overflow would stop the workers at the first period of an organization on it.
+#[tokio::test]
+async fn a_plan_priced_past_what_a_bill_can_hold_is_refused() {
+    let env = TestEnv::new().await;
+    let plan = |price: i64| {
+        sqlx::query(
+            "INSERT INTO plans (name, included_units, price_per_thousand_minor, currency) VALUES ($1, 0, $2, 'USD')",
+        )
+        .bind(format!("priced-{price}"))
+        .bind(price)
+        .execute(&env.pool)
+    };
+    let refused = plan(1_000_001).await.expect_err("refused");
+    assert!(refused.to_string().contains("plans_price_per_thousand_minor_at_most_1000000"), "{refused}");
+    plan(1_000_000).await.expect("the dearest plan");
+    env.cleanup().await;
+}
