@@ -4,8 +4,10 @@
 //! events per message keep NATS overhead per event small. Decoding validates what it reads, so a garbage message or
 //! an impossible event is rejected here (and dead-lettered by the worker) instead of reaching the database.
 //!
-//! Versions: 1 is the original event; 2 adds `shadow_outcome`. Version 1 messages still decode (with no shadow
-//! outcome), so workers can be upgraded before or after validators.
+//! Versions: 1 is the original event; 2 adds `shadow_outcome`. Every older version still decodes (version 1 with no
+//! shadow outcome), but a worker cannot read a version newer than its own: it dead-letters such a message
+//! (`unknown_version`). So upgrade workers before validators, or replay the dead letters (`tollgate dlq replay --all`)
+//! once the workers are upgraded.
 
 use bincode::{Decode, Encode};
 use chrono::{DateTime, Utc};
