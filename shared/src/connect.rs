@@ -24,6 +24,9 @@ const BACKGROUND_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
+    /// A setting to mend, not a server away: nothing was tried.
+    #[error("{variable} (or --{flag}) is not a {server} URL Tollgate can use: {reason}. Expected {example}.")]
+    BadUrl { server: &'static str, variable: &'static str, flag: &'static str, example: &'static str, reason: String },
     #[error(
         "cannot reach {server} at {url}: {reason}. Is it running? Set {variable} (or --{flag}) to point elsewhere."
     )]
@@ -32,10 +35,22 @@ pub enum ConnectError {
     LoginRefused { server: &'static str, url: String, variable: &'static str, flag: &'static str, reason: String },
     #[error("database {database:?} does not exist on {url}: `tollgate migrate` (or `tollgate up`) creates it")]
     NoDatabase { database: String, url: String },
-    #[error("cannot create database {database:?} on {url}: {reason}")]
+    #[error(
+        "database {database:?} does not exist on {url}, and cannot be created ({reason}): create it as a role that may \
+         (createdb {database}), or give this one CREATEDB, then run `tollgate migrate`"
+    )]
     CreateDatabase { database: String, url: String, reason: String },
     #[error("cannot apply migrations to {url}: {reason}")]
     Migrate { url: String, reason: String },
+}
+
+fn bad_url(server: &'static str, variable: &'static str, reason: impl ToString) -> ConnectError {
+    let example = match variable {
+        "DATABASE_URL" => "postgres://USER[:PASSWORD]@HOST:5432/DATABASE",
+        "NATS_URL" => "nats://[USER:PASSWORD@]HOST:4222",
+        _ => "redis://[:PASSWORD@]HOST:6379[/DB]",
+    };
+    ConnectError::BadUrl { server, variable, flag: flag(variable), example, reason: reason.to_string() }
 }
 
 fn unreachable(server: &'static str, url: &ServerUrl, variable: &'static str, reason: impl ToString) -> ConnectError {
@@ -71,7 +86,7 @@ fn flag(variable: &'static str) -> &'static str {
 /// A pool on an existing database.
 pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, ConnectError> {
     let options = PgConnectOptions::from_str(url.expose())
-        .map_err(|e| unreachable("PostgreSQL", url, "DATABASE_URL", e))?
+        .map_err(|e| bad_url("PostgreSQL", "DATABASE_URL", e))?
         .application_name("tollgate")
         .log_statements(tracing::log::LevelFilter::Trace);
     PgPoolOptions::new()
@@ -116,8 +131,13 @@ pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectEr
     }
     let database = database_name(url);
     let admin_url = url.with_path("/postgres");
+    // The server answered for the database's own URL: what fails here is this role's access to `postgres`.
     let mut admin =
-        sqlx::PgConnection::connect(admin_url.expose()).await.map_err(|e| postgres_refused(&admin_url, e))?;
+        sqlx::PgConnection::connect(admin_url.expose()).await.map_err(|e| ConnectError::CreateDatabase {
+            database: database.clone(),
+            url: url.to_string(),
+            reason: format!("cannot connect to the server's postgres database to create it: {e}"),
+        })?;
     let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
     match sqlx::query(&create).execute(&mut admin).await {
         Ok(_) => Ok(()),
@@ -148,7 +168,7 @@ pub async fn newer_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error>
 /// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away. A `PING`
 /// makes sure Redis takes commands from it (a password it wants and the URL lacks shows only then).
 pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, ConnectError> {
-    let client = redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
+    let client = redis::Client::open(url.expose()).map_err(|e| bad_url("Redis", "REDIS_URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
         .set_response_timeout(Duration::from_secs(1))
@@ -196,7 +216,7 @@ impl From<redis::aio::ConnectionManager> for BackgroundRedis {
 /// Like [`redis`], but when Redis does not answer, warns (saying what happens `meanwhile`) and keeps trying in the
 /// background instead of failing (a malformed URL still fails).
 pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Result<BackgroundRedis, ConnectError> {
-    redis::Client::open(url.expose()).map_err(|e| unreachable("Redis", url, "REDIS_URL", e))?;
+    redis::Client::open(url.expose()).map_err(|e| bad_url("Redis", "REDIS_URL", e))?;
     let e = match redis(url).await {
         Ok(connection) => return Ok(connection.into()),
         // Not away: refusing the login, which waiting will not mend.
@@ -224,6 +244,7 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
     nats_options(url).connect(url.expose()).await.map_err(|e| match e.kind() {
         async_nats::ConnectErrorKind::AuthorizationViolation => login_refused("NATS", url, "NATS_URL", e),
+        async_nats::ConnectErrorKind::ServerParse => bad_url("NATS", "NATS_URL", e),
         _ => unreachable("NATS", url, "NATS_URL", e),
     })
 }
@@ -231,11 +252,10 @@ pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
 /// A NATS client that makes even its first connection in the background: for the validator, which serves (and
 /// spools usage events) while NATS is away, start included.
 pub async fn nats_in_background(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    nats_options(url)
-        .retry_on_initial_connect()
-        .connect(url.expose())
-        .await
-        .map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+    nats_options(url).retry_on_initial_connect().connect(url.expose()).await.map_err(|e| match e.kind() {
+        async_nats::ConnectErrorKind::ServerParse => bad_url("NATS", "NATS_URL", e),
+        _ => unreachable("NATS", url, "NATS_URL", e),
+    })
 }
 
 /// With the URL's credentials (`nats://user:password@host` or `nats://token@host`), which async-nats itself

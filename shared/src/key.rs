@@ -53,7 +53,7 @@ pub enum KeyFormatError {
     TooLong,
     #[error("the key is shorter than {IMPORTED_MIN_LEN} characters")]
     TooShort,
-    #[error("the key contains characters that no key can contain")]
+    #[error("the key contains characters that no key can contain (only A-Z a-z 0-9 _ - . ~ + / =)")]
     BadCharacters,
     #[error("the key looks like a Tollgate key but its length or checksum is wrong (mistyped?)")]
     BadChecksum,

@@ -270,7 +270,7 @@ pub enum KeyCommand {
         #[command(flatten)]
         key: KeySpec,
     },
-    /// List an organization's keys (prefix and last 4 characters only).
+    /// List an organization's keys (prefix and last few characters only; never the key).
     List {
         /// The organization's id or slug.
         #[arg(long)]

@@ -29,7 +29,8 @@ pub async fn usage(
     print(json, &report, show)?;
     if report.violations > 0 {
         anyhow::bail!(
-            "{} organization-month(s) where billing, the hourly rollup and the usage rows disagree",
+            "{} organization-month(s) where billing, the hourly rollup and the usage rows disagree (the MISMATCH rows \
+             above; --fix sets quota counters only, and does not mend these)",
             report.violations
         );
     }

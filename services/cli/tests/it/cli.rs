@@ -92,6 +92,19 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     assert!(!output.status.success());
     assert!(stderr.contains("PostgreSQL") && stderr.contains("127.0.0.1:1"), "{stderr}");
     assert!(!stderr.contains("s3cret"), "password leaked: {stderr}");
+
+    // A URL that cannot be used is a setting to mend, not a server away, and no command goes on without it.
+    for (variable, url, args) in [
+        ("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:5432/tollgate?sslmode=bogus", &["org", "list"][..]),
+        ("REDIS_URL", "rediss-ish://alice:s3cret@127.0.0.1", &["usage", "reconcile"]),
+        ("NATS_URL", "http://alice:s3cret@127.0.0.1:4222", &["dlq", "list"]),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tollgate")).args(args).env(variable, url).output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{variable}: {stderr}");
+        assert!(stderr.contains(&format!("{variable} (or --")) && stderr.contains("URL Tollgate can use"), "{stderr}");
+        assert!(!stderr.contains("s3cret") && !stderr.contains("Is it running?"), "{stderr}");
+    }
 }
 
 /// The README's two commands: `up --demo` prints a key and a curl line that verifies, and Ctrl-C stops it cleanly.
@@ -232,6 +245,16 @@ async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
         sqlx::query(statement).execute(&admin).await.expect(statement);
     }
     let url = postgres.url("app").replace("postgres@", "app@");
+    // Its missing database cannot be made by it: the error says so, and how to make it.
+    let elsewhere = postgres.url("app_missing").replace("postgres@", "app@");
+    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("migrate")
+        .env("DATABASE_URL", &elsewhere)
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("\"app_missing\" does not exist") && stderr.contains("createdb app_missing"), "{stderr}");
     // A database there but never migrated: the commands that do not migrate say what to run.
     let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(["org", "list"])
