@@ -9,9 +9,10 @@
 //! event), returning the new monthly totals of the organizations it billed, for the Redis quota counters. A
 //! re-delivered event inserts nothing, so it changes nothing downstream either.
 //!
-//! Lock order: every upsert takes its rows sorted by primary key, so concurrent workers touching the same keys,
-//! hours and organizations queue behind each other instead of deadlocking; a deadlock or serialization failure that
-//! still happens is retried at once (a few times) before the error reaches the worker's backoff loop.
+//! Lock order: the rollup and billing upserts take their rows sorted by primary key, so concurrent workers touching
+//! the same hours and organizations queue behind each other instead of deadlocking (the keys' update follows the
+//! join's order, which PostgreSQL chooses); a deadlock or serialization failure that still happens is retried at
+//! once (a few times) before the error reaches the worker's backoff loop.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::time::{Duration, Instant};
