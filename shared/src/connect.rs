@@ -37,7 +37,8 @@ pub enum ConnectError {
     NoDatabase { database: String, url: String },
     #[error(
         "database {database:?} does not exist on {url}, and cannot be created ({reason}): create it as a role that may \
-         (createdb {database}), or give this one CREATEDB, then run `tollgate migrate`"
+         (createdb {database}), or let this one connect to the postgres database with CREATEDB, then run \
+         `tollgate migrate`"
     )]
     CreateDatabase { database: String, url: String, reason: String },
     #[error("cannot apply migrations to {url}: {reason}")]
@@ -98,6 +99,9 @@ pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, C
 }
 
 fn postgres_refused(url: &ServerUrl, e: sqlx::Error) -> ConnectError {
+    if matches!(e, sqlx::Error::Configuration(_)) {
+        return bad_url("PostgreSQL", "DATABASE_URL", e);
+    }
     if is_missing_database(&e) {
         return ConnectError::NoDatabase { database: database_name(url), url: url.to_string() };
     }
@@ -181,6 +185,8 @@ pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, Con
         (redis::ErrorKind::AuthenticationFailed, _) | (_, Some("NOAUTH")) => {
             login_refused("Redis", url, "REDIS_URL", e)
         }
+        // Redis answered, and refused what the URL asks (a database index it does not have, say).
+        (redis::ErrorKind::ResponseError, _) => bad_url("Redis", "REDIS_URL", e),
         _ => unreachable("Redis", url, "REDIS_URL", e),
     };
     let connect = async {
@@ -242,9 +248,9 @@ pub async fn redis_in_background(url: &ServerUrl, meanwhile: &'static str) -> Re
 
 /// A NATS client that reconnects by itself after the first connection.
 pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
+    nats_url_readable(url)?;
     nats_options(url).connect(url.expose()).await.map_err(|e| match e.kind() {
         async_nats::ConnectErrorKind::AuthorizationViolation => login_refused("NATS", url, "NATS_URL", e),
-        async_nats::ConnectErrorKind::ServerParse => bad_url("NATS", "NATS_URL", e),
         _ => unreachable("NATS", url, "NATS_URL", e),
     })
 }
@@ -252,10 +258,18 @@ pub async fn nats(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
 /// A NATS client that makes even its first connection in the background: for the validator, which serves (and
 /// spools usage events) while NATS is away, start included.
 pub async fn nats_in_background(url: &ServerUrl) -> Result<async_nats::Client, ConnectError> {
-    nats_options(url).retry_on_initial_connect().connect(url.expose()).await.map_err(|e| match e.kind() {
-        async_nats::ConnectErrorKind::ServerParse => bad_url("NATS", "NATS_URL", e),
-        _ => unreachable("NATS", url, "NATS_URL", e),
-    })
+    nats_url_readable(url)?;
+    nats_options(url)
+        .retry_on_initial_connect()
+        .connect(url.expose())
+        .await
+        .map_err(|e| unreachable("NATS", url, "NATS_URL", e))
+}
+
+/// Whether `NATS_URL` names NATS servers: checked before connecting, since the client's own parse error also comes
+/// from addresses a reachable server advertises.
+fn nats_url_readable(url: &ServerUrl) -> Result<(), ConnectError> {
+    async_nats::ToServerAddrs::to_server_addrs(url.expose()).map(drop).map_err(|e| bad_url("NATS", "NATS_URL", e))
 }
 
 /// With the URL's credentials (`nats://user:password@host` or `nats://token@host`), which async-nats itself

@@ -84,7 +84,8 @@ pub enum UsageCommand {
         /// Only this month (UTC), e.g. 2026-11.
         #[arg(long, value_name = "YYYY-MM", value_parser = parse_month)]
         month: Option<chrono::NaiveDate>,
-        /// Set missing or drifting quota counters to PostgreSQL's totals (safe while workers run).
+        /// Set missing or drifting quota counters to PostgreSQL's totals (safe while workers run). Without Redis the
+        /// check runs on billing alone, and this refuses.
         #[arg(long)]
         fix: bool,
     },

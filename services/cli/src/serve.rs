@@ -58,6 +58,8 @@ pub async fn serve(
     // Whatever can fail at start comes before any service runs (a service running when it failed would be aborted,
     // not stopped), and before the demo key is made (a start that fails after it would have made one for nothing).
     let metrics_listener = tollgate_shared::metrics::bind(metrics.metrics_listen)?;
+    // Listened for from here: a Ctrl-C during the rest of the start (Redis's connect timeout, say) stops the services
+    // gracefully as soon as they run.
     let mut signals = Signals::new()?;
     let worker = match roles.worker {
         // Redis holds only the quota counters, which the workers raise once it answers: no reason to wait for it.

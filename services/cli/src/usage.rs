@@ -50,7 +50,7 @@ fn show(report: &Report) -> String {
                 p.rows_allowed.to_string(),
                 p.billing_units.to_string(),
                 or_dash(&p.counter),
-                p.drift.to_string(),
+                or_dash(&p.drift),
                 if p.invariant_holds() { "ok" } else { "MISMATCH" }.to_owned(),
                 if p.repaired { "repaired" } else { "" }.to_owned(),
             ]

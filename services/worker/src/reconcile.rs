@@ -37,8 +37,8 @@ pub struct PeriodCheck {
     pub rows_units: i64,
     /// The Redis counter (None when missing, not read, or for a past month, whose counter is not compared).
     pub counter: Option<i64>,
-    /// Counter minus committed units (0 when they agree).
-    pub drift: i64,
+    /// Counter minus committed units (0 when they agree); None when the counter was not compared.
+    pub drift: Option<i64>,
     /// The counter was set to the committed units.
     pub repaired: bool,
 }
@@ -145,12 +145,12 @@ pub async fn reconcile(
             hourly_units,
             rows_units,
             counter,
-            drift: 0,
+            drift: counted.then_some(0),
             repaired: false,
         };
         if counted && counter != Some(billing_units) {
             let committed = committed_units(pool, org_id, month).await?;
-            check.drift = counter.unwrap_or(0) - committed;
+            check.drift = Some(counter.unwrap_or(0) - committed);
             if let Some(quota) = quota.as_deref_mut().filter(|_| repair && counter != Some(committed)) {
                 let total = PeriodTotal { org_id, month, units: committed };
                 check.repaired = quota.replace_if(&total, stored.as_deref()).await?;
@@ -159,7 +159,7 @@ pub async fn reconcile(
         periods.push(check);
     }
     let violations = periods.iter().filter(|p| !p.invariant_holds()).count();
-    let drift_units = quota.is_some().then(|| periods.iter().map(|p| p.drift.abs()).sum());
+    let drift_units = quota.is_some().then(|| periods.iter().filter_map(|p| p.drift).map(i64::abs).sum());
     let repaired = periods.iter().filter(|p| p.repaired).count();
     Ok(Report { periods, violations, drift_units, repaired })
 }

@@ -59,6 +59,6 @@ fn conflict_or(e: sqlx::Error, message: impl FnOnce() -> String) -> AdminError {
     if unique {
         AdminError::Conflict(message())
     } else {
-        AdminError::Database(e)
+        AdminError::from(e)
     }
 }

@@ -96,7 +96,10 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     // A URL that cannot be used is a setting to mend, not a server away, and no command goes on without it.
     for (variable, url, args) in [
         ("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:5432/tollgate?sslmode=bogus", &["org", "list"][..]),
+        ("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:5432/tollgate?sslmode=bogus", &["migrate"]),
         ("REDIS_URL", "rediss-ish://alice:s3cret@127.0.0.1", &["usage", "reconcile"]),
+        // Redis answers, and has no database 99.
+        ("REDIS_URL", "redis://127.0.0.1:6379/99", &["usage", "reconcile"]),
         ("NATS_URL", "http://alice:s3cret@127.0.0.1:4222", &["dlq", "list"]),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_tollgate")).args(args).env(variable, url).output().expect("run");
@@ -256,16 +259,17 @@ async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     assert!(!output.status.success(), "{stderr}");
     assert!(stderr.contains("\"app_missing\" does not exist") && stderr.contains("createdb app_missing"), "{stderr}");
     // A database there but never migrated: the commands that do not migrate say what to run.
-    let output = Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["org", "list"])
-        .env("DATABASE_URL", &url)
-        .output()
-        .expect("run");
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(
-        !output.status.success() && stderr.contains("no Tollgate tables") && stderr.contains("run `tollgate migrate`"),
-        "{stderr}"
-    );
+    for command in [&["org", "list"][..], &["org", "create", "--name", "Acme"]] {
+        let output =
+            Command::new(env!("CARGO_BIN_EXE_tollgate")).args(command).env("DATABASE_URL", &url).output().expect("run");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success()
+                && stderr.contains("no Tollgate tables")
+                && stderr.contains("run `tollgate migrate`"),
+            "{command:?}: {stderr}"
+        );
+    }
     let output =
         Command::new(env!("CARGO_BIN_EXE_tollgate")).arg("migrate").env("DATABASE_URL", &url).output().expect("run");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));

@@ -181,7 +181,6 @@ async fn a_validator_told_to_stop_serves_through_its_delay_with_healthz_saying_5
     assert_eq!(auth.status(), reqwest::StatusCode::OK);
     let liveness = get(metrics_health.clone()).await.expect("the metrics listener answers while draining");
     assert_eq!(liveness.status(), reqwest::StatusCode::OK);
-    assert!(since.elapsed() < delay, "checked within the delay ({:?} passed)", since.elapsed());
 
     let exit = validator.process.exit_within(Duration::from_secs(15)).await.expect("stopped after its delay");
     assert!(exit.success(), "a clean stop: {exit}");
