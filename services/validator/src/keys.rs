@@ -4,18 +4,22 @@
 //! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
 //! keys, organizations and tiers changed and applies those changes, so a revocation reaches the cache within about
 //! that long, on a connection of its own: a flood of made-up keys may hold every pooled one, and must not hold up a
-//! revocation. A record older than `key_recheck` is read again in the background while it keeps deciding, so that no
-//! answer waits for PostgreSQL, and an outage of PostgreSQL fails no key the cache holds. [`KeyCache::apply`] and
-//! [`KeyCache::flush`] are the entry points a pushed change feed will use.
+//! revocation. Changes are found by the transaction that made them, from the oldest one still running when the last
+//! refresh looked, so that one whose commit became visible late is found all the same. A record older than
+//! `key_recheck` is read again in the background while it keeps deciding, so that no answer waits for PostgreSQL, and
+//! an outage of PostgreSQL fails no key the cache holds. A read that was under way while a change was applied is not
+//! kept (it may predate the change). [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change
+//! feed will use.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use quick_cache::sync::Cache;
-use sqlx::postgres::PgPoolOptions;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgPoolOptions, Postgres};
 use sqlx::{FromRow, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -67,8 +71,6 @@ const DATABASE_TIMEOUT: Duration = Duration::from_secs(1);
 const FAILED_READS_CAPACITY: usize = 10_000;
 /// How long a stale record waits before it is read again after a failed attempt (PostgreSQL away).
 const RELOAD_RETRY: Duration = Duration::from_secs(10);
-/// Changes are looked for this far behind the last poll, so a transaction that committed late is still seen.
-const REFRESH_OVERLAP: chrono::TimeDelta = chrono::TimeDelta::seconds(5);
 /// Changed records a refresh applies before it lets other tasks run. A bulk change (100 000 keys imported at once)
 /// read and applied in one go held the runtime for 40–60 ms at a time: long enough for requests' Redis calls to time
 /// out, open the breaker, and be decided by the failure policy.
@@ -99,6 +101,12 @@ pub struct KeyCache {
     refresher: PgPool,
     /// Lookups by where the answer came from.
     lookups: Arc<LabeledCounter<1>>,
+    /// Where the next refresh looks for changes from: transactions with this id (a 64-bit transaction id, as
+    /// PostgreSQL's `pg_current_xact_id()`) or a later one. The oldest transaction still running when the last
+    /// refresh looked: any change it missed was made by that one or a later one.
+    horizon: Arc<AtomicI64>,
+    /// Changes applied so far: a read during which this moved may predate one of them, and is not kept.
+    applied: Arc<AtomicU64>,
 }
 
 #[derive(Clone)]
@@ -144,9 +152,16 @@ enum Miss {
 }
 
 impl KeyCache {
-    pub fn new(pool: PgPool, capacity: u64, negative_ttl: Duration, recheck: Duration) -> KeyCache {
+    /// A cache of up to `capacity` keys. Asks PostgreSQL where to look for changes from before any lookup, so that
+    /// every change a lookup's read misses is found by a later refresh.
+    pub async fn new(
+        pool: PgPool,
+        capacity: u64,
+        negative_ttl: Duration,
+        recheck: Duration,
+    ) -> Result<KeyCache, RefreshError> {
         let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
-        KeyCache {
+        let cache = KeyCache {
             known: Arc::new(Cache::new(capacity)),
             unknown: Arc::new(Cache::new(NEGATIVE_CAPACITY)),
             negative_ttl,
@@ -167,7 +182,12 @@ impl KeyCache {
                 ["source"],
                 [["cache"], ["negative_cache"], ["database"], ["recheck"]],
             )),
-        }
+            horizon: Arc::new(AtomicI64::new(0)),
+            applied: Arc::new(AtomicU64::new(0)),
+        };
+        let mut connection = cache.refresher_connection().await?;
+        cache.horizon.store(Transactions::now(&mut connection).await?.oldest_running, Ordering::SeqCst);
+        Ok(cache)
     }
 
     /// Whether the key's record is cached: its lookup would ask nothing of PostgreSQL.
@@ -193,6 +213,8 @@ impl KeyCache {
         if self.database_away.load(Ordering::Relaxed) {
             return Err(LookupError::DatabaseAway);
         }
+        // Set when this lookup reads the record itself (rather than waiting on another's read), with `applied` then.
+        let mut read_here = None;
         let loaded = self
             .known
             .get_or_insert_async(&hash, async {
@@ -209,10 +231,17 @@ impl KeyCache {
                     return Err(Miss::Failed(LookupError::ReadFailedLately));
                 }
                 self.lookups.increment(["database"]);
+                let applied = self.applied.load(Ordering::SeqCst);
+                read_here = Some(applied);
                 match self.read(hash).await {
                     Ok(Some(record)) => Ok(Cached::new(Arc::new(record))),
                     Ok(None) => {
                         self.unknown.insert(hash, Instant::now());
+                        // The key may have been made since the read (and the change applied found nothing to
+                        // replace): not remembered as unknown, then.
+                        if self.applied.load(Ordering::SeqCst) != applied {
+                            self.unknown.remove(&hash);
+                        }
                         Err(Miss::Unknown)
                     }
                     Err(e) => {
@@ -222,6 +251,13 @@ impl KeyCache {
                 }
             })
             .await;
+        // A change applied while the record was being read found it not cached yet, and replaced nothing: the record
+        // answers the lookups that waited for it, and the next one reads it again.
+        if let (Ok(_), Some(applied)) = (&loaded, read_here) {
+            if self.applied.load(Ordering::SeqCst) != applied {
+                self.known.remove(&hash);
+            }
+        }
         match loaded {
             Ok(cached) => Ok(Some(cached.record)),
             Err(Miss::Failed(e)) => Err(e),
@@ -263,8 +299,16 @@ impl KeyCache {
         tokio::spawn(async move {
             // Not a lookup a request waited on: counted apart.
             cache.lookups.increment(["recheck"]);
-            match cache.read(hash).await {
-                Ok(Some(record)) => cache.apply(hash, record),
+            let applied = cache.applied.load(Ordering::SeqCst);
+            let read = cache.read(hash).await;
+            // A change applied meanwhile may be newer than what was read (and already in the cache): the record is
+            // left as it is, and read again on its next use.
+            if cache.applied.load(Ordering::SeqCst) != applied {
+                cache.reloading.remove(&hash);
+                return;
+            }
+            match read {
+                Ok(Some(record)) => cache.store(hash, record),
                 Ok(None) => {
                     cache.known.remove(&hash);
                     cache.unknown.insert(hash, Instant::now());
@@ -301,6 +345,13 @@ impl KeyCache {
 
     /// Applies a changed record: replaces it if cached, and forgets that its hash was unknown.
     pub fn apply(&self, hash: KeyHash, record: KeyRecord) {
+        // Before the record is stored: a read under way now, which may predate the change, sees it moved once done.
+        self.applied.fetch_add(1, Ordering::SeqCst);
+        self.store(hash, record);
+    }
+
+    /// Replaces a cached record, and forgets that its hash was unknown.
+    fn store(&self, hash: KeyHash, record: KeyRecord) {
         self.unknown.remove(&hash);
         // Not cached: nothing to replace (the next lookup loads it).
         let _ = self.known.replace(hash, Cached::new(Arc::new(record)), true);
@@ -312,22 +363,31 @@ impl KeyCache {
         self.unknown.clear();
     }
 
-    /// Applies every key, organization and tier change since `since`.
-    pub async fn refresh(&self, since: DateTime<Utc>) -> Result<Refreshed, RefreshError> {
+    async fn refresher_connection(&self) -> Result<PoolConnection<Postgres>, RefreshError> {
         let acquire = tokio::time::timeout(DATABASE_TIMEOUT, self.refresher.acquire());
-        let mut connection = acquire.await.map_err(|_| RefreshError::NoAnswer)??;
-        // Bounded, unlike the changes' query (a bulk change takes as long as it takes): an outage shows within it.
-        let probe = sqlx::query_scalar("SELECT now()").fetch_one(&mut *connection);
-        let now: DateTime<Utc> =
-            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
+        Ok(acquire.await.map_err(|_| RefreshError::NoAnswer)??)
+    }
+
+    /// Applies every key, organization and tier change not applied yet; returns how many keys changed (each once,
+    /// whether the key, its organization or its tier changed, or all three).
+    pub async fn refresh(&self) -> Result<usize, RefreshError> {
+        let mut connection = self.refresher_connection().await?;
+        // Before the changes are read: a change not committed by then is by a transaction from `oldest_running` on.
+        let now = Transactions::now(&mut connection).await?;
+        // Changes by transactions from the horizon up to the last one started now. (One started since may commit
+        // before this query reads: the next refresh finds it. Marks past every transaction of this server's, copied
+        // from another server's rows by a restore or logical replication, are not read again and again.)
+        let changed = |table| format!("{table}.changed_in >= $1 AND {table}.changed_in < $2");
+        let (key, org, tier) = (changed("k"), changed("o"), changed("t"));
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
         let sql = format!(
-            "{RECORD_SELECT} WHERE k.updated_at > $1 \
-             UNION ALL {RECORD_SELECT} WHERE o.updated_at > $1 AND k.updated_at <= $1 \
-             UNION ALL {RECORD_SELECT} WHERE t.updated_at > $1 AND k.updated_at <= $1 AND o.updated_at <= $1"
+            "{RECORD_SELECT} WHERE {key} \
+             UNION ALL {RECORD_SELECT} WHERE {org} AND NOT ({key}) \
+             UNION ALL {RECORD_SELECT} WHERE {tier} AND NOT ({key}) AND NOT ({org})"
         );
-        let mut rows = sqlx::query(&sql).bind(since).fetch(&mut *connection);
+        let from = self.horizon.load(Ordering::SeqCst);
+        let mut rows = sqlx::query(&sql).bind(from).bind(now.next).fetch(&mut *connection);
         let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
             changed += 1;
@@ -343,12 +403,12 @@ impl KeyCache {
                 tokio::task::yield_now().await;
             }
         }
-        Ok(Refreshed { next_since: now - REFRESH_OVERLAP, changed })
+        self.horizon.store(now.oldest_running, Ordering::SeqCst);
+        Ok(changed)
     }
 
     /// Polls for changes every `interval` until `shutdown`.
     pub async fn keep_fresh(self, interval: Duration, shutdown: CancellationToken) {
-        let mut since = Utc::now() - REFRESH_OVERLAP;
         let mut heard = Instant::now();
         let age = metrics::gauge!(KEY_REFRESH_AGE);
         age.set(0.0);
@@ -359,9 +419,8 @@ impl KeyCache {
                 _ = shutdown.cancelled() => return,
                 _ = ticker.tick() => {}
             }
-            match self.refresh(since).await {
-                Ok(refreshed) => {
-                    since = refreshed.next_since;
+            match self.refresh().await {
+                Ok(_) => {
                     heard = Instant::now();
                     self.database_away.store(false, Ordering::Relaxed);
                 }
@@ -375,11 +434,24 @@ impl KeyCache {
     }
 }
 
-/// What one [`KeyCache::refresh`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refreshed {
-    /// Where the next refresh looks from.
-    pub next_since: DateTime<Utc>,
-    /// Changed keys read, each once whether the key, its organization or its tier changed (or all three).
-    pub changed: usize,
+/// Transactions as PostgreSQL sees them now, by their 64-bit ids (as `pg_current_xact_id()`, which the triggers put in
+/// `changed_in`).
+struct Transactions {
+    /// The oldest one still running (the next one, if none is): every change not committed yet is by it or a later one.
+    oldest_running: i64,
+    /// The next one to start: every change by a transaction started by now is by an earlier one.
+    next: i64,
+}
+
+impl Transactions {
+    /// At most [`DATABASE_TIMEOUT`] is waited for them, unlike for the changes' query (a bulk change takes as long as
+    /// it takes): an outage shows within it.
+    async fn now(connection: &mut PoolConnection<Postgres>) -> Result<Transactions, RefreshError> {
+        let sql = "SELECT pg_snapshot_xmin(now)::text::bigint, pg_snapshot_xmax(now)::text::bigint \
+                   FROM pg_current_snapshot() AS now";
+        let probe = sqlx::query_as(sql).fetch_one(&mut **connection);
+        let (oldest_running, next) =
+            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
+        Ok(Transactions { oldest_running, next })
+    }
 }

@@ -23,7 +23,7 @@ use tollgate_shared::topology::Topology;
 
 use publisher::spool::{Spool, SpoolOptions};
 
-pub use keys::{KeyCache, KeyRecord, Refreshed};
+pub use keys::{KeyCache, KeyRecord};
 pub use limiter::quota_key;
 
 /// The servers the validator talks to.
@@ -47,6 +47,9 @@ pub async fn run(
     tollgate_shared::metrics::install();
     // Then, so that a second validator on the same spool directory stops before it touches anything else.
     let spool = open_spool(&args).await?;
+    let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck)
+        .await
+        .context("the key cache cannot ask PostgreSQL where to watch for key changes from")?;
     // What serving needs goes on until serving is over, not only until the signal: revocations must still reach the
     // cache while it drains.
     let serving = CancellationToken::new();
@@ -71,7 +74,6 @@ pub async fn run(
         publisher::channel(args.event_queue, connections.nats.clone(), topology.usage_subject(), spool, settings);
     let publishing = tokio::spawn(publisher.run());
 
-    let keys = KeyCache::new(connections.pool.clone(), args.key_cache, args.negative_cache_ttl, args.key_recheck);
     let refreshing = tokio::spawn(keys.clone().keep_fresh(args.key_refresh, serving.clone()));
 
     let state = Arc::new(http::AppState {

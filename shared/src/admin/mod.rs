@@ -1,7 +1,7 @@
 //! Operations on organizations, keys and rate-limit tiers: the one implementation behind the CLI (and, later, the admin HTTP API).
-//! Every change bumps `updated_at`, which is how validators learn that a cached key changed: the tables' triggers
-//! (migration `…_changes_stamp_themselves`) set it to the time of the change itself, for these operations and an
-//! operator's own SQL alike.
+//! Every change sets `changed_in` (its transaction) and `updated_at` (its time): the tables' triggers (migrations
+//! `…_changes_stamp_themselves`, `…_changes_found_by_transaction`) do, for these operations and an operator's own SQL
+//! alike, and validators learn by `changed_in` that a cached key changed.
 
 mod keys;
 mod orgs;

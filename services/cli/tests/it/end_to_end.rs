@@ -11,8 +11,8 @@ use tollgate_shared::admin::{self, Actor};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_validator::KeyCache;
 
-use crate::harness::{wait_until, TestEnv};
-use crate::servers::PrivatePostgres;
+use crate::harness::{new_key, wait_until, TestEnv};
+use crate::servers::{PrivatePostgres, SlowProxy};
 
 #[tokio::test]
 async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
@@ -433,14 +433,10 @@ async fn changes_made_in_sql_reach_the_validators() {
     let status = |key| validator.auth_status(&client, key);
     assert_eq!(status(&key).await, StatusCode::OK);
     assert_eq!(status(&other).await, StatusCode::OK);
-    // Rows last changed an hour ago, out of the refresher's look-back (which would otherwise read them again anyway).
-    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
-        let sql = format!("UPDATE {table} SET updated_at = now() - interval '1 hour'");
-        sqlx::query(&sql).execute(&env.pool).await.expect(table);
-    }
-    let stamp = "SELECT extract(epoch FROM updated_at)::float8 FROM api_keys WHERE id = $1";
-    let stamped =
-        || async { sqlx::query_scalar::<_, f64>(stamp).bind(key_id).fetch_one(&env.pool).await.expect("updated_at") };
+    let stamp = "SELECT extract(epoch FROM updated_at)::float8, changed_in FROM api_keys WHERE id = $1";
+    let stamped = || async {
+        sqlx::query_as::<_, (f64, i64)>(stamp).bind(key_id).fetch_one(&env.pool).await.expect("updated_at")
+    };
 
     let before = stamped().await;
     sqlx::query("UPDATE api_keys SET total_requests = total_requests + 1, last_used_at = now() WHERE id = $1")
@@ -461,6 +457,114 @@ async fn changes_made_in_sql_reach_the_validators() {
         assert_eq!(seen, StatusCode::UNAUTHORIZED, "a change made in SQL reached the validator");
     }
     validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A change whose commit becomes visible long after it was made (an operator's transaction left open, a commit
+/// waiting for a synchronous standby) reaches the validators all the same: they find changes by the transaction
+/// that made them, not by its time.
+#[tokio::test]
+async fn a_change_committed_long_after_it_was_made_reaches_the_validators() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    let validator = env.start_validator().await;
+    let client = reqwest::Client::new();
+    let status = || validator.auth_status(&client, &key);
+    assert_eq!(status().await, StatusCode::OK);
+
+    let mut open = env.pool.begin().await.expect("begin");
+    sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1")
+        .bind(key_id)
+        .execute(&mut *open)
+        .await
+        .expect("revoke");
+    // Longer than the refresher once looked back in time (5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(status().await, StatusCode::OK, "not committed yet");
+    open.commit().await.expect("commit");
+    let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::UNAUTHORIZED).await;
+    assert_eq!(seen, StatusCode::UNAUTHORIZED, "the revocation reached the validator");
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A read of a key under way while a change to it is applied may predate the change: it is not kept, so the change is
+/// not undone by the older read finishing after it. Whether the read was a lookup of a key not cached, of a key not
+/// made yet, or the recheck of a cached one.
+#[tokio::test]
+async fn a_read_that_predates_an_applied_change_does_not_undo_it() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (revoked_id, revoked) = env.key(&org).await;
+    let (rechecked_id, rechecked) = env.key(&org).await;
+    let unmade = ApiKey::generate(KeyEnv::Test);
+    // The cache under test reads through a proxy that can hold PostgreSQL's answers back, on one connection, which
+    // its first read prepares the statement on (so that a later read's snapshot is taken at once, not after a
+    // delayed round trip); every record read is due for a recheck. The changes are read by another cache.
+    let options = env.pool.connect_options();
+    let proxy = SlowProxy::start(&format!("{}:{}", options.get_host(), options.get_port())).await;
+    let port = proxy.address.rsplit(':').next().and_then(|port| port.parse().ok()).expect("the proxy's port");
+    let slow = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with((*options).clone().host("127.0.0.1").port(port))
+        .await
+        .expect("pool");
+    let cache = KeyCache::new(slow.clone(), 10, Duration::from_secs(30), Duration::ZERO).await.expect("cache");
+    let fresh = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(30), Duration::from_secs(300));
+    let fresh = fresh.await.expect("cache");
+    let found = |cache: &KeyCache, key: &ApiKey| {
+        let (cache, hash) = (cache.clone(), key.hash());
+        async move { cache.lookup(hash).await.expect("lookup") }
+    };
+    assert!(found(&cache, &rechecked).await.is_some());
+    // Once the pool has its connection back (the pool pings it when it comes back, and a ping answered late would
+    // hold up the next read), PostgreSQL's answers come late by `delay`.
+    let (pool, proxy) = (&slow, &proxy);
+    let answers_late = |delay| async move {
+        let idle = wait_until(Duration::from_secs(5), || async { pool.num_idle() }, |idle| *idle == 1).await;
+        assert_eq!(idle, 1, "the pool's connection is back");
+        proxy.delay(delay);
+    };
+    // Reads answered this late are under way meanwhile (and within the cache's 1 s timeout).
+    let (late, settle) = (Duration::from_millis(450), Duration::from_millis(150));
+
+    // A lookup of a key not cached, its read under way while the key's revocation is applied.
+    answers_late(late).await;
+    let lookup = tokio::spawn(found(&cache, &revoked));
+    tokio::time::sleep(settle).await;
+    admin::revoke_key(&env.pool, &Actor("test".into()), revoked_id, None).await.expect("revoke");
+    cache.apply(revoked.hash(), (*found(&fresh, &revoked).await.expect("the key")).clone());
+    let answered = lookup.await.expect("lookup").expect("the key");
+    assert!(answered.revoked_at.is_none(), "the read predates the revocation");
+    answers_late(Duration::ZERO).await;
+    let now = found(&cache, &revoked).await.expect("the key");
+    assert!(now.revoked_at.is_some(), "the revocation held");
+
+    // A lookup of a key not made yet, its read under way while the key's creation is applied.
+    answers_late(late).await;
+    let lookup = tokio::spawn(found(&cache, &unmade));
+    tokio::time::sleep(settle).await;
+    admin::import_key(&env.pool, &Actor("test".into()), new_key(&org), &unmade).await.expect("import");
+    cache.apply(unmade.hash(), (*found(&fresh, &unmade).await.expect("the key")).clone());
+    assert!(lookup.await.expect("lookup").is_none(), "the read predates the key");
+    answers_late(Duration::ZERO).await;
+    assert!(found(&cache, &unmade).await.is_some(), "the key is no longer unknown");
+
+    // A cached key's recheck (its lookup answers at once, from the cache), under way while its revocation is applied.
+    answers_late(late).await;
+    assert!(found(&cache, &rechecked).await.expect("the key").revoked_at.is_none());
+    tokio::time::sleep(settle).await;
+    admin::revoke_key(&env.pool, &Actor("test".into()), rechecked_id, None).await.expect("revoke");
+    cache.apply(rechecked.hash(), (*found(&fresh, &rechecked).await.expect("the key")).clone());
+    // The recheck's answer has come meanwhile.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    answers_late(Duration::ZERO).await;
+    let now = found(&cache, &rechecked).await.expect("the key");
+    assert!(now.revoked_at.is_some(), "the revocation held");
+
+    slow.close().await;
     env.cleanup().await;
 }
 
@@ -519,7 +623,7 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     let pool = env.pool.clone();
     let revoking =
         tokio::spawn(async move { admin::revoke_key(&pool, &Actor("test".into()), id, None).await.map(|_| ()) });
-    release_past_the_refresh_lookback(&env, batch, revoking).await;
+    release_after_a_long_wait(&env, batch, revoking).await;
 
     let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::UNAUTHORIZED).await;
     assert_eq!(seen, StatusCode::UNAUTHORIZED, "the revocation reached the validator");
@@ -527,9 +631,9 @@ async fn a_revocation_that_waited_for_a_lock_still_reaches_the_validators() {
     env.cleanup().await;
 }
 
-/// Commits `holder` once `waiting`, a change held up by its lock, has waited longer than the key refresher looks back
-/// (5 s), then waits for that change.
-async fn release_past_the_refresh_lookback(
+/// Commits `holder` once `waiting`, a change held up by its lock, has waited 6 s (the key refresher once looked for
+/// changes only 5 s back in time), then waits for that change.
+async fn release_after_a_long_wait(
     env: &TestEnv,
     holder: sqlx::Transaction<'static, sqlx::Postgres>,
     waiting: tokio::task::JoinHandle<Result<(), admin::AdminError>>,
@@ -543,7 +647,7 @@ async fn release_past_the_refresh_lookback(
 }
 
 /// An imported key that a validator refused before its import (its client already presents it) is accepted once the
-/// import commits, even when the import waited for its organization's lock longer than the refresher looks back.
+/// import commits, even when the import waited for its organization's lock for seconds.
 #[tokio::test]
 async fn an_import_that_waited_for_a_lock_still_reaches_a_validator_that_refused_its_key() {
     let env = TestEnv::new().await;
@@ -563,18 +667,9 @@ async fn an_import_that_waited_for_a_lock_still_reaches_a_validator_that_refused
         .expect("lock");
     let (pool, org_slug, imported) = (env.pool.clone(), org.clone(), key.clone());
     let importing = tokio::spawn(async move {
-        let new = admin::NewKey {
-            org: org_slug,
-            name: "imported".into(),
-            role: tollgate_shared::domain::Role::User,
-            tier: tollgate_shared::domain::TierName::from_static("unlimited"),
-            scopes: vec!["read".into()],
-            custom_rate_limit_per_minute: None,
-            expires_at: None,
-        };
-        admin::import_key(&pool, &Actor("test".into()), new, &imported).await.map(|_| ())
+        admin::import_key(&pool, &Actor("test".into()), new_key(&org_slug), &imported).await.map(|_| ())
     });
-    release_past_the_refresh_lookback(&env, holder, importing).await;
+    release_after_a_long_wait(&env, holder, importing).await;
 
     let seen = wait_until(Duration::from_secs(5), status, |s| *s == StatusCode::OK).await;
     assert_eq!(seen, StatusCode::OK, "the import reached the validator");
@@ -593,7 +688,7 @@ async fn lookups_holding_every_pooled_connection_hold_up_no_revocation() {
     let (_, other) = env.key(&org).await;
     let options = (*env.pool.connect_options()).clone();
     let pool = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect_with(options).await.expect("pool");
-    let cache = KeyCache::new(pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
+    let cache = KeyCache::new(pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300)).await.expect("cache");
     let cached = cache.lookup(revoked.hash()).await.expect("lookup").expect("the key");
     assert!(cached.revoked_at.is_none());
     let held = pool.acquire().await.expect("the pool's one connection");
@@ -628,38 +723,44 @@ async fn lookups_holding_every_pooled_connection_hold_up_no_revocation() {
     env.cleanup().await;
 }
 
+/// On a PostgreSQL of its own: another test's transaction left running would have the refresher read this one's
+/// changes again until it ends, as it should.
 #[tokio::test]
 async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_changed() {
-    let env = TestEnv::new().await;
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
     let org = env.org().await;
     env.key(&org).await;
-    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
-    let changed = || async {
-        let since = Utc::now() - TimeDelta::seconds(5);
-        cache.refresh(since).await.expect("refresh").changed
-    };
-    let touch = |table: &'static str, ago: &'static str| {
-        let sql = format!("UPDATE {table} SET updated_at = now() - interval '{ago}'");
+    let cache =
+        KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300)).await.expect("cache");
+    let changed = || async { cache.refresh().await.expect("refresh") };
+    // Marked as changed by a transaction of now, as the triggers do (setting the mark alone is no change to them).
+    let touch = |table: &'static str| {
+        let sql = format!("UPDATE {table} SET changed_in = pg_current_xact_id()::text::bigint");
         let pool = env.pool.clone();
         async move { sqlx::query(&sql).execute(&pool).await.expect(table) }
     };
 
-    // The key, its organization and its tier all changed within the look-back (each arm of the query matches it).
+    // The key, its organization and its tier all changed (each arm of the query matches it).
     for table in ["api_keys", "organizations", "rate_limit_tiers"] {
-        touch(table, "0 s").await;
+        touch(table).await;
     }
     assert_eq!(changed().await, 1);
-    // Nothing changed.
-    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
-        touch(table, "1 hour").await;
-    }
+    // Nothing changed since.
     assert_eq!(changed().await, 0);
     // Each alone.
     for table in ["api_keys", "organizations", "rate_limit_tiers"] {
-        touch(table, "0 s").await;
+        touch(table).await;
         assert_eq!(changed().await, 1, "{table} changed");
-        touch(table, "1 hour").await;
+        assert_eq!(changed().await, 0, "{table} changed once");
     }
+    // Marks of transactions this server has not had, as a restore of another server's rows brings: not a change to
+    // read again at every refresh.
+    for table in ["api_keys", "organizations", "rate_limit_tiers"] {
+        let sql = format!("UPDATE {table} SET changed_in = pg_current_xact_id()::text::bigint + 1000000000");
+        sqlx::query(&sql).execute(&env.pool).await.expect(table);
+    }
+    assert_eq!(changed().await, 0);
 
     env.cleanup().await;
 }

@@ -19,7 +19,7 @@ use tollgate_shared::key::ApiKey;
 
 use crate::harness::{wait_until, Running, RunningValidator, TestEnv};
 use crate::harness::{NATS_URL, REDIS_URL};
-use crate::servers::PrivateNats;
+use crate::servers::{PrivateNats, SlowProxy};
 
 /// A publish timeout short enough that an outage is noticed quickly, long enough for a busy machine.
 const PUBLISH_TIMEOUT: Duration = Duration::from_secs(1);
@@ -555,53 +555,6 @@ async fn messages_spooled_before_the_servers_limit_was_known_are_replayed_in_par
     validator.service.stop().await;
     worker.stop().await;
     env.cleanup().await;
-}
-
-/// A TCP proxy to `upstream` that passes on what the server sends `delay` late, once `delay` is set: a NATS far
-/// away, whose every ack takes that long.
-struct SlowProxy {
-    address: String,
-    delay_ms: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl SlowProxy {
-    async fn start(upstream: &str) -> SlowProxy {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("addr").to_string();
-        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (upstream, delay) = (upstream.to_owned(), delay_ms.clone());
-        tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect(&upstream).await.expect("upstream");
-                let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
-                    (client.into_split(), server.into_split());
-                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
-                let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
-                let delay = delay.clone();
-                tokio::spawn(async move {
-                    let mut buffer = vec![0; 64 * 1024];
-                    while let Ok(n @ 1..) = from_server.read(&mut buffer).await {
-                        let at = tokio::time::Instant::now() + Duration::from_millis(delay.load(Ordering::Relaxed));
-                        let _ = held.send((at, buffer[..n].to_vec()));
-                    }
-                });
-                tokio::spawn(async move {
-                    while let Some((at, bytes)) = due.recv().await {
-                        tokio::time::sleep_until(at).await;
-                        if to_client.write_all(&bytes).await.is_err() {
-                            break;
-                        }
-                    }
-                });
-            }
-        });
-        SlowProxy { address, delay_ms }
-    }
-
-    fn delay(&self, delay: Duration) {
-        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
-    }
 }
 
 /// A validator with a queue of `event_queue` events and a worker, on NATS through a [`SlowProxy`] (not slow yet), with

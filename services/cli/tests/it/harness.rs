@@ -223,15 +223,7 @@ impl TestEnv {
     }
 
     pub async fn key_with(&self, org: &str, edit: impl FnOnce(&mut NewKey)) -> (Uuid, ApiKey) {
-        let mut new = NewKey {
-            org: org.into(),
-            name: "test key".into(),
-            role: Role::User,
-            tier: TierName::from_static("unlimited"),
-            scopes: vec!["read".into()],
-            custom_rate_limit_per_minute: None,
-            expires_at: None,
-        };
+        let mut new = new_key(org);
         edit(&mut new);
         let (info, key) = admin::create_key(&self.pool, &Actor("test".into()), new, KeyEnv::Test).await.expect("key");
         (info.id, key)
@@ -312,6 +304,19 @@ impl Drop for TestEnv {
 }
 
 /// Polls `probe` until `done` holds or `timeout` passes; returns the last value seen.
+/// A test key of `org`: a user's, unlimited, with scope `read`.
+pub fn new_key(org: &str) -> NewKey {
+    NewKey {
+        org: org.into(),
+        name: "test key".into(),
+        role: Role::User,
+        tier: TierName::from_static("unlimited"),
+        scopes: vec!["read".into()],
+        custom_rate_limit_per_minute: None,
+        expires_at: None,
+    }
+}
+
 pub async fn wait_until<T, F, Fut>(timeout: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,

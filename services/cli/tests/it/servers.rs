@@ -4,6 +4,8 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
@@ -293,4 +295,51 @@ fn as_postgres(args: &[&str], as_root: bool) {
     };
     let output = command.args(&args[1..]).output().expect("run a PostgreSQL command");
     assert!(output.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// A TCP proxy to `upstream` that passes on what the server sends `delay` late, once `delay` is set: a server far
+/// away, whose every answer takes that long.
+pub struct SlowProxy {
+    pub address: String,
+    delay_ms: Arc<AtomicU64>,
+}
+
+impl SlowProxy {
+    pub async fn start(upstream: &str) -> SlowProxy {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr").to_string();
+        let delay_ms = Arc::new(AtomicU64::new(0));
+        let (upstream, delay) = (upstream.to_owned(), delay_ms.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.expect("upstream");
+                let ((mut from_client, mut to_client), (mut from_server, mut to_server)) =
+                    (client.into_split(), server.into_split());
+                tokio::spawn(async move { tokio::io::copy(&mut from_client, &mut to_server).await });
+                let (held, mut due) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+                let delay = delay.clone();
+                tokio::spawn(async move {
+                    let mut buffer = vec![0; 64 * 1024];
+                    while let Ok(n @ 1..) = from_server.read(&mut buffer).await {
+                        let at = tokio::time::Instant::now() + Duration::from_millis(delay.load(Ordering::Relaxed));
+                        let _ = held.send((at, buffer[..n].to_vec()));
+                    }
+                });
+                tokio::spawn(async move {
+                    while let Some((at, bytes)) = due.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        if to_client.write_all(&bytes).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SlowProxy { address, delay_ms }
+    }
+
+    pub fn delay(&self, delay: Duration) {
+        self.delay_ms.store(delay.as_millis() as u64, Ordering::Relaxed);
+    }
 }

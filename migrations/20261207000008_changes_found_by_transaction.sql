@@ -1,0 +1,35 @@
+-- Validators find changed keys, organizations and tiers by the transaction that changed them, not by the time.
+-- Looking for changes stamped since a few seconds before the last look missed for good a change whose commit became
+-- visible later than that after its stamp: an operator's transaction left open a while, a commit waiting for a
+-- synchronous standby, a primary whose clock is behind its predecessor's. A transaction still running when a
+-- validator looks has an id no smaller than the oldest running one then (its snapshot's xmin), so the next look,
+-- for changes by transactions from that id on, finds it whenever it commits, whatever the clocks say.
+--
+-- `changed_in` is the 64-bit id (pg_current_xact_id()) of the transaction of the row's last change, set by the same
+-- triggers as updated_at; rows last changed before this migration hold 0. Adding the columns with a constant default
+-- changes no row; building the indexes locks out writes to each table while it runs, not reads. The indexes on
+-- updated_at served only the old look-up, and go.
+SET LOCAL lock_timeout = '5s';
+
+ALTER TABLE organizations ADD COLUMN changed_in bigint NOT NULL DEFAULT 0;
+ALTER TABLE rate_limit_tiers ADD COLUMN changed_in bigint NOT NULL DEFAULT 0;
+ALTER TABLE api_keys ADD COLUMN changed_in bigint NOT NULL DEFAULT 0;
+CREATE INDEX organizations_changed_in ON organizations (changed_in);
+CREATE INDEX api_keys_changed_in ON api_keys (changed_in);
+DROP INDEX organizations_updated_at;
+DROP INDEX api_keys_updated_at;
+
+CREATE OR REPLACE FUNCTION tollgate_stamp_change() RETURNS trigger
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    -- The trigger's arguments: columns whose change is not one.
+    ignored text[] := TG_ARGV || ARRAY['updated_at', 'changed_in'];
+BEGIN
+    IF to_jsonb(NEW) - ignored IS DISTINCT FROM to_jsonb(OLD) - ignored THEN
+        NEW.updated_at := clock_timestamp();
+        NEW.changed_in := pg_current_xact_id()::text::bigint;
+    END IF;
+    RETURN NEW;
+END
+$$;
