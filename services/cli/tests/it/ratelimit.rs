@@ -15,7 +15,7 @@ use tollgate_shared::domain::{LimitSetting, Role, TierName};
 use tollgate_shared::key::{ApiKey, KeyEnv};
 
 use crate::harness::{series_value, wait_until, RunningValidator, TestEnv, REDIS_URL};
-use crate::servers::PrivateRedis;
+use crate::servers::{PrivateRedis, SlowProxy};
 
 /// Makes `tier` allow `limit` per `seconds` (its main window), with no burst limit.
 async fn set_tier(env: &TestEnv, tier: &str, limit: i64, seconds: i32, shadow: bool) {
@@ -366,6 +366,62 @@ async fn one_hung_call_of_many_requests_does_not_open_the_breaker() {
     assert_eq!(ready["ratelimit"], "ok", "{ready}");
 
     validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A decision that waited in the queue for a script call does not cut its call short for the others: each is answered
+/// when its own deadline passes. Nor is Redis failing when a call is given up on before it had half the timeout.
+#[tokio::test]
+async fn a_decision_that_waited_for_its_call_does_not_time_out_the_others() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    let proxy = SlowProxy::start(REDIS_URL.trim_start_matches("redis://")).await;
+    let mut args = policy_args(&env, FailurePolicy::Open);
+    args.limits.redis_timeout = Duration::from_secs(1);
+    // A single failure opens it, for longer than the test.
+    args.limits.breaker_failures = 1;
+    args.limits.breaker_cooldown = Duration::from_secs(60);
+    let validator = Arc::new(env.start_validator_with(args, &format!("redis://{}", proxy.address)).await);
+    let request = |after: Duration| {
+        let (client, validator, key) = (reqwest::Client::new(), validator.clone(), key.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            auth(&client, &validator, &key).await
+        })
+    };
+    let decided_by_redis = |response: &reqwest::Response| response.headers().contains_key("x-ratelimit-limit");
+    assert!(decided_by_redis(&request(Duration::ZERO).await.expect("request")), "Redis answers");
+
+    // Redis far away: every call takes 600 ms. Two calls in flight (the most there are), then two decisions that wait
+    // for a call, from 100 and 500 ms on: the call they go out in, at about 600 ms, is answered at about 1200 ms, past
+    // the first one's deadline and within the second one's.
+    proxy.delay(Duration::from_millis(600));
+    let in_flight = [request(Duration::ZERO), request(Duration::from_millis(20))];
+    let (waited_long, waited_little) = (request(Duration::from_millis(100)), request(Duration::from_millis(500)));
+    for call in in_flight {
+        assert!(decided_by_redis(&call.await.expect("request")));
+    }
+    let waited_long = waited_long.await.expect("request");
+    assert_eq!(waited_long.status(), StatusCode::OK, "policy open");
+    assert!(!decided_by_redis(&waited_long), "it waited out its timeout");
+    assert!(decided_by_redis(&waited_little.await.expect("request")), "answered by Redis within its timeout");
+    let after = request(Duration::ZERO).await.expect("request");
+    assert!(decided_by_redis(&after), "the breaker stayed closed");
+
+    // Every call takes 800 ms now. A decision that waits for a call from 150 ms on goes out at about 800 ms with
+    // 350 ms left: given up on before Redis had half the timeout, the call is no failure of Redis's.
+    proxy.delay(Duration::from_millis(800));
+    let in_flight = [request(Duration::ZERO), request(Duration::from_millis(30))];
+    let waited = request(Duration::from_millis(150));
+    for call in in_flight {
+        assert!(decided_by_redis(&call.await.expect("request")));
+    }
+    assert!(!decided_by_redis(&waited.await.expect("request")), "it waited out its timeout");
+    let after = request(Duration::ZERO).await.expect("request");
+    assert!(decided_by_redis(&after), "the breaker stayed closed");
+
+    Arc::into_inner(validator).expect("every request done").service.stop().await;
     env.cleanup().await;
 }
 

@@ -158,8 +158,9 @@ impl Reply {
 
 /// Makes script calls, up to [`CALLS_IN_FLIGHT`] at a time: each decides the decisions queued since the previous one
 /// went out, [`MAX_BATCH`] at most. Redis runs the calls one after another, each atomically, so that a call's decisions
-/// see the counts of every call it ran after. Every decision is answered within `timeout` of when it was queued: a call
-/// gets until its oldest decision's deadline, and a decision that waited that long in the queue is answered at once.
+/// see the counts of every call it ran after. Every decision is answered within `timeout` of when it was queued: one
+/// that waited that long in the queue is answered at once, and a call waits for Redis until its newest decision's
+/// deadline, answering each older one as its own passes.
 async fn make_calls(
     mut pending: mpsc::Receiver<Pending>,
     redis: BackgroundRedis,
@@ -203,35 +204,56 @@ async fn decide_batch(
     }
     // Requests that gave up waiting need no decision: deciding them would count units nobody was granted.
     batch.retain(|p| !p.reply.is_closed());
-    let Some(oldest) = batch.iter().map(|p| p.since).min() else { return };
+    if batch.is_empty() {
+        return;
+    }
     let call = script_call(script, prefix, &batch);
     let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
+    // Each decision with where its values start in the reply (after the clock).
+    let mut waiting: Vec<(usize, Pending)> = batch
+        .into_iter()
+        .scan(1, |at, p| {
+            let start = *at;
+            *at += p.plan.reply_len();
+            Some((start, p))
+        })
+        .collect();
+    let sent = Instant::now();
     let reply = match redis {
         None => Err(CallError::NotConnected),
         Some(mut redis) => {
-            match tokio::time::timeout_at((oldest + timeout).into(), run(script, &call, &mut redis)).await {
-                Err(_) => Err(CallError::Timeout),
-                Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
-                Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
-                Ok(Ok(values)) => Ok(Arc::new(values)),
+            let mut running = std::pin::pin!(run(script, &call, &mut redis));
+            loop {
+                // A decision that waited for the call is answered when its own deadline passes, not all of them at
+                // the oldest one's: that one could leave the others (and Redis) a millisecond.
+                let Some(first) = waiting.iter().map(|(_, p)| p.since).min() else { break Err(CallError::Timeout) };
+                match tokio::time::timeout_at((first + timeout).into(), running.as_mut()).await {
+                    Err(_) => {
+                        let now = Instant::now();
+                        for (_, late) in waiting.extract_if(.., |(_, p)| now >= p.since + timeout) {
+                            let _ = late.reply.send(Err(CallError::Timeout));
+                        }
+                    }
+                    Ok(Err(e)) => break Err(CallError::Redis(Arc::new(e))),
+                    Ok(Ok(values)) if values.len() != expected => break Err(CallError::Reply(values.len())),
+                    Ok(Ok(values)) => break Ok(Arc::new(values)),
+                }
             }
         }
     };
     match &reply {
         Ok(_) => breaker.success(),
         Err(e) => {
-            tracing::warn!(
-                error = %e,
-                decisions = batch.len(),
-                "rate limiter: a Redis call failed; its decisions follow the failure policy"
-            );
-            breaker.failure();
+            tracing::warn!(error = %e, "rate limiter: a Redis call failed; its decisions follow the failure policy");
+            // A call given up on before Redis had half the timeout to answer (its decisions had waited for it that
+            // long) says little about Redis: no failure of Redis's, then.
+            if !matches!(e, CallError::Timeout) || sent.elapsed() >= timeout / 2 {
+                breaker.failure();
+            }
         }
     }
-    let mut at = 1;
-    for p in batch {
+    for (at, p) in waiting {
         let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
-        at += p.plan.reply_len();
         // A requester that timed out meanwhile is gone; nothing to tell it.
         let _ = p.reply.send(answer);
     }
