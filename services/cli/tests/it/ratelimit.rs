@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
+use chrono::{Datelike, Utc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -624,7 +624,11 @@ async fn limits_report_headers_count_cost_deny_without_consuming_and_read_the_qu
     };
     let ok = quota_auth(2).send().await.expect("request");
     assert_eq!(ok.status(), StatusCode::OK);
-    assert_eq!(header(&ok, "ratelimit-policy").split(';').next(), Some("\"quota\""));
+    // Its window is the month, whose length the policy gives (the time left is the `RateLimit` field's `t`).
+    let now = Utc::now().date_naive();
+    let start = now.with_day(1).expect("first");
+    let month = (start.checked_add_months(chrono::Months::new(1)).expect("next") - start).num_seconds();
+    assert_eq!(header(&ok, "ratelimit-policy"), format!("\"quota\";q=100;w={month}"));
     assert_eq!(header(&ok, "x-ratelimit-remaining"), "0");
     // The validator only reads the counter; the workers add committed usage. Simulate their catching up:
     let _: () = redis::cmd("SET").arg(&quota_key).arg(100).query_async(&mut redis).await.expect("set");

@@ -79,6 +79,8 @@ pub struct QuotaLimit {
     pub limit: u64,
     /// Start of next month (UTC), in microseconds since the epoch.
     pub reset_at_us: i64,
+    /// The month's length: its window, as `RateLimit-Policy` gives it (the time left is `reset_at_us`'s to tell).
+    pub window_seconds: u64,
     pub shadow: bool,
 }
 
@@ -130,6 +132,7 @@ impl Plan {
             redis_key: quota_key(prefix, record.org_id, now),
             limit,
             reset_at_us: next_month(now).timestamp_micros(),
+            window_seconds: month_seconds(now),
             shadow: record.org_shadow,
         });
         Plan { windows: key.into_iter().chain(tier).chain(org).collect(), quota }
@@ -170,6 +173,12 @@ fn next_month(now: DateTime<Utc>) -> DateTime<Utc> {
     Utc.with_ymd_and_hms(year, month, 1, 0, 0, 0).single().unwrap_or(now)
 }
 
+/// The length of `now`'s month (UTC), in seconds.
+fn month_seconds(now: DateTime<Utc>) -> u64 {
+    let start = Utc.with_ymd_and_hms(now.year(), now.month(), 1, 0, 0, 0).single().unwrap_or(now);
+    u64::try_from((next_month(now) - start).num_seconds()).unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +190,9 @@ mod tests {
         let at = Utc.with_ymd_and_hms(2026, 12, 31, 23, 59, 59).single().expect("time");
         assert_eq!(quota_key("tg:", ID, at), "tg:quota:0190a0b0-0000-7000-8000-000000000001:2026-12");
         assert_eq!(next_month(at), Utc.with_ymd_and_hms(2027, 1, 1, 0, 0, 0).single().expect("time"));
+        assert_eq!(month_seconds(at), 31 * 86_400);
+        let february = Utc.with_ymd_and_hms(2028, 2, 29, 12, 0, 0).single().expect("time");
+        assert_eq!(month_seconds(february), 29 * 86_400);
     }
 
     #[test]

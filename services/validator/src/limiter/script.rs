@@ -413,7 +413,13 @@ mod tests {
 
     #[test]
     fn a_script_call_sends_each_counter_and_limit_kind_once() {
-        let quota = QuotaLimit { redis_key: "tg:quota:o".into(), limit: 50, reset_at_us: 0, shadow: false };
+        let quota = QuotaLimit {
+            redis_key: "tg:quota:o".into(),
+            limit: 50,
+            reset_at_us: 0,
+            window_seconds: 2_592_000,
+            shadow: false,
+        };
         let plan = |key: u128| {
             let key = Uuid::from_u128(key);
             Arc::new(Plan {

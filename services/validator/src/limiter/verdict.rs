@@ -41,7 +41,7 @@ pub fn decide_from(plan: &Plan, cost: u64, now: i64, windows: &[WindowReply], qu
         kind: LimitKind::Quota,
         limit: q.limit,
         used: if admitted { used + cost } else { used },
-        window_seconds: u64::try_from((q.reset_at_us - now) / 1_000_000).unwrap_or(0),
+        window_seconds: q.window_seconds,
         reset_at_us: q.reset_at_us,
         now_us: now,
         never_fits: !admitted && cost > q.limit,
@@ -130,7 +130,13 @@ mod tests {
     #[test]
     fn a_denial_by_the_quota_and_a_window_that_frees_up_later_says_to_retry_after_the_window() {
         // The last seconds of a month: the quota resets in 10 s, the tier's window in 40 minutes.
-        let quota = QuotaLimit { redis_key: "q".into(), limit: 1000, reset_at_us: 10_000_000, shadow: false };
+        let quota = QuotaLimit {
+            redis_key: "q".into(),
+            limit: 1000,
+            reset_at_us: 10_000_000,
+            window_seconds: 2_592_000,
+            shadow: false,
+        };
         let plan = Plan {
             windows: vec![WindowLimit { subject: Subject::TierWindow(ID), limit: 100, seconds: 3600, shadow: false }],
             quota: Some(quota),
@@ -146,7 +152,13 @@ mod tests {
 
     #[test]
     fn a_limit_the_cost_exceeds_outright_is_the_one_reported_since_no_wait_helps() {
-        let quota = QuotaLimit { redis_key: "q".into(), limit: 1000, reset_at_us: 1_000_000_000, shadow: false };
+        let quota = QuotaLimit {
+            redis_key: "q".into(),
+            limit: 1000,
+            reset_at_us: 1_000_000_000,
+            window_seconds: 2_592_000,
+            shadow: false,
+        };
         let plan = Plan {
             windows: vec![window(Subject::Key(ID), 5, false), window(Subject::Org(ID), 100, false)],
             quota: Some(quota),
@@ -165,7 +177,13 @@ mod tests {
 
     #[test]
     fn shadow_limits_are_reported_but_never_deny() {
-        let quota = QuotaLimit { redis_key: "q".into(), limit: 5, reset_at_us: 1_000_000_000, shadow: false };
+        let quota = QuotaLimit {
+            redis_key: "q".into(),
+            limit: 5,
+            reset_at_us: 1_000_000_000,
+            window_seconds: 2_592_000,
+            shadow: false,
+        };
         let plan = Plan { windows: vec![window(Subject::TierWindow(ID), 10, true)], quota: Some(quota.clone()) };
         let allowed = decide_from(&plan, 1, 0, &[reply(10, false, Some(5))], Some((1, true)));
         let Decision::Allowed { usage: Some(usage), shadow, .. } = allowed else { panic!("{allowed:?}") };
