@@ -1,15 +1,16 @@
 -- Validators find changed keys, organizations and tiers by the transaction that changed them, not by the time.
 -- Looking for changes stamped since a few seconds before the last look missed for good a change whose commit became
 -- visible later than that after its stamp: an operator's transaction left open a while, a commit waiting for a
--- synchronous standby, a primary whose clock is behind its predecessor's. A transaction still running when a
--- validator looks has an id no smaller than the oldest running one then (its snapshot's xmin), so the next look,
--- for changes by transactions from that id on, finds it whenever it commits, whatever the clocks say.
+-- synchronous standby, a primary whose clock is behind its predecessor's. Each look reads, in one snapshot, the
+-- changes of the transactions the previous look's snapshot could not see (those running then, and every later one),
+-- so it finds a change whenever it commits, whatever the clocks say, and reads none twice.
 --
 -- `changed_in` is the 64-bit id (pg_current_xact_id()) of the transaction of the row's last change, set by the same
 -- triggers as updated_at; rows last changed before this migration hold 0. Adding the columns with a constant default
--- changes no row; building the indexes locks out writes to each table while it runs, not reads. The indexes on
--- updated_at stay while validators of earlier releases may run (a rolling update, a rollback): their look-up by time
--- would read every key each second without them.
+-- changes no row, but locks the tables until the migration commits, after the indexes are built: reads of keys that
+-- no validator holds wait that long (building such an index on a test table of a million rows took 0.14 s on a
+-- 2-vCPU machine). The indexes on updated_at stay while validators of earlier releases may run (a rolling update, a
+-- rollback): their look-up by time would read every key each second without them.
 SET LOCAL lock_timeout = '5s';
 
 ALTER TABLE organizations ADD COLUMN changed_in bigint NOT NULL DEFAULT 0;

@@ -4,23 +4,24 @@
 //! made-up keys costs at most one lookup per key per TTL. A refresher asks PostgreSQL every `key_refresh` which
 //! keys, organizations and tiers changed and applies those changes, so a revocation reaches the cache within about
 //! that long, on a connection of its own: a flood of made-up keys may hold every pooled one, and must not hold up a
-//! revocation. Changes are found by the transaction that made them, from the oldest one still running when the last
-//! refresh looked, so that one whose commit became visible late is found all the same. A record older than
+//! revocation. Changes are found by the transaction that made them: each refresh reads, in one snapshot, the changes
+//! of the transactions the previous one's snapshot could not see yet, so that one whose commit became visible late is
+//! found all the same, and none is read twice. A record older than
 //! `key_recheck` is read again in the background while it keeps deciding, so that no answer waits for PostgreSQL, and
 //! an outage of PostgreSQL fails no key the cache holds. A read that was under way while a change was applied is not
 //! kept (it may predate the change). [`KeyCache::apply`] and [`KeyCache::flush`] are the entry points a pushed change
 //! feed will use.
 
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
 use quick_cache::sync::Cache;
 use sqlx::pool::PoolConnection;
-use sqlx::postgres::{PgPoolOptions, Postgres};
-use sqlx::{FromRow, PgPool, Row};
+use sqlx::postgres::{PgConnection, PgPoolOptions, Postgres};
+use sqlx::{Connection, FromRow, PgPool, Row};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -101,10 +102,9 @@ pub struct KeyCache {
     refresher: PgPool,
     /// Lookups by where the answer came from.
     lookups: Arc<LabeledCounter<1>>,
-    /// Where the next refresh looks for changes from: transactions with this id (a 64-bit transaction id, as
-    /// PostgreSQL's `pg_current_xact_id()`) or a later one. The oldest transaction still running when the last
-    /// refresh looked: any change it missed was made by that one or a later one.
-    horizon: Arc<AtomicI64>,
+    /// The transactions whose changes the last refresh (or, before the first, the cache's creation) could not see yet:
+    /// what the next refresh looks for.
+    unseen: Arc<Mutex<Unseen>>,
     /// Changes applied so far: a read during which this moved may predate one of them, and is not kept.
     applied: Arc<AtomicU64>,
 }
@@ -182,11 +182,12 @@ impl KeyCache {
                 ["source"],
                 [["cache"], ["negative_cache"], ["database"], ["recheck"]],
             )),
-            horizon: Arc::new(AtomicI64::new(0)),
+            unseen: Arc::new(Mutex::new(Unseen::default())),
             applied: Arc::new(AtomicU64::new(0)),
         };
         let mut connection = cache.refresher_connection().await?;
-        cache.horizon.store(Transactions::now(&mut connection).await?.oldest_running, Ordering::SeqCst);
+        let unseen = tokio::time::timeout(DATABASE_TIMEOUT, Unseen::now(&mut connection));
+        *cache.unseen() = unseen.await.map_err(|_| RefreshError::NoAnswer)??;
         Ok(cache)
     }
 
@@ -300,18 +301,21 @@ impl KeyCache {
             // Not a lookup a request waited on: counted apart.
             cache.lookups.increment(["recheck"]);
             let applied = cache.applied.load(Ordering::SeqCst);
-            let read = cache.read(hash).await;
-            // A change applied meanwhile may be newer than what was read (and already in the cache): the record is
-            // left as it is, and read again on its next use.
-            if cache.applied.load(Ordering::SeqCst) != applied {
-                cache.reloading.remove(&hash);
-                return;
-            }
-            match read {
-                Ok(Some(record)) => cache.store(hash, record),
+            match cache.read(hash).await {
+                Ok(Some(record)) => {
+                    cache.store(hash, record);
+                    // A change applied meanwhile may be newer than what was read: the key is read again on its
+                    // next use.
+                    if cache.applied.load(Ordering::SeqCst) != applied {
+                        cache.known.remove(&hash);
+                    }
+                }
                 Ok(None) => {
                     cache.known.remove(&hash);
                     cache.unknown.insert(hash, Instant::now());
+                    if cache.applied.load(Ordering::SeqCst) != applied {
+                        cache.unknown.remove(&hash);
+                    }
                 }
                 // Forgotten by `read` already.
                 Err(LookupError::Unreadable(_)) => {}
@@ -327,6 +331,8 @@ impl KeyCache {
     /// Forgets a key whose row this release cannot read: its lookups fail until the row is readable again.
     fn forget_unreadable(&self, hash: KeyHash, key_id: Option<Uuid>, e: &sqlx::Error) {
         tracing::error!(?key_id, error = %e, "cannot read a key's row; the key gets 503 until it can be read");
+        // A change too: a read under way may predate it.
+        self.applied.fetch_add(1, Ordering::SeqCst);
         self.known.remove(&hash);
         self.unknown.remove(&hash);
     }
@@ -359,6 +365,7 @@ impl KeyCache {
 
     /// Forgets everything (after a change feed lost track, say).
     pub fn flush(&self) {
+        self.applied.fetch_add(1, Ordering::SeqCst);
         self.known.clear();
         self.unknown.clear();
     }
@@ -368,16 +375,34 @@ impl KeyCache {
         Ok(acquire.await.map_err(|_| RefreshError::NoAnswer)??)
     }
 
+    fn unseen(&self) -> std::sync::MutexGuard<'_, Unseen> {
+        // A plain value, always valid: a poisoned lock is safe to reuse.
+        self.unseen.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Applies every key, organization and tier change not applied yet; returns how many keys changed (each once,
     /// whether the key, its organization or its tier changed, or all three).
     pub async fn refresh(&self) -> Result<usize, RefreshError> {
         let mut connection = self.refresher_connection().await?;
-        // Before the changes are read: a change not committed by then is by a transaction from `oldest_running` on.
-        let now = Transactions::now(&mut connection).await?;
-        // Changes by transactions from the horizon up to the last one started now. (One started since may commit
-        // before this query reads: the next refresh finds it. Marks past every transaction of this server's, copied
-        // from another server's rows by a restore or logical replication, are not read again and again.)
-        let changed = |table| format!("{table}.changed_in >= $1 AND {table}.changed_in < $2");
+        // What this snapshot cannot see yet is what the next refresh looks for.
+        let snapshot = async {
+            let mut snapshot = connection.begin_with("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY").await?;
+            let now = Unseen::now(&mut snapshot).await?;
+            Ok::<_, sqlx::Error>((snapshot, now))
+        };
+        let (mut snapshot, now) =
+            tokio::time::timeout(DATABASE_TIMEOUT, snapshot).await.map_err(|_| RefreshError::NoAnswer)??;
+        let mut last = self.unseen().clone();
+        // Another server (a restore, a fail-over, a cut-over), or this one restarted: its transactions may not follow
+        // on from the last ones seen, so every key's last change is read once again.
+        if last.server_started != now.server_started {
+            tracing::info!("PostgreSQL restarted or is another server: reading every key's last change again");
+            last = Unseen::default();
+        }
+        // Changes by transactions the last snapshot could not see, which this one can. (Marks past every transaction
+        // of this server's, copied from another server's rows by a restore or logical replication, are not read.)
+        let changed =
+            |table| format!("({table}.changed_in >= $1 OR {table}.changed_in = ANY($2)) AND {table}.changed_in < $3");
         let (key, org, tier) = (changed("k"), changed("o"), changed("t"));
         // Index scans per table rather than one OR, which would scan every key each time; each arm leaves out the
         // keys an earlier one returns, so that a key whose organization or tier changed with it is read once.
@@ -386,8 +411,8 @@ impl KeyCache {
              UNION ALL {RECORD_SELECT} WHERE {org} AND NOT ({key}) \
              UNION ALL {RECORD_SELECT} WHERE {tier} AND NOT ({key}) AND NOT ({org})"
         );
-        let from = self.horizon.load(Ordering::SeqCst);
-        let mut rows = sqlx::query(&sql).bind(from).bind(now.next).fetch(&mut *connection);
+        let query = sqlx::query(&sql).bind(last.next).bind(&last.running).bind(now.next);
+        let mut rows = query.fetch(&mut *snapshot);
         let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
             changed += 1;
@@ -403,7 +428,9 @@ impl KeyCache {
                 tokio::task::yield_now().await;
             }
         }
-        self.horizon.store(now.oldest_running, Ordering::SeqCst);
+        drop(rows);
+        snapshot.commit().await?;
+        *self.unseen() = now;
         Ok(changed)
     }
 
@@ -434,24 +461,23 @@ impl KeyCache {
     }
 }
 
-/// Transactions as PostgreSQL sees them now, by their 64-bit ids (as `pg_current_xact_id()`, which the triggers put in
-/// `changed_in`).
-struct Transactions {
-    /// The oldest one still running (the next one, if none is): every change not committed yet is by it or a later one.
-    oldest_running: i64,
-    /// The next one to start: every change by a transaction started by now is by an earlier one.
+/// The transactions a snapshot of PostgreSQL's could not see (by their 64-bit ids, as `pg_current_xact_id()`, which the
+/// triggers put in `changed_in`): those running then, and every one from `next` on.
+#[derive(Clone, Debug, Default)]
+struct Unseen {
     next: i64,
+    running: Vec<i64>,
+    /// When the server started: ids are the same server's only while this is the same.
+    server_started: Option<DateTime<Utc>>,
 }
 
-impl Transactions {
-    /// At most [`DATABASE_TIMEOUT`] is waited for them, unlike for the changes' query (a bulk change takes as long as
-    /// it takes): an outage shows within it.
-    async fn now(connection: &mut PoolConnection<Postgres>) -> Result<Transactions, RefreshError> {
-        let sql = "SELECT pg_snapshot_xmin(now)::text::bigint, pg_snapshot_xmax(now)::text::bigint \
+impl Unseen {
+    /// As the snapshot of the statement it runs in (of its transaction, in one of repeatable read) sees them.
+    async fn now(connection: &mut PgConnection) -> Result<Unseen, sqlx::Error> {
+        let sql = "SELECT pg_snapshot_xmax(now)::text::bigint, \
+                          ARRAY(SELECT pg_snapshot_xip(now)::text::bigint), pg_postmaster_start_time() \
                    FROM pg_current_snapshot() AS now";
-        let probe = sqlx::query_as(sql).fetch_one(&mut **connection);
-        let (oldest_running, next) =
-            tokio::time::timeout(DATABASE_TIMEOUT, probe).await.map_err(|_| RefreshError::NoAnswer)??;
-        Ok(Transactions { oldest_running, next })
+        let (next, running, started) = sqlx::query_as(sql).fetch_one(connection).await?;
+        Ok(Unseen { next, running, server_started: Some(started) })
     }
 }

@@ -46,7 +46,7 @@ pub async fn list_tiers(pool: &PgPool) -> Result<Vec<Tier>, AdminError> {
 }
 
 /// Changes a tier, making it first (with no limits but those given) if none has this name; says whether it made
-/// it. The change bumps `updated_at` (a trigger), so validators pick it up for every key of the tier.
+/// it. The change is marked with its transaction (a trigger), so validators pick it up for every key of the tier.
 pub async fn set_tier(pool: &PgPool, name: &str, changes: TierChanges) -> Result<(Tier, bool), AdminError> {
     let refused = |e| check_violation(e).unwrap_or_else(AdminError::from);
     let mut tx = pool.begin().await?;

@@ -568,6 +568,41 @@ async fn a_read_that_predates_an_applied_change_does_not_undo_it() {
     env.cleanup().await;
 }
 
+/// A server whose transaction ids are behind those the key cache last saw (restored from a backup, a fail-over that
+/// lost transactions, a cut-over to another server) still brings its changes: the cache reads every key's last change
+/// once again when the server restarted or is another.
+#[tokio::test]
+async fn changes_reach_the_key_cache_from_a_server_restored_to_before_what_it_saw() {
+    let postgres = PrivatePostgres::start();
+    let env = TestEnv::on_postgres(postgres.url("").trim_end_matches('/')).await;
+    let org = env.org().await;
+    let (key_id, key) = env.key(&org).await;
+    postgres.stop();
+    postgres.back_up();
+    postgres.restart();
+    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
+    let cache = cache.await.expect("cache");
+    assert!(cache.lookup(key.hash()).await.expect("lookup").expect("the key").revoked_at.is_none());
+    // Transactions the backup has not had, which the cache's snapshots see past.
+    for _ in 0..100 {
+        sqlx::query("SELECT pg_current_xact_id()").execute(&env.pool).await.expect("a transaction");
+    }
+    assert_eq!(cache.refresh().await.expect("refresh"), 0);
+
+    postgres.stop();
+    postgres.restore();
+    postgres.restart();
+    // Its transaction is one of the ids the cache saw past.
+    let actor = Actor("test".into());
+    let revoked = || async { admin::revoke_key(&env.pool, &actor, key_id, None).await.is_ok() };
+    assert!(wait_until(Duration::from_secs(10), revoked, |ok| *ok).await, "revoked");
+    let refreshed = wait_until(Duration::from_secs(10), || async { cache.refresh().await.ok() }, Option::is_some);
+    assert!(refreshed.await.is_some_and(|changed| changed >= 1), "the key's change was read");
+    let record = cache.lookup(key.hash()).await.expect("lookup").expect("the key");
+    assert!(record.revoked_at.is_some(), "the revocation reached the cache");
+    env.cleanup().await;
+}
+
 /// PostgreSQL's `'infinity'` cannot be read into a time (reading one panicked, and stopped the key refresher for
 /// good): the database refuses it, naming what to write instead, and the validators keep picking up changes.
 #[tokio::test]
@@ -754,6 +789,17 @@ async fn the_key_cache_reads_a_changed_key_once_whichever_of_key_org_and_tier_ch
         assert_eq!(changed().await, 1, "{table} changed");
         assert_eq!(changed().await, 0, "{table} changed once");
     }
+    // A transaction left open holds no refresh back: changes made meanwhile are read once, and its own once it
+    // commits.
+    let mut open = env.pool.begin().await.expect("begin");
+    let mark = "UPDATE organizations SET changed_in = pg_current_xact_id()::text::bigint";
+    sqlx::query(mark).execute(&mut *open).await.expect("a change not committed yet");
+    touch("api_keys").await;
+    assert_eq!(changed().await, 1, "a change made while a transaction is open");
+    assert_eq!(changed().await, 0, "read once, though the transaction is still open");
+    open.commit().await.expect("commit");
+    assert_eq!(changed().await, 1, "the open transaction's change, once committed");
+    assert_eq!(changed().await, 0);
     // Marks of transactions this server has not had, as a restore of another server's rows brings: not a change to
     // read again at every refresh.
     for table in ["api_keys", "organizations", "rate_limit_tiers"] {

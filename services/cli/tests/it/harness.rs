@@ -303,7 +303,6 @@ impl Drop for TestEnv {
     }
 }
 
-/// Polls `probe` until `done` holds or `timeout` passes; returns the last value seen.
 /// A test key of `org`: a user's, unlimited, with scope `read`.
 pub fn new_key(org: &str) -> NewKey {
     NewKey {
@@ -317,6 +316,7 @@ pub fn new_key(org: &str) -> NewKey {
     }
 }
 
+/// Polls `probe` until `done` holds or `timeout` passes; returns the last value seen.
 pub async fn wait_until<T, F, Fut>(timeout: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
 where
     F: FnMut() -> Fut,

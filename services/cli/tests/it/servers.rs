@@ -249,6 +249,23 @@ impl PrivatePostgres {
         // pg_ctl -w has waited for the server, and exited.
         wait_for_port(self.port, "postgres", None);
     }
+
+    /// Copies the stopped server's data aside: a backup to restore later.
+    pub fn back_up(&self) {
+        run_as_postgres(&["cp", "-a", &self.data.display().to_string(), &self.backup().display().to_string()]);
+    }
+
+    /// Puts the backup in place of the stopped server's data: the server goes back to when it was taken, its
+    /// transaction ids included.
+    pub fn restore(&self) {
+        let data = self.data.display().to_string();
+        run_as_postgres(&["rm", "-rf", &data]);
+        run_as_postgres(&["cp", "-a", &self.backup().display().to_string(), &data]);
+    }
+
+    fn backup(&self) -> PathBuf {
+        self.data.with_file_name("backup")
+    }
 }
 
 impl Drop for PrivatePostgres {

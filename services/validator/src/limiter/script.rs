@@ -159,8 +159,8 @@ impl Reply {
 /// Makes script calls, up to [`CALLS_IN_FLIGHT`] at a time: each decides the decisions queued since the previous one
 /// went out, [`MAX_BATCH`] at most. Redis runs the calls one after another, each atomically, so that a call's decisions
 /// see the counts of every call it ran after. Every decision is answered within `timeout` of when it was queued: one
-/// that waited that long in the queue is answered at once, and a call waits for Redis until its newest decision's
-/// deadline, answering each older one as its own passes.
+/// that waited that long in the queue is answered at once, and the others as their own deadlines pass, if Redis has
+/// not answered by then.
 async fn make_calls(
     mut pending: mpsc::Receiver<Pending>,
     redis: BackgroundRedis,
@@ -181,22 +181,20 @@ async fn make_calls(
         gather(&mut pending, &mut batch).await;
         let (script, prefix, redis, breaker) = (script.clone(), prefix.clone(), redis.get(), breaker.clone());
         tokio::spawn(async move {
-            decide_batch(&script, &prefix, redis, batch, timeout, &breaker).await;
+            decide_batch(script, &prefix, redis, batch, timeout, breaker).await;
             drop(slot);
         });
     }
 }
 
-/// Decides a batch in one script call, answers each of its decisions, and tells the breaker how the call went: one
-/// slow call is one failure, however many requests it carried (counted per decision, a single call that timed out
-/// opened the breaker and sent a whole cooldown of traffic to the failure policies).
+/// Decides a batch in one script call and answers each of its decisions, by its own deadline at the latest.
 async fn decide_batch(
-    script: &redis::Script,
+    script: Arc<redis::Script>,
     prefix: &str,
     redis: Option<ConnectionManager>,
     mut batch: Vec<Pending>,
     timeout: Duration,
-    breaker: &Breaker,
+    breaker: Arc<Breaker>,
 ) {
     let now = Instant::now();
     for late in batch.extract_if(.., |p| now >= p.since + timeout) {
@@ -207,7 +205,15 @@ async fn decide_batch(
     if batch.is_empty() {
         return;
     }
-    let call = script_call(script, prefix, &batch);
+    let Some(redis) = redis else {
+        tracing::warn!("rate limiter: not connected to Redis yet; decisions follow the failure policy");
+        breaker.failure();
+        for p in batch {
+            let _ = p.reply.send(Err(CallError::NotConnected));
+        }
+        return;
+    };
+    let call = script_call(&script, prefix, &batch);
     let expected = 1 + batch.iter().map(|p| p.plan.reply_len()).sum::<usize>();
     // Each decision with where its values start in the reply (after the clock).
     let mut waiting: Vec<(usize, Pending)> = batch
@@ -218,45 +224,59 @@ async fn decide_batch(
             Some((start, p))
         })
         .collect();
-    let sent = Instant::now();
-    let reply = match redis {
-        None => Err(CallError::NotConnected),
-        Some(mut redis) => {
-            let mut running = std::pin::pin!(run(script, &call, &mut redis));
-            loop {
-                // A decision that waited for the call is answered when its own deadline passes, not all of them at
-                // the oldest one's: that one could leave the others (and Redis) a millisecond.
-                let Some(first) = waiting.iter().map(|(_, p)| p.since).min() else { break Err(CallError::Timeout) };
-                match tokio::time::timeout_at((first + timeout).into(), running.as_mut()).await {
-                    Err(_) => {
-                        let now = Instant::now();
-                        for (_, late) in waiting.extract_if(.., |(_, p)| now >= p.since + timeout) {
-                            let _ = late.reply.send(Err(CallError::Timeout));
-                        }
-                    }
-                    Ok(Err(e)) => break Err(CallError::Redis(Arc::new(e))),
-                    Ok(Ok(values)) if values.len() != expected => break Err(CallError::Reply(values.len())),
-                    Ok(Ok(values)) => break Ok(Arc::new(values)),
+    let deadline = Instant::now() + timeout;
+    let mut reply = tokio::spawn(call_redis(script, call, redis, expected, deadline, breaker));
+    loop {
+        // A decision that waited for the call is answered when its own deadline passes, not all of them at the
+        // oldest one's: that one could leave the others (and Redis) a millisecond.
+        let Some(first) = waiting.iter().map(|(_, p)| p.since).min() else { return };
+        match tokio::time::timeout_at((first + timeout).into(), &mut reply).await {
+            Err(_) => {
+                let now = Instant::now();
+                for (_, late) in waiting.extract_if(.., |(_, p)| now >= p.since + timeout) {
+                    let _ = late.reply.send(Err(CallError::Timeout));
                 }
             }
+            Ok(reply) => {
+                let reply = reply.unwrap_or(Err(CallError::Stopped));
+                for (at, p) in waiting {
+                    let answer =
+                        reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
+                    // A requester that timed out meanwhile is gone; nothing to tell it.
+                    let _ = p.reply.send(answer);
+                }
+                return;
+            }
         }
+    }
+}
+
+/// Makes one script call, and tells the breaker how it went: whether Redis answered by `deadline` (the timeout from
+/// when the call went out), also when its decisions, having waited in the queue, were answered before. One slow call
+/// is one failure, however many requests it carried (counted per decision, a single call that timed out opened the
+/// breaker and sent a whole cooldown of traffic to the failure policies).
+async fn call_redis(
+    script: Arc<redis::Script>,
+    call: redis::Cmd,
+    mut redis: ConnectionManager,
+    expected: usize,
+    deadline: Instant,
+    breaker: Arc<Breaker>,
+) -> Result<Arc<Vec<i64>>, CallError> {
+    let reply = match tokio::time::timeout_at(deadline.into(), run(&script, &call, &mut redis)).await {
+        Err(_) => Err(CallError::Timeout),
+        Ok(Err(e)) => Err(CallError::Redis(Arc::new(e))),
+        Ok(Ok(values)) if values.len() != expected => Err(CallError::Reply(values.len())),
+        Ok(Ok(values)) => Ok(Arc::new(values)),
     };
     match &reply {
         Ok(_) => breaker.success(),
         Err(e) => {
             tracing::warn!(error = %e, "rate limiter: a Redis call failed; its decisions follow the failure policy");
-            // A call given up on before Redis had half the timeout to answer (its decisions had waited for it that
-            // long) says little about Redis: no failure of Redis's, then.
-            if !matches!(e, CallError::Timeout) || sent.elapsed() >= timeout / 2 {
-                breaker.failure();
-            }
+            breaker.failure();
         }
     }
-    for (at, p) in waiting {
-        let answer = reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
-        // A requester that timed out meanwhile is gone; nothing to tell it.
-        let _ = p.reply.send(answer);
-    }
+    reply
 }
 
 /// Lets the requests that are ready to be read join the batch before its call goes out: yields to the runtime (which
