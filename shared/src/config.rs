@@ -274,9 +274,9 @@ pub struct ConnectionArgs {
 #[command(next_help_heading = "Rate limiting")]
 pub struct LimiterArgs {
     /// Longest a decision waits for Redis, queueing for the next script call included, before the failure policy
-    /// decides instead.
+    /// decides instead (1s at most: Redis's connection waits no longer for an answer).
     #[arg(long, env = "TOLLGATE_REDIS_TIMEOUT", value_name = "TOLLGATE_REDIS_TIMEOUT",
-          default_value = "50ms", value_parser = positive_duration)]
+          default_value = "50ms", value_parser = period(Duration::from_nanos(1), crate::connect::REDIS_RESPONSE_TIMEOUT))]
     pub redis_timeout: Duration,
     /// Consecutive failed Redis calls (each decides a batch of concurrent requests) that open the circuit breaker (no
     /// Redis calls until the cooldown has passed).
@@ -617,6 +617,8 @@ mod tests {
             &["--batch-events", "0"],
             // Past what a setting needs, and what a clock or a process can hold.
             &["--redis-timeout", "300000000000y"],
+            // Past what Redis's connection waits for.
+            &["--redis-timeout", "2s"],
             &["--breaker-cooldown", "0s"],
             &["--negative-cache-ttl", "0s"],
             &["--batch-wait", "0s"],

@@ -169,13 +169,16 @@ pub async fn newer_migrations(pool: &PgPool) -> Result<Vec<String>, sqlx::Error>
         .await
 }
 
+/// How long a Redis connection waits for an answer at most, whatever the caller would wait.
+pub const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// A Redis connection that reconnects by itself; calls time out instead of hanging when Redis is away. A `PING`
 /// makes sure Redis takes commands from it (a password it wants and the URL lacks shows only then).
 pub async fn redis(url: &ServerUrl) -> Result<redis::aio::ConnectionManager, ConnectError> {
     let client = redis::Client::open(url.expose()).map_err(|e| bad_url("Redis", "REDIS_URL", e))?;
     let config = redis::aio::ConnectionManagerConfig::new()
         .set_connection_timeout(CONNECT_TIMEOUT)
-        .set_response_timeout(Duration::from_secs(1))
+        .set_response_timeout(REDIS_RESPONSE_TIMEOUT)
         // One attempt per reconnection: the crate waits 1 to 2 s before a retry (its backoff starts at a second
         // whatever the factor), and every call made meanwhile waits with it, so a Redis back from a restart went
         // unused for that long. The long-running callers retry on their own terms (the limiter's breaker, the quota

@@ -393,14 +393,19 @@ impl KeyCache {
         let (mut snapshot, now) =
             tokio::time::timeout(DATABASE_TIMEOUT, snapshot).await.map_err(|_| RefreshError::NoAnswer)??;
         let mut last = self.unseen().clone();
-        // Another server (a restore, a fail-over, a cut-over), or this one restarted: its transactions may not follow
-        // on from the last ones seen, so every key's last change is read once again.
-        if last.server_started != now.server_started {
-            tracing::info!("PostgreSQL restarted or is another server: reading every key's last change again");
+        let mut before = now.next;
+        // A session of the refresher's other than the last one's: PostgreSQL may have restarted (after a crash, its
+        // last transactions lost and their ids given out again), or be another server (a restore, a fail-over, a
+        // cut-over), whose transactions do not follow on from those seen. Every key's row is read once again, whatever
+        // its mark (a restore's rows keep another server's).
+        if last.session != now.session {
+            tracing::info!("a new connection to PostgreSQL, perhaps to another server: reading every key again");
             last = Unseen::default();
+            before = i64::MAX;
         }
         // Changes by transactions the last snapshot could not see, which this one can. (Marks past every transaction
-        // of this server's, copied from another server's rows by a restore or logical replication, are not read.)
+        // of this server's, copied from another server's rows by a restore or logical replication, are not read
+        // again and again.)
         let changed =
             |table| format!("({table}.changed_in >= $1 OR {table}.changed_in = ANY($2)) AND {table}.changed_in < $3");
         let (key, org, tier) = (changed("k"), changed("o"), changed("t"));
@@ -411,7 +416,7 @@ impl KeyCache {
              UNION ALL {RECORD_SELECT} WHERE {org} AND NOT ({key}) \
              UNION ALL {RECORD_SELECT} WHERE {tier} AND NOT ({key}) AND NOT ({org})"
         );
-        let query = sqlx::query(&sql).bind(last.next).bind(&last.running).bind(now.next);
+        let query = sqlx::query(&sql).bind(last.next).bind(&last.running).bind(before);
         let mut rows = query.fetch(&mut *snapshot);
         let mut changed = 0usize;
         while let Some(row) = rows.try_next().await? {
@@ -467,17 +472,18 @@ impl KeyCache {
 struct Unseen {
     next: i64,
     running: Vec<i64>,
-    /// When the server started: ids are the same server's only while this is the same.
-    server_started: Option<DateTime<Utc>>,
+    /// The session the snapshot was taken in: its server's start and its process. The refresher keeps its connection
+    /// for good, so a new one follows a broken one: ids are known to follow on from those seen only in the same one.
+    session: Option<(DateTime<Utc>, i32)>,
 }
 
 impl Unseen {
     /// As the snapshot of the statement it runs in (of its transaction, in one of repeatable read) sees them.
     async fn now(connection: &mut PgConnection) -> Result<Unseen, sqlx::Error> {
         let sql = "SELECT pg_snapshot_xmax(now)::text::bigint, \
-                          ARRAY(SELECT pg_snapshot_xip(now)::text::bigint), pg_postmaster_start_time() \
+                          ARRAY(SELECT pg_snapshot_xip(now)::text::bigint), pg_postmaster_start_time(), pg_backend_pid() \
                    FROM pg_current_snapshot() AS now";
-        let (next, running, started) = sqlx::query_as(sql).fetch_one(connection).await?;
-        Ok(Unseen { next, running, server_started: Some(started) })
+        let (next, running, started, process) = sqlx::query_as(sql).fetch_one(connection).await?;
+        Ok(Unseen { next, running, session: Some((started, process)) })
     }
 }

@@ -580,9 +580,12 @@ async fn changes_reach_the_key_cache_from_a_server_restored_to_before_what_it_sa
     postgres.stop();
     postgres.back_up();
     postgres.restart();
-    let cache = KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300));
-    let cache = cache.await.expect("cache");
-    assert!(cache.lookup(key.hash()).await.expect("lookup").expect("the key").revoked_at.is_none());
+    // Each within 1 s: given a few tries, on a server just started on a busy machine.
+    let made = || async { KeyCache::new(env.pool.clone(), 10, Duration::from_secs(1), Duration::from_secs(300)).await };
+    let cache = wait_until(Duration::from_secs(10), made, Result::is_ok).await.expect("cache");
+    let found = || async { cache.lookup(key.hash()).await.ok().flatten() };
+    let record = wait_until(Duration::from_secs(10), found, Option::is_some).await.expect("the key");
+    assert!(record.revoked_at.is_none());
     // Transactions the backup has not had, which the cache's snapshots see past.
     for _ in 0..100 {
         sqlx::query("SELECT pg_current_xact_id()").execute(&env.pool).await.expect("a transaction");
