@@ -225,12 +225,16 @@ async fn decide_batch(
         })
         .collect();
     let deadline = Instant::now() + timeout;
-    let mut reply = tokio::spawn(call_redis(script, call, redis, expected, deadline, breaker));
+    let mut reply = Box::pin(call_redis(script, call, redis, expected, deadline, breaker));
     loop {
         // A decision that waited for the call is answered when its own deadline passes, not all of them at the
         // oldest one's: that one could leave the others (and Redis) a millisecond.
-        let Some(first) = waiting.iter().map(|(_, p)| p.since).min() else { return };
-        match tokio::time::timeout_at((first + timeout).into(), &mut reply).await {
+        let Some(first) = waiting.iter().map(|(_, p)| p.since).min() else {
+            // Every decision is answered: the call goes on by itself, until it can tell the breaker how it went.
+            tokio::spawn(reply);
+            return;
+        };
+        match tokio::time::timeout_at((first + timeout).into(), reply.as_mut()).await {
             Err(_) => {
                 let now = Instant::now();
                 for (_, late) in waiting.extract_if(.., |(_, p)| now >= p.since + timeout) {
@@ -238,7 +242,6 @@ async fn decide_batch(
                 }
             }
             Ok(reply) => {
-                let reply = reply.unwrap_or(Err(CallError::Stopped));
                 for (at, p) in waiting {
                     let answer =
                         reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
