@@ -50,7 +50,7 @@ pub struct Usage {
     pub limit: u64,
     /// Units counted, this request included when it was admitted.
     pub used: u64,
-    /// The window's length (for the quota: seconds until the month ends).
+    /// The window's length (for the quota: its calendar month's).
     pub window_seconds: u64,
     /// Admitted: when the oldest counted unit leaves. Denied: when a request of this cost would fit.
     pub reset_at_us: i64,
