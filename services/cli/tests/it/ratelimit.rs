@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{Datelike, Utc};
+use chrono::{Datelike, TimeDelta, Utc};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -753,6 +753,46 @@ async fn a_counter_overwritten_with_something_else_starts_afresh_instead_of_fail
     let total = &stored[stored.len() - 48..stored.len() - 40];
     assert_eq!(i64::from_le_bytes(total.try_into().expect("8 bytes")), 3, "decided in Redis");
     validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A validator whose clock is 40 days ahead (libfaketime) decides by Redis's once Redis has answered it: a key that
+/// expires in 10 days is valid, and the quota it reads is that of Redis's month, the one the workers count usage in
+/// (Redis's clock stamps the events).
+#[tokio::test]
+async fn a_validator_whose_clock_is_far_off_decides_by_redis_clock() {
+    let faketime = ["/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1", "/usr/lib/faketime/libfaketime.so.1"]
+        .into_iter()
+        .find(|path| std::path::Path::new(path).exists())
+        .expect("libfaketime is not installed: .ci/run installs it (apt-get install faketime)");
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let limits = OrgChanges { monthly_request_limit: Some(LimitSetting::Max(10)), ..OrgChanges::default() };
+    let org_id = admin::update_org(&env.pool, &org, limits).await.expect("org").id;
+    let (_, expiring) = env.key_with(&org, |k| k.expires_at = Some(Utc::now() + TimeDelta::days(10))).await;
+    let (_, lasting) = env.key(&org).await;
+    let other_org = env.org().await;
+    let (_, limited) = env.key_with(&other_org, |k| k.custom_rate_limit_per_minute = Some(1000)).await;
+    // The month's quota (by Redis's clock, which is this test's) is used up; the month the validator's clock is in
+    // has none counted.
+    let mut redis =
+        redis::Client::open(REDIS_URL).expect("url").get_multiplexed_async_connection().await.expect("redis");
+    let quota = tollgate_validator::quota_key(&env.topology.redis_prefix, org_id, Utc::now());
+    let _: () = redis::cmd("SET").arg(&quota).arg(10).query_async(&mut redis).await.expect("set");
+    let settings = [("LD_PRELOAD", faketime), ("FAKETIME", "+40d"), ("DONT_FAKE_MONOTONIC", "1")];
+    let validator = env.spawn_validator_process(&settings.map(|(name, value)| (name, value.to_owned())));
+    validator.answering().await;
+    let client = reqwest::Client::new();
+    let auth = |key: &ApiKey| client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
+
+    // A decision Redis makes shows the validator Redis's clock.
+    assert_eq!(auth(&limited).await.expect("request").status(), StatusCode::OK);
+    for key in [&expiring, &lasting] {
+        let answer = auth(key).await.expect("request");
+        assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS, "not expired, and over this month's quota");
+        let body: Value = answer.json().await.expect("json");
+        assert_eq!(body["error"], "quota_exceeded", "{body}");
+    }
     env.cleanup().await;
 }
 

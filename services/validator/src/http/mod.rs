@@ -27,7 +27,7 @@ use axum::http::HeaderValue;
 use axum::response::Response;
 use axum::routing::{any, get, post};
 use axum::Router;
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 use uuid::Uuid;
 
 use tollgate_shared::domain::Outcome;
@@ -250,7 +250,8 @@ impl AppState {
                 return Verdict::Unavailable;
             }
         };
-        let mut now = Utc::now();
+        // Redis's clock, as every validator reads it: they agree on expiry and on the quota's month.
+        let mut now = self.limiter.now();
         let mut outcome = decide(&record, now);
         if outcome == Outcome::Allowed && !attempt.requirement.is_met_by(&record) {
             outcome = Outcome::InsufficientScope;

@@ -18,9 +18,11 @@
 //! - `script.rs`, `limit.lua`: the Redis calls;
 //! - `window.rs`: the rolling-window arithmetic, which the script mirrors and `local.rs`, the fallback, runs here;
 //! - `verdict.rs`: from where each limit stands to one decision;
-//! - `breaker.rs`: the circuit breaker.
+//! - `breaker.rs`: the circuit breaker;
+//! - `clock.rs`: Redis's clock, which the validator decides by too (a key's expiry, the quota's month).
 
 mod breaker;
+mod clock;
 mod local;
 mod plan;
 mod script;
@@ -30,6 +32,8 @@ mod window;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use chrono::{DateTime, Utc};
+
 use tollgate_shared::config::{FailurePolicies, FailurePolicy, LimiterArgs};
 use tollgate_shared::connect::BackgroundRedis;
 use tollgate_shared::metrics::{
@@ -38,6 +42,7 @@ use tollgate_shared::metrics::{
 };
 
 use breaker::Breaker;
+use clock::RedisClock;
 use local::LocalLimiter;
 use plan::WindowLimit;
 pub use plan::{client_network, quota_key, LimitKind, Plan};
@@ -94,6 +99,7 @@ pub struct Limiter {
     /// Shared with the task making the script calls, which tells it each call's outcome.
     breaker: Arc<Breaker>,
     local: LocalLimiter,
+    clock: RedisClock,
     /// Decisions by the limit that decided and result.
     decisions: LabeledCounter<2>,
     redis_duration: metrics::Histogram,
@@ -112,9 +118,15 @@ impl Limiter {
             replicas: u64::from(args.replicas.max(1)),
             breaker,
             local: LocalLimiter::default(),
+            clock: RedisClock::default(),
             decisions: LabeledCounter::new(RATELIMIT_DECISIONS, ["limit", "result"], expected_decisions()),
             redis_duration: metrics::histogram!(RATELIMIT_REDIS_DURATION),
         }
+    }
+
+    /// The time by Redis's clock (see [`RedisClock`]).
+    pub fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
     }
 
     pub fn health(&self) -> Health {
@@ -137,7 +149,11 @@ impl Limiter {
             match self.calls.call(plan.clone(), cost, started).await {
                 Ok(reply) => {
                     self.redis_duration.record(started.elapsed().as_secs_f64());
-                    reply.interpret(&plan, cost)
+                    let decision = reply.interpret(&plan, cost);
+                    if let Decision::Allowed { now_us, .. } | Decision::Denied { now_us, .. } = decision {
+                        self.clock.observe(now_us);
+                    }
+                    decision
                 }
                 // Logged, and told to the breaker, once per call (see `script::decide_batch`), not once per decision.
                 Err(e) => {
