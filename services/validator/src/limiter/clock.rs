@@ -4,7 +4,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use chrono::{DateTime, TimeDelta, Utc};
 
-/// This host's clock, set by how far Redis's was ahead of it at the last decision Redis made. Redis's clock stamps
+/// This host's clock, set by how far Redis's was ahead of it at the last script call. Redis's clock stamps
 /// the usage events and so picks the month the workers count them in; read through this, every validator agrees
 /// with it on a key's expiry and on the quota's month, however far its own clock has drifted. (The offset includes
 /// the reply's way back, well under a millisecond.)

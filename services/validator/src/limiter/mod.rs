@@ -99,7 +99,8 @@ pub struct Limiter {
     /// Shared with the task making the script calls, which tells it each call's outcome.
     breaker: Arc<Breaker>,
     local: LocalLimiter,
-    clock: RedisClock,
+    /// Set by the task making the script calls, from each reply.
+    clock: Arc<RedisClock>,
     /// Decisions by the limit that decided and result.
     decisions: LabeledCounter<2>,
     redis_duration: metrics::Histogram,
@@ -110,7 +111,8 @@ impl Limiter {
     /// `prefix` begins the name of every counter.
     pub fn new(redis: BackgroundRedis, args: &LimiterArgs, prefix: &str) -> Limiter {
         let breaker = Arc::new(Breaker::new(args.breaker_failures, args.breaker_cooldown));
-        let calls = Calls::start(redis, args.redis_timeout, prefix, breaker.clone());
+        let clock = Arc::new(RedisClock::default());
+        let calls = Calls::start(redis, args.redis_timeout, prefix, breaker.clone(), clock.clone());
         start_rare_series_at_zero();
         Limiter {
             calls,
@@ -118,7 +120,7 @@ impl Limiter {
             replicas: u64::from(args.replicas.max(1)),
             breaker,
             local: LocalLimiter::default(),
-            clock: RedisClock::default(),
+            clock,
             decisions: LabeledCounter::new(RATELIMIT_DECISIONS, ["limit", "result"], expected_decisions()),
             redis_duration: metrics::histogram!(RATELIMIT_REDIS_DURATION),
         }
@@ -149,11 +151,7 @@ impl Limiter {
             match self.calls.call(plan.clone(), cost, started).await {
                 Ok(reply) => {
                     self.redis_duration.record(started.elapsed().as_secs_f64());
-                    let decision = reply.interpret(&plan, cost);
-                    if let Decision::Allowed { now_us, .. } | Decision::Denied { now_us, .. } = decision {
-                        self.clock.observe(now_us);
-                    }
-                    decision
+                    reply.interpret(&plan, cost)
                 }
                 // Logged, and told to the breaker, once per call (see `script::decide_batch`), not once per decision.
                 Err(e) => {

@@ -13,6 +13,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tollgate_shared::connect::BackgroundRedis;
 
 use super::breaker::Breaker;
+use super::clock::RedisClock;
 use super::plan::{Plan, QuotaLimit, Subject, WindowLimit};
 use super::verdict::{decide_from, WindowReply};
 use super::window::{Window, BUCKETS};
@@ -69,9 +70,16 @@ pub struct Calls {
 impl Calls {
     /// Starts the task that makes the script calls; must be called within the Tokio runtime. `prefix` begins the
     /// name of every counter (see [`CounterKey`]).
-    pub fn start(redis: BackgroundRedis, timeout: Duration, prefix: &str, breaker: Arc<Breaker>) -> Calls {
+    /// Each reply sets `clock`.
+    pub fn start(
+        redis: BackgroundRedis,
+        timeout: Duration,
+        prefix: &str,
+        breaker: Arc<Breaker>,
+        clock: Arc<RedisClock>,
+    ) -> Calls {
         let (queue, pending) = mpsc::channel(QUEUED_AT_MOST);
-        tokio::spawn(make_calls(pending, redis, timeout, prefix.to_owned(), breaker));
+        tokio::spawn(make_calls(pending, redis, timeout, prefix.to_owned(), breaker, clock));
         Calls { queue }
     }
 
@@ -167,6 +175,7 @@ async fn make_calls(
     timeout: Duration,
     prefix: String,
     breaker: Arc<Breaker>,
+    clock: Arc<RedisClock>,
 ) {
     let script = Arc::new(redis::Script::new(SCRIPT));
     let prefix: Arc<str> = prefix.into();
@@ -180,8 +189,9 @@ async fn make_calls(
         }
         gather(&mut pending, &mut batch).await;
         let (script, prefix, redis, breaker) = (script.clone(), prefix.clone(), redis.get(), breaker.clone());
+        let clock = clock.clone();
         tokio::spawn(async move {
-            decide_batch(script, &prefix, redis, batch, timeout, breaker).await;
+            decide_batch(script, &prefix, redis, batch, timeout, breaker, &clock).await;
             drop(slot);
         });
     }
@@ -195,6 +205,7 @@ async fn decide_batch(
     mut batch: Vec<Pending>,
     timeout: Duration,
     breaker: Arc<Breaker>,
+    clock: &RedisClock,
 ) {
     let now = Instant::now();
     for late in batch.extract_if(.., |p| now >= p.since + timeout) {
@@ -242,6 +253,9 @@ async fn decide_batch(
                 }
             }
             Ok(reply) => {
+                if let Ok(values) = &reply {
+                    clock.observe(values[0]);
+                }
                 for (at, p) in waiting {
                     let answer =
                         reply.as_ref().map(|values| Reply { values: values.clone(), at }).map_err(Clone::clone);
