@@ -232,17 +232,12 @@ impl KeyCache {
                     return Err(Miss::Failed(LookupError::ReadFailedLately));
                 }
                 self.lookups.increment(["database"]);
-                let applied = self.applied.load(Ordering::SeqCst);
+                let applied = self.changes_applied();
                 read_here = Some(applied);
                 match self.read(hash).await {
                     Ok(Some(record)) => Ok(Cached::new(Arc::new(record))),
                     Ok(None) => {
-                        self.unknown.insert(hash, Instant::now());
-                        // The key may have been made since the read (and the change applied found nothing to
-                        // replace): not remembered as unknown, then.
-                        if self.applied.load(Ordering::SeqCst) != applied {
-                            self.unknown.remove(&hash);
-                        }
+                        self.remember_unknown(hash, applied);
                         Err(Miss::Unknown)
                     }
                     Err(e) => {
@@ -255,7 +250,7 @@ impl KeyCache {
         // A change applied while the record was being read found it not cached yet, and replaced nothing: the record
         // answers the lookups that waited for it, and the next one reads it again.
         if let (Ok(_), Some(applied)) = (&loaded, read_here) {
-            if self.applied.load(Ordering::SeqCst) != applied {
+            if self.changes_applied() != applied {
                 self.known.remove(&hash);
             }
         }
@@ -300,22 +295,19 @@ impl KeyCache {
         tokio::spawn(async move {
             // Not a lookup a request waited on: counted apart.
             cache.lookups.increment(["recheck"]);
-            let applied = cache.applied.load(Ordering::SeqCst);
+            let applied = cache.changes_applied();
             match cache.read(hash).await {
                 Ok(Some(record)) => {
                     cache.store(hash, record);
                     // A change applied meanwhile may be newer than what was read: the key is read again on its
                     // next use.
-                    if cache.applied.load(Ordering::SeqCst) != applied {
+                    if cache.changes_applied() != applied {
                         cache.known.remove(&hash);
                     }
                 }
                 Ok(None) => {
                     cache.known.remove(&hash);
-                    cache.unknown.insert(hash, Instant::now());
-                    if cache.applied.load(Ordering::SeqCst) != applied {
-                        cache.unknown.remove(&hash);
-                    }
+                    cache.remember_unknown(hash, applied);
                 }
                 // Forgotten by `read` already.
                 Err(LookupError::Unreadable(_)) => {}
@@ -335,6 +327,21 @@ impl KeyCache {
         self.applied.fetch_add(1, Ordering::SeqCst);
         self.known.remove(&hash);
         self.unknown.remove(&hash);
+    }
+
+    /// How many changes have been applied: a read is kept only if this has not moved while it ran.
+    fn changes_applied(&self) -> u64 {
+        self.applied.load(Ordering::SeqCst)
+    }
+
+    /// Remembers that a read, begun when `applied` changes had been applied, found no key with this hash; unless a
+    /// change was applied meanwhile (the key may have been made since the read, and the change found nothing to
+    /// replace).
+    fn remember_unknown(&self, hash: KeyHash, applied: u64) {
+        self.unknown.insert(hash, Instant::now());
+        if self.changes_applied() != applied {
+            self.unknown.remove(&hash);
+        }
     }
 
     /// Whether `hash` was found to be no key's within the negative-cache TTL.
