@@ -86,7 +86,7 @@ async fn a_connection_that_sends_no_request_in_time_is_closed_and_a_busy_one_is_
 #[tokio::test]
 async fn connections_past_the_limit_wait_until_one_closes() {
     let env = TestEnv::new().await;
-    let validator = env.spawn_validator_process(&[("TOLLGATE_MAX_CONNECTIONS", "2".into())]);
+    let mut validator = env.spawn_validator_process(&[("TOLLGATE_MAX_CONNECTIONS", "2".into())]);
     validator.answering().await;
     let open = || async { validator.metric(r#"tollgate_http_connections{listener="api"}"#).await };
     let connect = || async { TcpStream::connect(("127.0.0.1", validator.port)).await.expect("connects") };

@@ -180,7 +180,7 @@ async fn no_presented_key_reaches_the_log_even_at_trace_level() {
     let made_up = ApiKey::generate(KeyEnv::Live).expose().to_owned();
     let foreign = "sk_prod_9f8e7d6c5b4a39281706f5e4d3c2b1a0".to_owned();
     let log = tempfile::NamedTempFile::new().expect("a log file");
-    let validator = env.spawn_validator_process_logging(
+    let mut validator = env.spawn_validator_process_logging(
         &[("RUST_LOG", "trace".into())],
         log.reopen().expect("the log file, to write").into(),
     );
@@ -229,7 +229,7 @@ async fn no_presented_key_reaches_the_log_even_at_trace_level() {
 #[tokio::test]
 async fn requests_refused_before_a_decision_are_counted() {
     let env = TestEnv::new().await;
-    let validator = env.spawn_validator_process(&[]);
+    let mut validator = env.spawn_validator_process(&[]);
     validator.answering().await;
     let client = reqwest::Client::new();
     let refused = r#"tollgate_verify_requests_total{outcome="invalid_request"}"#;
@@ -320,7 +320,7 @@ async fn a_key_name_past_ascii_arrives_percent_encoded() {
 async fn lookups_that_time_out_are_logged_once_a_second_not_once_a_request() {
     let env = TestEnv::new().await;
     let log = tempfile::NamedTempFile::new().expect("a log file");
-    let validator = env.spawn_validator_process_logging(&[], log.reopen().expect("the log file, to write").into());
+    let mut validator = env.spawn_validator_process_logging(&[], log.reopen().expect("the log file, to write").into());
     validator.answering().await;
     let lock = lock_keys(env.pool.clone()).await;
     let client = reqwest::Client::new();
@@ -1118,7 +1118,7 @@ async fn a_recheck_counts_apart_from_lookups_that_read_postgresql() {
     let env = TestEnv::new().await;
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
-    let validator = env.spawn_validator_process(&[("TOLLGATE_KEY_RECHECK", "100ms".into())]);
+    let mut validator = env.spawn_validator_process(&[("TOLLGATE_KEY_RECHECK", "100ms".into())]);
     validator.answering().await;
     let client = reqwest::Client::new();
     let auth = || client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();

@@ -169,7 +169,7 @@ async fn a_nats_without_jetstream_at_start_gets_the_events_once_jetstream_answer
     let env = TestEnv::with_nats(&nats.url()).await;
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
-    let validator =
+    let mut validator =
         env.spawn_validator_process_on(&nats.url(), &[("TOLLGATE_PUBLISH_TIMEOUT", "1s".into())], Stdio::null());
     validator.answering().await;
     let client = reqwest::Client::new();
@@ -250,7 +250,7 @@ async fn while_nats_is_away_each_replay_attempt_tries_one_message() {
     let env = TestEnv::with_nats(&nats.url()).await;
     let org = env.org().await;
     let (_, key) = env.key(&org).await;
-    let validator =
+    let mut validator =
         env.spawn_validator_process_on(&nats.url(), &[("TOLLGATE_PUBLISH_TIMEOUT", "1s".into())], Stdio::null());
     validator.answering().await;
     let client = reqwest::Client::new();

@@ -363,13 +363,15 @@ impl ServiceProcess {
     pub async fn exit_within(&mut self, patience: Duration) -> Option<std::process::ExitStatus> {
         let started = Instant::now();
         let child = self.child.as_mut().expect("running");
-        while started.elapsed() < patience {
+        loop {
             if let Some(status) = child.try_wait().expect("its status") {
                 return Some(status);
             }
+            if started.elapsed() >= patience {
+                return None;
+            }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        None
     }
 }
 
@@ -395,11 +397,21 @@ impl ValidatorProcess {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
-    /// Waits until it answers HTTP: it binds its port only after connecting to its servers.
-    pub async fn answering(&self) {
+    /// Waits until it answers HTTP: it binds its port only after connecting to its servers. Fails at once if it exited
+    /// meanwhile.
+    pub async fn answering(&mut self) {
         let client = reqwest::Client::new();
-        let health = || client.get(self.url("/healthz")).send();
-        wait_until(Duration::from_secs(20), health, |r| r.is_ok()).await.expect("the validator answers");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if client.get(self.url("/healthz")).send().await.is_ok() {
+                return;
+            }
+            if let Some(status) = self.process.exit_within(Duration::ZERO).await {
+                panic!("the validator exited ({status}) before answering on port {}", self.port);
+            }
+            assert!(Instant::now() < deadline, "the validator does not answer on port {} after 20 s", self.port);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
     }
 
     /// The value of one series (`name` or `name{labels}`, as exported) on its metrics endpoint, if it is exported.

@@ -269,7 +269,7 @@ async fn a_degraded_decision_is_counted_once_under_the_policy_that_decided_it() 
     admin::update_org(&env.pool, &org, changes).await.expect("org");
     let (_, key) = env.key_with(&org, |k| k.custom_rate_limit_per_minute = Some(100)).await;
     let nothing_there = format!("redis://127.0.0.1:{}", crate::servers::free_port());
-    let validator = env.spawn_validator_process(&[
+    let mut validator = env.spawn_validator_process(&[
         ("REDIS_URL", nothing_there),
         ("TOLLGATE_LIMIT_FAILURE_POLICY", "local,org=closed".into()),
     ]);
@@ -780,7 +780,7 @@ async fn a_validator_whose_clock_is_far_off_decides_by_redis_clock() {
     let quota = tollgate_validator::quota_key(&env.topology.redis_prefix, org_id, Utc::now());
     let _: () = redis::cmd("SET").arg(&quota).arg(10).query_async(&mut redis).await.expect("set");
     let settings = [("LD_PRELOAD", faketime), ("FAKETIME", "+40d"), ("DONT_FAKE_MONOTONIC", "1")];
-    let validator = env.spawn_validator_process(&settings.map(|(name, value)| (name, value.to_owned())));
+    let mut validator = env.spawn_validator_process(&settings.map(|(name, value)| (name, value.to_owned())));
     validator.answering().await;
     let client = reqwest::Client::new();
     let auth = |key: &ApiKey| client.get(validator.url("/v1/auth")).bearer_auth(key.expose()).send();
@@ -904,7 +904,7 @@ async fn scopes_and_roles_are_enforced_before_limits() {
 #[tokio::test]
 async fn a_blocked_client_s_made_up_keys_are_not_looked_up() {
     let env = TestEnv::new().await;
-    let validator = env.spawn_validator_process(&[("TOLLGATE_IP_FAILURES_PER_MINUTE", "5".into())]);
+    let mut validator = env.spawn_validator_process(&[("TOLLGATE_IP_FAILURES_PER_MINUTE", "5".into())]);
     validator.answering().await;
     let client = reqwest::Client::new();
     let made_up = |ip: &str| {

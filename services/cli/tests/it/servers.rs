@@ -4,14 +4,32 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
+/// A port free now, for a server a test starts. It is picked below the kernel's ephemeral range, where `bind(0)` and
+/// outgoing connections take theirs, and never twice in this process: a port found by binding port 0 and let go could
+/// be taken by any other socket before the server meant for it binds it.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port()
+    const SPAN: u16 = 12_000;
+    static PICKED: AtomicU16 = AtomicU16::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > SPAN + 1024)
+        .unwrap_or(32_768);
+    // From a different place in each run, so that a run does not start where the last one's sockets may linger.
+    let start = std::process::id() as u16 % SPAN;
+    for _ in 0..SPAN {
+        let port = ephemeral_low - SPAN + (start + PICKED.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {} and {ephemeral_low}", ephemeral_low - SPAN);
 }
 
 /// Waits until `port` answers. With the server's process (`child`), also fails as soon as that has exited: its port
