@@ -16,6 +16,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_io_timeout::TimeoutStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower_service::Service;
@@ -37,7 +38,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, within `limits` (past its connections, more wait in the
-/// kernel's queue, [`BACKLOG`] long); `open` follows the connections served. Then it accepts no more, lets the requests
+/// kernel's queue, [`BACKLOG`] long; a client that sends no request, or takes no answer, within the read timeout is
+/// closed); `open` follows the connections served. Then it accepts no more, lets the requests
 /// in flight finish for up to `limits.shutdown_grace`, closes the connections still open after that, and returns once
 /// every connection is closed.
 ///
@@ -67,7 +69,11 @@ pub async fn serve(
             request.extensions_mut().insert(ConnectInfo(peer));
             router.clone().call(request)
         });
-        let connection = connections.watch(http.serve_connection(TokioIo::new(stream), service));
+        // hyper reads no request while an answer waits to be taken, so its header timeout does not start then: a
+        // client that sends requests and takes no answers would hold its connection for as long as it acknowledges.
+        let mut stream = TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(limits.read_timeout));
+        let connection = connections.watch(http.serve_connection(TokioIo::new(Box::pin(stream)), service));
         let counted = Counted::new(&open);
         let past_grace = past_grace.clone();
         tasks.spawn(async move {

@@ -83,6 +83,34 @@ async fn a_connection_that_sends_no_request_in_time_is_closed_and_a_busy_one_is_
     env.cleanup().await;
 }
 
+/// A client that sends requests but never reads the answers is closed once an answer has waited a read timeout to be
+/// taken: until its answers are taken, hyper reads no more of its requests, so the header timeout never starts, and
+/// such a connection held its slot (and its file descriptor) for as long as the client kept acknowledging.
+#[tokio::test]
+async fn a_client_that_does_not_take_its_answers_is_closed() {
+    let env = TestEnv::new().await;
+    let timeout = Duration::from_secs(1);
+    let mut args = env.validator_args();
+    args.connections.read_timeout = timeout;
+    args.connections.max_connections = 1;
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().expect("a socket");
+    socket.set_recv_buffer_size(4096).expect("a small receive buffer");
+    let mut stalled = socket.connect(validator.address).await.expect("connects");
+    // Requests until the validator stops reading them, its answers piling up unread.
+    let sending = tokio::spawn(async move { while stalled.write_all(&HEALTH.repeat(100)).await.is_ok() {} });
+    tokio::time::sleep(timeout).await;
+    let mut next = TcpStream::connect(validator.address).await.expect("connects");
+    let answer = health(&mut next, timeout * 5).await.expect("the only slot is freed");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let closed = wait_until(timeout * 5, || async { sending.is_finished() }, |closed| *closed).await;
+    assert!(closed, "the client that took no answers is closed");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn connections_past_the_limit_wait_until_one_closes() {
     let env = TestEnv::new().await;
