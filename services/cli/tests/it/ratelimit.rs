@@ -944,6 +944,39 @@ async fn a_blocked_client_s_made_up_keys_are_not_looked_up() {
     env.cleanup().await;
 }
 
+/// A trusted proxy's own address is counted and blocked on its own, not as part of its IPv6 /64: another host of that
+/// /64 (a gateway's neighbour in a cluster's network) that sends bad keys must not get the proxy's requests refused.
+#[tokio::test]
+async fn a_trusted_proxy_is_not_blocked_for_its_ipv6_neighbours() {
+    let env = TestEnv::new().await;
+    let org = env.org().await;
+    let mut args = env.validator_args();
+    args.limits.ip_failures_per_minute = 5;
+    let proxy = "2001:db8:5:6::1";
+    args.trusted_proxies = format!("127.0.0.0/8,{proxy}/128").parse().expect("nets");
+    let validator = env.start_validator_with(args, REDIS_URL).await;
+    let client = reqwest::Client::new();
+    let from = |ip: &str, key: &str| {
+        client.get(validator.url("/v1/auth")).header("X-Forwarded-For", ip).header("X-API-Key", key.to_owned())
+    };
+    let made_up = ApiKey::generate(KeyEnv::Live);
+    let neighbour = "2001:db8:5:6::99";
+    for _ in 0..5 {
+        assert_eq!(from(neighbour, made_up.expose()).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
+    }
+    let blocked = from(neighbour, made_up.expose()).send().await.expect("request");
+    assert_eq!(blocked.status(), StatusCode::TOO_MANY_REQUESTS, "the neighbour's /64 is blocked");
+
+    // A request that names no client beyond the proxy: its key is looked up (not held), and its own bad keys have a
+    // count of their own.
+    let (_, key) = env.key(&org).await;
+    assert_eq!(from(proxy, key.expose()).send().await.expect("request").status(), StatusCode::OK);
+    assert_eq!(from(proxy, made_up.expose()).send().await.expect("request").status(), StatusCode::UNAUTHORIZED);
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn too_many_bad_keys_from_one_ip_get_429_but_its_valid_keys_pass() {
     let env = TestEnv::new().await;

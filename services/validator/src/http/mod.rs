@@ -36,7 +36,7 @@ use tollgate_shared::metrics::{start_at_zero, LabeledCounter, IP_FAILURES_LIMITE
 
 use crate::decision::{decide, Requirement};
 use crate::keys::{KeyCache, KeyRecord, LookupError};
-use crate::limiter::{Decision, LimitKind, Limiter, Plan, Usage};
+use crate::limiter::{client_network, Decision, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{Credential, TrustedProxies};
 pub use blocked_ips::BlockedIps;
@@ -192,7 +192,7 @@ impl AppState {
     async fn decide(&self, attempt: Attempt) -> Verdict {
         let client_ip = attempt.client_ip;
         let started = attempt.started;
-        if let Some(usage) = self.blocked_ips.check(client_ip) {
+        if let Some(usage) = self.blocked_ips.check(self.counted_client(client_ip)) {
             // The answer would be 429 all the same, save for a key held here; anything else is not looked up.
             if !matches!(&attempt.credential, Credential::Key(key) if self.keys.holds(&key.hash())) {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
@@ -204,21 +204,32 @@ impl AppState {
         self.finish(started, verdict)
     }
 
-    /// Counts a bad-key answer against the client IP; past the limit the answer becomes 429, and the client is blocked
-    /// (see [`BlockedIps`]) unless it is a trusted proxy. A valid key is never counted; once the client is blocked,
-    /// only a key this validator holds is looked at.
+    /// Whom a bad key counts against: the client's network (see [`client_network`]), but a trusted proxy's own address
+    /// alone. That stands for the clients behind the proxy that it could not name, not for the proxy's neighbours.
+    fn counted_client(&self, ip: IpAddr) -> IpAddr {
+        if self.proxies.trusts(ip) {
+            ip.to_canonical()
+        } else {
+            client_network(ip)
+        }
+    }
+
+    /// Counts a bad-key answer against the client (as [`AppState::counted_client`] names it); past the limit the answer
+    /// becomes 429, and the client is blocked (see [`BlockedIps`]) unless it is a trusted proxy. A valid key is never
+    /// counted; once the client is blocked, only a key this validator holds is looked at.
     async fn count_failure(&self, ip: IpAddr, verdict: Verdict) -> Verdict {
         if self.ip_failures_per_minute == 0 {
             return verdict;
         }
-        let plan = Plan::for_ip_failures(ip, self.ip_failures_per_minute);
+        let client = self.counted_client(ip);
+        let plan = Plan::for_ip_failures(client, self.ip_failures_per_minute);
         match self.limiter.decide(plan, 1).await {
             Decision::Denied { usage, .. } => {
                 metrics::counter!(IP_FAILURES_LIMITED).increment(1);
                 // A proxy's own address stands for every client behind it (no X-Forwarded-For, or one it could not
                 // read): blocking it would refuse them all.
                 if !self.proxies.trusts(ip) {
-                    self.blocked_ips.block(ip, usage);
+                    self.blocked_ips.block(client, usage);
                 }
                 Verdict::IpLimited(usage)
             }

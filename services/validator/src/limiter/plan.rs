@@ -138,14 +138,10 @@ impl Plan {
         Plan { windows: key.into_iter().chain(tier).chain(org).collect(), quota }
     }
 
-    /// The bad-key limit of one client IP.
-    pub fn for_ip_failures(ip: IpAddr, per_minute: u32) -> Plan {
-        let limit = WindowLimit {
-            subject: Subject::Ip(client_network(ip)),
-            limit: u64::from(per_minute),
-            seconds: 60,
-            shadow: false,
-        };
+    /// The bad-key limit of one client, as the caller counts clients (by [`client_network`], say).
+    pub fn for_ip_failures(client: IpAddr, per_minute: u32) -> Plan {
+        let limit =
+            WindowLimit { subject: Subject::Ip(client), limit: u64::from(per_minute), seconds: 60, shadow: false };
         Plan { windows: vec![limit], quota: None }
     }
 
