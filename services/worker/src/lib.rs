@@ -10,7 +10,7 @@ mod store;
 mod user_agents;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -275,29 +275,29 @@ pub async fn run_observed(
     }
     // JetStream does not answer a pull for a consumer that is gone: the consumer's regular reading finds out.
     let consumer_gone = Arc::new(AtomicBool::new(false));
-    // The consumer's largest pull as last read (0: any): an operator may lower it while the workers run.
-    let max_batch = Arc::new(AtomicI64::new(consumer.cached_info().config.max_batch));
+    let limits = Arc::new(ConsumerLimits::new(&consumer.cached_info().config));
     // Aborted with this future too (a bench stopped midway drops it), or it would make the consumer again for ever.
     let watcher = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(watch_consumer(
         consumer.clone(),
         consumer_gone.clone(),
-        max_batch.clone(),
+        limits.clone(),
     )));
     tracing::info!(stream = %topology.stream, consumer = %topology.workers_consumer(), "worker consuming");
     'consume: while !shutdown.is_cancelled() {
         // Not raced against shutdown: a pull abandoned mid-way would leave its messages delivered to nobody until
         // the ack wait expires. A fetch ends within `batch_wait` anyway.
-        let deliveries = fetcher.fetch(&consumer, max_batch.load(Ordering::Relaxed)).await;
+        let deliveries = fetcher.fetch(&consumer, limits.max_batch()).await;
         if consumer_gone.swap(false, Ordering::Relaxed) {
             match recreate_consumer(&topology, &jetstream, &shutdown).await {
                 Some(recreated) => consumer = recreated,
                 None => break,
             }
+            limits.update(&consumer.cached_info().config);
         }
         if deliveries.is_empty() {
             continue;
         }
-        let mut holding = Holding::new(&deliveries, &nats, consumer.cached_info().config.ack_wait);
+        let mut holding = Holding::new(&deliveries, &nats, limits.ack_wait());
         let mut backoff = Backoff::new();
         loop {
             match holding.during(worker.process_deliveries(&deliveries)).await {
@@ -347,19 +347,49 @@ async fn recreate_consumer(
     }
 }
 
-/// Reads the consumer every few seconds: its pending counts into gauges, its largest pull into `max_batch`, and sets
+/// What the workers' consumer allows, as last read: an operator may edit it while the workers run.
+struct ConsumerLimits {
+    /// Its largest pull (0: any).
+    max_batch: AtomicI64,
+    /// Its ack wait, in microseconds: what in-progress acks must come within.
+    ack_wait_us: AtomicU64,
+}
+
+impl ConsumerLimits {
+    fn new(config: &jetstream::consumer::Config) -> ConsumerLimits {
+        let limits = ConsumerLimits { max_batch: AtomicI64::new(0), ack_wait_us: AtomicU64::new(0) };
+        limits.update(config);
+        limits
+    }
+
+    fn update(&self, config: &jetstream::consumer::Config) {
+        self.max_batch.store(config.max_batch, Ordering::Relaxed);
+        let ack_wait_us = u64::try_from(config.ack_wait.as_micros()).unwrap_or(u64::MAX);
+        self.ack_wait_us.store(ack_wait_us, Ordering::Relaxed);
+    }
+
+    fn max_batch(&self) -> i64 {
+        self.max_batch.load(Ordering::Relaxed)
+    }
+
+    fn ack_wait(&self) -> Duration {
+        Duration::from_micros(self.ack_wait_us.load(Ordering::Relaxed))
+    }
+}
+
+/// Reads the consumer every few seconds: its pending counts into gauges, what it allows into `limits`, and sets
 /// `gone` when the consumer or its stream no longer exists.
 async fn watch_consumer(
     mut consumer: jetstream::consumer::Consumer<pull::Config>,
     gone: Arc<AtomicBool>,
-    max_batch: Arc<AtomicI64>,
+    limits: Arc<ConsumerLimits>,
 ) {
     loop {
         match consumer.info().await {
             Ok(info) => {
                 metrics::gauge!(CONSUMER_PENDING).set(info.num_pending as f64);
                 metrics::gauge!(CONSUMER_ACK_PENDING).set(info.num_ack_pending as f64);
-                max_batch.store(info.config.max_batch, Ordering::Relaxed);
+                limits.update(&info.config);
             }
             Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound | ConsumerInfoErrorKind::StreamNotFound) => {
                 tracing::warn!(error = %e, "the workers' consumer is gone; creating it again");

@@ -249,6 +249,40 @@ async fn a_write_waiting_longer_than_the_ack_wait_keeps_its_batch() {
     env.cleanup().await;
 }
 
+/// An ack wait an operator shortens while the workers run is what their in-progress acks keep to (once they have
+/// read it again), not the one they started with.
+#[tokio::test]
+async fn an_ack_wait_shortened_while_workers_run_is_kept_to() {
+    let env = TestEnv::new().await;
+    let (org_id, key_id) = key_of_new_org(&env).await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    // Both start with the default ack wait (30 s): in-progress acks every 10 s.
+    let first = env.start_worker().await;
+    let second = env.start_worker().await;
+    let stream = js.get_stream(&env.topology.stream).await.expect("stream");
+    let mut consumer =
+        stream.get_consumer::<pull::Config>(&env.topology.workers_consumer()).await.expect("workers consumer");
+    let config =
+        jetstream::consumer::Config { ack_wait: TEST_ACK_WAIT, ..consumer.info().await.expect("info").config.clone() };
+    stream.create_consumer(config).await.expect("the ack wait edited");
+    // The workers read their consumer every 5 s.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+
+    let mut lock = env.pool.begin().await.expect("transaction");
+    sqlx::query("LOCK TABLE usage_hourly IN EXCLUSIVE MODE").execute(&mut *lock).await.expect("lock");
+    publish(&js, &env.topology.usage_subject(), "m1".into(), vec![usage_event(org_id, key_id, Outcome::Allowed, 1)])
+        .await;
+    tokio::time::sleep(TEST_ACK_WAIT * 3).await;
+    lock.rollback().await.expect("unlock");
+
+    env.wait_for_count("SELECT sum(allowed) FROM usage_hourly", 1).await;
+    assert_eq!(delivered(&env, &js).await, 1, "the batch was delivered again while a worker wrote it");
+    first.stop().await;
+    second.stop().await;
+    env.cleanup().await;
+}
+
 /// PostgreSQL away for several ack waits: the worker keeps its batch all along (in-progress acks through its failed
 /// attempts and the waits between them), so JetStream delivers it once.
 #[tokio::test]
