@@ -67,7 +67,10 @@ pub struct BatchOutcome {
 pub enum BatchError {
     #[error("writing the batch to PostgreSQL failed: {0}")]
     Database(#[from] sqlx::Error),
-    #[error("moving a message to the dead-letter stream failed: {0}")]
+    #[error(
+        "moving a message to the dead-letter stream failed: {0} (if it is full: raise its limits with `nats stream \
+         edit`)"
+    )]
     DeadLetter(async_nats::Error),
 }
 

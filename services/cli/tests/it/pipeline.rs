@@ -86,6 +86,45 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
     env.cleanup().await;
 }
 
+/// A dead-letter stream an operator capped, once full, refuses the next dead letter rather than dropping its oldest:
+/// a dead letter is the only copy of its message once the worker acks it. The message waits in the usage stream
+/// until there is room.
+#[tokio::test]
+async fn a_full_dead_letter_stream_drops_no_dead_letter() {
+    let env = TestEnv::new().await;
+    let js = jetstream::new(env.nats.clone());
+    env.topology.ensure_worker_side(&js).await.expect("topology");
+    let mut capped = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").cached_info().config.clone();
+    capped.max_messages = 2;
+    js.update_stream(capped.clone()).await.expect("the dead-letter stream capped");
+    let subject = env.topology.usage_subject();
+    for n in 1..=3 {
+        publish(&js, &subject, &format!("garbage-{n}"), format!("\x01garbage {n}").into_bytes()).await;
+    }
+
+    let worker = env.start_worker().await;
+    let dead_letters = || async {
+        let state = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").cached_info().state.clone();
+        (state.first_sequence, state.messages)
+    };
+    // Two go aside; the third waits, retried (with the batch it came in: the first two are stored once all the same).
+    let stored = crate::harness::wait_until(std::time::Duration::from_secs(10), dead_letters, |s| s.1 == 2).await;
+    assert_eq!(stored, (1, 2));
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(dead_letters().await, (1, 2), "no dead letter dropped");
+    let waiting = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.clone();
+    assert_eq!(waiting.last_sequence, 3, "{waiting:?}");
+    assert!(waiting.messages >= 1, "the third message waits in the usage stream: {waiting:?}");
+
+    capped.max_messages = -1;
+    js.update_stream(capped).await.expect("the cap raised");
+    wait_until_drained(&env, &js).await;
+    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq");
+    assert_eq!(dead_letters.cached_info().state.messages, 3);
+    worker.stop().await;
+    env.cleanup().await;
+}
+
 /// A message holding one impossible event among good ones (a publisher with a bug, say): the good ones are written,
 /// and the message is dead-lettered whole with the reason; replayed, it writes nothing twice.
 #[tokio::test]
