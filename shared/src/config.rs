@@ -66,7 +66,7 @@ impl clap::builder::TypedValueParser for ServerUrlParser {
 }
 
 /// Query parameters that carry a secret (PostgreSQL takes `?password=`).
-const SECRET_PARAMETERS: &[&str] = &["password", "sslpassword", "token", "pass"];
+pub(crate) const SECRET_PARAMETERS: &[&str] = &["password", "sslpassword", "token", "pass"];
 
 impl fmt::Display for ServerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

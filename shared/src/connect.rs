@@ -7,7 +7,7 @@ use std::time::Duration;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, PgPool};
 
-use crate::config::ServerUrl;
+use crate::config::{ServerUrl, SECRET_PARAMETERS};
 
 /// Migrations in `migrations/`, embedded at build time. Those a newer release applied are let be: during a rolling
 /// update, or after rolling one back, a process of this release restarted against a database the newer one migrated
@@ -86,24 +86,35 @@ fn flag(variable: &'static str) -> &'static str {
 
 /// A pool on an existing database.
 pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, ConnectError> {
-    let options = PgConnectOptions::from_str(url.expose())
-        .map_err(|e| bad_url("PostgreSQL", "DATABASE_URL", e))?
-        .application_name("tollgate")
-        .log_statements(tracing::log::LevelFilter::Trace);
+    let options = postgres_options(url)?;
     PgPoolOptions::new()
         .max_connections(max_connections)
         .acquire_timeout(CONNECT_TIMEOUT)
-        .connect_with(options)
+        .connect_with(options.clone())
         .await
-        .map_err(|e| postgres_refused(url, e))
+        .map_err(|e| postgres_refused(url, &options, e))
 }
 
-fn postgres_refused(url: &ServerUrl, e: sqlx::Error) -> ConnectError {
+/// What `url` asks of a PostgreSQL connection. A secret the client does not read is refused: it would log it, value
+/// and all, as a parameter it ignores.
+fn postgres_options(url: &ServerUrl) -> Result<PgConnectOptions, ConnectError> {
+    let unread = url.url().query_pairs().find(|(name, _)| name != "password" && SECRET_PARAMETERS.contains(&&**name));
+    if let Some((name, _)) = unread {
+        let reason = format!(
+            "has {name}, which Tollgate's PostgreSQL client does not read (give it a client key that is not encrypted)"
+        );
+        return Err(bad_url("PostgreSQL", "DATABASE_URL", reason));
+    }
+    let options = PgConnectOptions::from_str(url.expose()).map_err(|e| bad_url("PostgreSQL", "DATABASE_URL", e))?;
+    Ok(options.application_name("tollgate").log_statements(tracing::log::LevelFilter::Trace))
+}
+
+fn postgres_refused(url: &ServerUrl, options: &PgConnectOptions, e: sqlx::Error) -> ConnectError {
     if matches!(e, sqlx::Error::Configuration(_)) {
         return bad_url("PostgreSQL", "DATABASE_URL", e);
     }
     if is_missing_database(&e) {
-        return ConnectError::NoDatabase { database: database_name(url), url: url.to_string() };
+        return ConnectError::NoDatabase { database: database_name(options), url: url.to_string() };
     }
     // Class 28: invalid authorization (no such role, a wrong password, no pg_hba.conf entry for this login).
     if e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c.starts_with("28")) {
@@ -117,31 +128,33 @@ fn is_missing_database(e: &sqlx::Error) -> bool {
     e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "3D000")
 }
 
-fn database_name(url: &ServerUrl) -> String {
-    url.url().path().trim_start_matches('/').to_owned()
+/// The database `options` name, as the server reads it: the URL's path (percent-decoded) or `dbname`, else the user's.
+fn database_name(options: &PgConnectOptions) -> String {
+    options.get_database().unwrap_or(options.get_username()).to_owned()
 }
 
 /// Creates the database named in `url` if it does not exist, by way of the server's `postgres` database: only then,
 /// since a role may be allowed to connect to its own database alone.
 pub async fn create_database_if_missing(url: &ServerUrl) -> Result<(), ConnectError> {
-    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect(url.expose()));
+    let options = postgres_options(url)?;
+    let connecting = tokio::time::timeout(CONNECT_TIMEOUT, sqlx::PgConnection::connect_with(&options));
     match connecting.await.unwrap_or(Err(sqlx::Error::PoolTimedOut)) {
         Ok(connection) => {
             let _ = connection.close().await;
             return Ok(());
         }
-        Err(e) if !is_missing_database(&e) => return Err(postgres_refused(url, e)),
+        Err(e) if !is_missing_database(&e) => return Err(postgres_refused(url, &options, e)),
         Err(_) => {}
     }
-    let database = database_name(url);
-    let admin_url = url.with_path("/postgres");
+    let database = database_name(&options);
     // The server answered for the database's own URL: what fails here is this role's access to `postgres`.
-    let mut admin =
-        sqlx::PgConnection::connect(admin_url.expose()).await.map_err(|e| ConnectError::CreateDatabase {
+    let mut admin = sqlx::PgConnection::connect_with(&options.database("postgres")).await.map_err(|e| {
+        ConnectError::CreateDatabase {
             database: database.clone(),
             url: url.to_string(),
             reason: format!("cannot connect to the server's postgres database to create it: {e}"),
-        })?;
+        }
+    })?;
     let create = format!("CREATE DATABASE \"{}\"", database.replace('"', "\"\""));
     match sqlx::query(&create).execute(&mut admin).await {
         Ok(_) => Ok(()),

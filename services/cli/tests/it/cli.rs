@@ -97,6 +97,8 @@ fn a_bad_setting_fails_at_start_naming_the_variable() {
     for (variable, url, args) in [
         ("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:5432/tollgate?sslmode=bogus", &["org", "list"][..]),
         ("DATABASE_URL", "postgres://alice:s3cret@127.0.0.1:5432/tollgate?sslmode=bogus", &["migrate"]),
+        // A secret the PostgreSQL client does not read (it would log it as an unknown parameter, value and all).
+        ("DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres?sslpassword=s3cret", &["org", "list"]),
         ("REDIS_URL", "rediss-ish://alice:s3cret@127.0.0.1", &["usage", "reconcile"]),
         // Redis answers, and has no database 99.
         ("REDIS_URL", "redis://127.0.0.1:6379/99", &["usage", "reconcile"]),
@@ -233,8 +235,10 @@ async fn a_missing_database_is_made_by_migrate_and_other_commands_say_so() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success());
     assert!(stderr.contains("does not exist") && stderr.contains("`tollgate migrate`"), "{stderr}");
-    // As it says: migrate makes the database, and the command then works.
-    let url = format!("postgres://postgres@127.0.0.1:5432/{missing}");
+    // As it says: migrate makes the database, and the command then works; with its name percent-encoded too (an
+    // underscore here), as in any URL.
+    let encoded = missing.replacen('_', "%5F", 1);
+    let url = format!("postgres://postgres@127.0.0.1:5432/{encoded}");
     for command in [&["migrate"][..], &["org", "list"]] {
         let output =
             Command::new(env!("CARGO_BIN_EXE_tollgate")).args(command).env("DATABASE_URL", &url).output().expect("run");
