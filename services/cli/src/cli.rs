@@ -178,8 +178,8 @@ pub enum TierCommand {
         /// The burst limit's window (whole seconds, 1s to 24h).
         #[arg(long, value_parser = parse_window, requires = "burst_limit")]
         burst_window: Option<i32>,
-        /// Shadow mode: compute, count and record the tier's decisions but never deny.
-        #[arg(long)]
+        /// Shadow mode: compute, count and record the tier's decisions but never deny (`--shadow` alone: true).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         shadow: Option<bool>,
     },
 }
@@ -234,8 +234,8 @@ pub enum OrgCommand {
         #[arg(long)]
         active: Option<bool>,
         /// Shadow mode for the organization's own limits (per minute, monthly): computed, counted and recorded,
-        /// but never denying.
-        #[arg(long)]
+        /// but never denying (`--shadow` alone: true).
+        #[arg(long, num_args = 0..=1, default_missing_value = "true")]
         shadow: Option<bool>,
     },
 }
@@ -390,7 +390,7 @@ fn parse_expiry(s: &str) -> Result<Expiry, String> {
 
 #[cfg(test)]
 mod tests {
-    use super::Cli;
+    use super::{Cli, Command, OrgCommand, TierCommand};
     use clap::{CommandFactory, Parser};
 
     /// The heading `--help` shows a flag under, in a subcommand.
@@ -430,9 +430,22 @@ mod tests {
         }
         assert!(parse(&["--limit", "20", "--window", "10s", "--burst-limit", "5", "--burst-window", "1s"]).is_ok());
         assert!(parse(&["--per-hour", "none", "--per-minute", "50"]).is_ok());
-        assert!(parse(&["--shadow", "true"]).is_ok());
         let error = parse(&[]).expect_err("nothing to set").to_string();
         assert!(error.contains("--per-hour") && error.contains("--shadow"), "{error}");
+    }
+
+    #[test]
+    fn shadow_alone_means_true() {
+        let shadow = |args: &[&str]| match Cli::try_parse_from(args).expect("parses").command {
+            Command::Tier(TierCommand::Set { shadow, .. }) | Command::Org(OrgCommand::Update { shadow, .. }) => shadow,
+            other => panic!("{other:?}"),
+        };
+        for command in [&["tollgate", "tier", "set", "limited"][..], &["tollgate", "org", "update", "acme"]] {
+            assert_eq!(shadow(&[command, &["--shadow"]].concat()), Some(true), "{command:?}");
+            assert_eq!(shadow(&[command, &["--shadow", "false"]].concat()), Some(false), "{command:?}");
+        }
+        assert_eq!(shadow(&["tollgate", "tier", "set", "limited", "--shadow", "--per-hour", "5"]), Some(true));
+        assert_eq!(shadow(&["tollgate", "org", "update", "acme", "--shadow", "--active", "false"]), Some(true));
     }
 
     #[test]
