@@ -92,6 +92,7 @@ pub async fn run(
         metrics: http::RequestMetrics::new(),
         lookup_failures: http::LogThrottle::default(),
         draining: AtomicBool::new(false),
+        readiness: http::Readiness::default(),
     });
     tracing::info!(address = %listener.local_addr()?, "validator listening");
     let open = metrics::gauge!(HTTP_CONNECTIONS, "listener" => "api");

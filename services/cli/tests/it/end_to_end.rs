@@ -1066,6 +1066,33 @@ async fn verify_answers_json_and_names_the_bad_field() {
     env.cleanup().await;
 }
 
+/// `/readyz` asks every server, and anyone who reaches the port may call it: a flood of calls at once shares probes
+/// (each answer still from a probe begun after its call came), rather than sending each call's queries to PostgreSQL
+/// and JetStream, whose pool key lookups wait on.
+#[tokio::test]
+async fn a_flood_of_readiness_probes_shares_the_servers_probes() {
+    use futures::StreamExt;
+    let env = TestEnv::new().await;
+    let validator = env.start_validator().await;
+    // Each probe asks JetStream about the usage stream: a copy of each question comes here too.
+    let mut questions =
+        env.nats.subscribe(format!("$JS.API.STREAM.INFO.{}", env.topology.stream)).await.expect("subscribe");
+    env.nats.flush().await.expect("flush");
+    let client = reqwest::Client::new();
+    let calls = (0..200).map(|_| async { client.get(validator.url("/readyz")).send().await.expect("readyz").status() });
+    let answers = futures::future::join_all(calls).await;
+    assert!(answers.iter().all(|status| *status == StatusCode::OK), "{answers:?}");
+    env.nats.flush().await.expect("flush");
+    let mut asked = 0;
+    while tokio::time::timeout(Duration::from_millis(200), questions.next()).await.is_ok_and(|q| q.is_some()) {
+        asked += 1;
+    }
+    assert!((1..=50).contains(&asked), "{asked} probes for 200 calls at once");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn graceful_shutdown_loses_no_decision() {
     let env = TestEnv::new().await;

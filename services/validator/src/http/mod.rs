@@ -40,6 +40,7 @@ use crate::limiter::{client_network, Decision, LimitKind, Limiter, Plan, Usage};
 use crate::publisher::EventQueue;
 use crate::request::{Credential, TrustedProxies};
 pub use blocked_ips::BlockedIps;
+pub use probes::Readiness;
 
 /// The `outcome` label of a request refused before any decision (400, 413): what a gateway or client sent could not
 /// be read.
@@ -68,6 +69,7 @@ pub struct AppState {
     pub lookup_failures: LogThrottle,
     /// Shutting down: `/healthz` answers 503 so that load balancers stop sending requests.
     pub draining: AtomicBool,
+    pub readiness: Readiness,
 }
 
 /// At most one log line a second for a failure that every request of a flood would otherwise log (each is counted in

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -29,7 +29,36 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, &'stati
 /// keeps answering meanwhile (usage events go to the spool while the stream cannot take them, which a stream never
 /// made, by a setting to mend, would fill), so this is for alerts; load balancers check `/healthz`, since every
 /// replica shares the same servers.
+///
+/// Calls at once share probes: each gets the answer of the first probe begun after it came, so that a flood of them
+/// (anyone who reaches the port may call it) sends no more queries to the servers than one caller would.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let came = Instant::now();
+    let mut last = state.readiness.lock().await;
+    let answer = match &*last {
+        Some(answer) if answer.probed_from >= came => answer.clone(),
+        _ => {
+            let answer = probe(&state).await;
+            *last = Some(answer.clone());
+            answer
+        }
+    };
+    (answer.code, Json(answer.status)).into_response()
+}
+
+/// What `/readyz` answered last: it probes one call at a time.
+pub type Readiness = tokio::sync::Mutex<Option<ReadyAnswer>>;
+
+#[derive(Clone)]
+pub struct ReadyAnswer {
+    /// When its probe began.
+    probed_from: Instant,
+    code: StatusCode,
+    status: serde_json::Value,
+}
+
+async fn probe(state: &AppState) -> ReadyAnswer {
+    let probed_from = Instant::now();
     let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
     let redis = async {
         let Some(mut redis) = state.redis.get() else { return false };
@@ -59,5 +88,5 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     });
     let ready = ["postgres", "redis", "nats", "usage_stream"].iter().all(|server| status[*server] == "ok");
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (code, Json(status)).into_response()
+    ReadyAnswer { probed_from, code, status }
 }
