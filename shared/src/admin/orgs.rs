@@ -55,16 +55,7 @@ const DEFAULT_RATE_LIMIT_PER_MINUTE: i64 = 60;
 const DEFAULT_MAX_API_KEYS: i32 = 100;
 
 pub async fn create_org(pool: &PgPool, new: NewOrg) -> Result<Organization, AdminError> {
-    let slug = match new.slug {
-        Some(slug) => slug,
-        None => slugify(&new.name),
-    };
-    // Another organization's id, were it one: `--org` takes either, and would then name two.
-    if Uuid::parse_str(&slug).is_ok() {
-        return Err(AdminError::Invalid(format!(
-            "a slug cannot be a UUID ({slug:?}), since --org takes ids too: pick another with --slug"
-        )));
-    }
+    let slug = slug_for(&new.name, new.slug)?;
     let per_minute = new.rate_limit_per_minute.unwrap_or(LimitSetting::Max(DEFAULT_RATE_LIMIT_PER_MINUTE));
     let sql = format!(
         "INSERT INTO organizations (id, name, slug, plan, rate_limit_per_minute, monthly_request_limit, max_api_keys)
@@ -179,6 +170,26 @@ pub(super) fn to_i32(value: Option<i64>, what: &str) -> Result<Option<i32>, Admi
     value.map(|v| i32::try_from(v).map_err(|_| AdminError::Invalid(format!("{what} {v} is too large")))).transpose()
 }
 
+/// The slug given, or else one made from the name.
+fn slug_for(name: &str, given: Option<String>) -> Result<String, AdminError> {
+    let slug = match given {
+        Some(slug) => slug,
+        None => slugify(name),
+    };
+    if slug.is_empty() {
+        return Err(AdminError::Invalid(format!(
+            "no slug can be made from the name {name:?} (it has no letter a-z or digit): give one with --slug"
+        )));
+    }
+    // Another organization's id, were it one: `--org` takes either, and would then name two.
+    if Uuid::parse_str(&slug).is_ok() {
+        return Err(AdminError::Invalid(format!(
+            "a slug cannot be a UUID ({slug:?}), since --org takes ids too: pick another with --slug"
+        )));
+    }
+    Ok(slug)
+}
+
 /// "Acme Corp." → "acme-corp".
 fn slugify(name: &str) -> String {
     let mut slug = String::new();
@@ -199,5 +210,17 @@ mod tests {
     fn slugs_are_derived_from_names() {
         assert_eq!(super::slugify("Acme Corp."), "acme-corp");
         assert_eq!(super::slugify("  Zoë & Co  "), "zo-co");
+    }
+
+    #[test]
+    fn a_name_no_slug_can_be_made_from_asks_for_one() {
+        assert_eq!(super::slug_for("Acme", None).expect("a slug"), "acme");
+        assert_eq!(super::slug_for("株式会社", Some("kk".into())).expect("the slug given"), "kk");
+        for name in ["株式会社", "!!!"] {
+            let error = super::slug_for(name, None).expect_err("no slug").to_string();
+            assert!(error.contains("--slug") && error.contains(name), "{error}");
+        }
+        let id = "0190a0b0-0000-7000-8000-000000000001";
+        assert!(super::slug_for(id, None).expect_err("a UUID").to_string().contains("UUID"));
     }
 }
