@@ -227,6 +227,8 @@ fn status(k: &KeyInfo) -> &'static str {
         "expired"
     } else if !k.active {
         "disabled"
+    } else if !k.org_active {
+        "org disabled"
     } else {
         "active"
     }

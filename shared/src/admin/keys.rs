@@ -23,6 +23,8 @@ pub struct KeyInfo {
     pub rate_limit_tier: TierName,
     pub custom_rate_limit_per_minute: Option<i32>,
     pub active: bool,
+    /// Whether its organization is (a key of one that is not is refused as a disabled key is).
+    pub org_active: bool,
     pub expires_at: Option<DateTime<Utc>>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub deactivated_reason: Option<String>,
@@ -34,7 +36,8 @@ pub struct KeyInfo {
 
 const COLUMNS: &str =
     "id, org_id, name, prefix, key_hint, role, scopes, rate_limit_tier, custom_rate_limit_per_minute, \
-                       active, expires_at, revoked_at, deactivated_reason, created_at, updated_at, last_used_at, \
+                       active, (SELECT o.active FROM organizations o WHERE o.id = api_keys.org_id) AS org_active, \
+                       expires_at, revoked_at, deactivated_reason, created_at, updated_at, last_used_at, \
                        total_requests";
 
 #[derive(Debug, Clone)]

@@ -176,7 +176,8 @@ fn slug_for(name: &str, given: Option<String>) -> Result<String, AdminError> {
         Some(slug) => slug,
         None => slugify(name),
     };
-    if slug.is_empty() {
+    // An empty name gets the name's own refusal.
+    if slug.is_empty() && !name.is_empty() {
         return Err(AdminError::Invalid(format!(
             "no slug can be made from the name {name:?} (it has no letter a-z or digit): give one with --slug"
         )));

@@ -398,6 +398,18 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
     let text = String::from_utf8_lossy(&listing.stdout);
     assert!(listing.status.success() && text.contains("ci") && text.contains("legacy"));
     assert!(!text.contains(key) && !text.contains("sk_prod_0123456789abcdef"), "a plaintext key was listed");
+    // A key of a disabled organization is refused as a disabled key is, and shown so.
+    for active in ["false", "true"] {
+        let output = tollgate(&env, &["org", "update", "acme-corp", "--active", active], None);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let shown = String::from_utf8_lossy(&tollgate(&env, &["key", "show", id], None).stdout).into_owned();
+        let listed =
+            String::from_utf8_lossy(&tollgate(&env, &["key", "list", "--org", "acme-corp"], None).stdout).into_owned();
+        let status = if active == "false" { "org disabled" } else { "active" };
+        let shown_status = shown.lines().find_map(|line| Some(line.strip_prefix("status:")?.trim()));
+        assert_eq!(shown_status, Some(status), "{shown}");
+        assert_eq!(listed.matches(status).count(), 2, "{listed}");
+    }
 
     let revoked = json_of(&tollgate(&env, &["key", "revoke", id, "--reason", "rotated", "--json"], None));
     assert!(revoked["revoked_at"].is_string());
