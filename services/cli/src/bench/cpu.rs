@@ -58,7 +58,8 @@ fn cpu_in(stat: &str) -> Option<Duration> {
     Some(from_ticks(user + system))
 }
 
-pub fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+/// The resident set of process `pid`, in MiB.
+pub fn rss_mib(pid: u32) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kb: f64 = status
         .lines()

@@ -9,7 +9,8 @@
 //! that a machine whose speed drifts from minute to minute (a shared VM) slows both alike. Each verify is a full one:
 //! cached key, two applicable limits (the key's and the organization's per-minute limit, set high enough never to
 //! deny), event published to JetStream. The bench counts what would make a measured verify less than that (a decision
-//! without Redis, a key read from PostgreSQL, an event spooled to disk) and fails, after its report, if any was. It also
+//! without Redis, a key read from PostgreSQL, an event spooled to disk or not acknowledged by JetStream at all, a
+//! failed request) and fails, after its report, if any was. It also
 //! reports, per phase, the CPU time the hypervisor took from the machine (Linux's `steal`): a burst of it stalls
 //! whichever server is being measured, which shows which side of a run's ratios it fell on. And it reports the CPU
 //! time per request of the measured server (the validator's is what sizing a deployment needs) and of the whole
@@ -32,10 +33,10 @@ use clap::builder::RangedU64ValueParser;
 use tollgate_shared::config::{period, ServerArgs};
 use tollgate_shared::connect;
 use tollgate_shared::key::{ApiKey, KeyEnv};
-use tollgate_shared::metrics::{EVENTS_SPOOLED, KEY_LOOKUPS, RATELIMIT_DEGRADED};
+use tollgate_shared::metrics::{EVENTS_PUBLISHED, EVENTS_SPOOLED, KEY_LOOKUPS, RATELIMIT_DEGRADED};
 
 use super::client::{Connection, Target};
-use super::cpu::{cpu_of, rss_mb, MachineCpu};
+use super::cpu::{cpu_of, rss_mib, MachineCpu};
 use super::namespace::BenchNamespace;
 use super::processes::{spawn_trivial, spawn_validator, start_server};
 
@@ -119,37 +120,78 @@ struct Report {
     cpu_ratio: Option<f64>,
     p99_ratio: f64,
     /// The second trivial handler's, with `--calibrate`.
-    validator_rss_mb: f64,
+    validator_rss_mib: f64,
     /// What made measured verifies less than full ones: none in a valid run.
     shortfall: Shortfall,
 }
 
 /// Counts, over the measured phases, of what makes a verify less than a full one: a decision taken without Redis
 /// (its call failed or timed out), a key read from PostgreSQL rather than the cache, an event spooled to disk rather
-/// than published. All 0 in a valid run.
+/// than published, or neither (still queued, or lost), and a request that failed. All 0 in a valid run.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Serialize)]
 struct Shortfall {
     decided_without_redis: u64,
     keys_read_from_postgres: u64,
     events_spooled: u64,
+    events_unpublished: u64,
+    failed_requests: u64,
 }
 
-impl Shortfall {
+/// Longest the bench waits, after the measured phases, for their events to be acknowledged by JetStream or spooled:
+/// more than the validator's default publish timeout (2 s), after which a message not acknowledged is spooled.
+const EVENTS_SETTLE: Duration = Duration::from_secs(5);
+
+/// The validator's counters that say whether its verifies were full ones.
+#[derive(Debug, Default, Clone, Copy)]
+struct Totals {
+    decided_without_redis: u64,
+    keys_read_from_postgres: u64,
+    events_spooled: u64,
+    events_published: u64,
+}
+
+impl Totals {
     /// The validator's totals so far, from its metrics endpoint.
-    async fn read(client: &reqwest::Client, metrics: &str) -> anyhow::Result<Shortfall> {
+    async fn read(client: &reqwest::Client, metrics: &str) -> anyhow::Result<Totals> {
         let text = client.get(metrics).send().await?.error_for_status()?.text().await?;
-        Ok(Shortfall {
+        Ok(Totals {
             decided_without_redis: counter_total(&text, RATELIMIT_DEGRADED),
             keys_read_from_postgres: counter_total(&text, &format!("{KEY_LOOKUPS}{{source=\"database\"}}")),
             events_spooled: counter_total(&text, EVENTS_SPOOLED),
+            events_published: counter_total(&text, EVENTS_PUBLISHED),
         })
     }
 
-    fn since(self, before: Shortfall) -> Shortfall {
-        Shortfall {
+    /// Once `events` events after `before` are published or spooled (or [`EVENTS_SETTLE`] has passed), what the
+    /// validator counted since `before`.
+    async fn settled(client: &reqwest::Client, metrics: &str, before: Totals, events: u64) -> anyhow::Result<Totals> {
+        let deadline = Instant::now() + EVENTS_SETTLE;
+        loop {
+            let since = Totals::read(client, metrics).await?.since(before);
+            if since.events_published + since.events_spooled >= events || Instant::now() >= deadline {
+                return Ok(since);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn since(self, before: Totals) -> Totals {
+        Totals {
             decided_without_redis: self.decided_without_redis.saturating_sub(before.decided_without_redis),
             keys_read_from_postgres: self.keys_read_from_postgres.saturating_sub(before.keys_read_from_postgres),
             events_spooled: self.events_spooled.saturating_sub(before.events_spooled),
+            events_published: self.events_published.saturating_sub(before.events_published),
+        }
+    }
+
+    /// What fell short, for `events` verifies answered and `failed_requests`.
+    fn shortfall(self, events: u64, failed_requests: u64) -> Shortfall {
+        Shortfall {
+            decided_without_redis: self.decided_without_redis,
+            keys_read_from_postgres: self.keys_read_from_postgres,
+            events_spooled: self.events_spooled,
+            events_unpublished: events.saturating_sub(self.events_published + self.events_spooled),
+            failed_requests,
         }
     }
 }
@@ -158,12 +200,19 @@ pub async fn run(servers: &ServerArgs, args: VerifyBenchArgs, json: bool) -> any
     let bench = BenchNamespace::new(servers);
     let report = bench.run(servers, measure(servers, &bench, &args)).await?;
     crate::output::print(json, &report, render)?;
-    let Shortfall { decided_without_redis, keys_read_from_postgres, events_spooled } = report.shortfall;
+    let Shortfall {
+        decided_without_redis,
+        keys_read_from_postgres,
+        events_spooled,
+        events_unpublished,
+        failed_requests,
+    } = report.shortfall;
     anyhow::ensure!(
         report.shortfall == Shortfall::default(),
         "measured verifies that were not full ones: {decided_without_redis} decided without Redis, \
-         {keys_read_from_postgres} keys read from PostgreSQL, {events_spooled} events spooled; these figures are not \
-         all of full verification: run again"
+         {keys_read_from_postgres} keys read from PostgreSQL, {events_spooled} events spooled, {events_unpublished} \
+         events not published, {failed_requests} requests failed; these figures are not all of full verification: run \
+         again"
     );
     Ok(())
 }
@@ -201,7 +250,10 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
     let mut measured = Server::open(measured.0, measured.1, args.concurrency, &keys[0]).await?;
     let keys = Arc::new(keys);
     let metrics = format!("http://127.0.0.1:{metrics_port}/metrics");
-    let shortfall_before = Shortfall::read(&client, &metrics).await?;
+    // After the warm-up's events (and those of the requests that opened the validator's connections) are published,
+    // so that they are not counted for the measured verifies'.
+    let opening = if args.calibrate { 0 } else { args.concurrency };
+    let warmed = Totals::settled(&client, &metrics, Totals::default(), (keys.len() + opening) as u64).await?;
 
     eprintln!(
         "closed loop, {} connections, {:?} each, in {} alternating rounds…",
@@ -222,8 +274,11 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         verify_tally.add(open_loop(&mut measured, &keys, rate, round).await?);
     }
     let (trivial_latency, verify_latency) = (trivial_tally.phase(), verify_tally.phase());
-    let validator_rss_mb = rss_mb(measured.pid)?;
-    let shortfall = Shortfall::read(&client, &metrics).await?.since(shortfall_before);
+    let validator_rss_mib = rss_mib(measured.pid)?;
+    // The validator's own events: none with --calibrate, whose measured server is a trivial handler.
+    let events = if args.calibrate { 0 } else { verify_throughput.requests + verify_latency.requests };
+    let failed = [&trivial_throughput, &verify_throughput, &trivial_latency, &verify_latency].map(|p| p.errors);
+    let shortfall = Totals::settled(&client, &metrics, warmed, events).await?.shortfall(events, failed.iter().sum());
 
     Ok(Report {
         keys: keys.len(),
@@ -240,7 +295,7 @@ async fn measure(servers: &ServerArgs, bench: &BenchNamespace, args: &VerifyBenc
         latency_rate: rate,
         trivial_latency,
         verify_latency,
-        validator_rss_mb,
+        validator_rss_mib,
         shortfall,
     })
 }
@@ -272,8 +327,8 @@ fn render(r: &Report) -> String {
     );
     format!(
         "{table}\n\nkeys {}{} · concurrency {} · server threads {} · {} rounds · {measured}/trivial throughput {:.1}% \
-         (CPU per request allows {}) · p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MB · decided without Redis {} · \
-         keys read from PostgreSQL {} · events spooled {}",
+         (CPU per request allows {}) · p99 {measured}/trivial {:.2}× · {server} RSS {:.1} MiB · decided without Redis {} · \
+         keys read from PostgreSQL {} · events spooled {} · events not published {} · requests failed {}",
         r.keys,
         if r.limits { "" } else { " (without limits)" },
         r.concurrency,
@@ -282,10 +337,12 @@ fn render(r: &Report) -> String {
         r.throughput_ratio * 100.0,
         r.cpu_ratio.map_or("-".to_owned(), |ratio| format!("{:.1}%", ratio * 100.0)),
         r.p99_ratio,
-        r.validator_rss_mb,
+        r.validator_rss_mib,
         r.shortfall.decided_without_redis,
         r.shortfall.keys_read_from_postgres,
         r.shortfall.events_spooled,
+        r.shortfall.events_unpublished,
+        r.shortfall.failed_requests,
     )
 }
 
