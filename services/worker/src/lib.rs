@@ -67,11 +67,6 @@ pub struct BatchOutcome {
 pub enum BatchError {
     #[error("writing the batch to PostgreSQL failed: {0}")]
     Database(#[from] sqlx::Error),
-    #[error(
-        "moving a message to the dead-letter stream failed: {0} (if it is full: raise its limits with `nats stream \
-         edit`)"
-    )]
-    DeadLetter(async_nats::Error),
 }
 
 /// Called after each commit with the batch's events and the commit time (the benchmark measures lag with it).
@@ -153,9 +148,10 @@ impl Worker {
         self.observer = Some(observer);
     }
 
-    /// One step: write what was decoded in one transaction, dead-letter what was not, then ack everything. On error
-    /// nothing is acked, so every message will be delivered again; dead-lettering only after the write means a batch
-    /// retried while PostgreSQL is away does not copy its bad messages again at every attempt.
+    /// One step: write what was decoded in one transaction, dead-letter what was not, then ack everything but a
+    /// message the dead-letter stream refused (delivered again after the ack wait). On error nothing is acked, so every
+    /// message will be delivered again; dead-lettering only after the write means a batch retried while PostgreSQL is
+    /// away does not copy its bad messages again at every attempt.
     pub async fn process_batch(&mut self, messages: &[Message]) -> Result<BatchOutcome, BatchError> {
         let deliveries: Vec<Delivery> = messages.iter().cloned().map(Delivery::decode).collect();
         self.process_deliveries(&deliveries).await
@@ -176,13 +172,22 @@ impl Worker {
             quota.raise(written.totals);
         }
         let mut dead_lettered = 0;
-        for delivery in deliveries {
-            if let Some(e) = &delivery.rejected {
-                self.dead_letters.store(&delivery.message, e).await.map_err(BatchError::DeadLetter)?;
-                dead_lettered += 1;
+        let mut kept = vec![false; deliveries.len()];
+        for (delivery, kept) in deliveries.iter().zip(&mut kept) {
+            let Some(reason) = &delivery.rejected else { continue };
+            match self.dead_letters.store(&delivery.message, reason).await {
+                Ok(()) => dead_lettered += 1,
+                // Not acked, so JetStream delivers it again after the ack wait; the rest of the batch, written, goes
+                // on rather than wait with it.
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot move an undecodable message to the dead-letter stream (if it \
+                        is full, raise its limits with `nats stream edit`): it stays in the usage stream, tried again \
+                        after the ack wait");
+                    *kept = true;
+                }
             }
         }
-        for delivery in deliveries {
+        for (delivery, _) in deliveries.iter().zip(kept).filter(|(_, kept)| !kept) {
             // A lost ack only means a re-delivery, which the write above makes harmless.
             if let Err(e) = delivery.message.ack().await {
                 tracing::warn!(error = %e, "ack failed; the message will be re-delivered and skipped");

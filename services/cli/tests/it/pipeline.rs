@@ -87,11 +87,13 @@ async fn garbage_goes_to_the_dead_letter_stream_and_the_next_event_is_written() 
 }
 
 /// A dead-letter stream an operator capped, once full, refuses the next dead letter rather than dropping its oldest:
-/// a dead letter is the only copy of its message once the worker acks it. The message waits in the usage stream
-/// until there is room.
+/// a dead letter is the only copy of its message once the worker acks it. That message waits in the usage stream,
+/// tried again after each ack wait, until there is room; the good messages behind it go on.
 #[tokio::test]
-async fn a_full_dead_letter_stream_drops_no_dead_letter() {
+async fn a_full_dead_letter_stream_drops_no_dead_letter_and_holds_up_nothing_else() {
     let env = TestEnv::new().await;
+    let ack_wait = std::time::Duration::from_secs(2);
+    env.short_ack_wait(ack_wait).await;
     let js = jetstream::new(env.nats.clone());
     env.topology.ensure_worker_side(&js).await.expect("topology");
     let mut capped = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").cached_info().config.clone();
@@ -101,26 +103,30 @@ async fn a_full_dead_letter_stream_drops_no_dead_letter() {
     for n in 1..=3 {
         publish(&js, &subject, &format!("garbage-{n}"), format!("\x01garbage {n}").into_bytes()).await;
     }
-
     let worker = env.start_worker().await;
     let dead_letters = || async {
         let state = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").cached_info().state.clone();
         (state.first_sequence, state.messages)
     };
-    // Two go aside; the third waits, retried (with the batch it came in: the first two are stored once all the same).
     let stored = crate::harness::wait_until(std::time::Duration::from_secs(10), dead_letters, |s| s.1 == 2).await;
     assert_eq!(stored, (1, 2));
-    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+
+    // Good events after it are written and acked, several times over the ack wait.
+    for n in 1..=3 {
+        let good = usage_event(Uuid::now_v7(), Uuid::now_v7(), Outcome::Allowed, 1);
+        publish(&js, &subject, &format!("good-{n}"), codec::encode_batch(vec![good])).await;
+        env.wait_for_count("SELECT count(*) FROM api_usage", n).await;
+        tokio::time::sleep(ack_wait / 2).await;
+    }
     assert_eq!(dead_letters().await, (1, 2), "no dead letter dropped");
-    let waiting = js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.clone();
-    assert_eq!(waiting.last_sequence, 3, "{waiting:?}");
-    assert!(waiting.messages >= 1, "the third message waits in the usage stream: {waiting:?}");
+    let waiting = || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages };
+    let left = crate::harness::wait_until(std::time::Duration::from_secs(5), waiting, |n| *n == 1).await;
+    assert_eq!(left, 1, "only the third garbage message waits in the usage stream");
 
     capped.max_messages = -1;
     js.update_stream(capped).await.expect("the cap raised");
     wait_until_drained(&env, &js).await;
-    let dead_letters = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq");
-    assert_eq!(dead_letters.cached_info().state.messages, 3);
+    assert_eq!(dead_letters().await, (1, 3));
     worker.stop().await;
     env.cleanup().await;
 }
