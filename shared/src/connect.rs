@@ -95,17 +95,22 @@ pub async fn postgres(url: &ServerUrl, max_connections: u32) -> Result<PgPool, C
         .map_err(|e| postgres_refused(url, &options, e))
 }
 
-/// What `url` asks of a PostgreSQL connection. A secret the client does not read is refused: it would log it, value
-/// and all, as a parameter it ignores.
+/// What `url` asks of a PostgreSQL connection. A secret the client does not read is left out, with a warning that
+/// names it: the client would log it, value and all, as a parameter it ignores.
 fn postgres_options(url: &ServerUrl) -> Result<PgConnectOptions, ConnectError> {
-    let unread = url.url().query_pairs().find(|(name, _)| name != "password" && SECRET_PARAMETERS.contains(&&**name));
-    if let Some((name, _)) = unread {
-        let reason = format!(
-            "has {name}, which Tollgate's PostgreSQL client does not read (give it a client key that is not encrypted)"
-        );
-        return Err(bad_url("PostgreSQL", "DATABASE_URL", reason));
+    let unread = |name: &str| name != "password" && SECRET_PARAMETERS.contains(&name);
+    let mut url = url.url().clone();
+    let (left_out, kept): (Vec<_>, Vec<_>) =
+        url.query_pairs().map(|(name, value)| (name.into_owned(), value.into_owned())).partition(|(n, _)| unread(n));
+    if !left_out.is_empty() {
+        let names: Vec<_> = left_out.into_iter().map(|(name, _)| name).collect();
+        tracing::warn!(parameters = ?names, "ignoring these DATABASE_URL parameters: Tollgate's PostgreSQL client does not read them");
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
     }
-    let options = PgConnectOptions::from_str(url.expose()).map_err(|e| bad_url("PostgreSQL", "DATABASE_URL", e))?;
+    let options = PgConnectOptions::from_str(url.as_str()).map_err(|e| bad_url("PostgreSQL", "DATABASE_URL", e))?;
     Ok(options.application_name("tollgate").log_statements(tracing::log::LevelFilter::Trace))
 }
 
