@@ -12,7 +12,7 @@ use tollgate_shared::key::{ApiKey, KeyEnv};
 use tollgate_validator::KeyCache;
 
 use crate::harness::{new_key, wait_until, TestEnv};
-use crate::servers::{PrivatePostgres, SlowProxy};
+use crate::servers::{PrivatePostgres, PrivateRedis, SlowProxy};
 
 #[tokio::test]
 async fn a_verified_key_becomes_one_usage_row_and_one_hourly_count() {
@@ -1067,7 +1067,7 @@ async fn verify_answers_json_and_names_the_bad_field() {
 }
 
 /// `/readyz` asks every server, and anyone who reaches the port may call it: a flood of calls at once shares probes
-/// (each answer still from a probe begun after its call came), rather than sending each call's queries to PostgreSQL
+/// (a call that comes while one is under way gets its answer), rather than sending each call's queries to PostgreSQL
 /// and JetStream, whose pool key lookups wait on.
 #[tokio::test]
 async fn a_flood_of_readiness_probes_shares_the_servers_probes() {
@@ -1088,6 +1088,34 @@ async fn a_flood_of_readiness_probes_shares_the_servers_probes() {
         asked += 1;
     }
     assert!((1..=50).contains(&asked), "{asked} probes for 200 calls at once");
+
+    validator.service.stop().await;
+    env.cleanup().await;
+}
+
+/// A call that comes while a probe waits on a server that does not answer gets that probe's answer: it waits for one
+/// probe at most, not for the one under way and then one of its own.
+#[tokio::test]
+async fn a_readiness_call_waits_for_one_probe_at_most() {
+    let env = TestEnv::new().await;
+    let redis = PrivateRedis::start();
+    let validator = env.start_validator_with(env.validator_args(), &redis.url()).await;
+    redis.pause();
+    let client = reqwest::Client::new();
+    let call = || async {
+        let came = Instant::now();
+        let status = client.get(validator.url("/readyz")).send().await.expect("readyz").status();
+        (status, came.elapsed())
+    };
+    // The first call's probe waits out its 1 s timeout on Redis; the second comes halfway through.
+    let second = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        call().await
+    };
+    let ((first, _), (second, waited)) = tokio::join!(call(), second);
+    assert_eq!((first, second), (StatusCode::SERVICE_UNAVAILABLE, StatusCode::SERVICE_UNAVAILABLE));
+    assert!(waited < Duration::from_millis(1200), "the second call waited {waited:?}");
+    redis.resume();
 
     validator.service.stop().await;
     env.cleanup().await;

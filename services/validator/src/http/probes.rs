@@ -30,13 +30,14 @@ pub async fn healthz(State(state): State<Arc<AppState>>) -> (StatusCode, &'stati
 /// made, by a setting to mend, would fill), so this is for alerts; load balancers check `/healthz`, since every
 /// replica shares the same servers.
 ///
-/// Calls at once share probes: each gets the answer of the first probe begun after it came, so that a flood of them
-/// (anyone who reaches the port may call it) sends no more queries to the servers than one caller would.
+/// Calls at once share probes: one that comes while a probe is under way gets its answer, so that a flood of them
+/// (anyone who reaches the port may call it) sends no more queries to the servers than one caller would, and none
+/// waits for more than one probe.
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let came = Instant::now();
     let mut last = state.readiness.lock().await;
     let answer = match &*last {
-        Some(answer) if answer.probed_from >= came => answer.clone(),
+        Some(answer) if answer.probed_until >= came => answer.clone(),
         _ => {
             let answer = probe(&state).await;
             *last = Some(answer.clone());
@@ -51,14 +52,13 @@ pub type Readiness = tokio::sync::Mutex<Option<ReadyAnswer>>;
 
 #[derive(Clone)]
 pub struct ReadyAnswer {
-    /// When its probe began.
-    probed_from: Instant,
+    /// When its probe ended.
+    probed_until: Instant,
     code: StatusCode,
     status: serde_json::Value,
 }
 
 async fn probe(state: &AppState) -> ReadyAnswer {
-    let probed_from = Instant::now();
     let postgres = async { sqlx::query("SELECT 1").execute(&state.pool).await.is_ok() };
     let redis = async {
         let Some(mut redis) = state.redis.get() else { return false };
@@ -88,5 +88,5 @@ async fn probe(state: &AppState) -> ReadyAnswer {
     });
     let ready = ["postgres", "redis", "nats", "usage_stream"].iter().all(|server| status[*server] == "ok");
     let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    ReadyAnswer { probed_from, code, status }
+    ReadyAnswer { probed_until: Instant::now(), code, status }
 }
