@@ -256,9 +256,9 @@ pub struct ConnectionArgs {
           value_parser = connection_count)]
     pub max_connections: usize,
     /// Longest wait for a request: for its headers, from when its connection opened or its previous answer went (so
-    /// a keep-alive connection idle this long is closed too), then for its body; and for the client to take an
-    /// answer. Keep it above your gateway's idle timeout for upstream connections (nginx's `keepalive_timeout` is
-    /// 60 s), so that the gateway closes them first.
+    /// a keep-alive connection idle this long is closed too), then for its body; and, between two writes of an answer,
+    /// for the client to take more of it. Keep it above your gateway's idle timeout for upstream connections (nginx's
+    /// `keepalive_timeout` is 60 s), so that the gateway closes them first.
     #[arg(long, env = "TOLLGATE_READ_TIMEOUT", value_name = "TOLLGATE_READ_TIMEOUT", default_value = "65s",
           value_parser = positive_duration)]
     pub read_timeout: Duration,

@@ -38,8 +38,8 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, within `limits` (past its connections, more wait in the
-/// kernel's queue, [`BACKLOG`] long; a client that sends no request, or takes no answer, within the read timeout is
-/// closed); `open` follows the connections served. Then it accepts no more, lets the requests
+/// kernel's queue, [`BACKLOG`] long; a client that sends no request within the read timeout is closed, and so is one
+/// that takes nothing of an answer for as long); `open` follows the connections served. Then it accepts no more, lets the requests
 /// in flight finish for up to `limits.shutdown_grace`, closes the connections still open after that, and returns once
 /// every connection is closed.
 ///
