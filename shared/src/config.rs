@@ -24,10 +24,20 @@ impl ServerUrl {
         &self.0
     }
 
-    /// The same server with another database path (PostgreSQL).
-    pub fn with_path(&self, path: &str) -> ServerUrl {
+    /// The same server with another database (PostgreSQL): named by the path, and without a `dbname` parameter,
+    /// which would stand before the path.
+    pub fn with_database(&self, database: &str) -> ServerUrl {
         let mut url = self.0.clone();
-        url.set_path(path);
+        url.set_path(&format!("/{database}"));
+        let kept: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(name, _)| name != "dbname")
+            .map(|(n, v)| (n.into_owned(), v.into_owned()))
+            .collect();
+        url.set_query(None);
+        if !kept.is_empty() {
+            url.query_pairs_mut().extend_pairs(kept);
+        }
         ServerUrl(url)
     }
 }
@@ -567,6 +577,18 @@ fn parse_subject_prefix(s: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn another_database_is_the_one_the_server_is_asked_for() {
+        use std::str::FromStr;
+        let url: ServerUrl = "postgres://alice@db:5432/tollgate?dbname=tollgate&sslmode=disable".parse().expect("url");
+        let other = url.with_database("tollgate_bench_1");
+        assert_eq!(other.expose(), "postgres://alice@db:5432/tollgate_bench_1?sslmode=disable");
+        let options = sqlx::postgres::PgConnectOptions::from_str(other.expose()).expect("options");
+        assert_eq!(options.get_database(), Some("tollgate_bench_1"));
+        let plain: ServerUrl = "postgres://alice@db:5432/tollgate".parse().expect("url");
+        assert_eq!(plain.with_database("postgres").expose(), "postgres://alice@db:5432/postgres");
+    }
 
     #[test]
     fn passwords_never_show() {

@@ -27,7 +27,7 @@ impl BenchNamespace {
             redis_prefix: format!("bench:{id}:"),
         };
         BenchNamespace {
-            database_url: servers.database_url.with_path(&format!("/{database}")),
+            database_url: servers.database_url.with_database(&database),
             database,
             topology: Topology::new(&names),
             names,
@@ -66,7 +66,7 @@ impl BenchNamespace {
             eprintln!("bench: cannot delete the Redis keys under {}: {e:#}", self.topology.redis_prefix);
         }
         let drop = async {
-            let admin = connect::postgres(&servers.database_url.with_path("/postgres"), 1).await?;
+            let admin = connect::postgres(&servers.database_url.with_database("postgres"), 1).await?;
             sqlx::query(&format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.database)).execute(&admin).await?;
             anyhow::Ok(())
         };
