@@ -4,32 +4,38 @@
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tempfile::TempDir;
 
-/// A port free now, for a server a test starts. It is picked below the kernel's ephemeral range, where `bind(0)` and
+/// A port free now, for a server a test starts. It is picked outside the kernel's ephemeral range, where `bind(0)` and
 /// outgoing connections take theirs, and never twice in this process: a port found by binding port 0 and let go could
-/// be taken by any other socket before the server meant for it binds it.
+/// be taken by any other socket before the server meant for it binds it. With no room beside that range, port 0 it is.
 pub fn free_port() -> u16 {
-    const SPAN: u16 = 12_000;
-    static PICKED: AtomicU16 = AtomicU16::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
-        .filter(|low| *low > SPAN + 1024)
-        .unwrap_or(32_768);
+    const SPAN: u32 = 12_000;
+    static PICKED: AtomicU32 = AtomicU32::new(0);
+    let range = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+    let mut bounds = range.split_whitespace().map(|n| n.parse::<u32>().unwrap_or(0));
+    let (low, high) = (bounds.next().unwrap_or(32_768), bounds.next().unwrap_or(60_999));
+    let first = if low >= 1024 + SPAN {
+        low - SPAN
+    } else if high + SPAN <= 65_535 {
+        high + 1
+    } else {
+        return TcpListener::bind("127.0.0.1:0").expect("bind port 0").local_addr().expect("local address").port();
+    };
     // From a different place in each run, so that a run does not start where the last one's sockets may linger.
-    let start = std::process::id() as u16 % SPAN;
+    let start = std::process::id() % SPAN;
     for _ in 0..SPAN {
-        let port = ephemeral_low - SPAN + (start + PICKED.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = first + (start + PICKED.fetch_add(1, Ordering::Relaxed)) % SPAN;
+        let port = u16::try_from(port).expect("within the port range");
         if TcpListener::bind(("127.0.0.1", port)).is_ok() {
             return port;
         }
     }
-    panic!("no free port between {} and {ephemeral_low}", ephemeral_low - SPAN);
+    panic!("no free port from {first} on");
 }
 
 /// Waits until `port` answers. With the server's process (`child`), also fails as soon as that has exited: its port
