@@ -174,14 +174,18 @@ pub(super) fn to_i32(value: Option<i64>, what: &str) -> Result<Option<i32>, Admi
 fn slug_for(name: &str, given: Option<String>) -> Result<String, AdminError> {
     let slug = match given {
         Some(slug) => slug,
-        None => slugify(name),
+        // An empty name gets the name's own refusal.
+        None if name.is_empty() => String::new(),
+        None => {
+            let slug = slugify(name);
+            if slug.is_empty() {
+                return Err(AdminError::Invalid(format!(
+                    "no slug can be made from the name {name:?} (it has no letter a-z or digit): give one with --slug"
+                )));
+            }
+            slug
+        }
     };
-    // An empty name gets the name's own refusal.
-    if slug.is_empty() && !name.is_empty() {
-        return Err(AdminError::Invalid(format!(
-            "no slug can be made from the name {name:?} (it has no letter a-z or digit): give one with --slug"
-        )));
-    }
     // Another organization's id, were it one: `--org` takes either, and would then name two.
     if Uuid::parse_str(&slug).is_ok() {
         return Err(AdminError::Invalid(format!(
@@ -217,6 +221,8 @@ mod tests {
     fn a_name_no_slug_can_be_made_from_asks_for_one() {
         assert_eq!(super::slug_for("Acme", None).expect("a slug"), "acme");
         assert_eq!(super::slug_for("株式会社", Some("kk".into())).expect("the slug given"), "kk");
+        // A slug given empty is the slug's to refuse (the database's check says what a slug must be).
+        assert_eq!(super::slug_for("Acme", Some(String::new())).expect("left to the check"), "");
         for name in ["株式会社", "!!!"] {
             let error = super::slug_for(name, None).expect_err("no slug").to_string();
             assert!(error.contains("--slug") && error.contains(name), "{error}");
