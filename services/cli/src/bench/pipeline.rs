@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use async_nats::jetstream;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use hdrhistogram::Histogram;
@@ -123,8 +123,10 @@ async fn run(
         ));
     }
 
-    // Publish at the target rate.
+    // Publish at the target rate. Each event is stamped with when it was due, so that the lag counts the time the
+    // publisher fell behind too (held back by JetStream's acks).
     let started = Instant::now();
+    let started_at = Utc::now();
     let publish_for = Duration::from_secs(args.seconds);
     let subject = topology.usage_subject();
     let mut in_flight = FuturesUnordered::new();
@@ -139,7 +141,10 @@ async fn run(
         }
         let due = (started.elapsed().as_secs_f64() * args.rate as f64) as u64;
         while published + args.events_per_message as u64 <= due {
-            let batch: Vec<UsageEvent> = (0..args.events_per_message).map(|_| synthetic(&keys)).collect();
+            let due_at =
+                |n: u64| started_at + chrono::TimeDelta::microseconds((n as f64 * 1e6 / args.rate as f64) as i64);
+            let batch: Vec<UsageEvent> =
+                (published..published + args.events_per_message as u64).map(|n| synthetic(&keys, due_at(n))).collect();
             let n = batch.len() as u64;
             let ack = js.publish(subject.clone(), codec::encode_batch(batch).into()).await?;
             in_flight.push(ack.into_future());
@@ -221,12 +226,12 @@ async fn create_keys(pool: &sqlx::PgPool, orgs: usize) -> anyhow::Result<Vec<(Uu
 }
 
 /// A typical event: an allowed GET with a short path, an IPv4 client and a short user agent; 2% rate-limited.
-fn synthetic(keys: &[(Uuid, Uuid)]) -> UsageEvent {
+fn synthetic(keys: &[(Uuid, Uuid)], ts: DateTime<Utc>) -> UsageEvent {
     let mut rng = rand::rng();
     let (org_id, key_id) = keys[rng.random_range(0..keys.len())];
     UsageEvent {
         event_id: Uuid::now_v7(),
-        ts: Utc::now(),
+        ts,
         org_id,
         key_id,
         outcome: if rng.random_ratio(2, 100) { Outcome::RateLimited } else { Outcome::Allowed },
@@ -265,7 +270,7 @@ async fn copy_ceiling(
     args: &BenchPipelineArgs,
 ) -> anyhow::Result<f64> {
     let batch = args.worker.batch_events.max(1);
-    let events: Vec<UsageEvent> = (0..rows).map(|_| synthetic(keys)).collect();
+    let events: Vec<UsageEvent> = (0..rows).map(|_| synthetic(keys, Utc::now())).collect();
     let mut user_agents = tollgate_worker::UserAgents::default();
     user_agents.resolve(pool, &events.iter().collect::<Vec<_>>()).await?;
     let encoded: Vec<Vec<u8>> = events
