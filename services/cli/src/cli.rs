@@ -270,6 +270,9 @@ pub enum KeyCommand {
     Import {
         #[command(flatten)]
         key: KeySpec,
+        /// A key given as an argument, refused: see [`KeyOnStdin`].
+        #[arg(hide = true, value_parser = KeyOnStdin)]
+        on_command_line: Option<std::convert::Infallible>,
     },
     /// List an organization's keys (prefix and last few characters only; never the key).
     List {
@@ -371,6 +374,22 @@ impl TypedValueParser for KeyIdParser {
             );
             clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd)
         })
+    }
+}
+
+/// Refuses a key given to `key import` as an argument, where the shell's history and the process list keep it, and
+/// does not repeat it, as clap's own "unexpected argument" would.
+#[derive(Clone)]
+struct KeyOnStdin;
+
+impl TypedValueParser for KeyOnStdin {
+    type Value = std::convert::Infallible;
+
+    fn parse_ref(&self, cmd: &clap::Command, _: Option<&clap::Arg>, _: &OsStr) -> Result<Self::Value, clap::Error> {
+        let message =
+            "the key goes on standard input (`echo -n \"$KEY\" | tollgate key import …`), not as an argument, \
+                       where the shell's history keeps it (the value is not repeated here)\n";
+        Err(clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd))
     }
 }
 

@@ -97,7 +97,7 @@ pub async fn key(pool: &PgPool, json: bool, command: KeyCommand) -> anyhow::Resu
             }
             print(json, &created, |c| format!("{}\n\n{}", c.key, show_key(c.info)))
         }
-        KeyCommand::Import { key } => {
+        KeyCommand::Import { key, on_command_line: None } => {
             let mut text = String::new();
             if std::io::stdin().is_terminal() {
                 eprintln!("Paste the key, then press Enter and Ctrl-D:");

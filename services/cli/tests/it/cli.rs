@@ -407,6 +407,12 @@ async fn orgs_and_keys_are_managed_from_the_command_line() {
         assert!(!refused.status.success() && said.contains("error"), "{presented}: {said}");
         assert!(!said.contains(&presented[8..]), "the refused key was echoed: {said}");
     }
+    // A key given as an argument rather than on standard input is refused, and not echoed either.
+    let pasted = "sk_prod_pasted0123456789";
+    let refused = tollgate(&env, &["key", "import", "--org", "acme-corp", "--name", "pasted", pasted], None);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success() && stderr.contains("standard input"), "{stderr}");
+    assert!(!stderr.contains("pasted0123"), "the key was echoed: {stderr}");
 
     let listing = tollgate(&env, &["key", "list", "--org", "acme-corp"], None);
     let text = String::from_utf8_lossy(&listing.stdout);
