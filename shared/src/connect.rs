@@ -103,8 +103,12 @@ fn postgres_options(url: &ServerUrl) -> Result<PgConnectOptions, ConnectError> {
     let (left_out, kept): (Vec<_>, Vec<_>) =
         url.query_pairs().map(|(name, value)| (name.into_owned(), value.into_owned())).partition(|(n, _)| unread(n));
     if !left_out.is_empty() {
-        let names: Vec<_> = left_out.into_iter().map(|(name, _)| name).collect();
-        tracing::warn!(parameters = ?names, "ignoring these DATABASE_URL parameters: Tollgate's PostgreSQL client does not read them");
+        // Said once, though a migrating process reads the URL twice.
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            let names: Vec<_> = left_out.into_iter().map(|(name, _)| name).collect();
+            tracing::warn!(parameters = ?names, "ignoring these DATABASE_URL parameters: Tollgate's PostgreSQL client does not read them");
+        }
         url.set_query(None);
         if !kept.is_empty() {
             url.query_pairs_mut().extend_pairs(kept);

@@ -25,6 +25,7 @@ pub const WORKER_BATCH_SIZE: &str = "tollgate_worker_batch_size";
 pub const WORKER_BATCH_DURATION: &str = "tollgate_worker_batch_duration_seconds";
 pub const WORKER_BATCH_ERRORS: &str = "tollgate_worker_batch_errors_total";
 pub const DEAD_LETTERS: &str = "tollgate_dead_letters_total";
+pub const DEAD_LETTERS_REFUSED: &str = "tollgate_dead_letters_refused_total";
 pub const WORKER_LAG: &str = "tollgate_worker_lag_seconds";
 pub const CONSUMER_PENDING: &str = "tollgate_consumer_pending_messages";
 pub const CONSUMER_ACK_PENDING: &str = "tollgate_consumer_ack_pending_messages";
@@ -108,6 +109,11 @@ fn describe() {
     describe_histogram!(WORKER_BATCH_DURATION, Unit::Seconds, "Time to write and commit one batch.");
     describe_counter!(WORKER_BATCH_ERRORS, "Batches that failed to commit and will be retried.");
     describe_counter!(DEAD_LETTERS, "Messages moved to the dead-letter stream, by reason.");
+    describe_counter!(
+        DEAD_LETTERS_REFUSED,
+        "Undecodable messages the dead-letter stream refused (full, or away): each stays unacked in the usage stream \
+         and is tried again after the ack wait."
+    );
     describe_histogram!(WORKER_LAG, Unit::Seconds, "Time from an event's decision to the commit of its batch.");
     describe_gauge!(CONSUMER_PENDING, "Messages in the usage stream not yet delivered to any worker.");
     describe_gauge!(CONSUMER_ACK_PENDING, "Messages delivered to workers and not yet acknowledged.");

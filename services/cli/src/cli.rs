@@ -271,7 +271,7 @@ pub enum KeyCommand {
         #[command(flatten)]
         key: KeySpec,
         /// A key given as an argument, refused: see [`KeyOnStdin`].
-        #[arg(hide = true, value_parser = KeyOnStdin)]
+        #[arg(hide = true, allow_hyphen_values = true, value_parser = KeyOnStdin)]
         on_command_line: Option<std::convert::Infallible>,
     },
     /// List an organization's keys (prefix and last few characters only; never the key).
@@ -386,9 +386,9 @@ impl TypedValueParser for KeyOnStdin {
     type Value = std::convert::Infallible;
 
     fn parse_ref(&self, cmd: &clap::Command, _: Option<&clap::Arg>, _: &OsStr) -> Result<Self::Value, clap::Error> {
-        let message =
-            "the key goes on standard input (`echo -n \"$KEY\" | tollgate key import …`), not as an argument, \
-                       where the shell's history keeps it (the value is not repeated here)\n";
+        let message = "unexpected argument (not repeated here, in case it is the key): the key goes on standard input \
+                       (`echo -n \"$KEY\" | tollgate key import …`), not on the command line, where the shell's \
+                       history keeps it\n";
         Err(clap::Error::raw(ErrorKind::ValueValidation, message).with_cmd(cmd))
     }
 }

@@ -26,8 +26,8 @@ impl DeadLetters {
     /// Copies `message` to the dead-letter stream with the reason, and waits for JetStream to store it. The copy's
     /// message id is derived from the original's stream position and the time it was stored there, so doing this
     /// twice stores it once, while a message at the same position of a stream made again is another one. A stream that
-    /// is gone (deleted by hand, or NATS restarted without its storage) is created again: otherwise the batch would
-    /// be retried, and the messages behind it held, until someone noticed.
+    /// is gone (deleted by hand, or NATS restarted without its storage) is created again: otherwise the message would
+    /// wait, tried again after each ack wait, until someone noticed.
     pub async fn store(&self, message: &Message, error: &CodecError) -> Result<(), async_nats::Error> {
         match self.copy(message, error).await {
             Err(e) if is_stream_not_found(&e) => {

@@ -26,8 +26,9 @@ use tollgate_shared::codec::{self, CodecError};
 use tollgate_shared::config::WorkerArgs;
 use tollgate_shared::event::UsageEvent;
 use tollgate_shared::metrics::{
-    start_at_zero, start_labeled_at_zero, CONSUMER_ACK_PENDING, CONSUMER_PENDING, DEAD_LETTERS, QUOTA_COUNTER_ERRORS,
-    USAGE_DUPLICATES, USAGE_ROWS_WRITTEN, WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS, WORKER_BATCH_SIZE, WORKER_LAG,
+    start_at_zero, start_labeled_at_zero, CONSUMER_ACK_PENDING, CONSUMER_PENDING, DEAD_LETTERS, DEAD_LETTERS_REFUSED,
+    QUOTA_COUNTER_ERRORS, USAGE_DUPLICATES, USAGE_ROWS_WRITTEN, WORKER_BATCH_DURATION, WORKER_BATCH_ERRORS,
+    WORKER_BATCH_SIZE, WORKER_LAG,
 };
 use tollgate_shared::topology::Topology;
 
@@ -126,7 +127,13 @@ impl Worker {
         topology: &Topology,
         quota: Option<QuotaCounters>,
     ) -> Worker {
-        start_at_zero(&[USAGE_ROWS_WRITTEN, USAGE_DUPLICATES, WORKER_BATCH_ERRORS, QUOTA_COUNTER_ERRORS]);
+        start_at_zero(&[
+            USAGE_ROWS_WRITTEN,
+            USAGE_DUPLICATES,
+            WORKER_BATCH_ERRORS,
+            QUOTA_COUNTER_ERRORS,
+            DEAD_LETTERS_REFUSED,
+        ]);
         start_labeled_at_zero(DEAD_LETTERS, "reason", CodecError::KINDS);
         Worker {
             store: UsageStore::new(pool),
@@ -180,6 +187,7 @@ impl Worker {
                 // Not acked, so JetStream delivers it again after the ack wait; the rest of the batch, written, goes
                 // on rather than wait with it.
                 Err(e) => {
+                    metrics::counter!(DEAD_LETTERS_REFUSED).increment(1);
                     tracing::warn!(error = %e, "cannot move an undecodable message to the dead-letter stream (if it \
                         is full, raise its limits with `nats stream edit`): it stays in the usage stream, tried again \
                         after the ack wait");

@@ -103,7 +103,9 @@ async fn a_full_dead_letter_stream_drops_no_dead_letter_and_holds_up_nothing_els
     for n in 1..=3 {
         publish(&js, &subject, &format!("garbage-{n}"), format!("\x01garbage {n}").into_bytes()).await;
     }
-    let worker = env.start_worker().await;
+    let metrics_port = crate::servers::free_port();
+    let settings = [("TOLLGATE_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))];
+    let worker = env.spawn_service("worker", crate::harness::NATS_URL, &settings);
     let dead_letters = || async {
         let state = js.get_stream(env.topology.dead_letter_stream()).await.expect("dlq").cached_info().state.clone();
         (state.first_sequence, state.messages)
@@ -122,12 +124,16 @@ async fn a_full_dead_letter_stream_drops_no_dead_letter_and_holds_up_nothing_els
     let waiting = || async { js.get_stream(&env.topology.stream).await.expect("stream").cached_info().state.messages };
     let left = crate::harness::wait_until(std::time::Duration::from_secs(5), waiting, |n| *n == 1).await;
     assert_eq!(left, 1, "only the third garbage message waits in the usage stream");
+    let exposition = reqwest::get(format!("http://127.0.0.1:{metrics_port}/metrics")).await.expect("scrape");
+    let refused =
+        crate::harness::series_value(&exposition.text().await.expect("text"), "tollgate_dead_letters_refused_total");
+    assert!(refused.is_some_and(|n| n >= 1.0), "the refusal is counted: {refused:?}");
 
     capped.max_messages = -1;
     js.update_stream(capped).await.expect("the cap raised");
     wait_until_drained(&env, &js).await;
     assert_eq!(dead_letters().await, (1, 3));
-    worker.stop().await;
+    drop(worker); // stopped before its namespace is removed
     env.cleanup().await;
 }
 
